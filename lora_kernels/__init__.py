@@ -1,0 +1,3 @@
+"""lora_kernels: fused LoRA matmul kernels for PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""The spec: LoRA linear, its gradients, merge and the multi-adapter forward in plain PyTorch.
+
+Every backend (Triton, CUDA, the fast torch path) is tested against these functions. They favour
+clarity over speed: inputs are upcast to fp32 (fp64 stays fp64), every product accumulates in that
+precision, and the result is rounded once to the input dtype.
+
+Shapes follow ``nn.Linear`` and PEFT::
+
+    x        [M, K]       (any leading dims for the single-adapter functions: [..., K])
+    weight   [N, K]       base weight W0
+    bias     [N] or None
+    lora_a   [r, K]       PEFT ``lora_A.weight``
+    lora_b   [N, r]       PEFT ``lora_B.weight``
+    scale    float        lora_alpha / r  (lora_alpha / sqrt(r) with rsLoRA)
+
+    y  = x @ weight.T + bias + scale * (x @ lora_a.T) @ lora_b.T
+    S  = x @ lora_a.T                                   [M, r]
+    dx = dy @ weight + scale * (dy @ lora_b) @ lora_a
+    dA = scale * (dy @ lora_b).T @ x                    [r, K]
+    dB = scale * dy.T @ S                               [N, r]
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "lora_linear",
+    "lora_linear_backward",
+    "lora_linear_multi",
+    "lora_linear_multi_backward",
+    "merge_lora",
+    "unmerge_lora",
+]
+
+
+def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp64 when any input is fp64 (gradcheck), fp32 otherwise."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ weight.T + bias + scale * (x_lora @ lora_a.T) @ lora_b.T``.
+
+    ``x_lora`` is the input of the LoRA branch (PEFT applies dropout there only); it defaults to
+    ``x``. x: [..., K] -> y: [..., N] in x's dtype.
+    """
+    acc = _acc_dtype(x, weight, lora_a, lora_b)
+    xf = x.to(acc)
+    xl = xf if x_lora is None else x_lora.to(acc)
+    y = xf @ weight.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    y = y + scale * ((xl @ lora_a.to(acc).T) @ lora_b.to(acc).T)
+    return y.to(x.dtype)
+
+
+def lora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx, d_lora_a, d_lora_b)`` of :func:`lora_linear` for the upstream ``dy``.
+
+    With ``x_lora`` given (dropout), ``dx`` is the gradient through both branches taken as if
+    ``x_lora`` were ``x``'s value on the LoRA branch: the caller chains the LoRA part through its
+    mask. Each result is rounded once to its tensor's dtype.
+    """
+    acc = _acc_dtype(dy, x, weight, lora_a, lora_b)
+    k = x.shape[-1]
+    n = weight.shape[0]
+    dyf = dy.reshape(-1, n).to(acc)
+    xf = x.reshape(-1, k).to(acc)
+    xl = xf if x_lora is None else x_lora.reshape(-1, k).to(acc)
+    a = lora_a.to(acc)
+    b = lora_b.to(acc)
+    dyb = dyf @ b  # [M, r]
+    dx = dyf @ weight.to(acc) + scale * (dyb @ a)
+    da = scale * (dyb.T @ xl)
+    db = scale * (dyf.T @ (xl @ a.T))
+    return (
+        dx.reshape(x.shape).to(x.dtype),
+        da.to(lora_a.dtype),
+        db.to(lora_b.dtype),
+    )
+
+
+def _multi_rows(x: torch.Tensor, adapter_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten x to [M, K] and expand per-sequence ids ([B] for x [B, T, K]) to per-row ids [M]."""
+    if x.dim() == 3:
+        rows = adapter_ids.long().repeat_interleave(x.shape[1])
+        return x.reshape(-1, x.shape[-1]), rows
+    return x, adapter_ids.long()
+
+
+def lora_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Every row with its own adapter, as a loop over rows (slow on purpose: it is the spec).
+
+    x [M, K] with adapter_ids [M], or x [B, T, K] with adapter_ids [B]; lora_a [L, r_max, K],
+    lora_b [L, N, r_max] (zero-padded to the largest rank), scales [L]; an id of -1 means the
+    base layer only::
+
+        y[i] = x[i] @ weight.T + bias + scales[a] * (x[i] @ lora_a[a].T) @ lora_b[a].T,  a = ids[i]
+    """
+    acc = _acc_dtype(x, weight, lora_a, lora_b)
+    x2, ids = _multi_rows(x, adapter_ids)
+    xf = x2.to(acc)
+    y = xf @ weight.to(acc).T
+    if bias is not None:
+        y = y + bias.to(acc)
+    for i in range(xf.shape[0]):
+        a = int(ids[i])
+        if a < 0:
+            continue
+        s = xf[i] @ lora_a[a].to(acc).T
+        y[i] = y[i] + float(scales[a]) * (s @ lora_b[a].to(acc).T)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_linear_multi_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx, d_lora_a [L, r_max, K], d_lora_b [L, N, r_max])`` of :func:`lora_linear_multi`.
+
+    Each adapter's gradient comes from exactly the rows that used it; rows with id -1 get the base
+    gradient ``dy @ weight`` only.
+    """
+    acc = _acc_dtype(dy, x, weight, lora_a, lora_b)
+    x2, ids = _multi_rows(x, adapter_ids)
+    xf = x2.to(acc)
+    dyf = dy.reshape(xf.shape[0], -1).to(acc)
+    dx = dyf @ weight.to(acc)
+    da = torch.zeros(lora_a.shape, dtype=acc, device=x.device)
+    db = torch.zeros(lora_b.shape, dtype=acc, device=x.device)
+    for i in range(xf.shape[0]):
+        a = int(ids[i])
+        if a < 0:
+            continue
+        sc = float(scales[a])
+        la = lora_a[a].to(acc)
+        lb = lora_b[a].to(acc)
+        dyb = dyf[i] @ lb  # [r]
+        dx[i] = dx[i] + sc * (dyb @ la)
+        da[a] += sc * torch.outer(dyb, xf[i])
+        db[a] += sc * torch.outer(dyf[i], xf[i] @ la.T)
+    return dx.reshape(x.shape).to(x.dtype), da.to(lora_a.dtype), db.to(lora_b.dtype)
+
+
+def merge_lora(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``weight + scale * lora_b @ lora_a`` computed in fp32 and rounded once (out of place)."""
+    acc = _acc_dtype(weight, lora_a, lora_b)
+    delta = lora_b.to(acc) @ lora_a.to(acc)
+    return (weight.to(acc) + scale * delta).to(weight.dtype)
+
+
+def unmerge_lora(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``weight - scale * lora_b @ lora_a`` computed in fp32 and rounded once (out of place)."""
+    return merge_lora(weight, lora_a, lora_b, -scale)
