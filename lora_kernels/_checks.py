@@ -1,0 +1,115 @@
+"""Input checks shared by the functional API, the layers and the checkpoint code.
+
+Every message names the function, the argument, and the expected and actual shape, dtype or
+device, so a user can fix the call without reading our source. All checks run before any kernel
+launch or weight update.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fmt_shape(shape: Sequence[int | str]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def check_tensor(fn: str, name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_shape(fn: str, name: str, t: torch.Tensor, expected: Sequence[int | str]) -> None:
+    """``expected`` may hold ints or descriptive strings (e.g. "r") for free dimensions."""
+    ok = t.dim() == len(expected) and all(
+        not isinstance(e, int) or s == e for s, e in zip(t.shape, expected, strict=False)
+    )
+    if not ok:
+        raise ValueError(
+            f"{fn}: expected {name} of shape {fmt_shape(expected)}, got {fmt_shape(t.shape)}"
+        )
+
+
+def check_float(fn: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{fn}: expected {name} of a floating dtype (float16, bfloat16, float32, float64), "
+            f"got {t.dtype}"
+        )
+
+
+def check_dtype(fn: str, name: str, t: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        want = " or ".join(str(d) for d in dict.fromkeys(allowed))
+        raise TypeError(f"{fn}: expected {name} of dtype {want}, got {t.dtype}")
+
+
+def check_device(fn: str, name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{fn}: expected {name} on device {device} (where x is), got {t.device}")
+
+
+def check_scale(fn: str, name: str, scale: object) -> float:
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: expected {name} to be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: expected a finite {name}, got {scale}")
+    return float(scale)
+
+
+def check_lora_linear_inputs(
+    fn: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: object,
+    x_lora: torch.Tensor | None = None,
+) -> float:
+    """Validate the single-adapter inputs; returns ``scale`` as a Python float."""
+    check_tensor(fn, "x", x)
+    check_tensor(fn, "weight", weight)
+    check_tensor(fn, "lora_a", lora_a)
+    check_tensor(fn, "lora_b", lora_b)
+    check_float(fn, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: expected x of shape [..., K], got a 0-dim tensor")
+    k = x.shape[-1]
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: expected weight of shape [N, {k}], got {fmt_shape(weight.shape)}")
+    n = weight.shape[0]
+    check_shape(fn, "weight", weight, [n, k])
+    check_dtype(fn, "weight", weight, [x.dtype])
+    check_device(fn, "weight", weight, x.device)
+    if bias is not None:
+        check_tensor(fn, "bias", bias)
+        check_shape(fn, "bias", bias, [n])
+        check_dtype(fn, "bias", bias, [x.dtype])
+        check_device(fn, "bias", bias, x.device)
+    if lora_a.dim() != 2 or lora_a.shape[0] < 1:
+        raise ValueError(
+            f"{fn}: expected lora_a of shape [r, {k}] with r >= 1, got {fmt_shape(lora_a.shape)}"
+        )
+    r = lora_a.shape[0]
+    check_shape(fn, "lora_a", lora_a, [r, k])
+    check_shape(fn, "lora_b", lora_b, [n, r])
+    lora_dtypes = [x.dtype, torch.float32]
+    check_dtype(fn, "lora_a", lora_a, lora_dtypes)
+    check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
+    check_device(fn, "lora_a", lora_a, x.device)
+    check_device(fn, "lora_b", lora_b, x.device)
+    if x_lora is not None:
+        check_tensor(fn, "x_lora", x_lora)
+        check_shape(fn, "x_lora", x_lora, list(x.shape))
+        check_dtype(fn, "x_lora", x_lora, [x.dtype])
+        check_device(fn, "x_lora", x_lora, x.device)
+    return check_scale(fn, "scale", scale)

@@ -1,0 +1,290 @@
+"""``FusedLoraLinear``: a drop-in ``nn.Linear`` with named LoRA adapters on fused kernels.
+
+It subclasses ``nn.Linear``, so the base layer's state_dict keys (``weight``, ``bias``) are
+unchanged and code that reads ``in_features``/``weight`` keeps working. Adapters live in
+``lora_A[name]`` / ``lora_B[name]`` (bias-free ``nn.Linear`` inside ``nn.ModuleDict``, PEFT's
+layout and key names), with ``scaling[name]``, ``r[name]``, ``lora_alpha[name]`` and
+``lora_dropout[name]`` beside them::
+
+    y = x @ W.T + b + scaling[a] * lora_B[a](lora_A[a](dropout[a](x)))      a = active_adapter
+
+The base weight and bias are frozen; the active adapter trains. ``merge()`` folds the adapter into
+``W`` (``merge_lora_``: fp32, one rounding, no ``[N, K]`` temporary) and the forward then runs the
+plain GEMM; ``unmerge()`` takes it out again.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import lora_linear, merge_lora_, unmerge_lora_
+
+__all__ = ["FusedLoraLinear", "BASE_ADAPTER"]
+
+BASE_ADAPTER = "__base__"
+"""The name that selects no adapter in ``adapter_names`` (PEFT's convention)."""
+
+
+class FusedLoraLinear(nn.Linear):
+    """``nn.Linear`` plus named LoRA adapters, computed by one fused kernel.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        r: rank of the first adapter; 0 creates the layer without an adapter.
+        lora_alpha: the adapter's scaling is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+            ``use_rslora``).
+        lora_dropout: dropout probability on the LoRA branch's input (PEFT semantics: the base
+            path sees the undropped input).
+        init_lora_weights: ``True`` (A kaiming-uniform with a=sqrt(5), B zeros: the layer starts
+            equal to the base), ``"gaussian"`` (A normal with std 1/r, B zeros) or ``False``
+            (``nn.Linear``'s default init for both: the adapter starts non-zero).
+        adapter_name: name of the first adapter.
+        backend: kernel backend for every call (``"auto"``, ``"cuda"``, ``"triton"``, ``"torch"``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_lora_state(backend)
+        if r:
+            self.add_adapter(
+                adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
+            )
+
+    def _init_lora_state(self, backend: str) -> None:
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        self._active_adapter: str | None = None
+        self.backend = backend
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_name: str = "default",
+        backend: str = "auto",
+    ) -> FusedLoraLinear:
+        """A ``FusedLoraLinear`` that shares ``linear``'s weight and bias (no copy; both frozen)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(
+                f"FusedLoraLinear.from_linear: expected linear to be an nn.Linear, "
+                f"got {type(linear).__name__}"
+            )
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            r=0,
+            device="meta",
+            dtype=linear.weight.dtype,
+            backend=backend,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer._init_lora_state(backend)
+        if r:
+            layer.add_adapter(
+                adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
+            )
+        return layer
+
+    # ------------------------------------------------------------------------------------
+    # adapters
+    # ------------------------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter the forward applies (None: base layer only)."""
+        return self._active_adapter
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _check_known(self, fn: str, name: str) -> None:
+        if name not in self.lora_A:
+            raise ValueError(
+                f"FusedLoraLinear.{fn}: unknown adapter {name!r}; this layer has "
+                f"{self.adapter_names}"
+            )
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
+        """Add adapter ``name`` (rank ``r``). The first adapter added becomes the active one."""
+        fn = "FusedLoraLinear.add_adapter"
+        if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
+            raise ValueError(
+                f"{fn}: expected name to be a non-empty str without '.', other than "
+                f"{BASE_ADAPTER!r}, got {name!r}"
+            )
+        if name in self.lora_A:
+            raise ValueError(f"{fn}: adapter {name!r} already exists; delete_adapter it first")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{fn}: expected r to be a positive int, got {r!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"{fn}: expected lora_dropout in [0, 1), got {lora_dropout!r}")
+        if init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "
+                f"got {init_lora_weights!r}"
+            )
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        lora_a = nn.Linear(self.in_features, r, bias=False, **kw)
+        lora_b = nn.Linear(r, self.out_features, bias=False, **kw)
+        with torch.no_grad():
+            if init_lora_weights is True:
+                nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+                nn.init.zeros_(lora_b.weight)
+            elif init_lora_weights == "gaussian":
+                nn.init.normal_(lora_a.weight, std=1.0 / r)
+                nn.init.zeros_(lora_b.weight)
+        self.lora_A[name] = lora_a
+        self.lora_B[name] = lora_b
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.use_rslora[name] = bool(use_rslora)
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        if self._active_adapter is None:
+            self._active_adapter = name
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (None: base only); the layer must not be merged."""
+        if name is not None:
+            self._check_known("set_adapter", name)
+        if self.merged and name != self._active_adapter:
+            raise RuntimeError(
+                f"FusedLoraLinear.set_adapter: the layer is merged with {self.merged_adapters}; "
+                "unmerge() before switching adapters"
+            )
+        self._active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; if it was active, the first remaining one becomes active."""
+        self._check_known("delete_adapter", name)
+        if name in self.merged_adapters:
+            raise RuntimeError(
+                f"FusedLoraLinear.delete_adapter: adapter {name!r} is merged into the weight; "
+                "unmerge() first"
+            )
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        for table in (self.scaling, self.r, self.lora_alpha, self.use_rslora):
+            del table[name]
+        if self._active_adapter == name:
+            self._active_adapter = next(iter(self.lora_A.keys()), None)
+
+    # ------------------------------------------------------------------------------------
+    # merge
+    # ------------------------------------------------------------------------------------
+
+    def merge(self, adapter_name: str | None = None, exact: bool = False) -> None:
+        """Fold ``adapter_name`` (default: the active adapter) into the base weight in place.
+
+        ``merge_lora_`` computes ``W + scaling * B @ A`` in fp32 and rounds each element once.
+        """
+        name = self._active_adapter if adapter_name is None else adapter_name
+        if name is None:
+            raise ValueError("FusedLoraLinear.merge: no adapter to merge (no active adapter)")
+        self._check_known("merge", name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"FusedLoraLinear.merge: adapter {name!r} is already merged")
+        if exact:
+            raise NotImplementedError("FusedLoraLinear.merge: exact=True is not available yet")
+        a = self.lora_A[name].weight
+        b = self.lora_B[name].weight
+        merge_lora_(self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend)
+        self.merged_adapters.append(name)
+        self._active_adapter = name
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight again (in reverse order)."""
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            a = self.lora_A[name].weight
+            b = self.lora_B[name].weight
+            unmerge_lora_(
+                self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend
+            )
+            self.merged_adapters.pop()
+
+    # ------------------------------------------------------------------------------------
+    # forward
+    # ------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        """``x [..., in_features] -> [..., out_features]`` with the active adapter.
+
+        ``adapter_names`` (one name per row of a 2-D x, or per sequence of a 3-D x;
+        ``"__base__"`` = no adapter) runs a mixed batch with a different adapter per row.
+        """
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
+        name = self._active_adapter
+        if name is None or self.merged:
+            return F.linear(x, self.weight, self.bias)
+        dropout = self.lora_dropout[name]
+        x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else None
+        return lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            x_lora=x_lora,
+            backend=self.backend,
+        )
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        raise NotImplementedError("FusedLoraLinear: mixed batches are not available yet")
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(
+            f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]})" for n in self.adapter_names
+        )
+        return f"{super().extra_repr()}, adapters=[{adapters}], active={self._active_adapter!r}"

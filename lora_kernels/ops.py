@@ -1,0 +1,182 @@
+"""``torch.library`` custom ops: schemas, fake impls, autograd, and dispatch to a backend.
+
+Each op takes an already resolved backend name (``"torch"``, ``"triton"`` or ``"cuda"``, see
+``_backend.py``) and inputs already validated by ``functional.py``. The ops are opaque to
+``torch.compile``: their fake impls give output shapes, and ``register_autograd`` attaches the
+backward, itself a custom op, so ``torch.compile(fullgraph=True)`` traces forward and backward
+without graph breaks.
+
+Ops (namespace ``lora_kernels``):
+
+* ``lora_linear_fwd(x[M,K], weight[N,K], bias?, lora_a[r,K], lora_b[N,r], scale, x_lora?, backend)
+  -> (y[M,N], s[M,r] fp32)``; ``s = x_lora @ lora_a.T`` is kept for the backward and is not
+  differentiable.
+* ``lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scale, x_lora?, needs_dx, needs_da,
+  needs_db, backend) -> (dx, dx_lora, da, db)``; a gradient that is not needed comes back as an
+  empty tensor.
+* ``merge_lora_(weight!, lora_a, lora_b, scale, backend)``: ``weight += scale * lora_b @ lora_a``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+# Where each backend keeps the launchers of each kernel family. Launchers of one family share
+# their signatures across backends, so dispatch is a lookup.
+_MODULES = {
+    ("torch", "lora_linear"): "lora_kernels._torch_impl",
+    ("triton", "lora_linear"): "lora_kernels.triton.lora_linear",
+    ("cuda", "lora_linear"): "lora_kernels._cuda_impl",
+    ("torch", "merge"): "lora_kernels._torch_impl",
+    ("triton", "merge"): "lora_kernels.triton.merge",
+    ("cuda", "merge"): "lora_kernels._cuda_impl",
+}
+
+
+def launcher(backend: str, family: str, name: str, *args, **kwargs):
+    """The function ``name`` of ``backend`` for ``family``.
+
+    The CUDA extension serves a subset of shapes and no backward: where its module has no
+    ``name``, or its ``supports_<name>(*args)`` says no, the Triton launcher runs instead.
+    """
+    if backend == "cuda":
+        mod = importlib.import_module(_MODULES[("cuda", family)])
+        fn = getattr(mod, name, None)
+        supports = getattr(mod, f"supports_{name}", None)
+        if fn is not None and (supports is None or supports(*args, **kwargs)):
+            return fn
+        backend = "triton"
+    return getattr(importlib.import_module(_MODULES[(backend, family)]), name)
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+# --------------------------------------------------------------------------------------------
+# single-adapter LoRA linear
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    x_lora: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    args = (x, weight, bias, lora_a, lora_b, scale, x_lora)
+    y, s = launcher(backend, "lora_linear", "lora_linear_fwd", *args)(*args)
+    return y, s
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, x_lora, backend):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D here, got {x.dim()}-D")
+    torch._check(weight.shape[1] == x.shape[1], lambda: "weight and x disagree in K")
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    s = x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32)
+    return y, s
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    s: Tensor,
+    scale: float,
+    x_lora: Tensor | None,
+    needs_dx: bool,
+    needs_da: bool,
+    needs_db: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    fn = launcher(backend, "lora_linear", "lora_linear_bwd")
+    dx, dx_lora, da, db = fn(
+        dy,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        s,
+        scale,
+        x_lora,
+        needs_dx=needs_dx,
+        needs_da=needs_da,
+        needs_db=needs_db,
+    )
+    return (
+        _empty(x) if dx is None else dx,
+        _empty(x) if dx_lora is None else dx_lora,
+        _empty(lora_a) if da is None else da,
+        _empty(lora_b) if db is None else db,
+    )
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, s, scale, x_lora, needs_dx, needs_da, needs_db, backend):
+    dx = torch.empty_like(x) if needs_dx else _empty(x)
+    dx_lora = torch.empty_like(x) if (needs_dx and x_lora is not None) else _empty(x)
+    da = torch.empty_like(lora_a) if needs_da else _empty(lora_a)
+    db = torch.empty_like(lora_b) if needs_db else _empty(lora_b)
+    return dx, dx_lora, da, db
+
+
+def _lora_linear_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scale, x_lora, backend = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, s, x_lora)
+    ctx.scale = scale
+    ctx.backend = backend
+
+
+def _lora_linear_backward(ctx, dy, _ds):
+    x, weight, lora_a, lora_b, s, x_lora = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, _, need_x_lora, _ = ctx.needs_input_grad
+    dy = dy.contiguous()
+    needs_dx = need_x or need_x_lora
+    dx = dx_lora = da = db = dw = dbias = None
+    if needs_dx or need_a or need_b:
+        dx, dx_lora, da, db = torch.ops.lora_kernels.lora_linear_bwd(
+            dy, x, weight, lora_a, lora_b, s, ctx.scale, x_lora,
+            needs_dx, need_a, need_b, ctx.backend,
+        )  # fmt: skip
+        dx = dx if need_x else None
+        dx_lora = dx_lora if (x_lora is not None and need_x_lora) else None
+        da = da if need_a else None
+        db = db if need_b else None
+    if need_w:
+        dw = (dy.T @ x).to(weight.dtype)
+    if need_bias:
+        dbias = dy.sum(0)
+    return dx, dw, dbias, da, db, None, dx_lora, None
+
+
+lora_linear_fwd.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# merge / unmerge
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lora_kernels::merge_lora_", mutates_args=("weight",))
+def merge_lora_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, backend: str) -> None:
+    args = (weight, lora_a, lora_b, scale)
+    launcher(backend, "merge", "merge_", *args)(*args)
+
+
+@merge_lora_.register_fake
+def _(weight, lora_a, lora_b, scale, backend):
+    return None
