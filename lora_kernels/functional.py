@@ -60,7 +60,7 @@ def lora_linear(
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     xl2 = None if x_lora is None else x_lora.reshape(-1, k)
-    y, _ = torch.ops.lora_kernels.lora_linear_fwd(x2, weight, bias, lora_a, lora_b, scale, xl2, be)
+    y = ops.lora_linear_2d(x2, weight, bias, lora_a, lora_b, scale, xl2, be)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -125,7 +125,3 @@ def unmerge_lora_(
     rounding; ``FusedLoraLinear.merge(exact=True)`` restores bit for bit); returns ``weight``."""
     scale = _check_merge("unmerge_lora_", weight, lora_a, lora_b, scale)
     return merge_lora_(weight, lora_a, lora_b, -scale, backend=backend)
-
-
-# ``ops`` registers the custom ops on import; keep the import visible to linters.
-_ = ops

@@ -148,7 +148,7 @@ def lora_linear_multi_backward(
     scales: torch.Tensor,
     adapter_ids: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx, d_lora_a [L, r_max, K], d_lora_b [L, N, r_max])`` of :func:`lora_linear_multi`.
+    """Gradients ``(dx, d_lora_a [L, r_max, K], d_lora_b [L, N, r_max])`` of the multi forward.
 
     Each adapter's gradient comes from exactly the rows that used it; rows with id -1 get the base
     gradient ``dy @ weight`` only.

@@ -1,0 +1,173 @@
+"""Timing helpers and the quick layer benchmark behind ``lora-kernels bench``.
+
+Providers are timed side by side in one run: each round calls every provider once, in turn, so
+slow drifts of the machine (frequency, other processes) hit them alike; the reported figure is the
+median over rounds, with the 20th and 80th percentiles. On CUDA each call is timed with CUDA
+events after a synchronise; on CPU with ``time.perf_counter``.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .nn import FusedLoraLinear
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def _time_once(fn: Callable[[], object], cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_side_by_side(
+    providers: dict[str, Callable[[], object]],
+    *,
+    cuda: bool = False,
+    warmup: int = 3,
+    rounds: int = 30,
+    min_seconds: float = 0.0,
+) -> dict[str, dict[str, float]]:
+    """Median, p20 and p80 seconds per call of each provider, measured round-robin."""
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    if cuda:
+        torch.cuda.synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in providers}
+    t_end = time.perf_counter() + min_seconds
+    done = 0
+    while done < rounds or time.perf_counter() < t_end:
+        for name, fn in providers.items():
+            samples[name].append(_time_once(fn, cuda))
+        done += 1
+    out = {}
+    for name, s in samples.items():
+        q = statistics.quantiles(s, n=5) if len(s) > 1 else [s[0]] * 4
+        out[name] = {"median_s": statistics.median(s), "p20_s": q[0], "p80_s": q[3], "n": len(s)}
+    return out
+
+
+def _make_layers(k: int, n: int, r: int, dtype: torch.dtype, device: torch.device):
+    base = nn.Linear(k, n, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    base.bias.requires_grad_(False)
+    ours = FusedLoraLinear.from_linear(copy.deepcopy(base), r=r, lora_alpha=2 * r)
+    with torch.no_grad():
+        ours.lora_B["default"].weight.normal_(0, 0.02)
+    a = ours.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    b = ours.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    scale = ours.scaling["default"]
+
+    def naive(x):
+        return base(x) + scale * ((x @ a.T) @ b.T)
+
+    layers = {"nn.Linear (base only)": base, "naive torch LoRA": naive}
+    try:
+        import peft
+        from peft.tuners.lora import Linear as PeftLinear
+
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r)
+        theirs = PeftLinear(copy.deepcopy(base), "default", config=cfg, r=r, lora_alpha=2 * r)
+        theirs = theirs.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            theirs.lora_A["default"].weight.copy_(a)
+            theirs.lora_B["default"].weight.copy_(b)
+        layers["PEFT lora.Linear"] = theirs
+    except Exception:  # peft missing or incompatible: the table simply has no PEFT row
+        pass
+    layers["FusedLoraLinear"] = ours
+    return layers
+
+
+def bench_layers(
+    m: int,
+    k: int,
+    n: int,
+    r: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    rounds: int = 30,
+    min_seconds: float = 0.0,
+) -> list[dict]:
+    """Forward and forward+backward (grad of x and of the adapter) of each layer at one shape."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    layers = _make_layers(k, n, r, dtype, device)
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+
+    def fwd(layer):
+        def run():
+            with torch.no_grad():
+                layer(x)
+
+        return run
+
+    def fwd_bwd(layer):
+        def run():
+            layer(x).backward(dy)
+
+        return run
+
+    rows = []
+    for mode, wrap in (("forward", fwd), ("forward+backward", fwd_bwd)):
+        timings = time_side_by_side(
+            {name: wrap(layer) for name, layer in layers.items()},
+            cuda=cuda,
+            rounds=rounds,
+            min_seconds=min_seconds,
+        )
+        base_t = timings["nn.Linear (base only)"]["median_s"]
+        for name, t in timings.items():
+            rows.append(
+                {
+                    "mode": mode,
+                    "provider": name,
+                    "M": m,
+                    "K": k,
+                    "N": n,
+                    "r": r,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    **t,
+                    "vs_base": t["median_s"] / base_t,
+                }
+            )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (
+        f"{'mode':<17} {'provider':<22} {'shape (M,K,N,r)':<22} "
+        f"{'median':>10} {'p20-p80':>19} {'x base':>7}"
+    )
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        shape = f"{row['M']},{row['K']},{row['N']},{row['r']} {row['dtype']}"
+        spread = f"{row['p20_s'] * 1e3:.3f}-{row['p80_s'] * 1e3:.3f} ms"
+        lines.append(
+            f"{row['mode']:<17} {row['provider']:<22} {shape:<22} "
+            f"{row['median_s'] * 1e3:>7.3f} ms {spread:>19} {row['vs_base']:>7.3f}"
+        )
+    return "\n".join(lines)
