@@ -1,0 +1,635 @@
+"""Multi-adapter LoRA linear in Triton: every row of the batch with its own adapter, one pass.
+
+Shapes (``L`` adapters stacked and zero-padded to the largest rank ``R = r_max``)::
+
+    x [M, K], weight [N, K], bias [N] or None, lora_a [L, R, K], lora_b [L, N, R],
+    scales [L] float32, row_ids [M] int32/int64 (-1: base layer only), ranks [L] int32 or None
+
+    s[i] = x[i] @ lora_a[a].T                                       a = row_ids[i]   [M, R] fp32
+    y[i] = x[i] @ weight.T + bias + scales[a] * s[i] @ lora_b[a].T
+    dx[i] = dy[i] @ weight + scales[a] * (dy[i] @ lora_b[a]) @ lora_a[a]
+    dA[a] = scales[a] * sum_{i: ids[i] = a} (dy[i] @ lora_b[a]).T x[i]        [R, K]
+    dB[a] = scales[a] * sum_{i: ids[i] = a} dy[i].T s[i]                       [N, R]
+
+Forward = two launches: a *shrink* kernel writes ``s`` (kept for the backward), then one kernel
+computes the base GEMM tile ``x W^T + bias`` and adds the LoRA *expand* term ``scale * s B^T`` to
+the fp32 accumulator before the single rounding to the output: ``y`` is written once, never
+read back. The backward reuses both kernels (the shrink of ``dy`` against ``lora_b``, and the
+fused kernel with ``weight`` and ``lora_a`` read transposed for ``dx``) plus a segmented
+reduction for ``dA`` and ``dB`` over each adapter's rows.
+
+Two strategies, chosen from the shape alone (``choose_strategy``; no look at the ids):
+
+* ``gather`` (BGMV-like, decode: few rows, many distinct adapters). Rows stay in their order; the
+  shrink runs one program per row, reading that row's adapter; the fused kernel's epilogue
+  gathers each row's ``lora_b`` slice and reduces ``s * B`` on CUDA cores (a [rows, N, r] block,
+  r in chunks of 8). No tensor-core tile of LoRA work is wasted on rows of other adapters.
+* ``grouped`` (SGMV-like, prefill: many rows per adapter). The rows are sorted by adapter on the
+  device (``torch.sort``, stable); tiles of consecutive sorted rows then hold one adapter, or a
+  few at segment edges, and the LoRA products are tensor-core dots per adapter present in the
+  tile (a loop over the tile's contiguous id range, rows of other adapters masked). Tiles are
+  never padded per adapter, so the base GEMM runs on full tiles whatever the popularity.
+
+``gather`` is used when ``M <= 64``, or ``M <= 1024`` with fewer than 8 rows per adapter on
+average (``M < 8 L``): there a grouped tile would span many adapters and repeat its dots for each.
+These thresholds and the block sizes are first guesses for a Hopper GPU, to be tuned there.
+
+Rows whose id is outside ``[0, L)`` (-1, and any out-of-range id) are the base layer only: every
+kernel masks them by ``0 <= id < L`` before any adapter address is formed, so they never read out
+of bounds, load no adapter weights, skip the shrink loop, get ``s = 0`` and no gradient. (The
+functional layer raises on out-of-range ids for CPU tensors; on CUDA, checking would need a
+device-host synchronisation.) Padded rank slots past ``ranks[a]`` are skipped: not loaded, ``s``
+and the gradients there are zero. Nothing here synchronises with the host or sizes an output by
+the data (grids depend on M, N, K, R, L only), so a decode step can be captured in a CUDA graph.
+
+Precision: fp32 accumulators everywhere. A dot runs in its operands' dtype as PyTorch would:
+fp16/bf16 natively, fp32 with ``input_precision="ieee"`` (no TF32, torch's default); the fp32
+intermediates ``s`` and ``dy @ lora_b`` are rounded to the data's dtype right before their dot,
+unless the adapters are fp32 (then the LoRA products run in fp32). Under the Triton interpreter,
+bf16 dot operands are upcast to fp32 (``tl.dot`` on bf16 is wrong in triton 3.9's interpreter).
+No autotuning: configs come from a small table, so the first call of a CUDA graph capture
+launches exactly what the warm-up compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# ``gather`` for decode-sized batches, see the module docstring.
+_GATHER_MAX_ROWS = 64
+_GATHER_MAX_ROWS_MANY_ADAPTERS = 1024
+_GROUPED_MIN_ROWS_PER_ADAPTER = 8
+
+
+def choose_strategy(m: int, num_adapters: int) -> str:
+    """``"gather"`` or ``"grouped"`` for a batch of ``m`` rows over ``num_adapters`` adapters."""
+    if m <= _GATHER_MAX_ROWS:
+        return "gather"
+    if m <= _GATHER_MAX_ROWS_MANY_ADAPTERS and m < _GROUPED_MIN_ROWS_PER_ADAPTER * num_adapters:
+        return "gather"
+    return "grouped"
+
+
+def _dot_dtype(*dtypes: torch.dtype):
+    """The dtype both operands of a dot are cast to (see Precision in the module docstring)."""
+    if torch.float32 in dtypes or (interpreting() and torch.bfloat16 in dtypes):
+        return tl.float32
+    return _TL_DTYPES[dtypes[0]]
+
+
+def _rank_block(r_max: int) -> int:
+    """Rank slots per step: a power of two, >= 16 for ``tl.dot``, at most 64 (ranks loop on)."""
+    return max(16, min(triton.next_power_of_2(r_max), 64))
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_shrink_gather_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    ids_ptr,
+    ranks_ptr,
+    out_ptr,
+    # sizes
+    K,
+    R,
+    L,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wl,
+    stride_wr,
+    stride_wk,
+    stride_om,
+    stride_or,
+    # meta-parameters
+    HAS_RANKS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[m, r] = sum_k x[m, k] * w[ids[m], r, k]: one row per program (a batched mat-vec)."""
+    row = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    r_offs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    a = tl.load(ids_ptr + row).to(tl.int64)
+    valid = (a >= 0) & (a < L)
+    a = tl.where(valid, a, 0)  # a safe address for rows with no adapter; their loop is empty
+    r_lim = R
+    if HAS_RANKS:
+        r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
+    r_lim = tl.where(valid, r_lim, 0)
+    # rows with no adapter, and rank blocks past this adapter's rank, skip the loop: s = 0
+    k_end = tl.where(pid_r * BLOCK_R < r_lim, K, 0)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    w_row = w_ptr + a * stride_wl + r_offs[:, None] * stride_wr
+    for k0 in range(0, k_end, BLOCK_K):
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k_offs < K
+        xk = tl.load(x_ptr + row * stride_xm + k_offs * stride_xk, mask=k_mask, other=0.0)
+        w = tl.load(
+            w_row + k_offs[None, :] * stride_wk,
+            mask=(r_offs < r_lim)[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(w.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
+    tl.store(out_ptr + row * stride_om + r_offs * stride_or, acc, mask=r_offs < R)
+
+
+@triton.jit
+def _lora_shrink_grouped_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    sorted_ids_ptr,
+    order_ptr,
+    ranks_ptr,
+    out_ptr,
+    # sizes
+    M,
+    K,
+    R,
+    L,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wl,
+    stride_wr,
+    stride_wk,
+    stride_om,
+    stride_or,
+    # meta-parameters
+    HAS_RANKS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[m, r] = sum_k x[m, k] * w[ids[m], r, k] on a tile of rows sorted by adapter."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = pos < M
+    rows = tl.load(order_ptr + pos, mask=in_range, other=0).to(tl.int64)
+    aid = tl.load(sorted_ids_ptr + pos, mask=in_range, other=-1).to(tl.int64)
+    valid = in_range & (aid >= 0) & (aid < L)
+    no_adapter = in_range & ((aid < 0) | (aid >= L))
+    r_offs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    out_rows = out_ptr + rows[:, None] * stride_om + r_offs[None, :] * stride_or
+    r_in = (r_offs < R)[None, :]
+    zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    tl.store(out_rows, zeros, mask=no_adapter[:, None] & r_in)
+    # ids are sorted, so the adapters of this tile form the contiguous range [a_lo, a_hi]
+    a_lo = tl.min(tl.where(valid, aid, L))
+    a_hi = tl.max(tl.where(valid, aid, -1))
+    for a in range(a_lo, a_hi + 1):
+        mine = valid & (aid == a)
+        r_lim = R
+        if HAS_RANKS:
+            r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
+        k_end = tl.where(pid_r * BLOCK_R < r_lim, K, 0)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            k_offs = k0 + tl.arange(0, BLOCK_K)
+            k_mask = k_offs < K
+            xt = tl.load(
+                x_ptr + rows[:, None] * stride_xm + k_offs[None, :] * stride_xk,
+                mask=mine[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            wt = tl.load(
+                w_ptr + a * stride_wl + r_offs[None, :] * stride_wr + k_offs[:, None] * stride_wk,
+                mask=(r_offs < r_lim)[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision="ieee")
+        tl.store(out_rows, acc, mask=mine[:, None] & r_in)
+
+
+@triton.jit
+def _lora_multi_fused_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    s_ptr,
+    b_ptr,
+    scales_ptr,
+    ids_ptr,
+    order_ptr,
+    ranks_ptr,
+    y_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    L,
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_sm,
+    stride_sr,
+    stride_bl,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+    GROUPED: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    LORA_DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """y[m] = x[m] @ w.T + bias + scales[a] * s[m] @ b[a].T,  a = ids[m] (if 0 <= a < L).
+
+    ``GROUPED``: tile rows are ``order[pos]`` and ``ids`` are sorted (ids[pos] is the id of row
+    order[pos]); otherwise rows are ``pos`` themselves. ``s`` and ``y`` are indexed by row.
+    """
+    # program id -> tile, in groups of GROUP_M row tiles so that neighbours share W in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = (first_m + (pid % width) % size_m).to(tl.int64)
+    pid_n = ((pid % width) // size_m).to(tl.int64)
+
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = pos < M
+    rows = tl.load(order_ptr + pos, mask=in_range, other=0).to(tl.int64) if GROUPED else pos
+    aid = tl.load(ids_ptr + pos, mask=in_range, other=-1).to(tl.int64)
+    valid = in_range & (aid >= 0) & (aid < L)
+    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < N
+
+    # base GEMM
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k_offs < K
+        xt = tl.load(
+            x_ptr + rows[:, None] * stride_xm + k_offs[None, :] * stride_xk,
+            mask=in_range[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            w_ptr + n_offs[None, :] * stride_wn + k_offs[:, None] * stride_wk,
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+
+    # LoRA expand, added to the fp32 accumulator before the single rounding
+    if GROUPED:
+        a_lo = tl.min(tl.where(valid, aid, L))
+        a_hi = tl.max(tl.where(valid, aid, -1))
+        for a in range(a_lo, a_hi + 1):
+            mine = valid & (aid == a)
+            r_lim = R
+            if HAS_RANKS:
+                r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
+            scale = tl.load(scales_ptr + a)
+            for r0 in range(0, r_lim, BLOCK_R):
+                r_offs = r0 + tl.arange(0, BLOCK_R)
+                r_mask = r_offs < r_lim
+                st = tl.load(
+                    s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
+                    mask=mine[:, None] & r_mask[None, :],
+                    other=0.0,
+                )
+                bt = tl.load(
+                    b_ptr
+                    + a * stride_bl
+                    + n_offs[None, :] * stride_bn
+                    + r_offs[:, None] * stride_br,
+                    mask=n_mask[None, :] & r_mask[:, None],
+                    other=0.0,
+                )
+                st = (st * scale).to(LORA_DOT_DTYPE)
+                acc = tl.dot(st, bt.to(LORA_DOT_DTYPE), acc, input_precision="ieee")
+    else:
+        a_safe = tl.where(valid, aid, 0)
+        scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
+        r_lim = tl.where(valid, R, 0)
+        if HAS_RANKS:
+            r_lim = tl.minimum(tl.load(ranks_ptr + a_safe, mask=valid, other=0), r_lim)
+        b_rows = b_ptr + a_safe[:, None, None] * stride_bl + n_offs[None, :, None] * stride_bn
+        # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers
+        for r0 in range(0, tl.max(r_lim), 8):
+            r_offs = r0 + tl.arange(0, 8)
+            r_ok = r_offs[None, :] < r_lim[:, None]
+            st = tl.load(
+                s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
+                mask=r_ok,
+                other=0.0,
+            )
+            bt = tl.load(
+                b_rows + r_offs[None, None, :] * stride_br,
+                mask=r_ok[:, None, :] & n_mask[None, :, None],
+                other=0.0,
+            )
+            acc += scale[:, None] * tl.sum(st[:, None, :] * bt.to(tl.float32), axis=2)
+
+    tl.store(
+        y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=in_range[:, None] & n_mask[None, :],
+    )
+
+
+@triton.jit
+def _lora_segment_outer_kernel(
+    # pointers
+    p_ptr,
+    q_ptr,
+    order_ptr,
+    bounds_ptr,
+    scales_ptr,
+    ranks_ptr,
+    out_ptr,
+    # sizes
+    P,
+    Q,
+    # strides
+    stride_pm,
+    stride_pp,
+    stride_qm,
+    stride_qq,
+    stride_ol,
+    stride_op,
+    stride_oq,
+    # meta-parameters
+    HAS_RANKS: tl.constexpr,
+    RANK_ON_P: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+):
+    """out[a] = scales[a] * p[rows_a].T @ q[rows_a], rows_a = order[bounds[a]:bounds[a + 1]].
+
+    dA is (p, q) = (dy @ lora_b, x) with the rank on p; dB is (dy, s) with the rank on q. Slots
+    past the adapter's rank, and adapters no row used, get zeros.
+    """
+    a = tl.program_id(0).to(tl.int64)
+    p_offs = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_offs = tl.program_id(2).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    start = tl.load(bounds_ptr + a)
+    end = tl.load(bounds_ptr + a + 1)
+    p_lim = P
+    q_lim = Q
+    if HAS_RANKS:
+        if RANK_ON_P:
+            p_lim = tl.minimum(tl.load(ranks_ptr + a), P)
+        else:
+            q_lim = tl.minimum(tl.load(ranks_ptr + a), Q)
+    # a block wholly past the rank reduces nothing
+    skip = (tl.program_id(1) * BLOCK_P >= p_lim) | (tl.program_id(2) * BLOCK_Q >= q_lim)
+    end = tl.where(skip, start, end)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        pos = m0 + tl.arange(0, BLOCK_M)
+        pos_mask = pos < end
+        rows = tl.load(order_ptr + pos, mask=pos_mask, other=0).to(tl.int64)
+        pt = tl.load(
+            p_ptr + rows[:, None] * stride_pm + p_offs[None, :] * stride_pp,
+            mask=pos_mask[:, None] & (p_offs < p_lim)[None, :],
+            other=0.0,
+        )
+        qt = tl.load(
+            q_ptr + rows[:, None] * stride_qm + q_offs[None, :] * stride_qq,
+            mask=pos_mask[:, None] & (q_offs < q_lim)[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(tl.trans(pt.to(DOT_DTYPE)), qt.to(DOT_DTYPE), acc, input_precision="ieee")
+    acc = acc * tl.load(scales_ptr + a)
+    tl.store(
+        out_ptr + a * stride_ol + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=(p_offs < P)[:, None] & (q_offs < Q)[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _sort_rows(row_ids: torch.Tensor):
+    """(sorted ids, order): the rows grouped by adapter, on the device, without a sync."""
+    return torch.sort(row_ids, stable=True)
+
+
+def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, strategy):
+    """``out [M, r_max] fp32``, ``out[m] = x[m] @ w[ids[m]].T`` for ``w`` seen as [L, R, K]."""
+    m, k = x.shape
+    out = torch.empty((m, r_max), dtype=torch.float32, device=x.device)
+    if m == 0 or r_max == 0:
+        return out
+    ranks_arg = ranks if ranks is not None else row_ids
+    if strategy == "gather":
+        block_r = min(triton.next_power_of_2(r_max), 64)
+        grid = (m, triton.cdiv(r_max, block_r))
+        _lora_shrink_gather_kernel[grid](
+            x, w, row_ids, ranks_arg, out,
+            k, r_max, num_adapters,
+            x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
+            HAS_RANKS=ranks is not None,
+            BLOCK_R=block_r,
+            BLOCK_K=128,
+        )  # fmt: skip
+        return out
+    sorted_ids, order = sorted_rows
+    block_m = 64 if m >= 64 else 16
+    block_r = _rank_block(r_max)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(r_max, block_r))
+    _lora_shrink_grouped_kernel[grid](
+        x, w, sorted_ids, order, ranks_arg, out,
+        m, k, r_max, num_adapters,
+        x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
+        HAS_RANKS=ranks is not None,
+        DOT_DTYPE=_dot_dtype(x.dtype, w.dtype),
+        BLOCK_M=block_m,
+        BLOCK_R=block_r,
+        BLOCK_K=64,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _fused(
+    x, w, w_strides, bias, s, b, b_strides, scales, row_ids, sorted_rows, ranks, out, strategy
+):
+    """``out = x @ w.T + bias + scales[a] * s @ b[a].T``, ``w`` seen as [N, K] and ``b`` as
+    [L, N, R] through the given strides."""
+    m, k = x.shape
+    n = out.shape[1]
+    num_adapters = b.shape[0]
+    r_max = s.shape[1]
+    if m == 0 or n == 0:
+        return out
+    grouped = strategy == "grouped"
+    if grouped:
+        ids, order = sorted_rows
+        block_m, block_n, block_k, warps, stages = 64, 128, 64, 8, 3
+        if m >= 2048:
+            block_m = 128
+    else:
+        ids, order = row_ids, row_ids
+        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+    if x.dtype == torch.float32:
+        block_k, stages = 32, 2  # fp32 tiles are twice the bytes: keep shared memory in budget
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _lora_multi_fused_kernel[grid](
+        x, w, bias if bias is not None else x, s, b, scales, ids, order,
+        ranks if ranks is not None else row_ids, out,
+        m, n, k, r_max, num_adapters,
+        x.stride(0), x.stride(1), *w_strides, s.stride(0), s.stride(1), *b_strides,
+        out.stride(0), out.stride(1),
+        HAS_BIAS=bias is not None,
+        HAS_RANKS=ranks is not None,
+        GROUPED=grouped,
+        DOT_DTYPE=_dot_dtype(x.dtype, w.dtype),
+        LORA_DOT_DTYPE=_dot_dtype(x.dtype, b.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_R=_rank_block(r_max),
+        GROUP_M=8,
+        num_warps=warps,
+        num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype):
+    """``out[a] = scales[a] * p[rows_a].T @ q[rows_a]`` for every adapter a (see the kernel)."""
+    num_adapters, size_p, size_q = out.shape
+    if out.numel() == 0:
+        return out
+    block_p = _rank_block(size_p) if rank_on_p else 64
+    block_q = 64 if rank_on_p else _rank_block(size_q)
+    grid = (num_adapters, triton.cdiv(size_p, block_p), triton.cdiv(size_q, block_q))
+    _lora_segment_outer_kernel[grid](
+        p, q, order, bounds, scales, ranks if ranks is not None else bounds, out,
+        size_p, size_q,
+        p.stride(0), p.stride(1), q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1), out.stride(2),
+        HAS_RANKS=ranks is not None,
+        RANK_ON_P=rank_on_p,
+        DOT_DTYPE=dot_dtype,
+        BLOCK_M=32,
+        BLOCK_P=block_p,
+        BLOCK_Q=block_q,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def lora_linear_multi_fwd(
+    x, weight, bias, lora_a, lora_b, scales, row_ids, ranks=None, *, strategy="auto"
+):
+    """``(y [M, N] in x.dtype, s [M, r_max] float32)``; ``s`` rows with no adapter are zeros.
+
+    ``strategy`` is ``"gather"``, ``"grouped"`` or ``"auto"`` (``choose_strategy``).
+    """
+    m = x.shape[0]
+    num_adapters, r_max, _ = lora_a.shape
+    n = weight.shape[0]
+    if strategy == "auto":
+        strategy = choose_strategy(m, num_adapters)
+    sorted_rows = _sort_rows(row_ids) if strategy == "grouped" else None
+    s = _shrink(
+        x, lora_a, lora_a.stride(), row_ids, sorted_rows, ranks, num_adapters, r_max, strategy
+    )
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    _fused(
+        x, weight, weight.stride(), bias, s, lora_b, lora_b.stride(), scales, row_ids,
+        sorted_rows, ranks, y, strategy,
+    )  # fmt: skip
+    return y, s
+
+
+def lora_linear_multi_bwd(
+    dy,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    scales,
+    row_ids,
+    s,
+    ranks=None,
+    *,
+    needs_dx=True,
+    needs_da=True,
+    needs_db=True,
+    strategy="auto",
+):
+    """``(dx [M, K], da [L, r_max, K], db [L, N, r_max])``, None where not needed.
+
+    Each adapter's gradient sums exactly the rows that used it (zeros for an adapter no row used,
+    and for the padded slots past ``ranks``); rows with no adapter get ``dy @ weight`` only.
+    """
+    m, k = x.shape
+    num_adapters, r_max, _ = lora_a.shape
+    if strategy == "auto":
+        strategy = choose_strategy(m, num_adapters)
+    sorted_rows = None
+    if strategy == "grouped" or needs_da or needs_db:
+        sorted_rows = _sort_rows(row_ids)
+    # t = dy @ lora_b[a], the shrink of dy against lora_b read as [L, R, N]
+    t = None
+    if needs_dx or needs_da:
+        b_as_rnk = (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1))
+        t = _shrink(
+            dy, lora_b, b_as_rnk, row_ids, sorted_rows, ranks, num_adapters, r_max, strategy
+        )
+    dx = da = db = None
+    if needs_dx:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        # dx = dy @ weight + scales[a] * t @ lora_a[a]: the forward kernel with weight read as
+        # [K, N] and lora_a as [L, K, R]
+        w_as_kn = (weight.stride(1), weight.stride(0))
+        a_as_lkr = (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1))
+        _fused(
+            dy, weight, w_as_kn, None, t, lora_a, a_as_lkr, scales, row_ids, sorted_rows, ranks,
+            dx, strategy,
+        )  # fmt: skip
+    if needs_da or needs_db:
+        sorted_ids, order = sorted_rows
+        bounds = torch.searchsorted(
+            sorted_ids,
+            torch.arange(num_adapters + 1, device=x.device, dtype=sorted_ids.dtype),
+        )
+        if needs_da:
+            da = torch.empty(lora_a.shape, dtype=lora_a.dtype, device=x.device)
+            dot_dtype = _dot_dtype(x.dtype, lora_a.dtype)
+            _segment_outer(t, x, order, bounds, scales, ranks, da, True, dot_dtype)
+        if needs_db:
+            db = torch.empty(lora_b.shape, dtype=lora_b.dtype, device=x.device)
+            dot_dtype = _dot_dtype(dy.dtype, lora_b.dtype)
+            _segment_outer(dy, s, order, bounds, scales, ranks, db, False, dot_dtype)
+    return dx, da, db

@@ -1,0 +1,288 @@
+"""Multi-adapter LoRA (a different adapter per row): the torch and Triton launchers against the
+reference, over batch popularity, odd sizes, mixed ranks and dtypes, with all gradients.
+
+On a machine without CUDA the Triton kernels run on CPU tensors under the interpreter (set by
+conftest.py); with CUDA and ``TRITON_INTERPRET=0`` the same tests run on the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_kernels import _torch_multi
+from lora_kernels import reference as R
+from lora_kernels.triton import HAS_TRITON, interpreting
+from tests.tolerances import assert_close_to_ref
+
+if HAS_TRITON:
+    from lora_kernels.triton import lora_multi as _triton_multi
+
+ON_GPU = torch.cuda.is_available() and not interpreting()
+DEVICE = "cuda" if ON_GPU else "cpu"
+POPULARITIES = ["distinct", "uniform", "zipf", "identical", "skewed", "all_base"]
+
+# (launcher module, Triton strategy); both Triton strategies are checked on every shape
+IMPLS = ["torch"] + (["triton-gather", "triton-grouped"] if HAS_TRITON else [])
+
+
+def _launchers(impl):
+    if impl == "torch":
+        return _torch_multi.lora_linear_multi_fwd, _torch_multi.lora_linear_multi_bwd, {}
+    strategy = impl.split("-")[1]
+    kw = {"strategy": strategy}
+    return _triton_multi.lora_linear_multi_fwd, _triton_multi.lora_linear_multi_bwd, kw
+
+
+def make_ids(popularity, m, num_adapters, dtype=torch.int64, device=DEVICE):
+    """Adapter ids per row for a batch "popularity" (as in punica's benchmarks), -1 = base only."""
+    if popularity == "distinct":  # every row its own adapter while there are enough of them
+        ids = torch.randperm(max(m, num_adapters))[:m] % num_adapters
+    elif popularity == "uniform":  # some rows with no adapter
+        ids = torch.randint(-1, num_adapters, (m,))
+    elif popularity == "zipf":
+        weights = 1.0 / torch.arange(1, num_adapters + 1, dtype=torch.float64) ** 1.5
+        ids = torch.multinomial(weights, m, replacement=True)
+    elif popularity == "identical":
+        ids = torch.full((m,), int(torch.randint(0, num_adapters, ())))
+    elif popularity == "skewed":  # one adapter for ~3/4 of the rows, the rest spread, some base
+        ids = torch.randint(-1, num_adapters, (m,))
+        ids[torch.rand(m) < 0.75] = num_adapters - 1
+    elif popularity == "all_base":
+        ids = torch.full((m,), -1)
+    else:
+        raise ValueError(popularity)
+    return ids.to(dtype=dtype, device=device)
+
+
+def make_stacks(m, k, n, num_adapters, r_max, dtype, lora_dtype=None, mixed_ranks=True):
+    """x, weight, bias, zero-padded stacks, scales, per-adapter ranks (1..r_max)."""
+    lora_dtype = lora_dtype or dtype
+    x = torch.randn(m, k, dtype=dtype, device=DEVICE)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, dtype=dtype, device=DEVICE)
+    a = (torch.randn(num_adapters, r_max, k, device=DEVICE) / k**0.5).to(lora_dtype)
+    bb = (torch.randn(num_adapters, n, r_max, device=DEVICE) / r_max**0.5).to(lora_dtype)
+    scales = (0.5 + 1.5 * torch.rand(num_adapters)).to(DEVICE)
+    ranks = torch.full((num_adapters,), r_max, dtype=torch.int32)
+    if mixed_ranks:
+        ranks = torch.randint(1, r_max + 1, (num_adapters,), dtype=torch.int32)
+        ranks[0] = r_max
+    for i, r in enumerate(ranks.tolist()):
+        a[i, r:] = 0
+        bb[i, :, r:] = 0
+    return x, w, b, a, bb, scales, ranks.to(DEVICE)
+
+
+def torch_same_dtype(x, w, b, a, bb, scales, ids):
+    """Stock PyTorch in the inputs' dtype (gather + bmm, autograd for the gradients): the
+    baseline of the tolerance rule."""
+    valid = (ids >= 0) & (ids < a.shape[0])
+    idc = torch.where(valid, ids, 0).long()
+    s = torch.bmm(a[idc], x.to(a.dtype).unsqueeze(2))  # [M, r, 1]
+    term = torch.bmm(bb[idc], s) * scales[idc].to(a.dtype)[:, None, None]
+    term = term.squeeze(2) * valid.to(term.dtype)[:, None]
+    return x @ w.T + b + term.to(x.dtype)
+
+
+def _f64(*ts):
+    return [None if t is None else t.detach().double() for t in ts]
+
+
+def _ref_ids(ids, num_adapters):
+    """The reference's ids: every id outside [0, L) is the base layer, as the kernels do."""
+    return torch.where((ids >= 0) & (ids < num_adapters), ids, -1).cpu()
+
+
+def check_multi(impl, m, k, n, num_adapters, r_max, popularity, dtype, *, with_ranks=True,
+                ids_dtype=torch.int64, lora_dtype=None, x_view=None):  # fmt: skip
+    fwd, bwd, kw = _launchers(impl)
+    x, w, b, a, bb, scales, ranks = make_stacks(m, k, n, num_adapters, r_max, dtype, lora_dtype)
+    if x_view is not None:
+        x = x_view(x)
+    ids = make_ids(popularity, m, num_adapters, ids_dtype)
+    ranks_arg = ranks if with_ranks else None
+
+    y, s = fwd(x, w, b, a, bb, scales, ids, ranks_arg, **kw)
+    dy = torch.randn_like(y)
+    dx, da, db = bwd(dy, x, w, a, bb, scales, ids, s, ranks_arg, **kw)
+
+    x64, w64, b64, a64, bb64, sc64, dy64 = _f64(x, w, b, a, bb, scales, dy)
+    rid = _ref_ids(ids, num_adapters).to(x64.device)
+    y64 = R.lora_linear_multi(x64, w64, b64, a64, bb64, sc64, rid)
+    g64 = R.lora_linear_multi_backward(dy64, x64, w64, a64, bb64, sc64, rid)
+
+    xs, as_, bs = (t.detach().clone().requires_grad_(True) for t in (x, a, bb))
+    y_base = torch_same_dtype(xs, w, b, as_, bs, scales, ids)
+    y_base.backward(dy)
+
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    assert s.dtype == torch.float32 and s.shape == (m, r_max)
+    assert dx.dtype == x.dtype and da.dtype == a.dtype and db.dtype == bb.dtype
+    assert_close_to_ref("y", y, y64, y_base)
+    assert_close_to_ref("dx", dx, g64[0], xs.grad)
+    assert_close_to_ref("dA", da, g64[1], as_.grad)
+    assert_close_to_ref("dB", db, g64[2], bs.grad)
+    # s = x @ lora_a[a].T per row, zeros for rows with no adapter
+    valid = (rid >= 0).to(s.device)
+    s64 = torch.einsum("mk,mrk->mr", x64, a64[rid.clamp(min=0)]) * valid[:, None]
+    assert_close_to_ref("s", s, s64, s64.float())
+    assert (s[~valid] == 0).all()
+    return ids, y, dx
+
+
+# (m, k, n, L, r_max, popularity, ids dtype): every M, L and popularity of the issue, odd K/N
+CASES = [
+    (1, 17, 13, 1, 1, "identical", torch.int64),
+    (1, 33, 17, 8, 16, "distinct", torch.int32),
+    (2, 33, 129, 3, 8, "distinct", torch.int64),
+    (3, 129, 17, 8, 64, "uniform", torch.int32),
+    (7, 64, 33, 8, 16, "zipf", torch.int64),
+    (7, 17, 33, 3, 33, "skewed", torch.int32),
+    (16, 17, 129, 3, 5, "skewed", torch.int64),
+    (16, 33, 33, 8, 7, "all_base", torch.int32),
+    (16, 33, 17, 8, 16, "distinct", torch.int32),
+    (133, 33, 17, 8, 12, "zipf", torch.int64),
+    (133, 17, 33, 3, 64, "uniform", torch.int32),
+    (133, 65, 33, 1, 16, "identical", torch.int64),
+]
+# (dtype, pass ranks): zero-padded mixed ranks with and without the ranks tensor
+DTYPES = [(torch.float32, True), (torch.float16, False), (torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("dtype,with_ranks", DTYPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c[:6]))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_matches_reference(impl, case, dtype, with_ranks):
+    m, k, n, num_adapters, r_max, popularity, ids_dtype = case
+    check_multi(
+        impl, m, k, n, num_adapters, r_max, popularity, dtype,
+        with_ranks=with_ranks, ids_dtype=ids_dtype,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "m,k,n,dtype",
+    [(3, 2049, 17, torch.float32), (16, 17, 2049, torch.float16), (7, 2049, 33, torch.bfloat16)],
+)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_long_k_and_n(impl, m, k, n, dtype):
+    check_multi(impl, m, k, n, 3, 16, "uniform", dtype)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_rank_256_and_fp32_adapters(impl):
+    check_multi(impl, 7, 33, 17, 2, 256, "uniform", torch.float32)
+    check_multi(impl, 20, 33, 17, 3, 24, "skewed", torch.float16, lora_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_strided_x(impl):
+    # x as a transposed view and as every other column of a wider tensor
+    check_multi(impl, 16, 33, 17, 3, 8, "uniform", torch.float32,
+                x_view=lambda x: x.T.contiguous().T)  # fmt: skip
+    check_multi(impl, 16, 33, 17, 3, 8, "zipf", torch.float16,
+                x_view=lambda x: torch.cat([x, x], 1)[:, ::2])  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_base_rows_equal_base_layer(impl):
+    """Rows with id -1 (and ids out of range) get exactly the base layer: y, s = 0, dx."""
+    fwd, bwd, kw = _launchers(impl)
+    m, k, n, num_adapters = 40, 33, 17, 3
+    x, w, b, a, bb, scales, ranks = make_stacks(m, k, n, num_adapters, 8, torch.float32)
+    ids = make_ids("uniform", m, num_adapters)
+    ids[::3] = -1
+    ids[1] = num_adapters  # out of range: the kernels treat it as -1, never reading past L
+    ids[4] = -7
+    base = (ids < 0) | (ids >= num_adapters)
+    y, s = fwd(x, w, b, a, bb, scales, ids, ranks, **kw)
+    dy = torch.randn_like(y)
+    dx, da, db = bwd(dy, x, w, a, bb, scales, ids, s, ranks, **kw)
+    y_base = torch.addmm(b, x, w.T)
+    if impl == "torch":  # the base GEMM is one addmm over all rows: bitwise equal
+        assert torch.equal(y[base], y_base[base])
+    assert_close_to_ref("y[base]", y[base], y_base[base].double(), y_base[base])
+    assert (s[base] == 0).all()
+    dx_base = dy @ w
+    assert_close_to_ref("dx[base]", dx[base], dx_base[base].double(), dx_base[base])
+    # the same batch with the base rows' ids replaced by -1 gives the same adapter gradients
+    ids_clean = torch.where(base, -1, ids)
+    _, da2, db2 = bwd(dy, x, w, a, bb, scales, ids_clean, s, ranks, **kw)
+    assert torch.equal(da, da2) and torch.equal(db, db2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ranks_skip_padding(impl):
+    """With ``ranks``, whatever sits in the padded slots is never read: y, s, dx as with zero
+    padding, and the padded slots' gradients are zero."""
+    fwd, bwd, kw = _launchers(impl)
+    m, k, n, num_adapters, r_max = 24, 33, 17, 4, 16
+    x, w, b, a, bb, scales, ranks = make_stacks(m, k, n, num_adapters, r_max, torch.float32)
+    ids = make_ids("uniform", m, num_adapters)
+    pad = torch.arange(r_max, device=DEVICE)[None, :] >= ranks[:, None]  # [L, r_max]
+    a_junk = torch.where(pad[:, :, None], torch.randn_like(a), a)
+    bb_junk = torch.where(pad[:, None, :], torch.randn_like(bb), bb)
+    y, s = fwd(x, w, b, a, bb, scales, ids, ranks, **kw)
+    y2, s2 = fwd(x, w, b, a_junk, bb_junk, scales, ids, ranks, **kw)
+    torch.testing.assert_close(y2, y)
+    torch.testing.assert_close(s2, s)
+    dy = torch.randn_like(y)
+    dx, da, db = bwd(dy, x, w, a, bb, scales, ids, s, ranks, **kw)
+    dx2, da2, db2 = bwd(dy, x, w, a_junk, bb_junk, scales, ids, s2, ranks, **kw)
+    torch.testing.assert_close(dx2, dx)
+    torch.testing.assert_close(da2, da)
+    torch.testing.assert_close(db2, db)
+    assert (da2[pad] == 0).all() and (db2.transpose(1, 2)[pad] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unused_adapters_get_zero_gradient_and_flags(impl):
+    fwd, bwd, kw = _launchers(impl)
+    x, w, b, a, bb, scales, ranks = make_stacks(9, 17, 13, 5, 4, torch.float32)
+    ids = torch.tensor([0, 2, 2, -1, 0, 2, -1, 0, 0], device=DEVICE)
+    y, s = fwd(x, w, b, a, bb, scales, ids, None, **kw)
+    dy = torch.randn_like(y)
+    dx, da, db = bwd(dy, x, w, a, bb, scales, ids, s, None, **kw)
+    for unused in (1, 3, 4):
+        assert (da[unused] == 0).all() and (db[unused] == 0).all()
+    only_db = bwd(dy, x, w, a, bb, scales, ids, s, None, needs_dx=False, needs_da=False, **kw)
+    assert only_db[0] is None and only_db[1] is None
+    torch.testing.assert_close(only_db[2], db)
+    only_dx = bwd(dy, x, w, a, bb, scales, ids, s, None, needs_da=False, needs_db=False, **kw)
+    assert only_dx[1] is None and only_dx[2] is None
+    torch.testing.assert_close(only_dx[0], dx)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_strategy_choice():
+    choose = _triton_multi.choose_strategy
+    assert choose(1, 1) == "gather"
+    assert choose(64, 8) == "gather"  # decode
+    assert choose(512, 128) == "gather"  # few rows per adapter
+    assert choose(4096, 8) == "grouped"  # prefill
+    assert choose(2048, 128) == "grouped"
+    assert choose(4096, 128) == "grouped"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_GPU and HAS_TRITON), reason="needs CUDA and Triton")
+def test_decode_forward_in_cuda_graph():
+    """The decode forward has no host synchronisation: it captures in a CUDA graph and replays
+    equal to eager, with new ids and inputs copied into the captured buffers."""
+    fwd = _triton_multi.lora_linear_multi_fwd
+    m, k, n, num_adapters = 64, 512, 512, 16
+    x, w, b, a, bb, scales, ranks = make_stacks(m, k, n, num_adapters, 16, torch.bfloat16)
+    ids = make_ids("uniform", m, num_adapters)
+    for strategy in ("gather", "grouped"):
+        fwd(x, w, b, a, bb, scales, ids, ranks, strategy=strategy)  # compile outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph, s_graph = fwd(x, w, b, a, bb, scales, ids, ranks, strategy=strategy)
+        x.copy_(torch.randn_like(x))
+        ids.copy_(make_ids("distinct", m, num_adapters))
+        graph.replay()
+        y_eager, s_eager = fwd(x, w, b, a, bb, scales, ids, ranks, strategy=strategy)
+        torch.cuda.synchronize()
+        assert torch.equal(y_graph, y_eager) and torch.equal(s_graph, s_eager)
