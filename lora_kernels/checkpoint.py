@@ -13,8 +13,18 @@ import os
 import re
 
 import torch
+from torch import nn
 
-__all__ = ["read_peft_adapter", "split_peft_key"]
+from ._checks import fmt_shape
+from .model import (
+    LoraConfig,
+    ModulesToSaveWrapper,
+    _plan,
+    get_lora_model,
+    lora_layers,
+)
+
+__all__ = ["load_adapter", "read_peft_adapter", "save_adapter", "split_peft_key"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -74,3 +84,204 @@ def split_peft_key(key: str) -> tuple[str, str]:
             f"or '<module>.lora_B.<adapter>.weight', got {key!r}"
         )
     return m.group("module"), m.group("part")
+
+
+# --------------------------------------------------------------------------------------------
+# save / load
+# --------------------------------------------------------------------------------------------
+
+
+def _bias_keys(model: nn.Module, lora_names: set[str], mts_names: list[str]) -> dict[str, str]:
+    """PEFT key -> our state_dict key of every bias that ``bias="all"`` saves.
+
+    PEFT keeps a targeted layer's bias under ``<layer>.base_layer.bias``; ours is
+    ``<layer>.bias``. The biases of modules_to_save travel with those modules instead.
+    """
+    out = {}
+    for key in model.state_dict():
+        if not key.endswith(".bias") or any(key.startswith(m + ".") for m in mts_names):
+            continue
+        module = key[: -len(".bias")]
+        peft = f"{module}.base_layer.bias" if module in lora_names else key
+        out[KEY_PREFIX + peft] = key
+    return out
+
+
+def _saved_modules(model: nn.Module, mts_names: list[str]) -> dict[str, nn.Module]:
+    out = {}
+    for name in mts_names:
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.original_module
+        out[name] = module
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = "default") -> None:
+    """Write adapter ``adapter_name`` of ``model`` to directory ``path`` in PEFT's layout.
+
+    ``adapter_config.json`` holds the adapter's ``LoraConfig`` with every field PEFT writes
+    (``peft_type: "LORA"``, ``inference_mode: true``); ``adapter_model.safetensors`` holds
+    ``base_model.model.<layer>.lora_A.weight`` ``[r, in]`` and ``.lora_B.weight`` ``[out, r]`` for
+    each adapted layer, the trained biases (``bias`` "all" / "lora_only") and the adapter's copy of
+    each module to save, keyed as PEFT keys them. ``PeftModel.from_pretrained`` reads it.
+    """
+    fn = "save_adapter"
+    configs = getattr(model, "lora_configs", None) or {}
+    if adapter_name not in configs:
+        raise ValueError(
+            f"{fn}: the model has no adapter {adapter_name!r} (it has {list(configs)})"
+        )
+    config = configs[adapter_name]
+    tensors: dict[str, torch.Tensor] = {}
+    lora_names = set()
+    for name, layer in lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        lora_names.add(name)
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if config.bias == "lora_only" and layer.bias is not None:
+            tensors[f"{KEY_PREFIX}{name}.base_layer.bias"] = layer.bias
+    mts_names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
+    ]
+    if config.bias == "all":
+        state = model.state_dict(keep_vars=True)
+        for peft_key, key in _bias_keys(model, lora_names, mts_names).items():
+            tensors[peft_key] = state[key]
+    for name in mts_names:
+        copy = model.get_submodule(name).modules_to_save[adapter_name]
+        for key, value in copy.state_dict(keep_vars=True).items():
+            tensors[f"{KEY_PREFIX}{name}.{key}"] = value
+    # safetensors refuses tensors that share storage (tied weights): write independent copies.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    config_dict = config.to_dict()
+    config_dict["inference_mode"] = True
+    if config_dict.get("base_model_name_or_path") is None:
+        config_dict["base_model_name_or_path"] = (
+            getattr(getattr(model, "config", None), "name_or_path", None) or None
+        )
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _expected_keys(model, config, targets, mts_names) -> tuple[dict, set[str]]:
+    """``{PEFT key: (shape, setter)}`` of everything the checkpoint must hold, and the PEFT keys
+    it may hold without our using them."""
+    expected: dict[str, tuple[tuple[int, ...], tuple]] = {}
+    for t in targets:
+        layer = t.module
+        prefix = f"{KEY_PREFIX}{t.name}"
+        expected[f"{prefix}.lora_A.weight"] = ((t.r, layer.in_features), ("lora_A", t.name))
+        expected[f"{prefix}.lora_B.weight"] = ((layer.out_features, t.r), ("lora_B", t.name))
+        if config.bias == "lora_only" and layer.bias is not None:
+            expected[f"{prefix}.base_layer.bias"] = (tuple(layer.bias.shape), ("bias", t.name))
+    state = model.state_dict(keep_vars=True)
+    tolerated: set[str] = set()
+    if config.bias == "all":
+        lora_names = {t.name for t in targets} | {n for n, _ in lora_layers(model)}
+        for peft_key, key in _bias_keys(model, lora_names, mts_names).items():
+            expected[peft_key] = (tuple(state[key].shape), ("param", key))
+    for name, module in _saved_modules(model, mts_names).items():
+        for key, value in module.state_dict().items():
+            expected[f"{KEY_PREFIX}{name}.{key}"] = (tuple(value.shape), ("mts", name, key))
+            if config.bias == "all" and key.endswith("bias"):
+                # PEFT's bias="all" also writes the wrapper's inner keys (redundant copies).
+                tolerated.add(f"{KEY_PREFIX}{name}.original_module.{key}")
+                tolerated.add(f"{KEY_PREFIX}{name}.modules_to_save.{key}")
+    return expected, tolerated
+
+
+def _canonical(key: str) -> str:
+    try:
+        module, part = split_peft_key(key)
+    except ValueError:
+        return key
+    return f"{KEY_PREFIX}{module}.{part}.weight"
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool = False,
+    backend: str = "auto",
+) -> nn.Module:
+    """Load a PEFT-layout adapter (what PEFT's ``save_pretrained`` or :func:`save_adapter` wrote)
+    into ``model`` as adapter ``adapter_name``, and make it the active one.
+
+    A plain model is converted first with the saved config (``get_lora_model``); a converted one
+    gets one more adapter. Every key, shape and config field is checked before the model
+    changes: missing, unexpected or mis-shaped tensors raise one ``ValueError`` listing them all,
+    and leave the model as it was. The adapter is frozen unless ``is_trainable`` (PEFT's flag).
+
+    Returns:
+        ``model``.
+    """
+    fn = "load_adapter"
+    config_dict, raw = read_peft_adapter(path)
+    try:
+        config = LoraConfig.from_dict(config_dict, loading=True)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{fn}: {os.fspath(path)!r}: {e}") from None
+    config.inference_mode = not is_trainable
+    targets, _, mts_names = _plan(model, config, adapter_name)
+    expected, tolerated = _expected_keys(model, config, targets, mts_names)
+    tensors = {}
+    for key, value in raw.items():
+        tensors.setdefault(_canonical(key), value)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - tolerated)
+    misshaped = [
+        f"{k}: expected {fmt_shape(expected[k][0])}, got {fmt_shape(v.shape)}"
+        for k, v in sorted(tensors.items())
+        if k in expected and tuple(v.shape) != expected[k][0]
+    ]
+    not_float = [
+        f"{k} ({v.dtype})"
+        for k, v in sorted(tensors.items())
+        if k in expected and not v.is_floating_point()
+    ]
+    if missing or unexpected or misshaped or not_float:
+        problems = []
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if misshaped:
+            problems.append("mis-shaped tensors [" + "; ".join(misshaped) + "]")
+        if not_float:
+            problems.append(f"non-floating tensors {not_float}")
+        raise ValueError(
+            f"{fn}: {os.fspath(path)!r} does not fit this model with its adapter config "
+            f"(r={config.r}, target_modules={config.target_modules!r}): "
+            + "; ".join(problems)
+            + ". The model is unchanged."
+        )
+    get_lora_model(model, config, adapter_name, backend=backend)
+    state = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, (_, where) in expected.items():
+            value = tensors[key]
+            kind = where[0]
+            if kind in ("lora_A", "lora_B"):
+                dest = getattr(model.get_submodule(where[1]), kind)[adapter_name].weight
+            elif kind == "bias":
+                dest = model.get_submodule(where[1]).bias
+            elif kind == "param":
+                dest = state[where[1]]
+            else:
+                copy = model.get_submodule(where[1]).modules_to_save[adapter_name]
+                dest = copy.state_dict(keep_vars=True)[where[2]]
+            dest.copy_(value)
+    return model
