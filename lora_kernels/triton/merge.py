@@ -1,0 +1,204 @@
+"""Merge a LoRA adapter into its base weight in place, in Triton.
+
+Formula and shapes (``r`` is any rank >= 1)::
+
+    weight [N, K]  (float16, bfloat16 or float32)  changed in place
+    lora_a [r, K], lora_b [N, r]  (float16, bfloat16 or float32; they need not share a dtype)
+    weight[n, k] <- round(weight[n, k] + scale * sum_j lora_b[n, j] * lora_a[j, k])
+
+Unmerging is the same launch with ``-scale``.
+
+Each program owns one ``[BLOCK_N, BLOCK_K]`` tile of the weight. It issues the load of that tile
+first, so the memory latency overlaps the product, then computes the tile's slice of
+``lora_b @ lora_a`` with ``tl.dot`` over ``r`` in ``BLOCK_R`` chunks into an fp32 accumulator,
+adds ``scale`` times it to the fp32 weight and rounds once when it stores. No ``[N, K]`` delta is
+ever written: the extra memory is one tile in registers, and the weight is read and written once,
+so the merge runs at memory bandwidth. lora_a (``r * K``) and lora_b (``N * r``) are small and
+re-read from L2 by the programs that share them; consecutive program ids walk down N, so the
+programs in flight share one ``[r, BLOCK_K]`` slice of lora_a.
+
+Precision: two 16-bit operands of the same dtype go to the tensor cores as they are (their
+products are exact in fp32); fp32 operands, or a mixed pair (upcast to fp32), use 3xTF32
+(``input_precision="tf32x3"``), about fp32 accuracy on tensor cores. Whatever the weight's dtype,
+the sum is formed in fp32 and rounded once, so a 16-bit result is within half an ulp of the exact
+``weight + scale * lora_b @ lora_a`` (up to the fp32 product's own error, orders of magnitude
+smaller). Two workarounds run under Triton 3.9's interpreter, and only there: it returns garbage
+for ``tl.dot`` on bf16 operands, so the ``UPCAST_DOTS`` constexpr upcasts them to fp32; and it
+rounds fp32 to bf16 by truncation (a GPU rounds to nearest even), so the ``ROUND_BF16_BY_BITS``
+constexpr rounds to nearest even with integer operations on the bits.
+
+No autotuning: an autotuner would time the kernel by running it several times, and this kernel
+changes its input in place. The GPU tile is fixed; the interpreter uses tiles smaller than the
+odd test sizes so that every ragged edge and more than one rank chunk is exercised.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_kernels.triton import interpreting
+
+__all__ = ["merge_"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# GPU tile: a bf16 [64, 128] weight tile is 16 KiB and its fp32 accumulator 64 registers per
+# thread at 4 warps; a rank chunk of 64 keeps the lora_a and lora_b tiles at 24 KiB of shared
+# memory for 16-bit operands.
+_CUDA_META = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+_CUDA_MAX_BLOCK_R = 64
+# Interpreter tile: small, so the tests' odd sizes straddle tile edges and ranks above 16 loop.
+_INTERP_META = {"BLOCK_N": 32, "BLOCK_K": 64}
+_INTERP_MAX_BLOCK_R = 16
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 -> bf16, round to nearest even, done on the bits (NaN stays a quiet NaN)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    # Adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped
+    # half is above one half, or equal to it with an odd kept half; a carry out of the mantissa
+    # steps the exponent, and the largest finite values round up to inf, as they should.
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    quiet_nan = (bits >> 16) | 0x40
+    kept = tl.where(x != x, quiet_nan, rounded)
+    return kept.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _merge_kernel(
+    # pointers
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    # sizes
+    N,
+    K,
+    R,
+    # strides
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    # scalars
+    scale,
+    # meta-parameters
+    FP32_OPERANDS: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    ROUND_BF16_BY_BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """``w[tile] = round(w[tile] + scale * b[tile rows] @ a[:, tile cols])`` for one tile.
+
+    FP32_OPERANDS upcasts both lora tiles to fp32 (fp32 or mixed-dtype adapters) and multiplies
+    them with 3xTF32; otherwise they share a 16-bit dtype and multiply natively.
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask_w = mask_n[:, None] & mask_k[None, :]
+
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w_tile = tl.load(w_ptrs, mask=mask_w, other=0.0)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        # Masked rank columns load as zeros, so a rank below the tile's adds nothing.
+        mask_r = (r0 + offs_r) < R
+        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + (r0 + offs_r)[None, :] * stride_br
+        a_ptrs = a_ptr + (r0 + offs_r)[:, None] * stride_ar + offs_k[None, :] * stride_ak
+        b_tile = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        a_tile = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST_DOTS:
+            acc = tl.dot(b_tile.to(tl.float32), a_tile.to(tl.float32), acc)
+        elif FP32_OPERANDS:
+            acc = tl.dot(
+                b_tile.to(tl.float32), a_tile.to(tl.float32), acc, input_precision="tf32x3"
+            )
+        else:
+            acc = tl.dot(b_tile, a_tile, acc)
+
+    merged = w_tile.to(tl.float32) + acc * scale
+    if ROUND_BF16_BY_BITS:
+        tl.store(w_ptrs, _round_to_bf16(merged), mask=mask_w)
+    else:
+        tl.store(w_ptrs, merged.to(w_ptr.dtype.element_ty), mask=mask_w)
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _check(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+    """Shapes, dtypes and devices, with the expected and actual values, before any launch."""
+    if weight.dim() != 2:
+        raise ValueError(f"merge_: expected weight of shape [N, K], got {_fmt_shape(weight.shape)}")
+    n, k = weight.shape
+    if lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != k:
+        raise ValueError(
+            f"merge_: expected lora_a of shape [r, {k}] with r >= 1, got {_fmt_shape(lora_a.shape)}"
+        )
+    r = lora_a.shape[0]
+    if tuple(lora_b.shape) != (n, r):
+        raise ValueError(
+            f"merge_: expected lora_b of shape [{n}, {r}], got {_fmt_shape(lora_b.shape)}"
+        )
+    allowed = " or ".join(str(d) for d in _FLOAT_DTYPES)
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"merge_: expected {name} of dtype {allowed}, got {t.dtype}")
+        if t.device != weight.device:
+            raise ValueError(
+                f"merge_: expected {name} on {weight.device} (where weight is), got {t.device}"
+            )
+    if weight.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"merge_: expected weight on a CUDA device, got {weight.device}: CPU tensors run "
+            "only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+        )
+
+
+def merge_(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """In place: ``weight += scale * lora_b @ lora_a``, fp32 accumulation, one rounding.
+
+    weight [N, K] (fp16, bf16 or fp32, any strides); lora_a [r, K], lora_b [N, r] (fp16, bf16 or
+    fp32, any strides, any rank r >= 1) on weight's device. Returns ``weight``. Unmerge is
+    ``merge_(weight, lora_a, lora_b, -scale)``.
+    """
+    _check(weight, lora_a, lora_b)
+    n, k = weight.shape
+    r = lora_a.shape[0]
+    if n == 0 or k == 0:
+        return weight
+    upcast = interpreting()
+    meta = dict(_INTERP_META if upcast else _CUDA_META)
+    max_block_r = _INTERP_MAX_BLOCK_R if upcast else _CUDA_MAX_BLOCK_R
+    # tl.dot needs every dimension >= 16: smaller ranks are padded (masked) up to 16.
+    block_r = min(max(16, triton.next_power_of_2(r)), max_block_r)
+    fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+    _merge_kernel[grid](
+        weight, lora_a, lora_b,
+        n, k, r,
+        weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        float(scale),
+        FP32_OPERANDS=fp32_operands,
+        UPCAST_DOTS=upcast,
+        ROUND_BF16_BY_BITS=upcast and weight.dtype == torch.bfloat16,
+        BLOCK_R=block_r,
+        **meta,
+    )  # fmt: skip
+    return weight
