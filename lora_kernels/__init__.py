@@ -6,7 +6,13 @@ merge/unmerge in place. See the README for the tour.
 """
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
-from .functional import available_backends, lora_linear, merge_lora_, unmerge_lora_
+from .functional import (
+    available_backends,
+    lora_linear,
+    lora_linear_multi,
+    merge_lora_,
+    unmerge_lora_,
+)
 from .nn import FusedLoraLinear
 
 __version__ = "0.1.0"
@@ -15,6 +21,7 @@ __all__ = [
     "FusedLoraLinear",
     "available_backends",
     "lora_linear",
+    "lora_linear_multi",
     "merge_lora_",
     "unmerge_lora_",
 ]

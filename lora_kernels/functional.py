@@ -1,4 +1,4 @@
-"""The functional API: ``lora_linear``, ``merge_lora_``, ``unmerge_lora_``.
+"""The functional API: ``lora_linear``, ``lora_linear_multi``, ``merge_lora_``, ``unmerge_lora_``.
 
 Each function validates its inputs (errors name the argument and the expected and actual shape,
 dtype or device, raised before any kernel runs), resolves the backend (see ``_backend.py``) and
@@ -11,9 +11,18 @@ import torch
 
 from . import ops
 from ._backend import available_backends, resolve_backend
-from ._checks import check_lora_linear_inputs, check_scale, check_shape, check_tensor
+from ._checks import (
+    check_device,
+    check_dtype,
+    check_float,
+    check_lora_linear_inputs,
+    check_scale,
+    check_shape,
+    check_tensor,
+    fmt_shape,
+)
 
-__all__ = ["available_backends", "lora_linear", "merge_lora_", "unmerge_lora_"]
+__all__ = ["available_backends", "lora_linear", "lora_linear_multi", "merge_lora_", "unmerge_lora_"]
 
 
 def _autocast(x: torch.Tensor, *tensors):
@@ -62,6 +71,151 @@ def lora_linear(
     xl2 = None if x_lora is None else x_lora.reshape(-1, k)
     y = ops.lora_linear_2d(x2, weight, bias, lora_a, lora_b, scale, xl2, be)
     return y.reshape(*lead, weight.shape[0])
+
+
+def _check_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter_ids, ranks):
+    """Validate the multi-adapter inputs; returns ``(scales, ranks)`` as the op takes them.
+
+    Values (ids and ranks in range, finite scales) are checked on CPU tensors in eager mode only:
+    on CUDA that would synchronise with the host, and under ``torch.compile`` it would break the
+    graph (the kernels treat an id outside ``[0, L)`` as -1 and never read out of bounds).
+    """
+    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
+        check_tensor(fn, name, t)
+    check_float(fn, "x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"{fn}: expected x of shape [M, K] or [B, T, K], got {fmt_shape(x.shape)}")
+    k = x.shape[-1]
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: expected weight of shape [N, {k}], got {fmt_shape(weight.shape)}")
+    n = weight.shape[0]
+    check_shape(fn, "weight", weight, [n, k])
+    check_dtype(fn, "weight", weight, [x.dtype])
+    check_device(fn, "weight", weight, x.device)
+    if bias is not None:
+        check_tensor(fn, "bias", bias)
+        check_shape(fn, "bias", bias, [n])
+        check_dtype(fn, "bias", bias, [x.dtype])
+        check_device(fn, "bias", bias, x.device)
+    if lora_a.dim() != 3 or lora_a.shape[0] < 1 or lora_a.shape[1] < 1:
+        raise ValueError(
+            f"{fn}: expected lora_a of shape [L, r_max, {k}] with L >= 1 and r_max >= 1, "
+            f"got {fmt_shape(lora_a.shape)}"
+        )
+    num_adapters, r_max = lora_a.shape[:2]
+    check_shape(fn, "lora_a", lora_a, [num_adapters, r_max, k])
+    check_shape(fn, "lora_b", lora_b, [num_adapters, n, r_max])
+    check_dtype(fn, "lora_a", lora_a, [x.dtype, torch.float32])
+    check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
+    check_device(fn, "lora_a", lora_a, x.device)
+    check_device(fn, "lora_b", lora_b, x.device)
+    check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+    scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(scales, torch.Tensor):
+        if not scales.is_floating_point():
+            raise TypeError(f"{fn}: expected scales of a floating dtype, got {scales.dtype}")
+        check_device(fn, "scales", scales, x.device)
+        scales = scales.detach()
+    elif isinstance(scales, (list, tuple)):
+        scales = torch.tensor(
+            [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)],
+            dtype=scale_dtype,
+            device=x.device,
+        )
+    else:
+        raise TypeError(
+            f"{fn}: expected scales to be a tensor or a list of floats, got {type(scales).__name__}"
+        )
+    if scales.dim() != 1 or scales.shape[0] != num_adapters:
+        raise ValueError(
+            f"{fn}: expected scales of shape [{num_adapters}] (one per adapter of lora_a "
+            f"{fmt_shape(lora_a.shape)}), got {fmt_shape(scales.shape)}"
+        )
+    if check_values and not torch.isfinite(scales).all():
+        raise ValueError(f"{fn}: expected finite scales, got {scales.tolist()}")
+
+    check_tensor(fn, "adapter_ids", adapter_ids)
+    check_dtype(fn, "adapter_ids", adapter_ids, [torch.int32, torch.int64])
+    per = "row" if x.dim() == 2 else "sequence"
+    if adapter_ids.dim() != 1 or adapter_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{fn}: expected adapter_ids of shape [{x.shape[0]}] (one id per {per} of x "
+            f"{fmt_shape(x.shape)}), got {fmt_shape(adapter_ids.shape)}"
+        )
+    check_device(fn, "adapter_ids", adapter_ids, x.device)
+    if check_values:
+        bad = ((adapter_ids < -1) | (adapter_ids >= num_adapters)).nonzero().flatten()
+        if bad.numel():
+            shown = bad[:8].tolist()
+            raise ValueError(
+                f"{fn}: expected adapter_ids in [-1, {num_adapters}) (-1: no adapter; "
+                f"{num_adapters} adapters in lora_a), got {adapter_ids[shown].tolist()} at "
+                f"{per}s {shown}"
+            )
+
+    if ranks is not None:
+        check_tensor(fn, "ranks", ranks)
+        check_dtype(fn, "ranks", ranks, [torch.int32, torch.int64])
+        check_shape(fn, "ranks", ranks, [num_adapters])
+        check_device(fn, "ranks", ranks, x.device)
+        if check_values and ((ranks < 0) | (ranks > r_max)).any():
+            raise ValueError(f"{fn}: expected ranks in [0, {r_max}], got {ranks.tolist()}")
+        ranks = ranks.to(torch.int32)
+    return scales.to(scale_dtype), ranks
+
+
+def lora_linear_multi(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales,
+    adapter_ids: torch.Tensor,
+    *,
+    ranks: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LoRA linear with a different adapter per row (or per sequence), in one pass::
+
+        y[i] = x[i] @ weight.T + bias + scales[a] * (x[i] @ lora_a[a].T) @ lora_b[a].T,  a = ids[i]
+
+    Rows with id -1 get the base layer only. Differentiable in x, weight, bias, lora_a and
+    lora_b: each adapter's gradient comes from exactly the rows that used it, so one batch can
+    train several adapters at once. On CUDA nothing synchronises with the host (a decode step
+    can be captured in a CUDA graph).
+
+    Args:
+        x: ``[M, K]`` with one id per row, or ``[B, T, K]`` with one id per sequence.
+        weight: ``[N, K]`` base weight; bias: ``[N]`` or None (x's dtype and device).
+        lora_a: ``[L, r_max, K]`` the adapters' ``lora_A.weight`` stacked, zero-padded to the
+            largest rank; x's dtype or float32.
+        lora_b: ``[L, N, r_max]`` the ``lora_B.weight`` stacked, zero-padded; lora_a's dtype.
+        scales: ``[L]`` each adapter's scaling (a float tensor on x's device, or a list).
+        adapter_ids: ``[M]`` or ``[B]`` int32/int64, each in ``[-1, L)``. Checked on CPU; on
+            CUDA an id outside that range is treated as -1.
+        ranks: optional ``[L]`` int tensor, each adapter's true rank: the padded slots past it
+            are skipped (neither read nor computed).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see ``available_backends``).
+
+    Returns:
+        ``[M, N]`` or ``[B, T, N]`` in x's dtype.
+    """
+    fn = "lora_linear_multi"
+    scales, ranks = _check_multi_inputs(
+        fn, x, weight, bias, lora_a, lora_b, scales, adapter_ids, ranks
+    )
+    x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
+    be = resolve_backend(backend, x, lora_a.shape[1])
+    if x.dim() == 3:  # one id per sequence -> one per row, on the device
+        batch, seq = x.shape[:2]
+        row_ids = adapter_ids[:, None].expand(batch, seq).reshape(-1)
+    else:
+        row_ids = adapter_ids
+    x2 = x.reshape(-1, x.shape[-1])
+    y = ops.lora_linear_multi_2d(x2, weight, bias, lora_a, lora_b, scales, row_ids, ranks, be)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _check_merge(fn: str, weight, lora_a, lora_b, scale) -> float:

@@ -15,6 +15,12 @@ Ops (namespace ``lora_kernels``):
   needs_db, backend) -> (dx, dx_lora, da, db)``; a gradient that is not needed comes back as an
   empty tensor.
 * ``merge_lora_(weight!, lora_a, lora_b, scale, backend)``: ``weight += scale * lora_b @ lora_a``.
+* ``lora_linear_multi_fwd(x[M,K], weight[N,K], bias?, lora_a[L,R,K], lora_b[L,N,R], scales[L],
+  row_ids[M], ranks[L]?, backend) -> (y[M,N], s[M,R])``: a different adapter per row (id -1 or
+  out of range: base only); ``s`` (fp32, fp64 for fp64 inputs) is kept for the backward.
+* ``lora_linear_multi_bwd(dy, x, weight, lora_a, lora_b, scales, row_ids, s, ranks?, needs_dx,
+  needs_da, needs_db, backend) -> (dx, da[L,R,K], db[L,N,R])``; not needed: an empty tensor.
+  ``scales``, ``row_ids`` and ``ranks`` are not differentiable.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ _MODULES = {
     ("torch", "merge"): "lora_kernels._torch_impl",
     ("triton", "merge"): "lora_kernels.triton.merge",
     ("cuda", "merge"): "lora_kernels._cuda_impl",
+    ("torch", "lora_multi"): "lora_kernels._torch_multi",
+    ("triton", "lora_multi"): "lora_kernels.triton.lora_multi",
+    ("cuda", "lora_multi"): "lora_kernels._cuda_impl",
 }
 
 
@@ -211,3 +220,148 @@ def merge_lora_(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, ba
 @merge_lora_.register_fake
 def _(weight, lora_a, lora_b, scale, backend):
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# multi-adapter LoRA linear (a different adapter per row)
+# --------------------------------------------------------------------------------------------
+
+
+def _multi_s_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_multi_fwd", mutates_args=())
+def lora_linear_multi_fwd(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scales: Tensor,
+    row_ids: Tensor,
+    ranks: Tensor | None,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    args = (x, weight, bias, lora_a, lora_b, scales, row_ids, ranks)
+    y, s = launcher(backend, "lora_multi", "lora_linear_multi_fwd", *args)(*args)
+    return y, s
+
+
+@lora_linear_multi_fwd.register_fake
+def _(x, weight, bias, lora_a, lora_b, scales, row_ids, ranks, backend):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D here, got {x.dim()}-D")
+    torch._check(weight.shape[1] == x.shape[1], lambda: "weight and x disagree in K")
+    torch._check(row_ids.shape[0] == x.shape[0], lambda: "row_ids and x disagree in M")
+    y = x.new_empty((x.shape[0], weight.shape[0]))
+    s = x.new_empty((x.shape[0], lora_a.shape[1]), dtype=_multi_s_dtype(x))
+    return y, s
+
+
+def _run_multi_bwd(
+    dy, x, weight, lora_a, lora_b, scales, row_ids, s, ranks, needs_dx, needs_da, needs_db, backend
+):
+    """The multi-adapter backward launchers, called directly; a gradient not needed is None."""
+    fn = launcher(backend, "lora_multi", "lora_linear_multi_bwd")
+    return fn(
+        dy, x, weight, lora_a, lora_b, scales, row_ids, s, ranks,
+        needs_dx=needs_dx, needs_da=needs_da, needs_db=needs_db,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("lora_kernels::lora_linear_multi_bwd", mutates_args=())
+def lora_linear_multi_bwd(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scales: Tensor,
+    row_ids: Tensor,
+    s: Tensor,
+    ranks: Tensor | None,
+    needs_dx: bool,
+    needs_da: bool,
+    needs_db: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, da, db = _run_multi_bwd(
+        dy, x, weight, lora_a, lora_b, scales, row_ids, s, ranks,
+        needs_dx, needs_da, needs_db, backend,
+    )  # fmt: skip
+    return (
+        _empty(x) if dx is None else dx,
+        _empty(lora_a) if da is None else da,
+        _empty(lora_b) if db is None else db,
+    )
+
+
+@lora_linear_multi_bwd.register_fake
+def _(dy, x, weight, lora_a, lora_b, scales, row_ids, s, ranks, needs_dx, needs_da, needs_db,
+      backend):  # fmt: skip
+    dx = x.new_empty(x.shape) if needs_dx else _empty(x)
+    da = lora_a.new_empty(lora_a.shape) if needs_da else _empty(lora_a)
+    db = lora_b.new_empty(lora_b.shape) if needs_db else _empty(lora_b)
+    return dx, da, db
+
+
+def _lora_linear_multi_setup(ctx, inputs, output):
+    x, weight, bias, lora_a, lora_b, scales, row_ids, ranks, backend = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.save_for_backward(x, weight, lora_a, lora_b, scales, row_ids, s, ranks)
+    ctx.backend = backend
+    ctx.direct = False
+
+
+def _lora_linear_multi_backward(ctx, dy, _ds):
+    x, weight, lora_a, lora_b, scales, row_ids, s, ranks = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    dy = dy.contiguous()
+    dx = da = db = dw = dbias = None
+    if need_x or need_a or need_b:
+        run = _run_multi_bwd if ctx.direct else torch.ops.lora_kernels.lora_linear_multi_bwd
+        dx, da, db = run(
+            dy, x, weight, lora_a, lora_b, scales, row_ids, s, ranks,
+            need_x, need_a, need_b, ctx.backend,
+        )  # fmt: skip
+        dx = dx if need_x else None
+        da = da if need_a else None
+        db = db if need_b else None
+    if need_w:
+        dw = (dy.T @ x).to(weight.dtype)
+    if need_bias:
+        dbias = dy.sum(0)
+    return dx, dw, dbias, da, db, None, None, None, None
+
+
+lora_linear_multi_fwd.register_autograd(
+    _lora_linear_multi_backward, setup_context=_lora_linear_multi_setup
+)
+
+
+class _LoraLinearMultiFunction(torch.autograd.Function):
+    """The eager twin of the ``lora_linear_multi_fwd`` op (as ``_LoraLinearFunction``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scales, row_ids, ranks, backend):
+        args = (x, weight, bias, lora_a, lora_b, scales, row_ids, ranks)
+        y, s = launcher(backend, "lora_multi", "lora_linear_multi_fwd", *args)(*args)
+        _lora_linear_multi_setup(ctx, (*args, backend), (y, s))
+        ctx.direct = True
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        return _lora_linear_multi_backward(ctx, dy, ds)
+
+
+def lora_linear_multi_2d(x, weight, bias, lora_a, lora_b, scales, row_ids, ranks, backend):
+    """``y [M, N]`` for validated 2-D inputs with per-row ids: the custom op under
+    ``torch.compile``, the autograd Function in eager mode."""
+    args = (x, weight, bias, lora_a, lora_b, scales, row_ids, ranks, backend)
+    if torch.compiler.is_compiling():
+        y, _ = torch.ops.lora_kernels.lora_linear_multi_fwd(*args)
+    else:
+        y, _ = _LoraLinearMultiFunction.apply(*args)
+    return y
