@@ -21,12 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import lora_linear, merge_lora_, unmerge_lora_
+from .functional import lora_linear, lora_linear_multi, merge_lora_, unmerge_lora_
 
 __all__ = ["FusedLoraLinear", "BASE_ADAPTER"]
 
 BASE_ADAPTER = "__base__"
 """The name that selects no adapter in ``adapter_names`` (PEFT's convention)."""
+
+
+def _weight_state(linear: nn.Linear) -> tuple:
+    """What tells whether a weight changed, without reading its values."""
+    w = linear.weight
+    return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
 
 
 class FusedLoraLinear(nn.Linear):
@@ -83,6 +89,9 @@ class FusedLoraLinear(nn.Linear):
         self.merged_adapters: list[str] = []
         self._active_adapter: str | None = None
         self.backend = backend
+        # (key, names, lora_a [L, r_max, K], lora_b [L, N, r_max], scales, ranks) for mixed
+        # batches; rebuilt when the key (adapter names, scalings, weight versions) changes
+        self._multi_stack: tuple | None = None
 
     @classmethod
     def from_linear(
@@ -281,7 +290,116 @@ class FusedLoraLinear(nn.Linear):
         )
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        raise NotImplementedError("FusedLoraLinear: mixed batches are not available yet")
+        """A batch whose rows (2-D x) or sequences (x of 3 or more dims) use different adapters,
+        in one ``lora_linear_multi`` call; ``"__base__"`` = no adapter (PEFT's semantics).
+
+        Inference reads a cached stack of every adapter (``_cached_stacks``). When an adapter of
+        the batch trains (grad enabled, its weights require grad), the adapters of the batch are
+        stacked inside autograd on every call instead, so each one's ``lora_A``/``lora_B``
+        weight gets the gradient of its own rows through ``torch.stack``. Training with
+        ``lora_dropout`` applies each row's adapter's dropout to the LoRA input only, at the
+        cost of a second base GEMM (``y = multi(x_drop) + (x - x_drop) @ W.T``).
+        """
+        fn = "FusedLoraLinear.forward"
+        if self.merged:
+            raise RuntimeError(
+                f"{fn}: adapter_names cannot be used while {self.merged_adapters} is merged into "
+                "the weight; unmerge() first"
+            )
+        if not isinstance(adapter_names, (list, tuple)) or not all(
+            isinstance(n, str) for n in adapter_names
+        ):
+            raise TypeError(
+                f"{fn}: expected adapter_names to be a list of str, got {adapter_names!r}"
+            )
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"{fn}: expected one adapter name per row of x (2-D) or per sequence (3-D and up), "
+                f"i.e. {x.shape[0] if x.dim() else 0} names for x of shape {list(x.shape)}, got "
+                f"{len(adapter_names)}"
+            )
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.lora_A})
+        if unknown:
+            raise ValueError(
+                f"{fn}: unknown adapter names {unknown}; this layer has {self.adapter_names} "
+                f"(and {BASE_ADAPTER!r} for none)"
+            )
+        used = list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
+        if not used:
+            return F.linear(x, self.weight, self.bias)
+        needs_grad = torch.is_grad_enabled() and any(
+            self.lora_A[n].weight.requires_grad or self.lora_B[n].weight.requires_grad for n in used
+        )
+        if needs_grad:
+            names = used
+            lora_a, lora_b, scales, ranks = self._stack_adapters(names)
+        else:
+            names, lora_a, lora_b, scales, ranks = self._cached_stacks()
+        index = {n: i for i, n in enumerate(names)}
+        ids = [index.get(n, -1) for n in adapter_names]
+        ids_t = torch.tensor(ids, dtype=torch.int32, device=x.device)
+        x3 = x if x.dim() <= 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        x_lora = self._mixed_dropout(x3, names, ids) if self.training else None
+        y = lora_linear_multi(
+            x3 if x_lora is None else x_lora,
+            self.weight,
+            self.bias,
+            lora_a,
+            lora_b,
+            scales,
+            ids_t,
+            ranks=ranks,
+            backend=self.backend,
+        )
+        if x_lora is not None:
+            y = y + F.linear(x3 - x_lora, self.weight)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _mixed_dropout(self, x: torch.Tensor, names: list[str], ids: list[int]):
+        """``x`` with each row (sequence) dropped out by its adapter's ``lora_dropout``, or None
+        when no adapter of the batch has dropout."""
+        probs = [
+            self.lora_dropout[n].p if isinstance(self.lora_dropout[n], nn.Dropout) else 0.0
+            for n in names
+        ]
+        if not any(probs):
+            return None
+        p = torch.tensor([probs[i] if i >= 0 else 0.0 for i in ids], device=x.device)
+        keep = (1.0 - p).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return x * (torch.rand_like(x) < keep).to(x.dtype) / keep
+
+    def _stack_adapters(self, names: list[str]):
+        """``lora_a [L, r_max, K]`` and ``lora_b [L, N, r_max]`` (zero-padded), ``scales [L]``
+        and ``ranks [L]`` (None when every rank is r_max) of adapters ``names``, in that order.
+        Differentiable: built with ``F.pad`` and ``torch.stack``."""
+        a_w = [self.lora_A[n].weight for n in names]
+        b_w = [self.lora_B[n].weight for n in names]
+        ranks = [w.shape[0] for w in a_w]
+        r_max = max(ranks)
+        dtypes = {w.dtype for w in a_w + b_w}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        lora_a = torch.stack([F.pad(w.to(dtype), (0, 0, 0, r_max - w.shape[0])) for w in a_w])
+        lora_b = torch.stack([F.pad(w.to(dtype), (0, r_max - w.shape[1])) for w in b_w])
+        device = self.weight.device
+        scales = torch.tensor([self.scaling[n] for n in names], dtype=torch.float64, device=device)
+        rank_t = None
+        if min(ranks) < r_max:
+            rank_t = torch.tensor(ranks, dtype=torch.int32, device=device)
+        return lora_a, lora_b, scales, rank_t
+
+    def _cached_stacks(self):
+        """``(names, lora_a, lora_b, scales, ranks)`` of every adapter, built once and rebuilt
+        only when an adapter is added or removed, or a weight or scaling changes (in place, e.g.
+        by an optimizer step or a load: the weights' version counters tell)."""
+        names = self.adapter_names
+        key = tuple(
+            (n, self.scaling[n], *(_weight_state(self.lora_A[n]), _weight_state(self.lora_B[n])))
+            for n in names
+        )
+        if self._multi_stack is None or self._multi_stack[0] != key:
+            with torch.no_grad():
+                self._multi_stack = (key, names, *self._stack_adapters(names))
+        return self._multi_stack[1:]
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

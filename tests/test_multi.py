@@ -7,9 +7,14 @@ conftest.py); with CUDA and ``TRITON_INTERPRET=0`` the same tests run on the GPU
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+import lora_kernels as lk
 from lora_kernels import _torch_multi
 from lora_kernels import reference as R
 from lora_kernels.triton import HAS_TRITON, interpreting
@@ -286,3 +291,284 @@ def test_decode_forward_in_cuda_graph():
         y_eager, s_eager = fwd(x, w, b, a, bb, scales, ids, ranks, strategy=strategy)
         torch.cuda.synchronize()
         assert torch.equal(y_graph, y_eager) and torch.equal(s_graph, s_eager)
+
+
+# --------------------------------------------------------------------------------------------
+# the public API: lk.lora_linear_multi, the ops, FusedLoraLinear(x, adapter_names=...)
+# --------------------------------------------------------------------------------------------
+
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("x_dim", [2, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_matches_reference(backend, x_dim, dtype):
+    """lk.lora_linear_multi forward and autograd (x, weight, bias, lora_a, lora_b), 2-D x with
+    one id per row and 3-D x with one id per sequence."""
+    batch, seq, k, n, num_adapters, r_max = 6, 5, 33, 17, 3, 8
+    m = batch * seq if x_dim == 2 else batch
+    x, w, b, a, bb, scales, ranks = make_stacks(batch * seq, k, n, num_adapters, r_max, dtype)
+    if x_dim == 3:
+        x = x.reshape(batch, seq, k)
+    ids = make_ids("uniform", m, num_adapters, torch.int32)
+    leaves = [t.requires_grad_(True) for t in (x, w, b, a, bb)]
+    y = lk.lora_linear_multi(x, w, b, a, bb, scales, ids, ranks=ranks, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    x64, w64, b64, a64, bb64, sc64, dy64 = _f64(x, w, b, a, bb, scales, dy)
+    y64 = R.lora_linear_multi(x64, w64, b64, a64, bb64, sc64, ids.cpu())
+    dx64, da64, db64 = R.lora_linear_multi_backward(dy64, x64, w64, a64, bb64, sc64, ids.cpu())
+    dy2 = dy64.reshape(-1, n)
+    dw64, dbias64 = dy2.T @ x64.reshape(-1, k), dy2.sum(0)
+
+    base = [t.detach().clone().requires_grad_(True) for t in leaves]
+    rows = ids.long().repeat_interleave(seq) if x_dim == 3 else ids
+    y_base = torch_same_dtype(base[0].reshape(-1, k), *base[1:], scales, rows)
+    y_base.backward(dy.reshape(-1, n))
+
+    assert y.shape == (*x.shape[:-1], n) and y.dtype == dtype
+    assert_close_to_ref("y", y, y64, y_base.reshape(y.shape))
+    for name, got, ref, bl in zip(
+        ["dx", "dW", "dbias", "dA", "dB"],
+        [t.grad for t in leaves],
+        [dx64, dw64, dbias64, da64, db64],
+        [t.grad for t in base],
+        strict=True,
+    ):
+        assert_close_to_ref(name, got, ref, bl)
+
+
+def test_functional_gradcheck_float64():
+    x, w, b, a, bb, scales, ranks = make_stacks(7, 5, 4, 3, 3, torch.float64)
+    ids = torch.tensor([0, 2, -1, 1, 0, 2, 2], device=DEVICE)
+    inputs = [t.requires_grad_(True) for t in (x, w, b, a, bb)]
+
+    def f(x, w, b, a, bb):
+        return lk.lora_linear_multi(x, w, b, a, bb, scales, ids, ranks=ranks, backend="torch")
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_multi_ops(backend):
+    x, w, b, a, bb, scales, ranks = make_stacks(9, 17, 13, 3, 5, torch.float32)
+    ids = torch.tensor([0, 2, -1, 1, 0, 2, 2, -1, 1], dtype=torch.int32, device=DEVICE)
+    for t in (x, a, bb):
+        t.requires_grad_(True)
+    rk = ranks if backend == "torch" else None  # both forms of the optional ranks
+    torch.library.opcheck(
+        torch.ops.lora_kernels.lora_linear_multi_fwd, (x, w, b, a, bb, scales, ids, rk, backend)
+    )
+    y, s = torch.ops.lora_kernels.lora_linear_multi_fwd(
+        *(t.detach() for t in (x, w, b, a, bb)), scales, ids, ranks, backend
+    )
+    dy = torch.randn_like(y)
+    for needs in [(True, True, True), (False, True, False)]:
+        torch.library.opcheck(
+            torch.ops.lora_kernels.lora_linear_multi_bwd,
+            (dy, x.detach(), w, a.detach(), bb.detach(), scales, ids, s, ranks, *needs, backend),
+        )
+
+
+def test_compile_fullgraph_multi():
+    x, w, b, a, bb, scales, ranks = make_stacks(8, 16, 12, 3, 4, torch.float32)
+    ids = torch.tensor([0, 1, 2, -1, 1, 1, 0, 2], device=DEVICE)
+    a.requires_grad_(True)
+
+    def loss(x, a):
+        return lk.lora_linear_multi(x, w, b, a, bb, scales, ids, ranks=ranks).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = compiled(x, a)
+    (ga,) = torch.autograd.grad(got, a)
+    want = loss(x, a)
+    (wa,) = torch.autograd.grad(want, a)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ga, wa)
+
+
+def _bad_inputs():
+    x, w, b, a, bb, scales, ranks = make_stacks(4, 8, 6, 3, 2, torch.float32)
+    ids = torch.tensor([0, 1, -1, 2], device=DEVICE)
+    return dict(
+        x=x, weight=w, bias=b, lora_a=a, lora_b=bb, scales=scales, adapter_ids=ids, ranks=ranks
+    )
+
+
+BAD_CASES = [
+    # (what to change, replacement, error type, words the message must hold)
+    (
+        "adapter_ids",
+        lambda t: torch.tensor([0, 3, -1, 2]),
+        ValueError,
+        ["adapter_ids", "[-1, 3)", "[3]"],
+    ),
+    ("adapter_ids", lambda t: torch.tensor([0, 1, -2, 2]), ValueError, ["adapter_ids", "[-2]"]),
+    ("adapter_ids", lambda t: t.float(), TypeError, ["adapter_ids", "torch.float32"]),
+    ("adapter_ids", lambda t: t[:3], ValueError, ["adapter_ids", "[4]", "[3]"]),
+    ("adapter_ids", lambda t: t[:, None], ValueError, ["adapter_ids", "[4, 1]"]),
+    ("lora_b", lambda t: t[:2], ValueError, ["lora_b", "[3, 6, 2]", "[2, 6, 2]"]),
+    ("lora_a", lambda t: t[:, :, :7], ValueError, ["lora_a", "[3, 2, 8]", "[3, 2, 7]"]),
+    ("lora_b", lambda t: t[:, :5], ValueError, ["lora_b", "[3, 6, 2]", "[3, 5, 2]"]),
+    ("lora_b", lambda t: t[:, :, :1], ValueError, ["lora_b", "[3, 6, 2]", "[3, 6, 1]"]),
+    ("lora_a", lambda t: t[0], ValueError, ["lora_a", "[L, r_max, 8]"]),
+    ("lora_a", lambda t: t.half(), TypeError, ["lora_a", "float16"]),
+    ("scales", lambda t: t[:2], ValueError, ["scales", "[3]", "[2]"]),
+    ("scales", lambda t: [1.0, 2.0], ValueError, ["scales", "[3]", "[2]"]),
+    ("scales", lambda t: 0.5, TypeError, ["scales", "float"]),
+    (
+        "ranks",
+        lambda t: torch.tensor([1, 3, 2], dtype=torch.int32),
+        ValueError,
+        ["ranks", "[0, 2]"],
+    ),
+    ("ranks", lambda t: t[:2], ValueError, ["ranks", "[3]", "[2]"]),
+    ("weight", lambda t: t[:, :7], ValueError, ["weight", "[6, 8]", "[6, 7]"]),
+    ("bias", lambda t: t[:5], ValueError, ["bias", "[6]", "[5]"]),
+    ("x", lambda t: t[None, None], ValueError, ["x", "[M, K] or [B, T, K]"]),
+    ("lora_a", lambda t: t.to("meta"), ValueError, ["lora_a", "meta"]),
+    ("adapter_ids", lambda t: t.to("meta"), ValueError, ["adapter_ids", "meta"]),
+]
+
+
+@pytest.mark.parametrize(
+    "arg,change,exc,words", BAD_CASES, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_bad_input_errors(arg, change, exc, words):
+    kw = _bad_inputs()
+    kw[arg] = change(kw[arg])
+    args = [kw.pop(k) for k in ("x", "weight", "bias", "lora_a", "lora_b", "scales", "adapter_ids")]
+    with pytest.raises(exc) as info:
+        lk.lora_linear_multi(*args, **kw)
+    msg = str(info.value)
+    assert "lora_linear_multi" in msg
+    for word in words:
+        assert word in msg, f"{word!r} not in {msg!r}"
+
+
+def _layers_and_peft(k=16, n=12, backend="torch"):
+    """A FusedLoraLinear with adapters "sql" (r=4) and "chat" (r=2, rsLoRA), and a PEFT model
+    with the same weights."""
+    peft = pytest.importorskip("peft")
+    base = nn.Sequential(nn.Linear(k, n)).to(DEVICE)
+    cfgs = {
+        "sql": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False),
+        "chat": peft.LoraConfig(
+            r=2, lora_alpha=3, target_modules=["0"], init_lora_weights=False, use_rslora=True
+        ),
+    }
+    peft_model = peft.get_peft_model(copy.deepcopy(base), cfgs["sql"], adapter_name="sql")
+    peft_model.add_adapter("chat", cfgs["chat"])
+    peft_model.eval()
+    layer = lk.FusedLoraLinear.from_linear(base[0], r=0, backend=backend)
+    peft_linear = peft_model.base_model.model[0]
+    for name, cfg in cfgs.items():
+        layer.add_adapter(name, cfg.r, cfg.lora_alpha, use_rslora=cfg.use_rslora)
+        with torch.no_grad():
+            layer.lora_A[name].weight.copy_(peft_linear.lora_A[name].weight)
+            layer.lora_B[name].weight.copy_(peft_linear.lora_B[name].weight)
+        assert layer.scaling[name] == pytest.approx(peft_linear.scaling[name])
+    return layer, peft_model
+
+
+@pytest.mark.parametrize("x_dim", [2, 3])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_mixed_batch_matches_single_adapters_and_peft(backend, x_dim):
+    layer, peft_model = _layers_and_peft(backend=backend)
+    layer.eval()
+    names = ["sql", "chat", "__base__", "chat", "sql", "sql", "__base__"]
+    x = torch.randn(len(names), *([3] if x_dim == 3 else []), 16, device=DEVICE)
+    with torch.no_grad():
+        y = layer(x, adapter_names=names)
+        y_peft = peft_model(x, adapter_names=names)
+        for name in ("sql", "chat", "__base__"):
+            rows = [i for i, n in enumerate(names) if n == name]
+            if name == "__base__":
+                alone = F.linear(x[rows], layer.weight, layer.bias)
+            else:
+                layer.set_adapter(name)
+                alone = layer(x[rows])
+            torch.testing.assert_close(y[rows], alone)
+    torch.testing.assert_close(y, y_peft)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_trains_two_adapters_in_one_batch(backend):
+    """Each adapter's lora_A/lora_B weights get the gradient of exactly its own rows."""
+    layer, _ = _layers_and_peft(backend=backend)
+    layer.train()
+    names = ["chat", "sql", "sql", "__base__", "chat", "sql"]
+    x = torch.randn(len(names), 16, device=DEVICE, requires_grad=True)
+    dy = torch.randn(len(names), 12, device=DEVICE)
+    layer(x, adapter_names=names).backward(dy)
+    got = {n: (layer.lora_A[n].weight.grad, layer.lora_B[n].weight.grad) for n in ("sql", "chat")}
+    dx_mixed = x.grad.clone()
+    for name in ("sql", "chat"):
+        rows = [i for i, n in enumerate(names) if n == name]
+        layer.zero_grad()
+        layer.set_adapter(name)
+        xr = x.detach()[rows].requires_grad_(True)
+        layer(xr).backward(dy[rows])
+        torch.testing.assert_close(got[name][0], layer.lora_A[name].weight.grad)
+        torch.testing.assert_close(got[name][1], layer.lora_B[name].weight.grad)
+        torch.testing.assert_close(dx_mixed[rows], xr.grad)
+    torch.testing.assert_close(dx_mixed[3], dy[3] @ layer.weight)
+
+
+@torch.no_grad()
+def test_layer_stack_cache_follows_adapter_changes():
+    """Inference reuses one stack until an adapter is added, removed or changed in place."""
+    layer, _ = _layers_and_peft()
+    layer.eval()
+    names = ["sql", "chat", "__base__"]
+    x = torch.randn(3, 16, device=DEVICE)
+    y0 = layer(x, adapter_names=names)
+    stack = layer._multi_stack
+    assert stack is not None
+    layer(x, adapter_names=names)
+    assert layer._multi_stack is stack  # nothing changed: no restack
+    layer.lora_B["chat"].weight.mul_(2.0)  # in place, as an optimizer step or a load would
+    y1 = layer(x, adapter_names=names)
+    assert layer._multi_stack is not stack
+    torch.testing.assert_close(y1[0], y0[0])
+    base = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(y1[1] - base[1], 2 * (y0[1] - base[1]))
+    layer.add_adapter("new", 8, 16, init_lora_weights=False)
+    y2 = layer(x, adapter_names=["new", "chat", "sql"])
+    layer.set_adapter("new")
+    torch.testing.assert_close(y2[0], layer(x[:1])[0])
+    layer.delete_adapter("sql")
+    with pytest.raises(ValueError, match=r"unknown adapter names \['sql'\]"):
+        layer(x, adapter_names=["sql", "chat", "new"])
+    layer(x, adapter_names=["chat", "new", "__base__"])
+    assert layer._multi_stack[1] == ["chat", "new"]
+
+
+def test_layer_mixed_batch_errors():
+    layer, _ = _layers_and_peft()
+    x = torch.randn(3, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"unknown adapter names \['nope'\].*'sql'"):
+        layer(x, adapter_names=["sql", "nope", "__base__"])
+    with pytest.raises(ValueError, match="3 names for x of shape"):
+        layer(x, adapter_names=["sql", "chat"])
+    with pytest.raises(TypeError, match="list of str"):
+        layer(x, adapter_names="sql")
+    layer.merge("sql")
+    with pytest.raises(RuntimeError, match=r"merged.*unmerge\(\)"):
+        layer(x, adapter_names=["sql", "chat", "__base__"])
+
+
+def test_layer_mixed_batch_dropout_in_training():
+    """lora_dropout acts on the LoRA input only, per row's adapter; eval mode has none."""
+    layer, _ = _layers_and_peft()
+    layer.lora_dropout["sql"] = nn.Dropout(0.5)
+    names = ["sql", "__base__", "chat", "sql"]
+    x = torch.randn(4, 16, device=DEVICE)
+    layer.eval()
+    y_eval = layer(x, adapter_names=names)
+    layer.train()
+    y_train = layer(x, adapter_names=names)
+    torch.testing.assert_close(y_train[1:3], y_eval[1:3])  # base row and the dropout-free adapter
+    assert not torch.allclose(y_train[0], y_eval[0])
