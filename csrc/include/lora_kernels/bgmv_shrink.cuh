@@ -7,7 +7,8 @@
 // Every row may use a different adapter, so no two rows share a row of A and the work is M * r
 // independent dot products of length K. One block of 128 threads per (j, i): the dot product is
 // split over the whole block (16-byte vectors of x and A, fp32 accumulation), which keeps the
-// kernel short for the K of real models (4096 / 8 / 128 = 4 vectors per thread), then reduced
+// kernel short for the K of real models (4096 / 8 / 128 = 4 vectors per thread, all requested
+// before the first is used), then reduced
 // in a fixed order (warp butterfly, then the 4 warp sums in order): the same bits on every run,
 // which CUDA-graph replay and the tests rely on. Ids out of range never read A: such rows get
 // zeros, exactly as id -1.
@@ -22,6 +23,7 @@
 namespace lora_kernels {
 
 constexpr int kBgmvThreads = 128;
+constexpr int kBgmvVecsPerBatch = 2;
 
 // grid (r, M); block kBgmvThreads.
 template <typename T>
@@ -46,9 +48,35 @@ __global__ void __launch_bounds__(kBgmvThreads) bgmv_shrink_kernel(const LoraLin
   const T* a_row = static_cast<const T*>(p.lora_a) + adapter * p.a_adapter_stride + j * p.lda;
   const int num_vecs = p.k / kVecElems;
   float acc = 0.f;
-#pragma unroll 4
-  for (int v = threadIdx.x; v < num_vecs; v += kBgmvThreads) {
-    acc = dot8<T>(load16_cached(x_row + v * kVecElems), load16_cached(a_row + v * kVecElems), acc);
+  // Double-buffered like the fused kernel's K loop: the next batch of vectors is requested
+  // before the current one is used, so 2 * kBgmvVecsPerBatch loads per thread are in flight
+  // (the whole dot product for K <= 4096). Loads past the end are clamped, then skipped.
+  struct Batch {
+    uint4 x[kBgmvVecsPerBatch];
+    uint4 a[kBgmvVecsPerBatch];
+  };
+  constexpr int kBatchStride = kBgmvVecsPerBatch * kBgmvThreads;
+  auto load_batch = [&](int v0, Batch& batch) {
+#pragma unroll
+    for (int u = 0; u < kBgmvVecsPerBatch; ++u) {
+      const int v = min(v0 + u * kBgmvThreads, num_vecs - 1);
+      batch.x[u] = load16_cached(x_row + v * kVecElems);
+      batch.a[u] = load16_cached(a_row + v * kVecElems);
+    }
+  };
+  if (static_cast<int>(threadIdx.x) < num_vecs) {
+    Batch cur;
+    load_batch(threadIdx.x, cur);
+    for (int v0 = threadIdx.x; v0 < num_vecs; v0 += kBatchStride) {
+      Batch next;
+      const bool has_next = v0 + kBatchStride < num_vecs;
+      if (has_next) load_batch(v0 + kBatchStride, next);
+#pragma unroll
+      for (int u = 0; u < kBgmvVecsPerBatch; ++u) {
+        if (v0 + u * kBgmvThreads < num_vecs) acc = dot8<T>(cur.x[u], cur.a[u], acc);
+      }
+      if (has_next) cur = next;
+    }
   }
 
   acc = warp_sum(acc);
