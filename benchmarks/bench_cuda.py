@@ -1,0 +1,229 @@
+"""Decode-size LoRA linear: the CUDA C++ kernel against Triton, naive PyTorch and cuBLAS base-only.
+
+    y = x @ W.T + bias + scale * (x @ A.T) @ B.T,   x [M, K], W [N, K], r = 16, bf16
+
+With M <= 64 the layer is a stream of W from memory, so the figure of merit is the bandwidth
+achieved counting W's bytes only, as a share of the copy bandwidth measured in the same run
+(``dst.copy_(src)``, read + write). The issue's targets (one H200): >= 85 % of copy bandwidth,
+<= 1.05x the time of cuBLAS base-only ``x @ W.T + bias``, >= 1.5x faster than naive PyTorch
+(three GEMMs and an add). One multi-adapter row too: 64 rows, each with its own rank-16 adapter,
+against the single-adapter kernel on the same rows (target <= 1.15x).
+
+Providers: ``cuda`` (lora_kernels._cuda_impl), ``triton`` (lora_kernels.triton launchers),
+``torch_naive``, ``cublas_base``. CUDA times are medians of ``triton.testing.do_bench``, which
+clears the L2 cache before every call (a decode step meets W cold: one layer's W never stays in
+L2 across the model); on CPU (no CUDA, no Triton) the torch rows are timed with perf_counter.
+
+    python benchmarks/bench_cuda.py [--out PATH] [--quick]
+
+Prints a table and writes JSON (device, date, versions, copy bandwidth, rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = [(4096, 4096), (4096, 14336)]  # (K, N)
+ROWS = [1, 8, 32]
+RANK = 16
+DTYPE = torch.bfloat16
+
+
+def _time(fn, cuda: bool, quick: bool) -> dict:
+    """Median and 20/80 percentiles of one call, in microseconds."""
+    if cuda:
+        from triton.testing import do_bench
+
+        rep = 30 if quick else 100
+        p50, p20, p80 = do_bench(fn, warmup=10, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return {"median_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
+    fn()
+    samples = []
+    t_end = time.perf_counter() + (0.2 if quick else 1.0)
+    while len(samples) < 5 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    q = statistics.quantiles(samples, n=5)
+    return {
+        "median_us": statistics.median(samples) * 1e6,
+        "p20_us": q[0] * 1e6,
+        "p80_us": q[3] * 1e6,
+    }
+
+
+def copy_bandwidth(device: torch.device, cuda: bool, quick: bool) -> float:
+    """Bytes read + written per second by a large device copy."""
+    numel = (1 << 29) if cuda else (1 << 26)  # 1 GiB of bf16 on a GPU, 128 MiB on a CPU
+    src = torch.empty(numel, dtype=DTYPE, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = _time(lambda: dst.copy_(src), cuda, quick)["median_us"] * 1e-6
+    return 2 * src.numel() * src.element_size() / t
+
+
+def _providers(device: torch.device, cuda: bool):
+    """name -> launcher with the lora_linear_fwd signature, or the reason it is missing."""
+    found, missing = {}, {}
+    if cuda:
+        from lora_kernels import _cuda_impl, _jit
+
+        if _cuda_impl.available():
+            found["cuda"] = _cuda_impl.lora_linear_fwd
+        else:
+            missing["cuda"] = _jit.extension_status()
+        try:
+            from lora_kernels.triton.lora_linear import lora_linear_fwd as triton_fwd
+
+            found["triton"] = triton_fwd
+        except Exception as exc:  # the Triton backend is optional
+            missing["triton"] = f"{type(exc).__name__}: {exc}"
+    else:
+        missing["cuda"] = missing["triton"] = "no CUDA device"
+    found["torch_naive"] = lambda x, w, b, a, bb, s: F.linear(x, w, b) + s * ((x @ a.T) @ bb.T)
+    found["cublas_base"] = lambda x, w, b, a, bb, s: F.linear(x, w, b)
+    return found, missing
+
+
+def bench_single(device, cuda, quick, copy_bw, providers) -> list[dict]:
+    rows = []
+    for k, n in SHAPES:
+        w = torch.randn(n, k, device=device, dtype=DTYPE) / k**0.5
+        bias = torch.randn(n, device=device, dtype=DTYPE)
+        a = torch.randn(RANK, k, device=device, dtype=DTYPE) / k**0.5
+        b = torch.randn(n, RANK, device=device, dtype=DTYPE) / RANK**0.5
+        w_bytes = w.numel() * w.element_size()
+        for m in ROWS:
+            x = torch.randn(m, k, device=device, dtype=DTYPE)
+            row = {"kind": "single", "M": m, "K": k, "N": n, "r": RANK, "dtype": str(DTYPE)}
+            for name, fn in providers.items():
+                t = _time(functools.partial(fn, x, w, bias, a, b, 2.0), cuda, quick)
+                bw = w_bytes / (t["median_us"] * 1e-6)
+                row[name] = {**t, "W_GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
+            if "cuda" in row:
+                t_cuda = row["cuda"]["median_us"]
+                row["cuda_vs_cublas_base"] = t_cuda / row["cublas_base"]["median_us"]
+                row["naive_vs_cuda_speedup"] = row["torch_naive"]["median_us"] / t_cuda
+                row["meets_targets"] = (
+                    row["cuda"]["pct_copy_bw"] >= 85
+                    and row["cuda_vs_cublas_base"] <= 1.05
+                    and row["naive_vs_cuda_speedup"] >= 1.5
+                )
+            rows.append(row)
+    return rows
+
+
+def bench_multi(device, cuda, quick, copy_bw) -> list[dict]:
+    """64 rows, each its own rank-16 adapter (distinct ids), against single-adapter on the rows."""
+    if not cuda:
+        return []
+    from lora_kernels import _cuda_impl
+
+    m = num_adapters = 64
+    k = n = 4096
+    w = torch.randn(n, k, device=device, dtype=DTYPE) / k**0.5
+    bias = torch.randn(n, device=device, dtype=DTYPE)
+    a = torch.randn(num_adapters, RANK, k, device=device, dtype=DTYPE) / k**0.5
+    b = torch.randn(num_adapters, n, RANK, device=device, dtype=DTYPE) / RANK**0.5
+    scales = torch.full((num_adapters,), 2.0, device=device)
+    ids = torch.randperm(num_adapters, device=device).to(torch.int32)
+    x = torch.randn(m, k, device=device, dtype=DTYPE)
+    providers = {}
+    if _cuda_impl.available():
+        providers["cuda_multi"] = lambda: _cuda_impl.lora_linear_multi_fwd(
+            x, w, bias, a, b, scales, ids
+        )
+        providers["cuda_single"] = lambda: _cuda_impl.lora_linear_fwd(x, w, bias, a[0], b[0], 2.0)
+    try:
+        from lora_kernels.triton.lora_multi import lora_linear_multi_fwd as triton_multi
+
+        providers["triton_multi"] = lambda: triton_multi(x, w, bias, a, b, scales, ids)
+    except Exception:  # the Triton backend is optional
+        pass
+    row = {"kind": "multi", "M": m, "K": k, "N": n, "r": RANK, "L": num_adapters}
+    w_bytes = w.numel() * w.element_size()
+    for name, fn in providers.items():
+        t = _time(fn, cuda, quick)
+        bw = w_bytes / (t["median_us"] * 1e-6)
+        row[name] = {**t, "W_GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
+    if "cuda_multi" in row:
+        ratio = row["cuda_multi"]["median_us"] / row["cuda_single"]["median_us"]
+        row["multi_vs_single"] = ratio
+        row["meets_targets"] = ratio <= 1.15
+    return [row]
+
+
+def _table(rows: list[dict], names: list[str]) -> str:
+    head = f"{'kind':6} {'M':>3} {'K':>5} {'N':>6} " + " ".join(f"{n:>22}" for n in names)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        cells = []
+        for name in names:
+            t = row.get(name)
+            cells.append(
+                f"{t['median_us']:9.1f}us {t['pct_copy_bw']:5.1f}%BW" if t else f"{'-':>22}"
+            )
+        lines.append(
+            f"{row['kind']:6} {row['M']:>3} {row['K']:>5} {row['N']:>6} " + " ".join(cells)
+        )
+    return "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/)")
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    providers, missing = _providers(device, cuda)
+    copy_bw = copy_bandwidth(device, cuda, args.quick)
+    rows = bench_single(device, cuda, args.quick, copy_bw, providers)
+    rows += bench_multi(device, cuda, args.quick, copy_bw)
+
+    from lora_kernels import _jit
+
+    result = {
+        "benchmark": "bench_cuda",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_extension": _jit.extension_status(),
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "missing_providers": missing,
+        "rows": rows,
+    }
+    names = list(providers) + ["cuda_multi", "cuda_single", "triton_multi"]
+    names = [n for n in names if any(n in row for row in rows)]
+    print(f"{device_name}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print(_table(rows, names))
+    for name, why in missing.items():
+        print(f"{name}: not measured ({why})")
+    out = args.out or RESULTS / f"bench_cuda_{_slug(device_name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

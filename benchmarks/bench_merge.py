@@ -1,0 +1,171 @@
+"""In-place merge ``W += scale * B @ A``: CUDA C++ against Triton, torch ``addmm_`` and a copy.
+
+A merge reads and writes W once; B @ A is a rank-r product computed on the fly, so the figure of
+merit is the bandwidth counting W's bytes twice (read + write), as a share of the copy bandwidth
+measured in the same run (``dst.copy_(src)``, read + write). The issue's target (one H200, bf16):
+a 4096 x 4096 merge at >= 80 % of copy bandwidth.
+
+Providers: ``cuda`` (lora_kernels._cuda_impl.merge_), ``triton`` (lora_kernels.triton.merge, when
+present), ``torch_addmm`` (``W.addmm_(B, A, alpha=scale)``: cuBLAS, which rounds the product to
+W's dtype before the add, so it is the speed reference, not an exact merge). CUDA times are
+medians of ``triton.testing.do_bench`` (L2 cleared before every call); on a CPU only the torch
+path runs, timed with perf_counter.
+
+    python benchmarks/bench_merge.py [--out PATH] [--quick]
+
+Prints a table and writes JSON (device, date, versions, copy bandwidth, rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (N, K, r): square attention projections, the MLP's up and down projections, higher ranks.
+SHAPES = [(4096, 4096, 16), (14336, 4096, 16), (4096, 14336, 16), (4096, 4096, 64)]
+CPU_SHAPES = [(1024, 1024, 16), (4096, 4096, 16)]
+DTYPE = torch.bfloat16
+# Small enough that thousands of timed merges leave W's magnitude where it was.
+SCALE = 1e-3
+
+
+def _time(fn, cuda: bool, quick: bool) -> dict:
+    """Median and 20/80 percentiles of one call, in microseconds."""
+    if cuda:
+        from triton.testing import do_bench
+
+        rep = 30 if quick else 100
+        p50, p20, p80 = do_bench(fn, warmup=10, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return {"median_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
+    fn()
+    samples = []
+    t_end = time.perf_counter() + (0.2 if quick else 1.0)
+    while len(samples) < 5 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    q = statistics.quantiles(samples, n=5)
+    return {
+        "median_us": statistics.median(samples) * 1e6,
+        "p20_us": q[0] * 1e6,
+        "p80_us": q[3] * 1e6,
+    }
+
+
+def copy_bandwidth(device: torch.device, cuda: bool, quick: bool) -> float:
+    """Bytes read + written per second by a large device copy."""
+    numel = (1 << 29) if cuda else (1 << 26)  # 1 GiB of bf16 on a GPU, 128 MiB on a CPU
+    src = torch.empty(numel, dtype=DTYPE, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = _time(lambda: dst.copy_(src), cuda, quick)["median_us"] * 1e-6
+    return 2 * src.numel() * src.element_size() / t
+
+
+def _providers(cuda: bool):
+    """name -> merge_(weight, lora_a, lora_b, scale), and the reason for each one missing."""
+    found, missing = {}, {}
+    if cuda:
+        from lora_kernels import _cuda_impl, _jit
+
+        if _cuda_impl.available():
+            found["cuda"] = _cuda_impl.merge_
+        else:
+            missing["cuda"] = _jit.extension_status()
+        try:
+            found["triton"] = importlib.import_module("lora_kernels.triton.merge").merge_
+        except Exception as exc:  # the Triton backend is optional
+            missing["triton"] = f"{type(exc).__name__}: {exc}"
+    else:
+        missing["cuda"] = missing["triton"] = "no CUDA device"
+    found["torch_addmm"] = lambda w, a, b, s: w.addmm_(b, a, alpha=s)
+    return found, missing
+
+
+def bench(device, cuda, quick, copy_bw, providers) -> list[dict]:
+    rows = []
+    for n, k, r in SHAPES if cuda else CPU_SHAPES:
+        w = torch.randn(n, k, device=device, dtype=DTYPE)
+        a = torch.randn(r, k, device=device, dtype=DTYPE) / r**0.5
+        b = torch.randn(n, r, device=device, dtype=DTYPE) / r**0.5
+        moved = 2 * w.numel() * w.element_size()
+        row = {"N": n, "K": k, "r": r, "dtype": str(DTYPE)}
+        for name, fn in providers.items():
+            t = _time(functools.partial(fn, w, a, b, SCALE), cuda, quick)
+            bw = moved / (t["median_us"] * 1e-6)
+            row[name] = {**t, "GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
+        if "cuda" in row and (n, k) == (4096, 4096):
+            row["meets_target"] = row["cuda"]["pct_copy_bw"] >= 80
+        rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict], names: list[str]) -> str:
+    head = f"{'N':>6} {'K':>6} {'r':>4} " + " ".join(f"{n:>22}" for n in names)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        cells = []
+        for name in names:
+            t = row.get(name)
+            cells.append(
+                f"{t['median_us']:9.1f}us {t['pct_copy_bw']:5.1f}%BW" if t else f"{'-':>22}"
+            )
+        lines.append(f"{row['N']:>6} {row['K']:>6} {row['r']:>4} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/)")
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs")
+    args = parser.parse_args(argv)
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    providers, missing = _providers(cuda)
+    copy_bw = copy_bandwidth(device, cuda, args.quick)
+    rows = bench(device, cuda, args.quick, copy_bw, providers)
+
+    from lora_kernels import _jit
+
+    result = {
+        "benchmark": "bench_merge",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_extension": _jit.extension_status(),
+        "copy_bandwidth_GBps": copy_bw / 1e9,
+        "scale": SCALE,
+        "missing_providers": missing,
+        "rows": rows,
+    }
+    print(f"{device_name}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
+    print(_table(rows, list(providers)))
+    for name, why in missing.items():
+        print(f"{name}: not measured ({why})")
+    out = args.out or RESULTS / f"bench_merge_{_slug(device_name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
