@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import lora_linear, lora_linear_multi, merge_lora_, unmerge_lora_
+from .switching import ExactMergeRecord, exact_merge_, exact_unmerge_
 
 __all__ = ["FusedLoraLinear", "BASE_ADAPTER"]
 
@@ -87,6 +88,8 @@ class FusedLoraLinear(nn.Linear):
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.merged_adapters: list[str] = []
+        # merge(exact=True) keeps, per merged adapter, what unmerge() needs to restore the weight.
+        self._exact_records: dict[str, ExactMergeRecord] = {}
         self._active_adapter: str | None = None
         self.backend = backend
         # (key, names, lora_a [L, r_max, K], lora_b [L, N, r_max], scales, ranks) for mixed
@@ -235,6 +238,13 @@ class FusedLoraLinear(nn.Linear):
         """Fold ``adapter_name`` (default: the active adapter) into the base weight in place.
 
         ``merge_lora_`` computes ``W + scaling * B @ A`` in fp32 and rounds each element once.
+        ``exact=False`` (PEFT's behaviour): ``unmerge()`` subtracts the delta again, which in a
+        16-bit dtype leaves the weight within an ulp or so of the original, and the errors of
+        repeated merge/unmerge pairs add up. ``exact=True``: ``unmerge()`` restores the weight
+        bit for bit, after any number of switches, at the cost of a record of the elements whose
+        subtraction would not round back (``lora_kernels.switching``: a few percent of the
+        weight's size for trained adapters, on its device) and about 3x the merge time. The
+        adapter must not change while merged (``unmerge()`` refuses, weight untouched, if it did).
         """
         name = self._active_adapter if adapter_name is None else adapter_name
         if name is None:
@@ -242,23 +252,32 @@ class FusedLoraLinear(nn.Linear):
         self._check_known("merge", name)
         if name in self.merged_adapters:
             raise RuntimeError(f"FusedLoraLinear.merge: adapter {name!r} is already merged")
-        if exact:
-            raise NotImplementedError("FusedLoraLinear.merge: exact=True is not available yet")
         a = self.lora_A[name].weight
         b = self.lora_B[name].weight
-        merge_lora_(self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend)
+        if exact:
+            self._exact_records[name] = exact_merge_(
+                self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend
+            )
+        else:
+            merge_lora_(self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend)
         self.merged_adapters.append(name)
         self._active_adapter = name
 
     def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight again (in reverse order)."""
+        """Take every merged adapter out of the base weight again (in reverse order); one merged
+        with ``exact=True`` gives back the weight it was merged into, bit for bit."""
         while self.merged_adapters:
             name = self.merged_adapters[-1]
             a = self.lora_A[name].weight
             b = self.lora_B[name].weight
-            unmerge_lora_(
-                self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend
-            )
+            record = self._exact_records.get(name)
+            if record is not None:
+                exact_unmerge_(self.weight.data, a.data, b.data, self.scaling[name], record)
+                del self._exact_records[name]
+            else:
+                unmerge_lora_(
+                    self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend
+                )
             self.merged_adapters.pop()
 
     # ------------------------------------------------------------------------------------
