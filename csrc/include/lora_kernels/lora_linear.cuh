@@ -49,7 +49,8 @@ struct SkinnyTraits {
   // current one is multiplied), so 2 groups are in flight: 4 chunks = 128 B of W per thread for
   // MT <= 2, 2 chunks for MT >= 4, where the rows of x take the registers.
   static constexpr int kChunksPerGroup = MT <= 2 ? 2 : 1;
-  // Phase 2 runs ceil(N / 16) blocks: 8 warps each, two blocks per SM.
+  // Phase 2 runs ceil(N / 16) blocks of 8 warps; their registers let two share an SM for
+  // M <= 32 (one for M > 32, where each thread holds 8 n8 tiles of accumulators).
   static constexpr int kFusedWarps = 8;
   // Phase 1 runs only ceil(r / 16) blocks, so each gets more warps to shorten its K loop; the
   // shared-memory reduction buffer (warps x 8*MT x kRedPitch floats) stays <= 40 KB.
