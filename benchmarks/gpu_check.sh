@@ -95,7 +95,11 @@ env = {
     "python": sys.version,
     "platform": platform.platform(),
     "git_commit": run(["git", "rev-parse", "HEAD"]),
-    "nvidia_smi": run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit", "--format=csv"]),
+    "nvidia_smi": run([
+        "nvidia-smi",
+        "--query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit",
+        "--format=csv",
+    ]),
     "nvcc": run(["nvcc", "--version"]).splitlines()[-2:],
 }
 try:
@@ -152,9 +156,8 @@ import json, sys
 steps = []
 for line in open(sys.argv[1]):
     name, rc, seconds, status = line.rstrip("\n").split("\t")
-    steps.append(
-        {"step": name, "exit_code": int(rc) if rc else None, "seconds": int(seconds), "status": status}
-    )
+    exit_code = int(rc) if rc else None
+    steps.append({"step": name, "exit_code": exit_code, "seconds": int(seconds), "status": status})
 summary = {
     "ok": all(s["status"] in ("ok", "absent") for s in steps),
     "total_seconds": int(sys.argv[3]),

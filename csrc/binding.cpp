@@ -196,7 +196,7 @@ void lora_linear_out(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // Row i uses adapter a = row_ids[i]: y[i] = x[i] @ weight.T + bias
-// + scales[a] * (x[i] @ lora_a[a, :rank_a].T) @ lora_b[a, :, :rank_a].T; ids < 0 or >= L: base only.
+// + scales[a] * (x[i] @ lora_a[a, :rank_a].T) @ lora_b[a, :, :rank_a].T; ids outside [0, L): base.
 void lora_linear_multi_out(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& lora_a,
                            const at::Tensor& lora_b, const at::Tensor& scales,

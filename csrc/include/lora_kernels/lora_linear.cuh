@@ -218,7 +218,9 @@ __global__ void __launch_bounds__(NW* kWarpSize) lora_skinny_kernel(const LoraLi
         const float* s_row = p.s + static_cast<int64_t>(m) * p.r;
         float lora = 0.f;
 #pragma unroll 4
-        for (int j = 0; j < rank; ++j) lora = fmaf(__ldcg(s_row + j), to_float(__ldg(b_row + j)), lora);
+        for (int j = 0; j < rank; ++j) {
+          lora = fmaf(__ldcg(s_row + j), to_float(__ldg(b_row + j)), lora);
+        }
         v = fmaf(scale, lora, v);
       }
       y[static_cast<int64_t>(m) * p.ldy + n] = from_float<T>(v);

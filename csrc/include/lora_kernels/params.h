@@ -29,14 +29,14 @@ constexpr int kVecElems = 8;
 struct LoraLinearParams {
   // Pointers.
   const void* x;           // [M, K], row stride ldx
-  const void* x_lora;      // [M, K], row stride ldx_lora: input of the LoRA branch (x or dropout(x))
+  const void* x_lora;      // [M, K], row stride ldx_lora: the LoRA branch's input (x or dropout)
   const void* weight;      // [N, K], row stride ldw
   const void* bias;        // [N] contiguous, or nullptr
-  const void* lora_a;      // [L, r, K]: adapter stride a_adapter_stride, row stride lda
-  const void* lora_b;      // [L, N, r]: adapter stride b_adapter_stride, row stride ldb, unit column stride
+  const void* lora_a;      // [L, r, K], strides (a_adapter_stride, lda, 1)
+  const void* lora_b;      // [L, N, r], strides (b_adapter_stride, ldb, 1)
   const float* scales;     // [L] fp32 (multi-adapter only)
-  const int32_t* row_ids;  // [M] adapter of each row (multi-adapter only); < 0 or >= L: base layer only
-  const int32_t* ranks;    // [L] rank of each adapter, clamped to [0, r]; nullptr: every adapter has rank r
+  const int32_t* row_ids;  // [M] adapter of each row (multi only); < 0 or >= L: base layer only
+  const int32_t* ranks;    // [L] rank of each adapter, clamped to [0, r]; nullptr: all have rank r
   void* y;                 // [M, N] output, row stride ldy, unit column stride
   float* s;                // [M, r] output, contiguous fp32
   // Sizes.
