@@ -31,9 +31,10 @@ BASE_ADAPTER = "__base__"
 
 
 def _weight_state(linear: nn.Linear) -> tuple:
-    """What tells whether a weight changed, without reading its values."""
+    """What tells whether a weight changed, without reading its values: its storage (replaced by
+    ``.to()`` or a new parameter) and its version counter (bumped by every in-place write)."""
     w = linear.weight
-    return (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
+    return (w.data_ptr(), w.device, w.dtype, w._version)
 
 
 class FusedLoraLinear(nn.Linear):
@@ -92,9 +93,8 @@ class FusedLoraLinear(nn.Linear):
         self._exact_records: dict[str, ExactMergeRecord] = {}
         self._active_adapter: str | None = None
         self.backend = backend
-        # (key, names, lora_a [L, r_max, K], lora_b [L, N, r_max], scales, ranks) for mixed
-        # batches; rebuilt when the key (adapter names, scalings, weight versions) changes
-        self._multi_stack: tuple | None = None
+        # mixed batches: every adapter stacked, and what it was stacked from (_cached_stacks)
+        self._multi_stack: dict | None = None
 
     @classmethod
     def from_linear(
@@ -353,7 +353,7 @@ class FusedLoraLinear(nn.Linear):
             names = used
             lora_a, lora_b, scales, ranks = self._stack_adapters(names)
         else:
-            names, lora_a, lora_b, scales, ranks = self._cached_stacks()
+            names, lora_a, lora_b, scales, ranks = self._cached_stacks(used)
         index = {n: i for i, n in enumerate(names)}
         ids = [index.get(n, -1) for n in adapter_names]
         ids_t = torch.tensor(ids, dtype=torch.int32, device=x.device)
@@ -406,19 +406,38 @@ class FusedLoraLinear(nn.Linear):
             rank_t = torch.tensor(ranks, dtype=torch.int32, device=device)
         return lora_a, lora_b, scales, rank_t
 
-    def _cached_stacks(self):
-        """``(names, lora_a, lora_b, scales, ranks)`` of every adapter, built once and rebuilt
-        only when an adapter is added or removed, or a weight or scaling changes (in place, e.g.
-        by an optimizer step or a load: the weights' version counters tell)."""
-        names = self.adapter_names
-        key = tuple(
-            (n, self.scaling[n], *(_weight_state(self.lora_A[n]), _weight_state(self.lora_B[n])))
-            for n in names
+    def _adapter_state(self, name: str) -> tuple:
+        return (
+            self.scaling[name],
+            _weight_state(self.lora_A[name]),
+            _weight_state(self.lora_B[name]),
         )
-        if self._multi_stack is None or self._multi_stack[0] != key:
+
+    def _cached_stacks(self, used: list[str]):
+        """``(names, lora_a, lora_b, scales, ranks)`` of every adapter, stacked once and again
+        only when adapters were added or removed, or an adapter of this batch (``used``) changed
+        since: in place (an optimizer step, a load), by a new weight or a new scaling. Only the
+        batch's adapters are checked, O(distinct adapters) per call: a stale slice of an adapter
+        no row reads does no harm, and is caught the first time a batch uses it."""
+        names = tuple(self.lora_A.keys())
+        inference = torch.is_inference_mode_enabled()  # inference tensors stay in inference mode
+        cache = self._multi_stack
+        if (
+            cache is None
+            or cache["names"] != names
+            or cache["inference"] != inference
+            or any(cache["states"][n] != self._adapter_state(n) for n in used)
+        ):
             with torch.no_grad():
-                self._multi_stack = (key, names, *self._stack_adapters(names))
-        return self._multi_stack[1:]
+                stacks = self._stack_adapters(list(names))
+            cache = {
+                "names": names,
+                "inference": inference,
+                "states": {n: self._adapter_state(n) for n in names},
+                "stacks": (list(names), *stacks),
+            }
+            self._multi_stack = cache
+        return cache["stacks"]
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

@@ -535,6 +535,9 @@ def test_layer_stack_cache_follows_adapter_changes():
     torch.testing.assert_close(y1[0], y0[0])
     base = F.linear(x, layer.weight, layer.bias)
     torch.testing.assert_close(y1[1] - base[1], 2 * (y0[1] - base[1]))
+    layer.lora_A["sql"].weight.zero_()  # changed while no batch reads it...
+    layer(x, adapter_names=["chat", "chat", "__base__"])
+    torch.testing.assert_close(layer(x, adapter_names=names)[0], base[0])  # ...caught when used
     layer.add_adapter("new", 8, 16, init_lora_weights=False)
     y2 = layer(x, adapter_names=["new", "chat", "sql"])
     layer.set_adapter("new")
@@ -543,7 +546,22 @@ def test_layer_stack_cache_follows_adapter_changes():
     with pytest.raises(ValueError, match=r"unknown adapter names \['sql'\]"):
         layer(x, adapter_names=["sql", "chat", "new"])
     layer(x, adapter_names=["chat", "new", "__base__"])
-    assert layer._multi_stack[1] == ["chat", "new"]
+    assert layer._multi_stack["names"] == ("chat", "new")
+
+
+def test_layer_stack_from_inference_mode_then_autograd():
+    """A stack cached under inference_mode is not reused where autograd must save it."""
+    layer, _ = _layers_and_peft()
+    layer.requires_grad_(False)
+    names = ["sql", "chat"]
+    x = torch.randn(2, 16, device=DEVICE)
+    with torch.inference_mode():
+        y_inf = layer(x, adapter_names=names)
+    xg = x.clone().requires_grad_(True)
+    y = layer(xg, adapter_names=names)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), y_inf)
+    assert xg.grad is not None
 
 
 def test_layer_mixed_batch_errors():
