@@ -23,7 +23,7 @@ CPU the package's round-robin timer (``lora_kernels._bench``). ``--backward`` ti
 backward (gradients of x and of the adapter weights) instead of the forward.
 
     python benchmarks/bench_multi.py --quick                  # CPU, < 1 minute
-    python benchmarks/bench_multi.py --out benchmarks/results/multi_h200.json   # GPU, ~1.5 min
+    python benchmarks/bench_multi.py --out benchmarks/results/multi_h200.json   # GPU, < 1.5 min
 
 Writes a table to stdout, and with ``--out`` the JSON rows (with the device and versions) and a
 PNG plot beside it (when matplotlib is installed).
@@ -84,10 +84,12 @@ def sweep(quick: bool) -> list[dict]:
             ("target decode", "distinct", 64, 64, 16),
             ("target prefill", "uniform", 4096, 8, 16),
         ]
+    # most wanted first: a run cut short by --max-seconds still has the targets and the decode
     configs = list(targets)
-    for m in (decode,) if quick else (decode, prefill):
-        configs += [("popularity", p, m, 32, 16) for p in POPULARITIES]
+    configs += [("popularity", p, decode, 32, 16) for p in POPULARITIES]
     configs += [("rows", "uniform", m, 8, 16) for m in rows_axis]
+    if not quick:
+        configs += [("popularity", p, prefill, 32, 16) for p in POPULARITIES]
     configs += [("adapters", "uniform", prefill // 4, n, 16) for n in l_axis]
     configs += [("rank", "uniform", prefill // 4, 8, r) for r in r_axis]
     keys = ["sweep", "popularity", "rows", "L", "r"]
@@ -183,9 +185,7 @@ def time_all(fns: dict, cuda: bool, rounds: int) -> dict:
 
         res = {}
         for name, fn in fns.items():
-            med, p20, p80 = triton.testing.do_bench(
-                fn, warmup=10, rep=40, quantiles=[0.5, 0.2, 0.8]
-            )
+            med, p20, p80 = triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=[0.5, 0.2, 0.8])
             res[name] = {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
         return res
     timed = time_side_by_side(fns, warmup=1, rounds=rounds)
@@ -237,7 +237,8 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
         return False
     sweeps = [s for s in ("rows", "adapters", "rank") if any(r["sweep"] == s for r in rows)]
     pops = [r for r in rows if r["sweep"] == "popularity"]
-    fig, axes = plt.subplots(1, len(sweeps) + 1, figsize=(5 * (len(sweeps) + 1), 4))
+    fig, axes = plt.subplots(1, len(sweeps) + 1, figsize=(5 * (len(sweeps) + 1), 4), squeeze=False)
+    axes = axes[0]
     axis_key = {"rows": "rows", "adapters": "L", "rank": "r"}
     for ax, s in zip(axes, sweeps, strict=False):
         sel = [r for r in rows if r["sweep"] == s]
@@ -279,6 +280,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="CPU: timed rounds per provider")
     p.add_argument("--gather-max-gib", type=float, default=2.0,
                    help="skip gather+bmm where its gathered copies pass this size")  # fmt: skip
+    p.add_argument("--max-seconds", type=float, default=80.0,
+                   help="skip the configurations left once this much time has passed")  # fmt: skip
     p.add_argument("--out", default=None, help="write the rows to this JSON file (and a PNG)")
     args = p.parse_args(argv)
 
@@ -289,8 +292,11 @@ def main(argv=None) -> int:
     n = args.n or k
     torch.manual_seed(0)
     t_start = time.perf_counter()
-    rows = []
+    rows, skipped = [], []
     for cfg in sweep(args.quick):
+        if time.perf_counter() - t_start > args.max_seconds:
+            skipped.append(cfg)
+            continue
         fns, work = providers(
             cfg, k, n, dtype, device, args.backward, int(args.gather_max_gib * 2**30)
         )
@@ -302,7 +308,8 @@ def main(argv=None) -> int:
     title = f"{mode}, K={k}, N={n}, {str(dtype)[6:]}, {device_name(device)}"
     print(title)
     print(format_table(rows))
-    print(f"({elapsed:.0f} s)")
+    cut = f"; {len(skipped)} configurations skipped (--max-seconds)" if skipped else ""
+    print(f"({elapsed:.0f} s{cut})")
     if args.out:
         meta = {
             "device": device_name(device),
@@ -319,7 +326,7 @@ def main(argv=None) -> int:
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "skipped": skipped}, f, indent=1)
         png = os.path.splitext(args.out)[0] + ".png"
         if plot(rows, png, title):
             print(f"wrote {args.out} and {png}")
