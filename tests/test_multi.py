@@ -390,8 +390,10 @@ def test_compile_fullgraph_multi():
 
 
 def _bad_inputs():
-    x, w, b, a, bb, scales, ranks = make_stacks(4, 8, 6, 3, 2, torch.float32)
-    ids = torch.tensor([0, 1, -1, 2], device=DEVICE)
+    """Valid CPU inputs (values are checked on CPU tensors, where that needs no sync)."""
+    tensors = make_stacks(4, 8, 6, 3, 2, torch.float32)
+    x, w, b, a, bb, scales, ranks = (t.cpu() for t in tensors)
+    ids = torch.tensor([0, 1, -1, 2])
     return dict(
         x=x, weight=w, bias=b, lora_a=a, lora_b=bb, scales=scales, adapter_ids=ids, ranks=ranks
     )
