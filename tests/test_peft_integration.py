@@ -29,15 +29,21 @@ TARGETS = ["q_proj", "v_proj", "up_proj"]
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the fused-kernel calls, so a test can tell the fast path from PEFT's fallback."""
+    """Records the fused-kernel calls ("single" or "multi"), so a test can tell the fast path
+    from PEFT's fallback."""
     calls = []
-    real = integration.lora_linear
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
+    def counting(kind, real):
+        def call(*args, **kwargs):
+            calls.append(kind)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(integration, "lora_linear", counting)
+        return call
+
+    monkeypatch.setattr(integration, "lora_linear", counting("single", integration.lora_linear))
+    monkeypatch.setattr(
+        integration, "lora_linear_multi", counting("multi", integration.lora_linear_multi)
+    )
     return calls
 
 
@@ -130,10 +136,16 @@ def test_mixed_adapter_names_batch_equals_peft(kernel_calls):
         y_ref = reference(ids, adapter_names=names).logits
         y = fused(ids, adapter_names=names).logits
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    # q_proj (default, two), v_proj, up_proj (default), o_proj (two), in 2 layers: one call each
+    assert kernel_calls == ["multi"] * 8
     with torch.no_grad():
         fused.set_adapter("two")
         single = fused(ids).logits
     torch.testing.assert_close(y[0], single[0], rtol=1e-5, atol=1e-5)
+    assert kernel_calls[8:] == ["single"] * 4
+    fused.merge_adapter()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when there are merged"):
+        fused(ids, adapter_names=names)
 
 
 def test_save_pretrained_is_unchanged_and_dora_falls_back(tmp_path, kernel_calls):

@@ -11,7 +11,9 @@ adapter present in the layer, vanilla LoRA (no DoRA or other variant, no ``lora_
 no extra forward arguments, and dtypes the kernel takes. Anything else runs PEFT's own forward,
 so every PEFT feature keeps its exact behaviour. Nothing else changes: parameters, state_dict
 keys, ``set_adapter``, ``merge``/``unmerge``, ``merge_and_unload``, ``save_pretrained``,
-hotswapping, Trainer. Mixed ``adapter_names`` batches run PEFT's own per-adapter code.
+hotswapping, Trainer. A mixed ``adapter_names`` batch (a different adapter per sequence) runs in
+one ``lora_kernels.lora_linear_multi`` call under the same conditions for each adapter it uses
+(and no dropout in training mode); otherwise PEFT's per-adapter loop runs it.
 
 Layers PEFT creates after ``fuse`` (an adapter added for new target modules) are plain PEFT layers
 until ``fuse`` is called again. ``unfuse`` restores PEFT's class.
@@ -20,6 +22,7 @@ until ``fuse`` is called again. ``unfuse`` restores PEFT's class.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 try:
@@ -29,7 +32,8 @@ except ImportError as e:  # pragma: no cover - exercised only without peft insta
         "lora_kernels.integrations.peft needs the peft package: pip install 'lora_kernels[peft]'"
     ) from e
 
-from ..functional import lora_linear
+from ..functional import lora_linear, lora_linear_multi
+from ..nn import BASE_ADAPTER
 
 __all__ = ["FusedPeftLinear", "fuse", "unfuse"]
 
@@ -42,41 +46,55 @@ class FusedPeftLinear(PeftLoraLinear):
 
     lora_kernels_backend = "auto"
 
-    def _fused_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-        """The adapter to run on the kernel, or None when PEFT's own forward must run."""
-        if args or kwargs or self.disable_adapters or self.merged or self.fan_in_fan_out:
-            return None
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1:
-            return None
-        name = active[0]
-        if name in self.lora_variant or self.lora_bias.get(name, False):
-            return None
+    def _plain_layer(self, x: torch.Tensor) -> bool:
+        """Whether the base layer is one the kernel can replace for input ``x``."""
+        if self.disable_adapters or self.merged or self.fan_in_fan_out:
+            return False
         base = self.base_layer
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return None
-        if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
-            return None
-        if lora_a.bias is not None or lora_b.bias is not None:
-            return None
-        dropout = self.lora_dropout[name]
-        if type(dropout) not in (nn.Dropout, nn.Identity):
-            return None
+            return False
         w = base.weight
         if not x.is_floating_point() or x.dtype != w.dtype or x.device != w.device:
-            return None
-        if base.bias is not None and base.bias.dtype != w.dtype:
-            return None
+            return False
+        return base.bias is None or base.bias.dtype == w.dtype
+
+    def _vanilla(self, name: str, x: torch.Tensor, training_dropout_ok: bool) -> bool:
+        """Whether adapter ``name`` is plain LoRA in a form the kernel takes."""
+        if name in self.lora_variant or self.lora_bias.get(name, False):
+            return False
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+            return False
+        if lora_a.bias is not None or lora_b.bias is not None:
+            return False
+        dropout = self.lora_dropout[name]
+        if type(dropout) is nn.Dropout:
+            if dropout.training and dropout.p > 0 and not training_dropout_ok:
+                return False
+        elif type(dropout) is not nn.Identity:
+            return False
         a, b = lora_a.weight, lora_b.weight
-        if a.dtype not in (w.dtype, torch.float32) or b.dtype != a.dtype or a.device != w.device:
-            return None
-        return name
+        return a.dtype in (x.dtype, torch.float32) and b.dtype == a.dtype and a.device == x.device
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = self._fused_adapter(x, args, kwargs)
-        if name is None:
-            return super().forward(x, *args, **kwargs)
+        names = kwargs.get("adapter_names")
+        if not args and set(kwargs) <= {"adapter_names"} and self._plain_layer(x):
+            if names is None:
+                active = [a for a in self.active_adapters if a in self.lora_A]
+                if len(active) == 1 and self._vanilla(active[0], x, training_dropout_ok=True):
+                    return self._single(x, active[0])
+            elif isinstance(names, (list, tuple)) and x.dim() >= 2 and len(names) == len(x):
+                used = [n for n in dict.fromkeys(names) if n in self.lora_A]
+                same_dtype = len({self.lora_A[n].weight.dtype for n in used}) == 1
+                if (
+                    used
+                    and same_dtype
+                    and all(self._vanilla(n, x, training_dropout_ok=False) for n in used)
+                ):
+                    return self._mixed(x, list(names), used)
+        return super().forward(x, *args, **kwargs)
+
+    def _single(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.training else None
@@ -90,6 +108,37 @@ class FusedPeftLinear(PeftLoraLinear):
             x_lora=x_lora,
             backend=self.lora_kernels_backend,
         )
+
+    def _mixed(self, x: torch.Tensor, names: list[str], used: list[str]) -> torch.Tensor:
+        """PEFT's ``_mixed_batch_forward`` in one call: row (or sequence) i runs adapter
+        ``names[i]``; ``"__base__"`` and adapters this layer lacks run the base layer only."""
+        a_w = [self.lora_A[n].weight for n in used]
+        b_w = [self.lora_B[n].weight for n in used]
+        r_max = max(w.shape[0] for w in a_w)
+        # Zero-padded to the largest rank inside autograd, so each adapter's weights get the
+        # gradient of their own rows.
+        lora_a = torch.stack([F.pad(w, (0, 0, 0, r_max - w.shape[0])) for w in a_w])
+        lora_b = torch.stack([F.pad(w, (0, r_max - w.shape[1])) for w in b_w])
+        ranks = torch.tensor([w.shape[0] for w in a_w], dtype=torch.int32, device=x.device)
+        index = {n: i for i, n in enumerate(used)}
+        ids = torch.tensor(
+            [index.get(n, -1) if n != BASE_ADAPTER else -1 for n in names],
+            dtype=torch.int32,
+            device=x.device,
+        )
+        x3 = x if x.dim() <= 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        y = lora_linear_multi(
+            x3,
+            self.base_layer.weight,
+            self.base_layer.bias,
+            lora_a,
+            lora_b,
+            [self.scaling[n] for n in used],
+            ids,
+            ranks=ranks,
+            backend=self.lora_kernels_backend,
+        )
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _check_module(fn: str, model: object) -> None:
