@@ -5,16 +5,20 @@ the flags torch's build adds (``__CUDA_NO_HALF_OPERATORS__`` and friends) and ``
 A compile error fails, and so does any kernel for which ptxas reports a register spill or a
 stack frame (local memory: a register array indexed at run time, or a spill by another name).
 The torch binding is syntax-checked with the host compiler against torch's headers (the CPU
-wheel ships the c10/cuda ones). Skipped only where nvcc (or, for the binding, a C++ compiler
-or the headers) is missing.
+wheel ships the c10/cuda ones), and then built for real against stand-ins for the c10/cuda
+pieces and the launchers, so that its op schemas, every input check and the parameters it hands
+to the launchers are exercised on CPU tensors. Skipped only where nvcc (or, for the binding, a
+C++ compiler or the headers) is missing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -167,3 +171,480 @@ def test_binding_syntax():
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The binding built on CPU: schemas, input checks, and the parameters handed to the launchers
+# ---------------------------------------------------------------------------------------------
+
+# Stand-ins for the c10/cuda headers the binding includes (shadowing torch's, found first on the
+# include path): a device guard and a stream that do nothing, the launch status check.
+STUB_HEADERS = {
+    "c10/cuda/CUDAGuard.h": """#pragma once
+#include <c10/core/Device.h>
+namespace c10::cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+}  // namespace c10::cuda
+""",
+    "c10/cuda/CUDAStream.h": """#pragma once
+#include <cuda_runtime_api.h>
+#include <c10/core/Device.h>
+namespace c10::cuda {
+struct StubStream {
+  operator cudaStream_t() const { return nullptr; }
+};
+inline StubStream getCurrentCUDAStream(c10::DeviceIndex) { return {}; }
+}  // namespace c10::cuda
+""",
+    "c10/cuda/CUDAException.h": """#pragma once
+#include <cuda_runtime_api.h>
+#include <c10/util/Exception.h>
+#define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, "launch failed")
+""",
+}
+
+# Launchers that record their parameters, and an op that returns the last record.
+STUB_LAUNCHERS = """
+#include <torch/library.h>
+#include <vector>
+#include "lora_kernels/params.h"
+
+namespace lora_kernels {
+namespace {
+std::vector<double> last;
+double ptr(const void* p) { return static_cast<double>(reinterpret_cast<uintptr_t>(p)); }
+void record(double kind, const LoraLinearParams& p) {
+  last = {kind, ptr(p.x), ptr(p.x_lora), ptr(p.weight), ptr(p.bias), ptr(p.lora_a),
+          ptr(p.lora_b), ptr(p.scales), ptr(p.row_ids), ptr(p.ranks), ptr(p.y), ptr(p.s),
+          double(p.m), double(p.n), double(p.k), double(p.r), double(p.num_adapters),
+          double(p.ldx), double(p.ldx_lora), double(p.ldw), double(p.lda), double(p.ldb),
+          double(p.ldy), double(p.a_adapter_stride), double(p.b_adapter_stride), p.scale,
+          double(static_cast<int>(p.dtype))};
+}
+}  // namespace
+cudaError_t launch_lora_linear(const LoraLinearParams& p, cudaStream_t) {
+  record(1, p);
+  return cudaSuccess;
+}
+cudaError_t launch_lora_linear_multi(const LoraLinearParams& p, cudaStream_t) {
+  record(2, p);
+  return cudaSuccess;
+}
+cudaError_t launch_merge(const MergeParams& p, cudaStream_t) {
+  last = {3, ptr(p.weight), ptr(p.lora_a), ptr(p.lora_b), double(p.n), double(p.k),
+          double(p.r), double(p.ldw), double(p.lda), double(p.ldb), p.scale,
+          double(static_cast<int>(p.dtype))};
+  return cudaSuccess;
+}
+}  // namespace lora_kernels
+
+std::vector<double> last_launch() { return lora_kernels::last; }
+
+TORCH_LIBRARY(lora_kernels_stub, m) { m.def("last_launch() -> float[]", &last_launch); }
+"""
+
+LINEAR_FIELDS = [
+    *["kind", "x", "x_lora", "weight", "bias", "lora_a", "lora_b", "scales", "row_ids", "ranks"],
+    *["y", "s", "m", "n", "k", "r", "num_adapters", "ldx", "ldx_lora", "ldw", "lda", "ldb"],
+    *["ldy", "a_adapter_stride", "b_adapter_stride", "scale", "dtype"],
+]
+MERGE_FIELDS = ["kind", "weight", "lora_a", "lora_b", "n", "k", "r", "ldw", "lda", "ldb"]
+MERGE_FIELDS += ["scale", "dtype"]
+
+
+def _build_cpu_binding(build_dir: Path, cuda_include: str) -> None:
+    """The binding, with tensors on the CPU standing in for CUDA ones, and the stubs above."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    stub_include = build_dir / "stub_include"
+    for name, text in STUB_HEADERS.items():
+        (stub_include / name).parent.mkdir(parents=True, exist_ok=True)
+        (stub_include / name).write_text(text)
+    source = (CSRC / "binding.cpp").read_text()
+    # The one change to the binding: its "is this a CUDA tensor" test accepts CPU tensors.
+    assert source.count(".is_cuda()") >= 3
+    (build_dir / "binding_cpu.cpp").write_text(source.replace(".is_cuda()", ".is_cpu()"))
+    (build_dir / "stub_launchers.cpp").write_text(STUB_LAUNCHERS)
+    cpp_extension.load(
+        name="lora_kernels_binding_check",
+        sources=[str(build_dir / "binding_cpu.cpp"), str(build_dir / "stub_launchers.cpp")],
+        extra_include_paths=[str(stub_include), str(CSRC / "include"), cuda_include],
+        build_directory=str(build_dir),
+        is_python_module=False,
+    )
+
+
+def _binding_cases() -> list[str]:
+    """Every check of the binding, on CPU tensors; returns the failures."""
+    import torch
+
+    ops = torch.ops.lora_kernels_cuda
+    failures = []
+
+    def rand(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape).to(dtype)
+
+    def expect_error(pattern, fn, *args):
+        try:
+            fn(*args)
+        except RuntimeError as exc:
+            if not re.search(pattern, str(exc)):
+                failures.append(f"expected /{pattern}/, got: {str(exc).splitlines()[0]}")
+            return
+        failures.append(f"expected /{pattern}/, got no error")
+
+    def expect_launch(fields, want, fn, *args):
+        fn(*args)
+        got = dict(zip(fields, torch.ops.lora_kernels_stub.last_launch(), strict=True))
+        for key, value in want.items():
+            if got[key] != value:
+                failures.append(f"{fn}: {key} = {got[key]}, expected {value}")
+
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    m, k, n, r = 4, 136, 24, 8
+    # Views into wider buffers: every row stride differs from the row length.
+    x = rand(m, k + 8)[:, :k]
+    w = rand(n, k + 16)[:, :k]
+    b = rand(n)
+    a = rand(r, k + 24)[:, :k]
+    bb = rand(n, r + 3)[:, :r]
+    y = rand(m, n + 5)[:, :n]
+    s = torch.empty(m, r)
+    op = ops.lora_linear_out
+    linear = dict(m=m, n=n, k=k, r=r, ldx=k + 8, ldw=k + 16, lda=k + 24, ldb=r + 3, ldy=n + 5)
+    common = dict(x=ptr(x), weight=ptr(w), lora_a=ptr(a), lora_b=ptr(bb), y=ptr(y), s=ptr(s))
+    expect_launch(
+        LINEAR_FIELDS,
+        {**linear, **common, "kind": 1, "bias": ptr(b), "x_lora": ptr(x), "ldx_lora": k + 8,
+         "num_adapters": 1, "scales": 0, "row_ids": 0, "ranks": 0, "scale": 1.5, "dtype": 1},
+        op, x, w, b, a, bb, 1.5, None, y, s,
+    )  # fmt: skip
+    xl = rand(m, k + 32, dtype=torch.float16)[:, :k]
+    expect_launch(
+        LINEAR_FIELDS,
+        {"kind": 1, "bias": 0, "x_lora": ptr(xl), "ldx_lora": k + 32, "dtype": 0},
+        op, x.half(), w.half(), None, a.half(), bb.half(), 1.0, xl, y.half(), s,
+    )  # fmt: skip
+    expect_error(
+        r"expected lora_b of shape \[24, 8\], got \[24, 7\]",
+        op,
+        x,
+        w,
+        b,
+        a,
+        bb[:, :7],
+        1.0,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected weight of dtype BFloat16, got Half", op, x, w.half(), b, a, bb, 1.0, None, y, s
+    )
+    expect_error(
+        r"expected bias of shape \[24\], got \[23\]", op, x, w, b[:23], a, bb, 1.0, None, y, s
+    )
+    expect_error(
+        r"expected at most 64 rows of x \(the decode kernels\), got 65",
+        op,
+        rand(65, k),
+        w,
+        b,
+        a,
+        bb,
+        1.0,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected a rank between 1 and 256, got 257",
+        op,
+        x,
+        w,
+        b,
+        rand(257, k),
+        bb,
+        1.0,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"to be a multiple of 8, got 12",
+        op,
+        x[:, :12],
+        w[:, :12],
+        b,
+        a[:, :12],
+        bb,
+        1.0,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected x to start 16-byte aligned",
+        op,
+        rand(m, k + 8)[:, 1 : k + 1],
+        w,
+        b,
+        a,
+        bb,
+        1.0,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected the strides of weight to be multiples of 8",
+        op,
+        x,
+        rand(n, k + 1)[:, :k],
+        b,
+        a,
+        bb,
+        1.0,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected lora_a to have unit stride", op, x, w, b, rand(k, r).t(), bb, 1.0, None, y, s
+    )
+    expect_error(
+        r"expected x_lora of shape \[4, 136\], got \[3, 136\]", op, x, w, b, a, bb, 1.0, x[:3], y, s
+    )
+    expect_error(
+        r"expected x of dtype float16 or bfloat16, got Float",
+        op,
+        x.float(),
+        w,
+        b,
+        a,
+        bb,
+        1.0,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected s of dtype Float, got BFloat16", op, x, w, b, a, bb, 1.0, None, y, s.bfloat16()
+    )
+    expect_error(
+        r"expected s to be contiguous", op, x, w, b, a, bb, 1.0, None, y, torch.empty(r, m).t()
+    )
+    expect_error(
+        r"expected y of shape \[4, 24\], got \[4, 23\]", op, x, w, b, a, bb, 1.0, None, y[:, :23], s
+    )
+
+    num_adapters = 3
+    la = rand(num_adapters, r + 8, k + 8)[:, :r, :k]
+    lb = rand(num_adapters, n, r + 1)[:, :, :r]
+    scales = torch.rand(num_adapters)
+    ids = torch.zeros(m, dtype=torch.int32)
+    ranks = torch.ones(num_adapters, dtype=torch.int32)
+    mop = ops.lora_linear_multi_out
+    expect_launch(
+        LINEAR_FIELDS,
+        {**linear, **common, "kind": 2, "lora_a": ptr(la), "lora_b": ptr(lb), "lda": k + 8,
+         "ldb": r + 1, "a_adapter_stride": (r + 8) * (k + 8), "b_adapter_stride": n * (r + 1),
+         "num_adapters": num_adapters, "scales": ptr(scales), "row_ids": ptr(ids),
+         "ranks": ptr(ranks), "bias": 0, "dtype": 1},
+        mop, x, w, None, la, lb, scales, ids, ranks, y, s,
+    )  # fmt: skip
+    expect_launch(
+        LINEAR_FIELDS, {"kind": 2, "ranks": 0}, mop, x, w, b, la, lb, scales, ids, None, y, s
+    )
+    expect_error(
+        r"expected lora_a to be 3-D \[L, r, K\], got shape \[8, 136\]",
+        mop,
+        x,
+        w,
+        b,
+        a,
+        lb,
+        scales,
+        ids,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected lora_b of shape \[3, 24, 8\], got \[1, 24, 8\]",
+        mop,
+        x,
+        w,
+        b,
+        la,
+        lb[:1],
+        scales,
+        ids,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected scales of shape \[3\], got \[2\]",
+        mop,
+        x,
+        w,
+        b,
+        la,
+        lb,
+        scales[:2],
+        ids,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected scales of dtype Float, got Double",
+        mop,
+        x,
+        w,
+        b,
+        la,
+        lb,
+        scales.double(),
+        ids,
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected row_ids of dtype Int, got Long",
+        mop,
+        x,
+        w,
+        b,
+        la,
+        lb,
+        scales,
+        ids.long(),
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected row_ids of shape \[4\], got \[5\]",
+        mop,
+        x,
+        w,
+        b,
+        la,
+        lb,
+        scales,
+        torch.zeros(5, dtype=torch.int32),
+        None,
+        y,
+        s,
+    )
+    expect_error(
+        r"expected ranks of dtype Int, got Float", mop, x, w, b, la, lb, scales, ids, scales, y, s
+    )
+    expect_error(
+        r"expected the strides of lora_a to be multiples of 8",
+        mop,
+        x,
+        w,
+        b,
+        rand(num_adapters, r, k + 1)[:, :, :k],
+        lb,
+        scales,
+        ids,
+        None,
+        y,
+        s,
+    )
+
+    wm = rand(n, k + 8)[:, :k]
+    expect_launch(
+        MERGE_FIELDS,
+        {"kind": 3, "weight": ptr(wm), "lora_a": ptr(a), "lora_b": ptr(bb), "n": n, "k": k,
+         "r": r, "ldw": k + 8, "lda": k + 24, "ldb": r + 3, "scale": -0.5, "dtype": 1},
+        ops.merge_, wm, a, bb, -0.5,
+    )  # fmt: skip
+    w32 = torch.randn(n, 20)
+    expect_launch(
+        MERGE_FIELDS,
+        {"kind": 3, "k": 20, "dtype": 2},
+        ops.merge_,
+        w32,
+        torch.randn(r, 20),
+        torch.randn(n, r),
+        1.0,
+    )
+    expect_error(
+        r"multiple of 8 for BFloat16, got 20", ops.merge_, w32.bfloat16(), a[:, :20], bb, 1.0
+    )
+    expect_error(
+        r"multiple of 4 for Float, got 18",
+        ops.merge_,
+        torch.randn(n, 18),
+        torch.randn(r, 18),
+        torch.randn(n, r),
+        1.0,
+    )
+    expect_error(
+        r"expected lora_b of shape \[24, 8\], got \[24, 4\]",
+        ops.merge_,
+        w.clone(),
+        a,
+        bb[:, :4],
+        1.0,
+    )
+    expect_error(
+        r"expected lora_a of dtype Float, got BFloat16",
+        ops.merge_,
+        torch.randn(n, k),
+        a,
+        bb.float(),
+        1.0,
+    )
+    expect_error(
+        r"expected weight of dtype float16, bfloat16 or float32, got Double",
+        ops.merge_,
+        w.double(),
+        a.double(),
+        bb.double(),
+        1.0,
+    )
+    return failures
+
+
+def _run_binding_checks(build_dir: str, cuda_include: str) -> None:
+    """Entry point of the subprocess (a process of its own: the namespace is registered once)."""
+    _build_cpu_binding(Path(build_dir), cuda_include)
+    failures = _binding_cases()
+    print(json.dumps(failures, indent=2))
+    raise SystemExit(1 if failures else 0)
+
+
+def test_binding_checks_on_cpu(tmp_path):
+    """Schemas register, every bad input gets its message, strides and pointers reach the launch."""
+    cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    nvcc = _nvcc()
+    if cxx is None or nvcc is None:
+        pytest.skip("needs a C++ compiler and nvcc (for the CUDA runtime headers)")
+    import torch.utils.cpp_extension as cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("torch's extension build needs ninja")
+    cuda_include = _cuda_include_dir(nvcc)
+    if cuda_include is None:
+        pytest.skip("cuda_runtime_api.h not found")
+    code = "import sys; from tests.test_csrc_compile import _run_binding_checks; "
+    code += "_run_binding_checks(*sys.argv[1:])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(cuda_include)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
