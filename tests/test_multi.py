@@ -153,11 +153,18 @@ CASES = [
 ]
 # (dtype, pass ranks): zero-padded mixed ranks with and without the ranks tensor
 DTYPES = [(torch.float32, True), (torch.float16, False), (torch.bfloat16, True)]
+# every case x dtype x launcher, less the interpreter's slowest: the decode-shaped gather
+# strategy on 133 rows in fp16 (its fp16 path is checked on the smaller batches)
+MATRIX = [
+    pytest.param(impl, case, dtype, with_ranks, id=f"{impl}-{'-'.join(map(str, case[:6]))}-{dtype}")
+    for impl in IMPLS
+    for case in CASES
+    for dtype, with_ranks in DTYPES
+    if not (impl == "triton-gather" and case[0] > 64 and dtype == torch.float16)
+]
 
 
-@pytest.mark.parametrize("dtype,with_ranks", DTYPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c[:6]))
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,case,dtype,with_ranks", MATRIX)
 def test_multi_matches_reference(impl, case, dtype, with_ranks):
     m, k, n, num_adapters, r_max, popularity, ids_dtype = case
     check_multi(
