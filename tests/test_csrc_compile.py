@@ -614,6 +614,24 @@ def _binding_cases() -> list[str]:
         bb.double(),
         1.0,
     )
+
+    # The Python launchers over these ops: outputs they allocate, conversions they make.
+    from lora_kernels import _cuda_impl, _jit
+
+    _jit.load_extension = lambda: ops  # this process only
+    y1, s1 = _cuda_impl.lora_linear_fwd(x, w, b, a, bb, 2.0)
+    got = dict(zip(LINEAR_FIELDS, torch.ops.lora_kernels_stub.last_launch(), strict=True))
+    if (y1.shape, y1.dtype, s1.shape, s1.dtype) != ((m, n), x.dtype, (m, r), torch.float32):
+        failures.append(f"lora_linear_fwd returned {y1.shape} {y1.dtype}, {s1.shape} {s1.dtype}")
+    if (got["y"], got["s"], got["scale"]) != (y1.data_ptr(), s1.data_ptr(), 2.0):
+        failures.append("lora_linear_fwd did not launch into the tensors it returned")
+    # int64 ids far out of range, fp64 scales, int64 ranks: converted on the device, not refused.
+    ids64 = torch.tensor([0, -1, 2**40, -(2**40)])
+    y2, s2 = _cuda_impl.lora_linear_multi_fwd(x, w, b, la, lb, scales.double(), ids64, ranks.long())
+    if (y2.shape, s2.shape, s2.dtype) != ((m, n), (m, r), torch.float32):
+        failures.append(f"lora_linear_multi_fwd returned {y2.shape}, {s2.shape} {s2.dtype}")
+    if _cuda_impl.merge_(wm, a, bb, 1.0) is not wm:
+        failures.append("merge_ does not return its weight")
     return failures
 
 
