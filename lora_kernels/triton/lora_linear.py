@@ -1,0 +1,718 @@
+"""Single-adapter fused LoRA linear in Triton: forward and backward.
+
+Formula and shapes (``r`` is any rank 1..256)::
+
+    x [M, K], weight [N, K], bias [N] or None, lora_a [r, K], lora_b [N, r], x_lora [M, K] or x
+    S  = x_lora @ lora_a.T                                   [M, r]  fp32, saved for the backward
+    y  = x @ weight.T + bias + scale * S @ lora_b.T          [M, N]  x.dtype
+    T  = dy @ lora_b                                         [M, r]  fp32
+    dx = dy @ weight + scale * T @ lora_a                    [M, K]  (x_lora None)
+    dx = dy @ weight,  dx_lora = scale * T @ lora_a                  (x_lora given: PEFT dropout)
+    dA = scale * T.T @ x_lora                                [r, K]  lora_a.dtype
+    dB = scale * dy.T @ S                                    [N, r]  lora_b.dtype
+
+Two kernels do all of it.
+
+``_lora_gemm_kernel`` is the big GEMM, ``out = x @ w.T (+ bias)``, with the LoRA term added to
+its fp32 accumulator before the single rounding store, so neither ``x @ w.T`` nor the LoRA product
+is ever written as its own tensor. The forward calls it with ``w = weight``; the backward calls it
+for dx with ``w = weight.T`` and ``lora_b = lora_a.T`` (only strides change). The LoRA term comes
+in one of two ways, chosen by shape:
+
+* fused shrink (M <= 64 and r <= 64): S accumulates in the same K-loop as the base product, from
+  the x tile already in registers and a [BLOCK_K, r] slice of lora_a; one launch in all. Every
+  N-block program recomputes the same S, which costs r / BLOCK_N extra MMA work and re-reads
+  lora_a (r * K, L2-resident) per program: free while the GEMM is bound by streaming the weight,
+  which is the case for decode-sized M. The programs of the first N-block column store S.
+* precomputed S (larger M or r): a skinny launch computes S first, then the GEMM epilogue reads
+  its [BLOCK_M, r] rows. Once the GEMM is compute bound the recomputation would cost up to
+  r / BLOCK_N of it, whereas S on its own is r / N of the GEMM's work. Large ranks also do not fit
+  an [BLOCK_M, r] accumulator next to the main one, so the epilogue walks r in BLOCK_R chunks.
+
+``_lora_skinny_kernel`` computes the small products, ``out[P, R] = scale * L[P, Q] @ Z[Q, R]``
+with R <= 256 and a long reduction over Q: S (L = x_lora, Z = lora_a.T), dB (L = dy.T, Z = S) and
+dA.T (L = x_lora.T, Z = T). When the grid over (P, R) blocks would leave most of the GPU idle, Q
+is split among programs that add their partial sums with fp32 atomics.
+
+The backward is three launches and reads dy twice, once of them inside the dx GEMM, which has to
+read it anyway:
+
+1. one pass over dy: each program holds a [BLOCK_P, BLOCK_Q] tile of dy.T and takes from it both
+   its dB partial (tile @ S) and its T partial (tile.T @ lora_b), adding T across N-blocks with
+   fp32 atomics (T is tiny: M * r). A separate T launch would read all of dy once more.
+2. dx: the GEMM above over dy with the T epilogue (or T @ lora_a into dx_lora).
+3. dA from T and x_lora.
+
+Under ``torch.use_deterministic_algorithms(True)`` no atomics are used: no Q split, and T gets a
+launch of its own.
+
+Precision: every product accumulates in fp32 and each output is rounded once, at its store.
+Products that feed an fp32 result (S, T, and dA / dB of an fp32 adapter) upcast their 16-bit
+operand, which is exact, and use 3xTF32 dots on a GPU (``input_precision="tf32x3"``, about fp32
+accuracy), as do the dots of fp32 layers. The GEMM epilogue, whose result is rounded to 16 bits,
+multiplies the fp32 S (or T) by a 16-bit lora_b (lora_a): there S is split as ``hi + lo``, both in
+the 16-bit dtype, and multiplied as two native dots: about 16 significant bits at the cost of two
+16-bit MMAs rather than the six-equivalent of 3xTF32 (for fp16 the split overflows above 65504,
+where PyTorch's fp16 S would too). Triton 3.9's interpreter returns garbage for ``tl.dot`` on
+bf16 operands, so under the interpreter (and only there) the ``UPCAST_DOTS`` constexpr upcasts
+dot operands to fp32; on a GPU bf16 dots stay bf16.
+
+On CUDA the GEMM is autotuned over a short config list, keyed by a power-of-two bucket of M so
+that varying token counts do not retune every step; the first call of each new key times a few
+configs (keep it out of CUDA-graph capture). The skinny kernel takes fixed tiles and a split count
+sized to the SM count. Under the interpreter both use one small fixed config.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lora_kernels.triton import interpreting
+
+__all__ = ["lora_linear_fwd", "lora_linear_bwd"]
+
+MAX_RANK = 256
+
+# How the GEMM gets its LoRA term.
+_LORA_FUSED_SHRINK: tl.constexpr = tl.constexpr(1)
+_LORA_FROM_S: tl.constexpr = tl.constexpr(2)
+
+# Largest M and rank for which the GEMM recomputes S in its own K-loop (see the module docstring).
+_FUSED_SHRINK_MAX_M = 64
+_FUSED_SHRINK_MAX_R = 64
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Dot helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST_DOTS: tl.constexpr, SPLIT_F32: tl.constexpr):
+    """``acc + a @ b`` where the operands share a dtype or one of them is fp32.
+
+    Two 16-bit operands: a native dot. Two fp32 operands: 3xTF32. A mixed pair: the 16-bit
+    operand is upcast (exact) and dotted as fp32, unless SPLIT_F32 (``a`` is then the fp32 one),
+    where ``a`` is split into a 16-bit ``hi`` and the 16-bit rounding of its remainder ``lo``: two
+    native dots that keep about 16 significant bits of it, enough for a result rounded to 16 bits.
+    One function rather than nested helpers, because the interpreter pays for every jit call.
+    """
+    if SPLIT_F32 and a.dtype != b.dtype:
+        a_hi = a.to(b.dtype)
+        a_lo = (a - a_hi.to(tl.float32)).to(b.dtype)
+        if UPCAST_DOTS:
+            a_hi = a_hi.to(tl.float32)
+            a_lo = a_lo.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a_hi, b, acc)
+        acc = tl.dot(a_lo, b, acc)
+    elif UPCAST_DOTS:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32 or b.dtype == tl.float32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    xl_ptr,
+    a_ptr,
+    s_ptr,
+    b_ptr,
+    out_ptr,
+    out_lora_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    R,
+    m_bucket,  # power-of-two bucket of M: the autotuning key, unused in the body
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_xlm,
+    stride_xlk,
+    stride_ar,
+    stride_ak,
+    stride_sm,
+    stride_sr,
+    stride_bn,
+    stride_br,
+    stride_om,
+    stride_on,
+    stride_olm,
+    stride_oln,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    LORA_MODE: tl.constexpr,
+    HAS_XL: tl.constexpr,
+    SPLIT_LORA_OUT: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of ``x @ w.T + bias + scale * S @ b.T``.
+
+    LORA_MODE: _LORA_FUSED_SHRINK (S = xl @ a.T accumulated in the K-loop, BLOCK_R >= R; stored
+    to s_ptr by the first N-block column) or _LORA_FROM_S (S read from s_ptr in BLOCK_R chunks).
+    SPLIT_LORA_OUT writes the LoRA term to out_lora instead of adding it to out.
+    """
+    # Grouped tile order: GROUP_M row-blocks share each weight column-block while it is in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = (first_pid_m + (pid % num_pid_in_group) % group_size_m).to(tl.int64)
+    pid_n = ((pid % num_pid_in_group) // group_size_m).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if LORA_MODE == _LORA_FUSED_SHRINK:
+        a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
+        s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        if HAS_XL:
+            xl_ptrs = xl_ptr + offs_m[:, None] * stride_xlm + offs_k[None, :] * stride_xlk
+
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(x_tile, w_tile, acc, UPCAST_DOTS, False)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        if LORA_MODE == _LORA_FUSED_SHRINK:
+            a_tile = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r < R)[None, :], other=0.0)
+            a_ptrs += BLOCK_K * stride_ak
+            if HAS_XL:
+                xl_tile = tl.load(xl_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                xl_ptrs += BLOCK_K * stride_xlk
+                s_acc = _mma(xl_tile, a_tile, s_acc, UPCAST_DOTS, False)
+            else:
+                s_acc = _mma(x_tile, a_tile, s_acc, UPCAST_DOTS, False)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    # A split LoRA term gets its own accumulator; otherwise it lands in the base one.
+    lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if SPLIT_LORA_OUT else acc
+    if LORA_MODE == _LORA_FUSED_SHRINK:
+        mask_r = offs_r < R
+        if pid_n == 0:
+            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+            tl.store(s_ptrs, s_acc, mask=mask_m[:, None] & mask_r[None, :])
+        b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
+        b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        lora_acc = _mma(s_acc * scale, b_tile, lora_acc, UPCAST_DOTS, True)
+    elif LORA_MODE == _LORA_FROM_S:
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = (r0 + offs_r) < R
+            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
+            s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
+            b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            lora_acc = _mma(s_tile * scale, b_tile, lora_acc, UPCAST_DOTS, True)
+
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_LORA_OUT:
+        ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
+        tl.store(ol_ptrs, lora_acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
+    else:
+        acc = lora_acc
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _lora_skinny_kernel(
+    # pointers
+    l_ptr,
+    z_ptr,
+    out_ptr,
+    z2_ptr,
+    out2_ptr,
+    # sizes
+    P,
+    Q,
+    R,
+    q_per_split,  # a multiple of BLOCK_Q, so no tile straddles two splits
+    # strides
+    stride_lp,
+    stride_lq,
+    stride_zq,
+    stride_zr,
+    stride_op,
+    stride_or,
+    stride_z2p,
+    stride_z2r,
+    stride_o2q,
+    stride_o2r,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_OUT: tl.constexpr,
+    ATOMIC_OUT: tl.constexpr,
+    HAS_OUT2: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One [BLOCK_P, BLOCK_R] tile of ``out = scale * L @ Z`` over one split of Q.
+
+    ATOMIC_OUT adds the partial sum into an fp32 ``out`` (Q split among programs) instead of
+    storing it. HAS_OUT2 also adds ``L.T @ Z2`` (Z2 [P, R]) into the fp32 ``out2`` [Q, R] with
+    atomics: the programs of every P-block contribute to each of its rows.
+    """
+    pid_p = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1).to(tl.int64)
+    pid_q = tl.program_id(2).to(tl.int64)
+
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_q = tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < P
+    mask_r = offs_r < R
+    q_start = pid_q * q_per_split
+    q_end = min(q_start + q_per_split, Q)
+
+    acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+    if HAS_OUT2:
+        # The Z2 tile depends on the P- and R-blocks only: load it once for the whole Q loop.
+        z2_ptrs = z2_ptr + offs_p[:, None] * stride_z2p + offs_r[None, :] * stride_z2r
+        z2_tile = tl.load(z2_ptrs, mask=mask_p[:, None] & mask_r[None, :], other=0.0)
+
+    for q0 in range(q_start, q_end, BLOCK_Q):
+        q = q0 + offs_q
+        mask_q = q < Q
+        l_ptrs = l_ptr + offs_p[:, None] * stride_lp + q[None, :] * stride_lq
+        l_tile = tl.load(l_ptrs, mask=mask_p[:, None] & mask_q[None, :], other=0.0)
+        if HAS_OUT:
+            z_ptrs = z_ptr + q[:, None] * stride_zq + offs_r[None, :] * stride_zr
+            z_tile = tl.load(z_ptrs, mask=mask_q[:, None] & mask_r[None, :], other=0.0)
+            acc = _mma(l_tile, z_tile, acc, UPCAST_DOTS, False)
+        if HAS_OUT2:
+            part = tl.zeros((BLOCK_Q, BLOCK_R), dtype=tl.float32)
+            part = _mma(tl.trans(l_tile), z2_tile, part, UPCAST_DOTS, False)
+            o2_ptrs = out2_ptr + q[:, None] * stride_o2q + offs_r[None, :] * stride_o2r
+            tl.atomic_add(o2_ptrs, part, mask=mask_q[:, None] & mask_r[None, :], sem="relaxed")
+
+    if HAS_OUT:
+        out_ptrs = out_ptr + offs_p[:, None] * stride_op + offs_r[None, :] * stride_or
+        mask_out = mask_p[:, None] & mask_r[None, :]
+        if ATOMIC_OUT:
+            tl.atomic_add(out_ptrs, acc * scale, mask=mask_out, sem="relaxed")
+        else:
+            tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+def _cfg(block_m, block_n, block_k, warps, stages):
+    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+# Keyed by (small M, any fp32 operand). Small M streams the weight: narrow N tiles for many
+# programs and deep K pipelines. Large M is compute bound: big tiles for tensor-core reuse. Tiles
+# holding fp32 operands get a shorter BLOCK_K. Every entry, in every mode and dtype it is pruned
+# to, compiles for sm_90a without register spills, except a few fp32 corners (< 150 bytes).
+_GEMM_CONFIGS = {
+    (True, False): [
+        _cfg(16, 64, 128, 4, 4),
+        _cfg(16, 32, 256, 4, 3),
+        _cfg(32, 64, 128, 4, 4),
+        _cfg(64, 64, 64, 4, 4),
+    ],
+    (False, False): [
+        _cfg(64, 128, 64, 4, 4),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 256, 64, 8, 3),  # spills with a second (split) accumulator: pruned there
+    ],
+    (True, True): [_cfg(16, 64, 64, 4, 4), _cfg(64, 64, 32, 4, 4)],
+    (False, True): [_cfg(64, 128, 32, 4, 4), _cfg(128, 128, 32, 8, 3)],
+}
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """The configs of this call's (M bucket, operand width), of a height M can use."""
+    small = named_args["m_bucket"] <= _FUSED_SHRINK_MAX_M
+    wide = any(named_args[p].element_size() == 4 for p in ("x_ptr", "a_ptr", "b_ptr"))
+    kept = [c for c in _GEMM_CONFIGS[(small, wide)] if c in configs]
+    if kwargs.get("SPLIT_LORA_OUT"):
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
+    if small:
+        fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
+        kept = fitting or kept
+    return kept
+
+
+def _tuning_bench(kernel_call, quantiles):
+    """Shorter timing runs than Triton's default: at most 4 configs, each a sub-ms kernel."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+# Tuning results persist in Triton's cache directory, so a restarted job does not retune.
+_lora_gemm_tuned = triton.autotune(
+    configs=[c for group in _GEMM_CONFIGS.values() for c in group],
+    key=["m_bucket", "N", "K", "R", "LORA_MODE", "HAS_XL", "SPLIT_LORA_OUT", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    do_bench=_tuning_bench,
+    cache_results=True,
+)(_lora_gemm_kernel)
+
+# Under the interpreter: one small config, still smaller than the odd test sizes so that tiles
+# straddle every ragged edge.
+_INTERP_GEMM_META = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 4}
+_INTERP_SKINNY_BLOCKS = (64, 64)  # BLOCK_P, BLOCK_Q
+_CUDA_SKINNY_BLOCKS = (64, 64)
+_CUDA_SKINNY_META = {"num_warps": 4, "num_stages": 3}
+# Interpreter "SM count": small, so that the tests reach the Q-split (atomic) path.
+_INTERP_TARGET_PROGRAMS = 4
+
+
+# R-chunk of the precomputed-S epilogue on CUDA: its S and lora_b tiles (and the hi/lo halves)
+# sit next to the big accumulator, so keep them small.
+_CUDA_EPILOGUE_MAX_R = 32
+_SKINNY_MAX_R = 64
+
+
+def _rank_pad(r: int) -> int:
+    """Rank padded to a power of two >= 16, the smallest tl.dot dimension."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def _use_fused_shrink(m: int, r: int) -> bool:
+    """Recompute S inside the GEMM's K-loop (one launch) rather than in its own launch."""
+    return m <= _FUSED_SHRINK_MAX_M and r <= _FUSED_SHRINK_MAX_R
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs the skinny kernel aims for before it splits its reduction: two waves of SMs."""
+    if device.type != "cuda" or interpreting():
+        return _INTERP_TARGET_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return 2 * _sm_count(index)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> None:
+    """``out = x @ w.T (+ bias)`` plus the LoRA term of ``lora_mode`` (see _lora_gemm_kernel).
+
+    x [M, K], w [N, K], bias [N], xl [M, K], a [R, K], s [M, R] fp32, b [N, R], out and
+    out_lora [M, N], any strides; what the mode does not read may be None.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    r = b.shape[1]
+    upcast = interpreting()
+    if lora_mode == _LORA_FUSED_SHRINK.value:
+        block_r = _rank_pad(r)
+    else:
+        block_r = min(_rank_pad(r), _SKINNY_MAX_R if upcast else _CUDA_EPILOGUE_MAX_R)
+    # Pointers a mode never dereferences still need a tensor to pass.
+    bias_t = bias if bias is not None else out
+    xl_t = xl if xl is not None else x
+    a_t = a if a is not None else b
+    s_t = s if s is not None else out
+    ol_t = out_lora if out_lora is not None else out
+    args = (
+        x, w, bias_t, xl_t, a_t, s_t, b, out, ol_t,
+        m, n, k, r, min(triton.next_power_of_2(m), 4096),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        xl_t.stride(0), xl_t.stride(1), a_t.stride(0), a_t.stride(1),
+        s_t.stride(0), s_t.stride(1), b.stride(0), b.stride(1),
+        out.stride(0), out.stride(1), ol_t.stride(0), ol_t.stride(1),
+        float(scale),
+    )  # fmt: skip
+    flags = {
+        "HAS_BIAS": bias is not None,
+        "LORA_MODE": lora_mode,
+        "HAS_XL": xl is not None,
+        "SPLIT_LORA_OUT": out_lora is not None,
+        "UPCAST_DOTS": upcast,
+        "BLOCK_R": block_r,
+    }
+    if upcast:
+        meta = _INTERP_GEMM_META
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _lora_gemm_kernel[grid](*args, **flags, **meta)
+        return
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _lora_gemm_tuned[grid](*args, **flags)
+
+
+def _launch_skinny(l_mat, z, out, scale, *, z2=None, out2=None, deterministic=False) -> None:
+    """``out = scale * l_mat @ z`` and ``out2 += l_mat.T @ z2``, reduced over l_mat's columns.
+
+    l_mat [P, Q], z [Q, R], out [P, R] (any dtype, any strides; None when only out2 is wanted),
+    z2 [P, R], out2 a zeroed fp32 [Q, R]. ``deterministic`` keeps each reduction in one program
+    (no atomics on ``out``; out2, always added with atomics, is then not to be used).
+    """
+    p, q = l_mat.shape
+    r = (z if z is not None else z2).shape[1]
+    if q == 0:
+        if out is not None:
+            out.zero_()
+        return
+    if p == 0:
+        return
+    upcast = interpreting()
+    block_p, block_q = _INTERP_SKINNY_BLOCKS if upcast else _CUDA_SKINNY_BLOCKS
+    block_r = min(_rank_pad(r), _SKINNY_MAX_R)
+    tiles = triton.cdiv(p, block_p) * triton.cdiv(r, block_r)
+    q_blocks = triton.cdiv(q, block_q)
+    # Splitting Q costs out2 nothing (each split owns its rows of it) and out one atomic add per
+    # element and split.
+    splits = 1
+    if not deterministic:
+        splits = max(1, min(q_blocks, _target_programs(l_mat.device) // tiles))
+    q_per_split = triton.cdiv(q_blocks, splits) * block_q
+    splits = triton.cdiv(q, q_per_split)
+
+    # A split reduction adds fp32 partial sums: straight into an fp32 output, else into a buffer
+    # that is rounded into the output once at the end.
+    target = out
+    if out is not None and splits > 1:
+        if out.dtype == torch.float32:
+            out.zero_()
+        else:
+            target = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    out_t = target if target is not None else l_mat
+    z_t = z if z is not None else l_mat
+    z2_t = z2 if z2 is not None else l_mat
+    out2_t = out2 if out2 is not None else l_mat
+    grid = (triton.cdiv(p, block_p), triton.cdiv(r, block_r), splits)
+    _lora_skinny_kernel[grid](
+        l_mat, z_t, out_t, z2_t, out2_t,
+        p, q, r, q_per_split,
+        l_mat.stride(0), l_mat.stride(1), z_t.stride(0), z_t.stride(1),
+        out_t.stride(0), out_t.stride(1), z2_t.stride(0), z2_t.stride(1),
+        out2_t.stride(0), out2_t.stride(1),
+        float(scale),
+        HAS_OUT=out is not None,
+        ATOMIC_OUT=splits > 1,
+        HAS_OUT2=out2 is not None,
+        UPCAST_DOTS=upcast,
+        BLOCK_P=block_p,
+        BLOCK_Q=block_q,
+        BLOCK_R=block_r,
+        **({} if upcast else _CUDA_SKINNY_META),
+    )  # fmt: skip
+    if target is not out:
+        out.copy_(target)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def _check_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(
+            f"expected {name} to be 2-D, got {t.dim()}-D of shape {_fmt_shape(t.shape)}"
+        )
+
+
+def _check(name, t, shape, dtypes, device) -> None:
+    """Shape, dtype and device of one argument, with the expected and actual values."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"expected {name} of shape {_fmt_shape(shape)}, got {_fmt_shape(t.shape)}")
+    if t.dtype not in dtypes:
+        allowed = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"expected {name} of dtype {allowed}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"expected {name} on {device} (where x is), got {t.device}")
+
+
+def _check_common(x, weight, lora_a, lora_b, x_lora) -> tuple[int, int, int, int]:
+    """Checks shared by the forward and the backward; returns (M, K, N, r)."""
+    _check_2d("x", x)
+    _check_2d("weight", weight)
+    _check_2d("lora_a", lora_a)
+    _check_2d("lora_b", lora_b)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"expected x of dtype float32, float16 or bfloat16, got {x.dtype}")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"expected x on a CUDA device, got {x.device}: CPU tensors run only under the "
+            "Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+        )
+    m, k = x.shape
+    n = weight.shape[0]
+    r = lora_a.shape[0]
+    if not 1 <= r <= MAX_RANK:
+        raise ValueError(f"expected a LoRA rank (lora_a.shape[0]) in 1..{MAX_RANK}, got {r}")
+    lora_dtypes = (x.dtype, torch.float32)
+    _check("weight", weight, (n, k), (x.dtype,), x.device)
+    _check("lora_a", lora_a, (r, k), lora_dtypes, x.device)
+    _check("lora_b", lora_b, (n, r), lora_dtypes, x.device)
+    if x_lora is not None:
+        _check("x_lora", x_lora, (m, k), (x.dtype,), x.device)
+    return m, k, n, r
+
+
+# --------------------------------------------------------------------------------------------
+# Public launchers
+# --------------------------------------------------------------------------------------------
+
+
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = x @ weight.T + bias + scale * (x_lora @ lora_a.T) @ lora_b.T`` and ``S``.
+
+    x [M, K] (any strides), weight [N, K], bias [N] or None (x's dtype, fp32/fp16/bf16),
+    lora_a [r, K], lora_b [N, r] (x's dtype or fp32), 1 <= r <= 256, x_lora [M, K] or None: the
+    LoRA branch's input (PEFT's dropout output), None meaning x.
+
+    Returns ``y`` [M, N] contiguous in x.dtype and ``S = x_lora @ lora_a.T`` [M, r] float32,
+    saved for :func:`lora_linear_bwd`.
+    """
+    m, k, n, r = _check_common(x, weight, lora_a, lora_b, x_lora)
+    if bias is not None:
+        _check("bias", bias, (n,), (x.dtype,), x.device)
+
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    s = torch.empty((m, r), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return y, s
+    if n > 0 and _use_fused_shrink(m, r):
+        _launch_gemm(x, weight, bias, x_lora, lora_a, s, lora_b, y, None, scale,
+                     _LORA_FUSED_SHRINK.value)  # fmt: skip
+        return y, s
+    xl = x if x_lora is None else x_lora
+    _launch_skinny(
+        xl, lora_a.t(), s, 1.0, deterministic=torch.are_deterministic_algorithms_enabled()
+    )
+    if n > 0:
+        _launch_gemm(x, weight, bias, None, None, s, lora_b, y, None, scale, _LORA_FROM_S.value)
+    return y, s
+
+
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+    *,
+    needs_dx: bool = True,
+    needs_da: bool = True,
+    needs_db: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`lora_linear_fwd` for the upstream ``dy`` [M, N] (any strides).
+
+    ``s`` is the float32 [M, r] the forward returned. With ``T = dy @ lora_b``::
+
+        x_lora None:   dx = dy @ weight + scale * T @ lora_a,   dx_lora = None
+        x_lora given:  dx = dy @ weight,   dx_lora = scale * T @ lora_a
+                       (the caller chains dx_lora through its dropout mask into x's gradient)
+        da = scale * T.T @ x_lora     [r, K] in lora_a.dtype
+        db = scale * dy.T @ s         [N, r] in lora_b.dtype
+
+    Returns ``(dx, dx_lora, da, db)``; dx and dx_lora are None unless ``needs_dx``, da unless
+    ``needs_da``, db unless ``needs_db``.
+    """
+    m, k, n, r = _check_common(x, weight, lora_a, lora_b, x_lora)
+    _check("dy", dy, (m, n), (x.dtype,), x.device)
+    _check("s", s, (m, r), (torch.float32,), x.device)
+
+    dev = x.device
+    dx = torch.empty((m, k), dtype=x.dtype, device=dev) if needs_dx else None
+    dx_lora = None
+    if needs_dx and x_lora is not None:
+        dx_lora = torch.empty((m, k), dtype=x_lora.dtype, device=dev)
+    da = torch.empty((r, k), dtype=lora_a.dtype, device=dev) if needs_da else None
+    db = torch.empty((n, r), dtype=lora_b.dtype, device=dev) if needs_db else None
+    if m == 0:
+        for grad in (da, db):
+            if grad is not None:
+                grad.zero_()
+        return dx, dx_lora, da, db
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    t = None
+    if needs_dx or needs_da:
+        t = torch.zeros((m, r), dtype=torch.float32, device=dev)
+    # 1. dB and T from one pass over dy (T added across N-blocks with atomics).
+    if deterministic and t is not None:
+        _launch_skinny(dy, lora_b, t, 1.0, deterministic=True)
+        if needs_db:
+            _launch_skinny(dy.t(), s, db, scale, deterministic=True)
+    elif needs_db or t is not None:
+        _launch_skinny(dy.t(), s if needs_db else None, db, scale,
+                       z2=lora_b if t is not None else None, out2=t)  # fmt: skip
+    # 2. dx: the base GEMM over dy with T @ lora_a in its epilogue.
+    if needs_dx:
+        _launch_gemm(dy, weight.t(), None, None, None, t, lora_a.t(), dx, dx_lora, scale,
+                     _LORA_FROM_S.value)  # fmt: skip
+    # 3. dA from T and the LoRA branch's input.
+    if needs_da:
+        xl = x if x_lora is None else x_lora
+        _launch_skinny(xl.t(), t, da.t(), scale, deterministic=deterministic)
+    return dx, dx_lora, da, db
