@@ -1,0 +1,390 @@
+"""The single-adapter Triton kernels (``lora_kernels.triton.lora_linear``) against the spec.
+
+Every result is compared with ``lora_kernels.reference`` evaluated in fp64 (the exact answer) under
+the rule of ``tests/tolerances.py``: the kernel's largest error may be at most twice that of plain
+PyTorch doing the same computation in the inputs' own precision (PEFT's recipe: an fp32 adapter
+runs the LoRA branch in fp32; S, being fp32, is computed in fp32), plus a per-dtype floor.
+
+On a CUDA machine with ``TRITON_INTERPRET`` unset or 0 the tests run on the GPU (bf16 with real
+bf16 dots); elsewhere on CPU tensors under the Triton interpreter, which is slow: shapes are small
+but odd (1, 7, 17, 129, 133, 2049) so that every tile edge is ragged. Rather than the full cross
+product of dtype x shape x rank x bias, each dtype runs a list of shapes chosen so that ranks 1, 8,
+16, 64 and 256 and both forward paths (S fused into the GEMM for M <= 64 and r <= 64, else its own
+launch) each appear, with and without bias.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import torch.nn.functional as F  # noqa: E402
+
+from lora_kernels import reference  # noqa: E402
+from lora_kernels.triton import interpreting  # noqa: E402
+from lora_kernels.triton import lora_linear as lk_triton  # noqa: E402
+from lora_kernels.triton.lora_linear import lora_linear_bwd, lora_linear_fwd  # noqa: E402
+from tests.tolerances import assert_close_to_ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SCALE = 0.75
+
+
+def _make(m, k, n, r, dtype, *, lora_dtype=None, bias=True, x_lora=False):
+    """Random inputs scaled so that y, its LoRA term and every gradient are O(1)."""
+    lora_dtype = lora_dtype or dtype
+
+    def rand(*shape, std=1.0, dt=dtype):
+        return (torch.randn(*shape) * std).to(dt).to(DEVICE)
+
+    return {
+        "x": rand(m, k),
+        "weight": rand(n, k, std=k**-0.5),
+        "bias": rand(n, std=0.5) if bias else None,
+        "lora_a": rand(r, k, std=k**-0.5, dt=lora_dtype),
+        "lora_b": rand(n, r, std=r**-0.5, dt=lora_dtype),
+        "x_lora": rand(m, k) if x_lora else None,
+        "dy": rand(m, n),
+    }
+
+
+def _run_kernels(t, **flags):
+    y, s = lora_linear_fwd(
+        t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALE, t["x_lora"]
+    )
+    grads = lora_linear_bwd(
+        t["dy"], t["x"], t["weight"], t["lora_a"], t["lora_b"], s, SCALE, t["x_lora"], **flags
+    )
+    return (y, s, *grads)
+
+
+def _truth(t):
+    """The spec in fp64: y, S, dx (base part), dx_lora (LoRA part, None without x_lora), dA, dB."""
+    d = {key: None if v is None else v.double() for key, v in t.items()}
+    y = reference.lora_linear(
+        d["x"], d["weight"], d["bias"], d["lora_a"], d["lora_b"], SCALE, d["x_lora"]
+    )
+    dx, da, db = reference.lora_linear_backward(
+        d["dy"], d["x"], d["weight"], d["lora_a"], d["lora_b"], SCALE, d["x_lora"]
+    )
+    xl = d["x"] if d["x_lora"] is None else d["x_lora"]
+    s = xl @ d["lora_a"].T
+    dx_lora = None
+    if d["x_lora"] is not None:
+        dx_lora = SCALE * (d["dy"] @ d["lora_b"]) @ d["lora_a"]
+        dx = dx - dx_lora  # the kernel returns the base branch's part in dx
+    return y, s, dx, dx_lora, da, db
+
+
+def _torch_same_precision(t):
+    """Plain PyTorch autograd in the inputs' precision: what the kernel's errors are measured by."""
+    x = t["x"].clone().requires_grad_()
+    xl = x if t["x_lora"] is None else t["x_lora"].clone().requires_grad_()
+    a = t["lora_a"].clone().requires_grad_()
+    b = t["lora_b"].clone().requires_grad_()
+    lora = F.linear(F.linear(xl.to(a.dtype), a), b) * SCALE
+    y = F.linear(x, t["weight"], t["bias"]) + lora.to(x.dtype)
+    y.backward(t["dy"])
+    s = F.linear(xl.detach().float(), a.detach().float())
+    dx_lora = xl.grad if t["x_lora"] is not None else None
+    return y.detach(), s, x.grad, dx_lora, a.grad, b.grad
+
+
+NAMES = ("y", "s", "dx", "dx_lora", "da", "db")
+
+
+def _check_all(t, outputs=None):
+    """Run the kernels (unless given their outputs) and check every result and its dtype."""
+    got = outputs if outputs is not None else _run_kernels(t)
+    truth = _truth(t)
+    base = _torch_same_precision(t)
+    y, s, dx, dx_lora, da, db = got
+    assert y.dtype == t["x"].dtype and y.is_contiguous()
+    assert s.dtype == torch.float32
+    assert dx.dtype == t["x"].dtype
+    assert da.dtype == t["lora_a"].dtype and db.dtype == t["lora_b"].dtype
+    assert (dx_lora is None) == (t["x_lora"] is None)
+    for name, g, tr, bs in zip(NAMES, got, truth, base, strict=True):
+        if g is not None:
+            assert_close_to_ref(name, g, tr, bs)
+
+
+# (M, K, N, r, bias): each line says what it adds.
+CASES = [
+    pytest.param(1, 17, 129, 8, True, id="m1-k17-n129-r8"),  # fused S, two N-blocks
+    pytest.param(7, 129, 17, 16, False, id="m7-k129-n17-r16"),  # fused S, ragged K-loop
+    pytest.param(7, 1, 7, 64, True, id="m7-k1-n7-r64"),  # largest fused rank, K = 1
+    pytest.param(1, 7, 1, 256, True, id="m1-k7-n1-r256"),  # separate S at M = 1, N = 1
+    pytest.param(133, 129, 17, 1, True, id="m133-k129-n17-r1"),  # separate S, split reductions
+    pytest.param(133, 17, 129, 256, False, id="m133-k17-n129-r256"),  # rank chunks everywhere
+    pytest.param(1, 2049, 17, 16, True, id="m1-k2049-n17-r16"),  # long K
+]
+
+
+@pytest.mark.parametrize("m, k, n, r, bias", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward(dtype, m, k, n, r, bias):
+    _check_all(_make(m, k, n, r, dtype, bias=bias))
+
+
+def test_wide_n():
+    """N = 2049: many output tiles forward, a long reduction for dx, many dy-pass programs."""
+    _check_all(_make(133, 17, 2049, 16, torch.bfloat16))
+
+
+@pytest.mark.parametrize("m", [7, 133])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_x_lora(dtype, m):
+    """PEFT dropout: the LoRA branch reads x_lora; dx and dx_lora come back separately."""
+    t = _make(m, 129, 17, 16, dtype, x_lora=True)
+    outputs = _run_kernels(t)
+    _check_all(t, outputs)
+    # Together they are the spec's dx (the gradient as if x_lora were x on the LoRA branch).
+    d = {key: v.double() for key, v in t.items() if v is not None}
+    dx_ref, _, _ = reference.lora_linear_backward(
+        d["dy"], d["x"], d["weight"], d["lora_a"], d["lora_b"], SCALE, d["x_lora"]
+    )
+    base = _torch_same_precision(t)
+    assert_close_to_ref("dx + dx_lora", outputs[2] + outputs[3], dx_ref, base[2] + base[3])
+
+
+@pytest.mark.parametrize("m", [7, 133])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fp32_adapter_on_16bit_base(dtype, m):
+    """PEFT's default: fp32 lora_A/lora_B on a bf16/fp16 layer; dA, dB come back in fp32."""
+    _check_all(_make(m, 129, 17, 16, dtype, lora_dtype=torch.float32))
+
+
+@pytest.mark.parametrize("m", [7, 133])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous(dtype, m):
+    """x column-major, dy a strided slice, weight transposed in memory: all read through strides."""
+    t = _make(m, 129, 17, 8, dtype)
+    t["x"] = t["x"].t().contiguous().t()
+    t["dy"] = torch.cat([t["dy"], t["dy"]], dim=1)[:, ::2]
+    t["weight"] = t["weight"].t().contiguous().t()
+    assert not t["x"].is_contiguous() and not t["dy"].is_contiguous()
+    _check_all(t)
+
+
+def test_empty_batch():
+    """M = 0: empty y, S and dx; zero dA and dB."""
+    t = _make(0, 17, 9, 4, torch.bfloat16)
+    y, s, dx, dx_lora, da, db = _run_kernels(t)
+    assert y.shape == (0, 9) and s.shape == (0, 4) and dx.shape == (0, 17)
+    assert dx_lora is None
+    assert da.shape == (4, 17) and db.shape == (9, 4)
+    assert not da.any() and not db.any()
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [
+        {"needs_dx": True, "needs_da": False, "needs_db": False},
+        {"needs_dx": False, "needs_da": True, "needs_db": False},
+        {"needs_dx": False, "needs_da": False, "needs_db": True},
+        {"needs_dx": False, "needs_da": True, "needs_db": True},
+    ],
+    ids=["dx", "da", "db", "da+db"],
+)
+@pytest.mark.parametrize("x_lora", [False, True], ids=["x", "x_lora"])
+def test_needs_flags(needs, x_lora):
+    """Only the requested gradients come back, and they are right on their own."""
+    t = _make(133, 17, 33, 8, torch.bfloat16, x_lora=x_lora)
+    y, s = lora_linear_fwd(
+        t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALE, t["x_lora"]
+    )
+    dx, dx_lora, da, db = lora_linear_bwd(
+        t["dy"], t["x"], t["weight"], t["lora_a"], t["lora_b"], s, SCALE, t["x_lora"], **needs
+    )
+    truth = _truth(t)
+    base = _torch_same_precision(t)
+    wanted = {
+        "dx": needs["needs_dx"],
+        "dx_lora": needs["needs_dx"] and x_lora,
+        "da": needs["needs_da"],
+        "db": needs["needs_db"],
+    }
+    for i, (name, got) in enumerate(zip(NAMES[2:], (dx, dx_lora, da, db), strict=True), start=2):
+        assert (got is not None) == wanted[name], name
+        if got is not None:
+            assert_close_to_ref(name, got, truth[i], base[i])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-S", "separate-S"])
+@pytest.mark.parametrize("m", [7, 133])
+def test_both_forward_paths(monkeypatch, fused, m):
+    """Either way of computing S is right at any M (the shape only picks the faster one)."""
+    monkeypatch.setattr(lk_triton, "_use_fused_shrink", lambda m, r: fused)
+    _check_all(_make(m, 129, 17, 16, torch.bfloat16, x_lora=True))
+
+
+def test_deterministic_mode():
+    """With deterministic algorithms on, no atomics: the same bits twice, and right."""
+    t = _make(133, 129, 33, 8, torch.bfloat16)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = _run_kernels(t)
+        second = _run_kernels(t)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, a, b in zip(NAMES, first, second, strict=True):
+        if a is not None:
+            assert torch.equal(a, b), name
+    _check_all(t, first)
+
+
+def _bad(m=5, k=8, n=6, r=4, dtype=torch.float32):
+    return _make(m, k, n, r, dtype)
+
+
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda t: t.update(lora_b=t["lora_b"][:, :3]), ValueError, ["lora_b", "[6, 4]", "[6, 3]"]),
+        (lambda t: t.update(lora_a=t["lora_a"][:, :7]), ValueError, ["lora_a", "[4, 8]", "[4, 7]"]),
+        (lambda t: t.update(weight=t["weight"][:5]), ValueError, ["lora_b", "[5, 4]", "[6, 4]"]),
+        (lambda t: t.update(bias=t["bias"][:2]), ValueError, ["bias", "[6]", "[2]"]),
+        (lambda t: t.update(x_lora=t["x"][:4]), ValueError, ["x_lora", "[5, 8]", "[4, 8]"]),
+        (lambda t: t.update(x=t["x"][None]), ValueError, ["x", "2-D", "3-D"]),
+        (lambda t: t.update(lora_a=t["lora_a"].half()), TypeError, ["lora_a", "torch.float16"]),
+        (lambda t: t.update(weight=t["weight"].half()), TypeError, ["weight", "torch.float16"]),
+        (lambda t: t.update(x=t["x"].int()), TypeError, ["x", "torch.int32"]),
+        (
+            lambda t: t.update(lora_a=t["lora_a"][:0], lora_b=t["lora_b"][:, :0]),
+            ValueError,
+            ["rank", "got 0"],
+        ),
+    ],
+    ids=[
+        "lora_b",
+        "lora_a",
+        "weight",
+        "bias",
+        "x_lora",
+        "x-3d",
+        "lora-dtype",
+        "w-dtype",
+        "x-int",
+        "r0",
+    ],
+)
+def test_forward_rejects_bad_input(change, error, words):
+    t = _bad()
+    change(t)
+    with pytest.raises(error) as info:
+        lora_linear_fwd(
+            t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALE, t["x_lora"]
+        )
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_rank_above_256_rejected():
+    t = _bad(r=257)
+    with pytest.raises(ValueError, match="1..256, got 257"):
+        lora_linear_fwd(t["x"], t["weight"], None, t["lora_a"], t["lora_b"], SCALE)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda t, s: ({**t, "dy": t["dy"][:, :5]}, s), ["dy", "[5, 6]", "[5, 5]"]),
+        (lambda t, s: (t, s.double()), ["s", "torch.float32", "torch.float64"]),
+        (lambda t, s: (t, s[:3]), ["s", "[5, 4]", "[3, 4]"]),
+    ],
+    ids=["dy-shape", "s-dtype", "s-shape"],
+)
+def test_backward_rejects_bad_input(change, words):
+    t = _bad()
+    _, s = lora_linear_fwd(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALE)
+    t, s = change(t, s)
+    with pytest.raises((ValueError, TypeError)) as info:
+        lora_linear_bwd(t["dy"], t["x"], t["weight"], t["lora_a"], t["lora_b"], s, SCALE)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="needs CPU tensors")
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    t = _bad()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        lora_linear_fwd(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALE)
+
+
+# ---- the GPU code path, compiled here: what the interpreter never runs (bf16 dots, 3xTF32,
+# atomics, the autotuned configs) must at least compile for Hopper. ----
+
+_SM90_VARIANTS = [
+    # (kernel, dtype of x, dtype of the adapter, constexprs)
+    ("gemm", "bf16", "bf16", {"LORA_MODE": 1, "HAS_XL": True, "SPLIT_LORA_OUT": False}),
+    ("gemm", "bf16", "bf16", {"LORA_MODE": 2, "HAS_XL": False, "SPLIT_LORA_OUT": True}),
+    ("gemm", "fp16", "fp32", {"LORA_MODE": 1, "HAS_XL": False, "SPLIT_LORA_OUT": False}),
+    ("gemm", "fp32", "fp32", {"LORA_MODE": 2, "HAS_XL": False, "SPLIT_LORA_OUT": False}),
+    ("skinny", "bf16", "bf16", {"HAS_OUT": True, "ATOMIC_OUT": False, "HAS_OUT2": True}),
+    ("skinny", "bf16", "fp32", {"HAS_OUT": True, "ATOMIC_OUT": True, "HAS_OUT2": False}),
+]
+
+
+def _compile_sm90() -> None:
+    """Compile each variant above to a Hopper cubin (needs no GPU); raises on the first failure."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    ptr = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+    for kind, x_dt, lora_dt, flags in _SM90_VARIANTS:
+        if kind == "gemm":
+            fn = lk_triton._lora_gemm_kernel
+            config = lk_triton._GEMM_CONFIGS[(flags["LORA_MODE"] == 1, "fp32" in (x_dt, lora_dt))][
+                0
+            ]
+            block_r = 64 if flags["LORA_MODE"] == 1 else lk_triton._CUDA_EPILOGUE_MAX_R
+            consts = {**flags, **config.kwargs, "HAS_BIAS": True, "BLOCK_R": block_r}
+            pointers = {"a_ptr": lora_dt, "b_ptr": lora_dt, "s_ptr": "fp32"}
+            warps, stages = config.num_warps, config.num_stages
+        else:
+            fn = lk_triton._lora_skinny_kernel
+            block_p, block_q = lk_triton._CUDA_SKINNY_BLOCKS
+            consts = {**flags, "BLOCK_P": block_p, "BLOCK_Q": block_q, "BLOCK_R": 64}
+            pointers = {"z_ptr": "fp32", "z2_ptr": lora_dt, "out_ptr": "fp32", "out2_ptr": "fp32"}
+            warps, stages = lk_triton._CUDA_SKINNY_META.values()
+        consts["UPCAST_DOTS"] = False
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = ptr[pointers.get(name, x_dt)]
+            else:
+                signature[name] = "fp32" if name == "scale" else "i32"
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
+        options = {"num_warps": warps, "num_stages": stages}
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm["cubin"], (kind, x_dt, lora_dt, flags)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the real kernels instead")
+def test_kernels_compile_for_sm90():
+    # In a child process: the JIT compiles only with the interpreter off, and this process has
+    # already imported triton with it on.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    code = "import tests.test_triton_lora_linear as t; t._compile_sm90()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
