@@ -321,6 +321,8 @@ def main(argv=None) -> int:
             "K": k,
             "N": n,
             "backends": lk.available_backends(),
+            "argv": sys.argv[1:],
+            "torch_threads": torch.get_num_threads(),
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
             "seconds": elapsed,
         }
