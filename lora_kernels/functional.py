@@ -171,7 +171,7 @@ def lora_linear_multi(
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    scales,
+    scales: torch.Tensor | list[float],
     adapter_ids: torch.Tensor,
     *,
     ranks: torch.Tensor | None = None,
