@@ -82,7 +82,7 @@ SHOWCASE = [
 # Steps, batch size and learning rate per run length. The rate is high for LoRA because the runs
 # are a few dozen steps and the classifier copy starts from random.
 SCHEDULES = {
-    "full": {"steps": 40, "batch": 24, "lr": 1e-2, "test": 256},
+    "full": {"steps": 32, "batch": 16, "lr": 1e-2, "test": 256},
     "quick": {"steps": 16, "batch": 16, "lr": 1e-2, "test": 96},
 }
 
