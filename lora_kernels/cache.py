@@ -56,7 +56,9 @@ __all__ = [
     "AdapterLayer",
     "CacheStats",
     "CachedAdapter",
+    "MAX_INSTALLED",
     "SlotTensors",
+    "release_adapters",
     "switch_adapter",
 ]
 
@@ -658,23 +660,49 @@ class AdapterCache:
 # ----------------------------------------------------------------------------------------------
 
 
+MAX_INSTALLED = 4
+"""Adapters ``switch_adapter`` keeps installed in a model without device slots (device copies,
+least recently used dropped first); with slots, the number of slots bounds them."""
+
+
 @dataclass
 class _Installed:
-    """The adapter ``switch_adapter`` put into a model's layers from a cache."""
+    """An adapter ``switch_adapter`` put into a model's layers from a cache."""
 
-    name: str
     cache: AdapterCache
     adapter: CachedAdapter
-    slot: int | None
-    generation: int
-    paths: list[str]
+    slot: int | None  # the held slot its weights are views of; None: device copies
 
 
-_STATE_ATTR = "_lora_kernels_installed"
+class _SwitchState:
+    """Per model: the adapters installed from caches, least recently used first.
+
+    Copies and pickles of the model start with an empty state: the installed adapters travel
+    as ordinary adapters of the layers, and the slots stay held by the original only.
+    """
+
+    def __init__(self) -> None:
+        self.installed: OrderedDict[str, _Installed] = OrderedDict()
+
+    def __deepcopy__(self, memo) -> _SwitchState:
+        return _SwitchState()
+
+    def __reduce__(self):
+        return (_SwitchState, ())
+
+
+_STATE_ATTR = "_lora_kernels_switch_state"
+
+
+def _state(model: nn.Module) -> _SwitchState:
+    state = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        state = model.__dict__[_STATE_ATTR] = _SwitchState()
+    return state
 
 
 def _check_fits_model(
-    fn: str, layers: dict[str, FusedLoraLinear], adapter: CachedAdapter, installed
+    fn: str, layers: dict[str, FusedLoraLinear], adapter: CachedAdapter, ours: bool
 ) -> None:
     problems = []
     for path, lay in adapter.layers.items():
@@ -692,9 +720,8 @@ def _check_fits_model(
     if problems:
         shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
         raise ValueError(f"{fn}: adapter {adapter.name!r} does not fit the model: {shown}")
-    ours = installed.name if installed is not None else None
-    clash = [p for p, m in layers.items() if adapter.name in m.lora_A and adapter.name != ours]
-    if clash:
+    clash = [p for p, m in layers.items() if adapter.name in m.lora_A]
+    if clash and not ours:
         raise ValueError(
             f"{fn}: layers {clash[:3]} already have an adapter named {adapter.name!r} that the "
             "cache did not install; delete it or cache the adapter under another name"
@@ -721,14 +748,18 @@ def _check_unmergeable(fn: str, layers: dict[str, FusedLoraLinear]) -> None:
                 raise ValueError(f"{path}: {e}") from None
 
 
-def _uninstall(model: nn.Module, layers: dict[str, FusedLoraLinear], installed: _Installed) -> None:
+def _uninstall(
+    model: nn.Module, layers: dict[str, FusedLoraLinear], state: _SwitchState, name: str
+) -> None:
+    """Remove an installed adapter from its layers (none of them may be merged with it)."""
+    installed = state.installed.pop(name)
     configs = getattr(model, "lora_configs", None)
-    if isinstance(configs, dict) and configs.get(installed.name) is installed.adapter.config:
-        del configs[installed.name]
-    for path in installed.paths:
+    if isinstance(configs, dict) and configs.get(name) is installed.adapter.config:
+        del configs[name]
+    for path in installed.adapter.layers:
         layer = layers.get(path)
-        if layer is not None and installed.name in layer.lora_A:
-            layer.delete_adapter(installed.name)
+        if layer is not None and name in layer.lora_A:
+            layer.delete_adapter(name)
     if installed.slot is not None:
         installed.cache._unhold_slot(installed.slot)
 
@@ -738,11 +769,9 @@ def _install(
     layers: dict[str, FusedLoraLinear],
     cache: AdapterCache,
     adapter: CachedAdapter,
-    held: tuple[int, int] | None,
+    slot: int | None,
 ) -> _Installed:
-    """Add ``adapter`` to its layers: views into the ``held`` ``(slot, generation)``, or device
-    copies when there is no slot."""
-    slot = held[0] if held is not None else None
+    """Add ``adapter`` to its layers: views into the held ``slot``, or device copies."""
     moved = 0
     with torch.no_grad():
         for path, lay in adapter.layers.items():
@@ -772,8 +801,21 @@ def _install(
     configs = getattr(model, "lora_configs", None)
     if isinstance(configs, dict):
         configs[adapter.name] = adapter.config
-    generation = held[1] if held is not None else 0
-    return _Installed(adapter.name, cache, adapter, slot, generation, list(adapter.layers))
+    return _Installed(cache, adapter, slot)
+
+
+def _slot_obtainable(cache: AdapterCache, adapter: CachedAdapter, state: _SwitchState) -> bool:
+    """A slot for ``adapter`` is free now, or will be once this model's installs give theirs
+    back (a slot also held by anyone else stays taken)."""
+    ours = [0] * cache.num_slots
+    for i in state.installed.values():
+        if i.cache is cache and i.slot is not None:
+            ours[i.slot] += 1
+    with cache._lock:
+        pool = cache._pool
+        return adapter.name in pool.owner or any(
+            held == mine for held, mine in zip(pool.refs, ours, strict=True)
+        )
 
 
 def switch_adapter(
@@ -797,16 +839,19 @@ def switch_adapter(
       (``exact=True``: so that the next switch restores them bit for bit; see
       ``FusedLoraLinear.merge``) and the forward runs the plain GEMM.
 
-    With ``cache``, the adapter comes from the cache: views into its device slot when a model is
-    attached (``AdapterCache.attach``; an unmerged switch between slot-resident adapters then
-    copies nothing), else a copy from RAM to the layers' device; it replaces the adapter the
-    cache installed before. Without ``cache``, ``name`` must already be an adapter of the
-    layers (``get_lora_model``, ``load_adapter``).
+    With ``cache``, the adapter comes from the cache and is installed in the layers under
+    ``name``: as views into its device slot when the cache is attached to this model
+    (``AdapterCache.attach``), else as copies on the layers' device. Installed adapters stay
+    (inactive) after the model switches away, so switching back to one is a pointer change plus
+    the merge, if merged: at most ``MAX_INSTALLED`` copies, least recently used dropped first,
+    or one per slot (a slot an inactive install holds is given back when another adapter needs
+    it). ``release_adapters`` removes them. Without ``cache``, ``name`` must already be an
+    adapter of the layers (``get_lora_model``, ``load_adapter``).
 
     Everything is checked before anything changes: an adapter whose modules are not
-    ``FusedLoraLinear`` layers of the model, whose shapes do not match, which no layer has, or a
-    merged layer that cannot be unmerged exactly raises a ``ValueError`` and leaves every weight
-    and active adapter as it was.
+    ``FusedLoraLinear`` layers of the model, whose shapes do not match, whose rank exceeds the
+    slots', which no layer has, or a merged layer that cannot be unmerged exactly raises a
+    ``ValueError`` and leaves every weight, active adapter and installed adapter as it was.
     """
     fn = "switch_adapter"
     if name == BASE_ADAPTER:
@@ -820,54 +865,66 @@ def switch_adapter(
     layers = _layers_of(model)
     if not layers:
         raise ValueError(f"{fn}: the model has no FusedLoraLinear layers")
-    installed: _Installed | None = model.__dict__.get(_STATE_ATTR)
+    state = _state(model)
 
     adapter = None
-    held = None  # (slot, generation) taken for the new adapter; given back if a check fails
-    try:
-        if name is not None and cache is not None:
-            adapter = cache.get(name)
-            _check_fits_model(fn, layers, adapter, installed)
-            with cache._lock:
-                use_slots = cache._pool is not None and cache._model_layers == layers
-            if use_slots:
-                held = cache._hold_slot(fn, adapter)
-        elif name is not None:
-            if installed is not None and installed.name == name:
-                raise ValueError(
-                    f"{fn}: adapter {name!r} was installed from a cache; pass cache= to switch "
-                    "to it"
-                )
-            if not any(name in m.lora_A for m in layers.values()):
-                have = sorted({n for m in layers.values() for n in m.adapter_names})
-                raise ValueError(
-                    f"{fn}: no layer of the model has adapter {name!r}; they have {have}"
-                )
-        _check_unmergeable(fn, layers)
-    except BaseException:
-        if held is not None:
-            cache._unhold_slot(held[0])
-        raise
-    # The installed adapter stays when it is the one asked for, from the same cache entry and,
-    # for slot views, the same fill of the same slot.
-    reuse = (
-        adapter is not None
-        and installed is not None
-        and installed.adapter is adapter
-        and (installed.slot, installed.generation) == (held or (None, 0))
-    )
-    if reuse and held is not None:
-        cache._unhold_slot(held[0])  # the installed adapter already holds this slot
+    install = use_slots = False
+    if name is not None and cache is not None:
+        adapter = cache.get(name)
+        current = state.installed.get(name)
+        _check_fits_model(fn, layers, adapter, ours=current is not None)
+        with cache._lock:
+            use_slots = cache._pool is not None and cache._model_layers == layers
+            # Installed again: a first switch to it, a newer adapter of that name in the cache,
+            # another cache, or copies made before the cache got slots for this model.
+            install = (
+                current is None
+                or current.adapter is not adapter
+                or current.cache is not cache
+                or (use_slots and current.slot is None)
+            )
+            if install and use_slots:
+                cache._check_fits_pool(fn, adapter)
+        if install and use_slots and not _slot_obtainable(cache, adapter, state):
+            raise RuntimeError(
+                f"{fn}: every device slot of the cache is held elsewhere; none is free for "
+                f"adapter {name!r}"
+            )
+    elif name is not None:
+        if name in state.installed:
+            raise ValueError(
+                f"{fn}: adapter {name!r} was installed from a cache; pass cache= to switch to it"
+            )
+        if not any(name in m.lora_A for m in layers.values()):
+            have = sorted({n for m in layers.values() for n in m.adapter_names})
+            raise ValueError(f"{fn}: no layer of the model has adapter {name!r}; they have {have}")
+    _check_unmergeable(fn, layers)
 
     # Nothing has changed so far; from here on every step is one that the checks cleared.
     for layer in layers.values():
         if layer.merged:
             layer.unmerge()
-    if installed is not None and not reuse:
-        _uninstall(model, layers, installed)
-        del model.__dict__[_STATE_ATTR]
-    if adapter is not None and not reuse:
-        model.__dict__[_STATE_ATTR] = _install(model, layers, cache, adapter, held)
+    if install:
+        if name in state.installed:  # a stale install: the cache holds a newer adapter now
+            _uninstall(model, layers, state, name)
+        slot = None
+        if use_slots:
+            # Give back slots that inactive installs hold, least recently used first, until one
+            # is free for the new adapter.
+            holders = [
+                n for n, i in state.installed.items() if i.cache is cache and i.slot is not None
+            ]
+            while holders and not _slot_free(cache, adapter):
+                _uninstall(model, layers, state, holders.pop(0))
+            slot, _ = cache._hold_slot(fn, adapter)
+        state.installed[name] = _install(model, layers, cache, adapter, slot)
+    target = state.installed.get(name)
+    if target is not None:
+        state.installed.move_to_end(name)
+    copies = [n for n, i in state.installed.items() if i.slot is None and n != name]
+    excess = len(copies) + (target is not None and target.slot is None) - MAX_INSTALLED
+    for victim in copies[: max(0, excess)]:
+        _uninstall(model, layers, state, victim)
     for layer in layers.values():
         if name is not None and name in layer.lora_A:
             layer.set_adapter(name)
@@ -877,3 +934,34 @@ def switch_adapter(
             layer.set_adapter(None)
     if hasattr(model, "active_lora_adapter"):
         model.active_lora_adapter = name
+
+
+def _all_adapters(layers: dict[str, FusedLoraLinear]) -> set[str]:
+    return {n for m in layers.values() for n in m.adapter_names}
+
+
+def _slot_free(cache: AdapterCache, adapter: CachedAdapter) -> bool:
+    with cache._lock:
+        pool = cache._pool
+        return adapter.name in pool.owner or any(r == 0 for r in pool.refs)
+
+
+def release_adapters(model: nn.Module) -> None:
+    """Remove every adapter ``switch_adapter`` installed in ``model`` from a cache, and give
+    back the device slots they hold. None of them may be merged (switch to the base first)."""
+    fn = "release_adapters"
+    layers = _layers_of(model)
+    state = _state(model)
+    merged = [p for p, m in layers.items() if any(n in state.installed for n in m.merged_adapters)]
+    if merged:
+        raise ValueError(
+            f"{fn}: layers {merged[:3]} are merged with an installed adapter; switch to the base "
+            "(switch_adapter(model, None)) first"
+        )
+    running = [m for m in layers.values() if m.active_adapter in state.installed]
+    for name in list(state.installed):
+        _uninstall(model, layers, state, name)
+    for layer in running:
+        layer.set_adapter(None)
+    if getattr(model, "active_lora_adapter", None) not in (None, *_all_adapters(layers)):
+        model.active_lora_adapter = None

@@ -4,13 +4,15 @@ the model's own adapters, back to base, and refusals that leave the model exactl
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import reference as R
-from lora_kernels.cache import AdapterCache, switch_adapter
+from lora_kernels.cache import AdapterCache, release_adapters, switch_adapter
 from lora_kernels.model import LoraConfig, get_lora_model
 from lora_kernels.switching import ExactMergeRecord, exact_merge_, exact_unmerge_
 from lora_kernels.triton import HAS_TRITON, interpreting
@@ -288,6 +290,12 @@ def assert_unchanged(model, snap):
     assert layers == snap[1]
 
 
+def assert_base_weights_unchanged(model, snap):
+    weights = snapshot(model)[0]
+    for name, w in snap[0].items():
+        assert same_bits(weights[name], w), f"{name} changed"
+
+
 def as_base(snap):
     """``snap`` with every layer running no adapter (what a switch to the base leaves)."""
     return snap[0], {p: (None, [], names) for p, (_, _, names) in snap[1].items()}
@@ -320,9 +328,9 @@ def test_switch_between_cached_adapters_merged_and_unmerged(cached, use_slots):
     base = snapshot(model)
     x = torch.randn(3, 24, device=DEVICE).to(torch.bfloat16)
     unmerged = _unmerged_outputs(model, cache, x)
-    # Unmerged switches touch no weight; the base model runs no adapter, and the cached adapter
-    # installed last is gone again.
-    assert_unchanged(model, as_base(base))
+    # Unmerged switches touch no base weight; the base model runs no adapter.
+    assert_base_weights_unchanged(model, base)
+    assert all(v[0] is None for v in snapshot(model)[1].values())
     assert not torch.equal(unmerged["x"], unmerged["y"])
 
     for step, name in enumerate(["x", "y", "z", "y", "x", None, "z", "x"]):
@@ -339,7 +347,10 @@ def test_switch_between_cached_adapters_merged_and_unmerged(cached, use_slots):
         assert_close_to_ref(f"merged {name}", model(x), ref, unmerged[name])
         assert model.active_lora_adapter == name and name in model.lora_configs
     switch_adapter(model, None, cache=cache, merged=True)
+    release_adapters(model)
     assert "x" not in model.lora_configs
+    # Half of the merged switches were arithmetic: the names are back, the bits need not be.
+    assert snapshot(model)[1] == as_base(base)[1]
 
 
 def test_exact_switches_restore_the_whole_model_bit_for_bit(cached):
@@ -348,7 +359,79 @@ def test_exact_switches_restore_the_whole_model_bit_for_bit(cached):
     for name in ["x", "z", "y", "x", "y", "z"] * 20:
         switch_adapter(model, name, cache=cache, merged=True, exact=True)
     switch_adapter(model, None)
+    release_adapters(model)
     assert_unchanged(model, as_base(base))
+
+
+def test_installed_adapters_stay_and_switching_back_copies_nothing(cached):
+    model, cache = cached
+    layer = model.blocks[0]["up"]
+    for name in ("x", "y", "z"):
+        switch_adapter(model, name, cache=cache)
+    modules = {n: layer.lora_A[n] for n in ("x", "y", "z")}
+    moved = cache.stats.bytes_to_device
+    for name in ("x", "z", "y", "x"):
+        switch_adapter(model, name, cache=cache, merged=name == "z")
+        assert layer.active_adapter == name
+    assert cache.stats.bytes_to_device == moved
+    assert all(layer.lora_A[n] is m for n, m in modules.items())
+    # An adapter replaced in the cache is installed again on the next switch to it.
+    sd, config = random_adapter(model, 3, 3)
+    cache.put("x", sd, config)
+    switch_adapter(model, "x", cache=cache)
+    assert layer.lora_A["x"] is not modules["x"] and layer.r["x"] == 3
+
+
+def test_attaching_slots_turns_installed_copies_into_slot_views(cached):
+    model, cache = cached
+    switch_adapter(model, "x", cache=cache)
+    cache.attach(model, num_slots=2, max_rank=16)
+    switch_adapter(model, "x", cache=cache)
+    slot = cache.slot_owners().index("x")
+    view = cache.slot_tensors("blocks.0.q").lora_a[slot]
+    assert model.blocks[0]["q"].lora_A["x"].weight.data_ptr() == view.data_ptr()
+    assert cache._pool.refs[slot] == 1
+
+
+def test_at_most_max_installed_copies_stay(cached, monkeypatch):
+    model, cache = cached
+    monkeypatch.setattr("lora_kernels.cache.MAX_INSTALLED", 2)
+    for name in ("x", "y", "z"):
+        switch_adapter(model, name, cache=cache)
+    assert model.blocks[0]["up"].adapter_names == ["default", "y", "z"]  # x went first
+    switch_adapter(model, "y", cache=cache)
+    switch_adapter(model, "x", cache=cache)
+    assert model.blocks[0]["up"].adapter_names == ["default", "y", "x"]
+
+
+def test_one_slot_is_enough_to_switch(cached):
+    """Inactive installs give their slot back when another adapter needs it."""
+    model, cache = cached
+    cache.attach(model, num_slots=1, max_rank=16)
+    for name in ("x", "y", "z", "x"):
+        switch_adapter(model, name, cache=cache, merged=True, exact=True)
+        assert cache.slot_owners() == [name]
+        assert model.blocks[0]["up"].adapter_names == ["default", name]
+    before = snapshot(model)
+    with cache.use_slot("x"), pytest.raises(RuntimeError, match="held elsewhere"):
+        switch_adapter(model, "y", cache=cache)
+    assert_unchanged(model, before)
+    switch_adapter(model, None)
+    release_adapters(model)
+    assert cache._pool.refs == [0]
+
+
+def test_a_copied_model_keeps_its_adapters_as_plain_ones(cached):
+    model, cache = cached
+    switch_adapter(model, "y", cache=cache)
+    twin = copy.deepcopy(model)
+    assert twin.blocks[0]["q"].adapter_names == ["default", "y"]
+    with pytest.raises(ValueError, match="already have an adapter named 'y'"):
+        switch_adapter(twin, "y", cache=cache)
+    switch_adapter(twin, "y")  # its own adapter now
+    with pytest.raises(ValueError, match="merged with an installed adapter"):
+        switch_adapter(model, "y", cache=cache, merged=True)
+        release_adapters(model)
 
 
 def test_switch_among_the_models_own_adapters_without_a_cache():
