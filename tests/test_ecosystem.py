@@ -100,15 +100,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     plain(ids, labels=ids).loss.backward()
     checkpointed = copy.deepcopy(plain)
     checkpointed.zero_grad()
-    checkpointed.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": reentrant}
-    )
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(checkpointed, "activation_checkpointing_enable"):  # transformers >= 5
+        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        assert checkpointed.is_activation_checkpointing
+    else:
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        assert checkpointed.is_gradient_checkpointing
     if reentrant:
-        # Reentrant checkpointing only backpropagates into blocks whose input needs a grad; with
-        # a frozen embedding nothing does, as with PEFT: ask transformers for input grads.
+        # Reentrant checkpointing only backpropagates into blocks whose input needs a grad, and
+        # the embedding is frozen: transformers >= 5 asks for input grads itself, older
+        # versions need this call (as PEFT makes it).
         checkpointed.enable_input_require_grads()
-    assert checkpointed.is_gradient_checkpointing
+    calls = []
+    q0 = checkpointed.model.layers[0].self_attn.q_proj
+    q0.register_forward_hook(lambda *_: calls.append(1))
     checkpointed(ids, labels=ids).loss.backward()
+    assert len(calls) == 2  # the block ran again in backward: checkpointing is on
     got, ref = lora_grads(checkpointed), lora_grads(plain)
     assert set(got) == set(ref) and len(got) == 12
     for name, g in got.items():
