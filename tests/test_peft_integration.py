@@ -196,3 +196,21 @@ def test_layers_with_hooks_or_other_bases_fall_back(kernel_calls):
     torch.testing.assert_close(logits(fused, ids), logits(reference, ids), rtol=1e-5, atol=1e-5)
     assert seen and len(kernel_calls) == 1  # layer 0 ran PEFT's code so its hook fired
     assert isinstance(q0.base_layer, nn.Linear)
+
+
+def test_hotswap_and_compiled_hotswap_preparation(tmp_path, kernel_calls):
+    from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    base = tiny_llama()
+    for i, r in enumerate((2, 4)):
+        saved = peft_model_of(base, r=r, lora_alpha=2 * r + i, target_modules=TARGETS)
+        randomise(saved)
+        saved.save_pretrained(tmp_path / f"a{i}")
+    model = fuse(peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a0"))
+    # pads every adapter to rank 4 and turns the scalings into tensors, as before torch.compile
+    prepare_model_for_compiled_hotswap(model, target_rank=4)
+    hotswap_adapter(model, str(tmp_path / "a1"), adapter_name="default")
+    expected = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a1")
+    ids = token_ids()
+    assert_same_model_output("hotswapped", model, expected, ids)
+    assert kernel_calls == ["single"] * 6
