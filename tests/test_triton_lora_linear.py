@@ -42,6 +42,13 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SCALE = 0.75
 
 
+@pytest.fixture(autouse=True)
+def _untimed_configs(monkeypatch):
+    """On a GPU, each call's first candidate config: timing every config of every odd test shape
+    would spend the run compiling. ``test_autotuned_path`` turns tuning back on."""
+    monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "0")
+
+
 def _make(m, k, n, r, dtype, *, lora_dtype=None, bias=True, x_lora=False):
     """Random inputs scaled so that y, its LoRA term and every gradient are O(1)."""
     lora_dtype = lora_dtype or dtype
@@ -229,6 +236,36 @@ def test_both_forward_paths(monkeypatch, fused, m):
     """Either way of computing S is right at any M (the shape only picks the faster one)."""
     monkeypatch.setattr(lk_triton, "_use_fused_shrink", lambda m, r: fused)
     _check_all(_make(m, 129, 17, 16, torch.bfloat16, x_lora=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter never autotunes")
+@pytest.mark.parametrize("m", [7, 133])
+def test_autotuned_path(monkeypatch, m):
+    monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "1")
+    _check_all(_make(m, 129, 17, 16, torch.bfloat16, x_lora=True))
+
+
+def _candidates(m_bucket, dtype, lora_dtype=None, split=False):
+    x = torch.empty(0, dtype=dtype)
+    a = torch.empty(0, dtype=lora_dtype or dtype)
+    found = lk_triton._gemm_candidates(m_bucket, x, a, a, split)
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in found]
+
+
+def test_gemm_config_candidates():
+    """The configs the GPU tunes over: tiles no taller than M needs, short K tiles for fp32
+    operands, no 128x256 tile next to a second accumulator; all of them known to the tuner."""
+    assert {bm for bm, _, _ in _candidates(1, torch.bfloat16)} == {16}
+    assert {bm for bm, _, _ in _candidates(32, torch.bfloat16)} == {16, 32}
+    assert min(bm for bm, _, _ in _candidates(4096, torch.float16)) >= 64
+    assert (128, 256, 64) in _candidates(4096, torch.bfloat16)
+    assert (128, 256, 64) not in _candidates(4096, torch.bfloat16, split=True)
+    for m_bucket in (1, 64, 4096):
+        for dtype, lora_dtype in [(torch.bfloat16, torch.float32), (torch.float32, None)]:
+            assert all(bk <= 64 for _, _, bk in _candidates(m_bucket, dtype, lora_dtype))
+    tuned = lk_triton._lora_gemm_tuned.configs
+    assert all(c in tuned for group in lk_triton._GEMM_CONFIGS.values() for c in group)
 
 
 def test_deterministic_mode():

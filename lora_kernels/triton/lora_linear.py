@@ -59,13 +59,15 @@ dot operands to fp32; on a GPU bf16 dots stay bf16.
 
 On CUDA the GEMM is autotuned over a short config list, keyed by a power-of-two bucket of M so
 that varying token counts do not retune every step; the first call of each new key times a few
-configs (keep it out of CUDA-graph capture). The skinny kernel takes fixed tiles and a split count
-sized to the SM count. Under the interpreter both use one small fixed config.
+configs (keep it out of CUDA-graph capture, or set ``LORA_KERNELS_TRITON_AUTOTUNE=0`` to take the
+first candidate config untimed). The skinny kernel takes fixed tiles and a split count sized to
+the SM count. Under the interpreter both use one small fixed config.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -372,17 +374,32 @@ _GEMM_CONFIGS = {
 }
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    """The configs of this call's (M bucket, operand width), of a height M can use."""
-    small = named_args["m_bucket"] <= _FUSED_SHRINK_MAX_M
-    wide = any(named_args[p].element_size() == 4 for p in ("x_ptr", "a_ptr", "b_ptr"))
-    kept = [c for c in _GEMM_CONFIGS[(small, wide)] if c in configs]
-    if kwargs.get("SPLIT_LORA_OUT"):
+def _gemm_candidates(m_bucket: int, x, a, b, split_lora_out: bool) -> list[triton.Config]:
+    """The configs of a call's (M bucket, operand width), of a height M can use."""
+    small = m_bucket <= _FUSED_SHRINK_MAX_M
+    wide = any(t.element_size() == 4 for t in (x, a, b))
+    kept = _GEMM_CONFIGS[(small, wide)]
+    if split_lora_out:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     if small:
-        fitting = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
-        kept = fitting or kept
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or kept
     return kept
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    candidates = _gemm_candidates(
+        named_args["m_bucket"],
+        named_args["x_ptr"],
+        named_args["a_ptr"],
+        named_args["b_ptr"],
+        kwargs.get("SPLIT_LORA_OUT", False),
+    )
+    return [c for c in candidates if c in configs]
+
+
+def _autotune_enabled() -> bool:
+    """``LORA_KERNELS_TRITON_AUTOTUNE=0`` takes each call's first candidate config untimed."""
+    return os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0"
 
 
 def _tuning_bench(kernel_call, quantiles):
@@ -457,6 +474,8 @@ def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> No
         block_r = _rank_pad(r)
     else:
         block_r = min(_rank_pad(r), _SKINNY_MAX_R if upcast else _CUDA_EPILOGUE_MAX_R)
+    # Tuned once per power of two of M (capped): token counts vary from call to call.
+    m_bucket = min(triton.next_power_of_2(m), 4096)
     # Pointers a mode never dereferences still need a tensor to pass.
     bias_t = bias if bias is not None else out
     xl_t = xl if xl is not None else x
@@ -465,7 +484,7 @@ def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> No
     ol_t = out_lora if out_lora is not None else out
     args = (
         x, w, bias_t, xl_t, a_t, s_t, b, out, ol_t,
-        m, n, k, r, min(triton.next_power_of_2(m), 4096),
+        m, n, k, r, m_bucket,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         xl_t.stride(0), xl_t.stride(1), a_t.stride(0), a_t.stride(1),
         s_t.stride(0), s_t.stride(1), b.stride(0), b.stride(1),
@@ -489,7 +508,12 @@ def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> No
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _lora_gemm_tuned[grid](*args, **flags)
+    if _autotune_enabled():
+        _lora_gemm_tuned[grid](*args, **flags)
+        return
+    config = _gemm_candidates(m_bucket, x, a_t, b, out_lora is not None)[0]
+    meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    _lora_gemm_kernel[grid(meta)](*args, **flags, **meta)
 
 
 def _launch_skinny(l_mat, z, out, scale, *, z2=None, out2=None, deterministic=False) -> None:
