@@ -460,6 +460,12 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
         )
     if adapter_name == BASE_ADAPTER:
         raise ValueError(f"{fn}: {BASE_ADAPTER!r} is reserved for 'no adapter'")
+    peft_layers = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft.")]
+    if peft_layers:
+        raise TypeError(
+            f"{fn}: the model already holds PEFT layers ({peft_layers[0]!r}, ...); run a PEFT "
+            "model on our kernels with lora_kernels.integrations.peft.fuse instead"
+        )
     existing = getattr(model, "lora_configs", {})
     if adapter_name in existing:
         raise ValueError(

@@ -389,6 +389,8 @@ def test_refusals_leave_the_model_unchanged():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.raises(ValueError, match="no default for model type None"):
         get_lora_model(nn.Sequential(nn.Linear(2, 2)), LoraConfig())
+    with pytest.raises(TypeError, match="already holds PEFT layers"):
+        get_lora_model(peft_model_of(tiny_llama(), target_modules=["q_proj"]), LoraConfig())
 
 
 def test_gpt2_conv1d_is_refused_clearly():
