@@ -12,7 +12,8 @@ are two blocks, never ``[N, K]``):
 
 * merge: copy the block, merge it in place (``merge_lora_``: fp32, one rounding), unmerge a
   scratch copy of the merged block exactly as :func:`exact_unmerge_` will (the same launch on the
-  same shapes with the same backend, hence the same fp32 delta and the same rounding), and record
+  same shapes, strides and pointer alignment with the same backend, hence the same fp32 delta and
+  the same rounding), and record
   every element whose trial differs bitwise from the original: its position in the block (int32)
   and its original value. A block whose record would outweigh the block is copied whole instead.
 * unmerge: the same launch with ``-scale`` on each block, then the recorded values written back.
@@ -118,6 +119,20 @@ class ExactMergeRecord:
         return sparse + sum(d.numel() * d.element_size() for d in self.dense.values())
 
 
+def _twin(w: torch.Tensor) -> torch.Tensor:
+    """A copy of ``w`` with its strides and its data pointer's alignment modulo 256 bytes.
+
+    Kernels are specialised on pointer alignment (Triton on 16 bytes, vectorised loads on more);
+    a trial run on a twin of a weight block thus takes the very code path the block will.
+    """
+    if not w.is_contiguous():
+        return w.clone()
+    size = w.element_size()
+    buf = torch.empty(w.numel() + 256 // size, dtype=w.dtype, device=w.device)
+    start = ((w.data_ptr() - buf.data_ptr()) % 256) // size
+    return buf[start : start + w.numel()].view(w.shape).copy_(w)
+
+
 def _block_rows(n: int, k: int, itemsize: int) -> int:
     return max(1, min(n, BLOCK_BYTES // max(1, k * itemsize)))
 
@@ -162,7 +177,7 @@ def exact_merge_(
             b = lora_b[start : start + rows]
             original = w.clone()
             merge_lora_(w, lora_a, b, scale, backend=be)
-            trial = w.clone()
+            trial = _twin(w)
             merge_lora_(trial, lora_a, b, -scale, backend=be)
             positions = (_bits(trial) != _bits(original)).flatten().nonzero().squeeze(1)
             if positions.numel() == 0:

@@ -144,6 +144,29 @@ def test_blocks_whose_record_outweighs_them_are_copied_whole(monkeypatch):
     assert same_bits(w, w_before)
 
 
+def test_exact_mode_on_a_transposed_weight():
+    w, a, b, scale = trained_like(70, 50, 4, torch.bfloat16, rho=0.5)
+    w_t = w.T.contiguous().T  # [70, 50] with column-major strides
+    record = exact_merge_(w_t, a, b, scale)
+    assert record.num_recorded > 0 and w_t.stride() == (1, 70)
+    exact_unmerge_(w_t, a, b, scale, record)
+    assert same_bits(w_t, w)
+
+
+def test_the_trial_unmerge_runs_on_a_twin_of_the_block():
+    """Same values, strides and pointer alignment modulo 256 bytes as the weight block, so a
+    kernel specialised on alignment runs the same code on the trial and on the unmerge."""
+    from lora_kernels.switching import _twin
+
+    w = torch.randn(10, 7, device=DEVICE).to(torch.bfloat16)
+    for start in range(5):
+        block = w[start:]
+        twin = _twin(block)
+        assert same_bits(twin, block) and twin.stride() == block.stride()
+        assert (twin.data_ptr() - block.data_ptr()) % 256 == 0
+        assert twin.data_ptr() != block.data_ptr()
+
+
 def test_zero_adapter_needs_no_record():
     w, a, b, scale = trained_like(20, 30, 4, torch.bfloat16)
     record = exact_merge_(w.clone(), a, torch.zeros_like(b), scale)
