@@ -65,24 +65,19 @@ def check_scale(fn: str, name: str, scale: object) -> float:
     return float(scale)
 
 
-def check_lora_linear_inputs(
+def check_base_inputs(
     fn: str,
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    scale: object,
-    x_lora: torch.Tensor | None = None,
-) -> float:
-    """Validate the single-adapter inputs; returns ``scale`` as a Python float."""
+    x_shape: str = "[..., K]",
+) -> tuple[int, int]:
+    """Validate ``x [..., K]``, ``weight [N, K]`` and ``bias [N] | None``; returns ``(K, N)``."""
     check_tensor(fn, "x", x)
     check_tensor(fn, "weight", weight)
-    check_tensor(fn, "lora_a", lora_a)
-    check_tensor(fn, "lora_b", lora_b)
     check_float(fn, "x", x)
     if x.dim() < 1:
-        raise ValueError(f"{fn}: expected x of shape [..., K], got a 0-dim tensor")
+        raise ValueError(f"{fn}: expected x of shape {x_shape}, got a 0-dim tensor")
     k = x.shape[-1]
     if weight.dim() != 2:
         raise ValueError(f"{fn}: expected weight of shape [N, {k}], got {fmt_shape(weight.shape)}")
@@ -95,6 +90,23 @@ def check_lora_linear_inputs(
         check_shape(fn, "bias", bias, [n])
         check_dtype(fn, "bias", bias, [x.dtype])
         check_device(fn, "bias", bias, x.device)
+    return k, n
+
+
+def check_lora_linear_inputs(
+    fn: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: object,
+    x_lora: torch.Tensor | None = None,
+) -> float:
+    """Validate the single-adapter inputs; returns ``scale`` as a Python float."""
+    k, n = check_base_inputs(fn, x, weight, bias)
+    check_tensor(fn, "lora_a", lora_a)
+    check_tensor(fn, "lora_b", lora_b)
     if lora_a.dim() != 2 or lora_a.shape[0] < 1:
         raise ValueError(
             f"{fn}: expected lora_a of shape [r, {k}] with r >= 1, got {fmt_shape(lora_a.shape)}"
@@ -102,8 +114,7 @@ def check_lora_linear_inputs(
     r = lora_a.shape[0]
     check_shape(fn, "lora_a", lora_a, [r, k])
     check_shape(fn, "lora_b", lora_b, [n, r])
-    lora_dtypes = [x.dtype, torch.float32]
-    check_dtype(fn, "lora_a", lora_a, lora_dtypes)
+    check_dtype(fn, "lora_a", lora_a, [x.dtype, torch.float32])
     check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
     check_device(fn, "lora_a", lora_a, x.device)
     check_device(fn, "lora_b", lora_b, x.device)

@@ -12,9 +12,9 @@ import torch
 from . import ops
 from ._backend import available_backends, resolve_backend
 from ._checks import (
+    check_base_inputs,
     check_device,
     check_dtype,
-    check_float,
     check_lora_linear_inputs,
     check_scale,
     check_shape,
@@ -80,23 +80,11 @@ def _check_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter_ids
     on CUDA that would synchronise with the host, and under ``torch.compile`` it would break the
     graph (the kernels treat an id outside ``[0, L)`` as -1 and never read out of bounds).
     """
-    for name, t in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        check_tensor(fn, name, t)
-    check_float(fn, "x", x)
-    if x.dim() not in (2, 3):
+    if isinstance(x, torch.Tensor) and x.dim() not in (2, 3):
         raise ValueError(f"{fn}: expected x of shape [M, K] or [B, T, K], got {fmt_shape(x.shape)}")
-    k = x.shape[-1]
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: expected weight of shape [N, {k}], got {fmt_shape(weight.shape)}")
-    n = weight.shape[0]
-    check_shape(fn, "weight", weight, [n, k])
-    check_dtype(fn, "weight", weight, [x.dtype])
-    check_device(fn, "weight", weight, x.device)
-    if bias is not None:
-        check_tensor(fn, "bias", bias)
-        check_shape(fn, "bias", bias, [n])
-        check_dtype(fn, "bias", bias, [x.dtype])
-        check_device(fn, "bias", bias, x.device)
+    k, n = check_base_inputs(fn, x, weight, bias, "[M, K] or [B, T, K]")
+    check_tensor(fn, "lora_a", lora_a)
+    check_tensor(fn, "lora_b", lora_b)
     if lora_a.dim() != 3 or lora_a.shape[0] < 1 or lora_a.shape[1] < 1:
         raise ValueError(
             f"{fn}: expected lora_a of shape [L, r_max, {k}] with L >= 1 and r_max >= 1, "
