@@ -5,7 +5,7 @@
 #   2. build          the CUDA extension, just in time, for the GPU present (lora_kernels._jit)
 #   3. tests          pytest -m gpu (tests/test_cuda.py and every other GPU-marked test)
 #   4. bench_cuda, bench_merge          the CUDA kernels' benchmarks
-#   5. Triton tests   tests/test_triton_lora_linear.py, tests/test_multi.py, tests/test_*merge*.py
+#   5. Triton tests   test_triton_lora_linear, test_multi, test_merge, test_switching, test_cache
 #                     with TRITON_INTERPRET=0, the ones present
 #   6. bench_lora_linear, bench_multi, bench_switch   the other benchmarks, the ones present
 #
@@ -141,7 +141,7 @@ bench bench_cuda 90 --quick
 bench bench_merge 60 --quick
 
 triton_tests=()
-for f in tests/test_triton_lora_linear.py tests/test_multi.py tests/test_*merge*.py; do
+for f in tests/test_triton_lora_linear.py tests/test_multi.py tests/test_merge.py tests/test_switching.py tests/test_cache.py; do
   [[ -f $f ]] && triton_tests+=("$f")
 done
 if ((${#triton_tests[@]})); then

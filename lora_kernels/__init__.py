@@ -2,10 +2,13 @@
 
 ``y = x @ W.T + bias + scale * (x @ A.T) @ B.T`` forward and backward in one pass (Triton, CUDA
 C++, and a PyTorch reference that is the spec), a drop-in ``nn.Linear`` with named adapters, and
-merge/unmerge in place. See the README for the tour.
+merge/unmerge in place, batches where every row uses its own adapter, exact adapter switching
+from a RAM cache, and PEFT-compatible checkpoints. See the README for the tour.
 """
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
+from .cache import AdapterCache, release_adapters, switch_adapter
+from .checkpoint import load_adapter, save_adapter
 from .functional import (
     available_backends,
     lora_linear,
@@ -13,12 +16,21 @@ from .functional import (
     merge_lora_,
     unmerge_lora_,
 )
+from .model import LoraConfig, get_lora_model, print_trainable_parameters
 from .nn import FusedLoraLinear
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterCache",
     "FusedLoraLinear",
+    "LoraConfig",
+    "get_lora_model",
+    "load_adapter",
+    "print_trainable_parameters",
+    "release_adapters",
+    "save_adapter",
+    "switch_adapter",
     "available_backends",
     "lora_linear",
     "lora_linear_multi",
