@@ -82,8 +82,8 @@ SHOWCASE = [
 # Steps, batch size and learning rate per run length. The rate is high for LoRA because the runs
 # are a few dozen steps and the classifier copy starts from random.
 SCHEDULES = {
-    "full": {"steps": 32, "batch": 16, "lr": 1e-2, "test": 256},
-    "quick": {"steps": 16, "batch": 16, "lr": 1e-2, "test": 96},
+    "full": {"steps": 40, "batch": 16, "lr": 1e-2, "test": 256},
+    "quick": {"steps": 20, "batch": 16, "lr": 1.5e-2, "test": 96},
 }
 
 
@@ -185,10 +185,13 @@ def train(model, tokenizer, rows, task: str, schedule: dict, seed: int) -> list[
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule["lr"])
+    # Linear decay to zero: a few dozen steps at a high rate, then settle.
+    steps = schedule["steps"]
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps)
     rng = random.Random(seed)
     losses = []
     model.train()
-    bar = tqdm(range(schedule["steps"]), desc=f"training {task!r}", unit="step", leave=True)
+    bar = tqdm(range(steps), desc=f"training {task!r}", unit="step", leave=True)
     for _ in bar:
         chunk = rng.sample(rows, schedule["batch"])
         labels = torch.tensor([lab[task] for _, lab in chunk])
@@ -197,6 +200,7 @@ def train(model, tokenizer, rows, task: str, schedule: dict, seed: int) -> list[
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        decay.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return losses
