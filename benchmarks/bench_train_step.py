@@ -128,8 +128,8 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
 
-    with torch.no_grad():
-        losses = {name: m(ids, labels=ids).loss.item() for name, m in models.items()}
+    with torch.no_grad():  # eval mode: no dropout, so the three must agree
+        losses = {name: m.eval()(ids, labels=ids).loss.item() for name, m in models.items()}
     ref = losses["PEFT"]
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     bad = {n: v for n, v in losses.items() if abs(v - ref) > tol * max(1.0, abs(ref))}
