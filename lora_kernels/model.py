@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -328,10 +327,6 @@ class LoraConfig:
                 alpha = value
                 break
         return r, alpha
-
-    def scaling(self, name: str) -> float:
-        r, alpha = self.rank_and_alpha(name)
-        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
 def _matches_names(spec: list[str] | str, key: str) -> bool:
