@@ -93,6 +93,38 @@ def check_base_inputs(
     return k, n
 
 
+def _well_formed(x, weight, bias, lora_a, lora_b, scale, x_lora) -> bool:
+    """The common, valid call in a few comparisons; anything else goes through the checks that
+    name the offending argument (they are the spec; this only skips them when all is well)."""
+    try:
+        k = x.shape[-1]
+        n, r = lora_b.shape
+        dev, dt = x.device, x.dtype
+        return (
+            dt in FLOAT_DTYPES
+            and weight.shape == (n, k)
+            and lora_a.shape == (r, k)
+            and r >= 1
+            and weight.dtype == dt
+            and lora_a.dtype in (dt, torch.float32)
+            and lora_b.dtype == lora_a.dtype
+            and weight.device == dev
+            and lora_a.device == dev
+            and lora_b.device == dev
+            and (bias is None or (bias.shape == (n,) and bias.dtype == dt and bias.device == dev))
+            and x_lora is None
+            and type(scale) is float
+            and math.isfinite(scale)
+            and isinstance(x, torch.Tensor)
+            and isinstance(weight, torch.Tensor)
+            and isinstance(lora_a, torch.Tensor)
+            and isinstance(lora_b, torch.Tensor)
+            and (bias is None or isinstance(bias, torch.Tensor))
+        )
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
+
+
 def check_lora_linear_inputs(
     fn: str,
     x: torch.Tensor,
@@ -104,6 +136,8 @@ def check_lora_linear_inputs(
     x_lora: torch.Tensor | None = None,
 ) -> float:
     """Validate the single-adapter inputs; returns ``scale`` as a Python float."""
+    if _well_formed(x, weight, bias, lora_a, lora_b, scale, x_lora):
+        return float(scale)
     k, n = check_base_inputs(fn, x, weight, bias)
     check_tensor(fn, "lora_a", lora_a)
     check_tensor(fn, "lora_b", lora_b)

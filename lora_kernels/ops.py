@@ -145,7 +145,10 @@ def _lora_linear_setup(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, scale, x_lora, backend = inputs
     _, s = output
     ctx.mark_non_differentiable(s)
-    ctx.save_for_backward(x, weight, lora_a, lora_b, s, x_lora)
+    # With dropout the backward reads x_lora, never x (unless the base weight trains): keeping x
+    # as well would hold one more activation per layer than PEFT does.
+    keep_x = x_lora is None or weight.requires_grad
+    ctx.save_for_backward(x if keep_x else None, weight, lora_a, lora_b, s, x_lora)
     ctx.scale = scale
     ctx.backend = backend
     ctx.direct = False
@@ -153,6 +156,8 @@ def _lora_linear_setup(ctx, inputs, output):
 
 def _lora_linear_backward(ctx, dy, _ds):
     x, weight, lora_a, lora_b, s, x_lora = ctx.saved_tensors
+    if x is None:  # not kept (see setup): the launchers read only x_lora, of x's shape
+        x = x_lora
     need_x, need_w, need_bias, need_a, need_b, _, need_x_lora, _ = ctx.needs_input_grad
     dy = dy.contiguous()
     needs_dx = need_x or need_x_lora
@@ -175,6 +180,11 @@ def _lora_linear_backward(ctx, dy, _ds):
 
 
 lora_linear_fwd.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
+
+
+def _needs_autograd(*tensors: Tensor | None) -> bool:
+    """Whether a call must record autograd history (inference skips the Function's cost)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -201,8 +211,11 @@ def lora_linear_2d(x, weight, bias, lora_a, lora_b, scale, x_lora, backend) -> T
         y, _ = torch.ops.lora_kernels.lora_linear_fwd(
             x, weight, bias, lora_a, lora_b, scale, x_lora, backend
         )
-    else:
-        y, _ = _LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scale, x_lora, backend)
+        return y
+    args = (x, weight, bias, lora_a, lora_b, scale, x_lora)
+    if not _needs_autograd(x, weight, bias, lora_a, lora_b, x_lora):
+        return launcher(backend, "lora_linear", "lora_linear_fwd", *args)(*args)[0]
+    y, _ = _LoraLinearFunction.apply(*args, backend)
     return y
 
 
