@@ -16,7 +16,16 @@ from .functional import (
     merge_lora_,
     unmerge_lora_,
 )
-from .model import LoraConfig, get_lora_model, print_trainable_parameters
+from .model import (
+    LoraConfig,
+    delete_adapter,
+    get_lora_model,
+    merge_and_unload,
+    mixed_batch,
+    print_trainable_parameters,
+    set_adapter,
+    trainable_parameters,
+)
 from .nn import FusedLoraLinear
 
 __version__ = "0.1.0"
@@ -25,6 +34,11 @@ __all__ = [
     "AdapterCache",
     "FusedLoraLinear",
     "LoraConfig",
+    "delete_adapter",
+    "merge_and_unload",
+    "mixed_batch",
+    "set_adapter",
+    "trainable_parameters",
     "get_lora_model",
     "load_adapter",
     "print_trainable_parameters",

@@ -1,8 +1,8 @@
 """The ``lora-kernels`` command: ``info``, ``bench`` and ``demo``.
 
-    lora-kernels info                 versions, backends, devices, the CUDA extension's state
-    lora-kernels bench [--json PATH]  base vs naive LoRA vs PEFT vs FusedLoraLinear on this device
-    lora-kernels demo [--quick]       fine-tune two adapters on a real model, offline, and switch
+lora-kernels info                 versions, backends, devices, the CUDA extension's state
+lora-kernels bench [--json PATH]  base vs naive LoRA vs PEFT vs FusedLoraLinear on this device
+lora-kernels demo [--quick]       fine-tune two adapters on a real model, offline, and switch
 """
 
 from __future__ import annotations
@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p_bench.add_argument("--rounds", type=int, default=30, help="timed rounds per provider")
     p_bench.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    sub.add_parser("demo", help="fine-tune two adapters on a real model and switch (offline)")
+    sub.add_parser(
+        "demo",
+        help="fine-tune two adapters on a real model and switch (offline)",
+        add_help=False,  # --help reaches the demo's own parser
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         return _cmd_demo(args, rest)
