@@ -35,7 +35,7 @@ def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora=None):
         y = torch.mm(s, lora_b.T).mul_(scale).to(x.dtype)
         if bias is not None:
             y.add_(bias)
-    y = torch.addmm(y, x, weight.T)
+    y = y.addmm_(x, weight.T)  # in place: no copy of the [M, N] LoRA term into a new buffer
     return y, s.float()
 
 
@@ -66,7 +66,7 @@ def lora_linear_bwd(
     if needs_dx:
         lora_term = torch.mm(dyb, lora_a).to(dy.dtype)
         if x_lora is None:  # the base GEMM accumulates into the LoRA term (beta=1)
-            dx = torch.addmm(lora_term, dy, weight)
+            dx = lora_term.addmm_(dy, weight)
         else:
             dx, dx_lora = dy @ weight, lora_term
     return dx, dx_lora, da, db

@@ -25,6 +25,7 @@ Ops (namespace ``lora_kernels``):
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -58,6 +59,12 @@ def launcher(backend: str, family: str, name: str, *args, **kwargs):
         if fn is not None and (supports is None or supports(*args, **kwargs)):
             return fn
         backend = "triton"
+    return _resolved(backend, family, name)
+
+
+@functools.cache
+def _resolved(backend: str, family: str, name: str):
+    # Imported on first use (a backend's module may need Triton), then a dict hit per call.
     return getattr(importlib.import_module(_MODULES[(backend, family)]), name)
 
 
