@@ -26,51 +26,18 @@ import datetime
 import functools
 import json
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import copy_bandwidth, time_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (4096, 14336)]  # (K, N)
 ROWS = [1, 8, 32]
 RANK = 16
 DTYPE = torch.bfloat16
-
-
-def _time(fn, cuda: bool, quick: bool) -> dict:
-    """Median and 20/80 percentiles of one call, in microseconds."""
-    if cuda:
-        from triton.testing import do_bench
-
-        rep = 30 if quick else 100
-        p50, p20, p80 = do_bench(fn, warmup=10, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return {"median_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
-    fn()
-    samples = []
-    t_end = time.perf_counter() + (0.2 if quick else 1.0)
-    while len(samples) < 5 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    q = statistics.quantiles(samples, n=5)
-    return {
-        "median_us": statistics.median(samples) * 1e6,
-        "p20_us": q[0] * 1e6,
-        "p80_us": q[3] * 1e6,
-    }
-
-
-def copy_bandwidth(device: torch.device, cuda: bool, quick: bool) -> float:
-    """Bytes read + written per second by a large device copy."""
-    numel = (1 << 29) if cuda else (1 << 26)  # 1 GiB of bf16 on a GPU, 128 MiB on a CPU
-    src = torch.empty(numel, dtype=DTYPE, device=device).normal_()
-    dst = torch.empty_like(src)
-    t = _time(lambda: dst.copy_(src), cuda, quick)["median_us"] * 1e-6
-    return 2 * src.numel() * src.element_size() / t
 
 
 def _providers(device: torch.device, cuda: bool):
@@ -108,7 +75,7 @@ def bench_single(device, cuda, quick, copy_bw, providers) -> list[dict]:
             x = torch.randn(m, k, device=device, dtype=DTYPE)
             row = {"kind": "single", "M": m, "K": k, "N": n, "r": RANK, "dtype": str(DTYPE)}
             for name, fn in providers.items():
-                t = _time(functools.partial(fn, x, w, bias, a, b, 2.0), cuda, quick)
+                t = time_call(functools.partial(fn, x, w, bias, a, b, 2.0), cuda, quick)
                 bw = w_bytes / (t["median_us"] * 1e-6)
                 row[name] = {**t, "W_GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
             if "cuda" in row:
@@ -154,7 +121,7 @@ def bench_multi(device, cuda, quick, copy_bw) -> list[dict]:
     row = {"kind": "multi", "M": m, "K": k, "N": n, "r": RANK, "L": num_adapters}
     w_bytes = w.numel() * w.element_size()
     for name, fn in providers.items():
-        t = _time(fn, cuda, quick)
+        t = time_call(fn, cuda, quick)
         bw = w_bytes / (t["median_us"] * 1e-6)
         row[name] = {**t, "W_GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
     if "cuda_multi" in row:

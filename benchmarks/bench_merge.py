@@ -24,12 +24,11 @@ import functools
 import importlib
 import json
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _timing import copy_bandwidth, time_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (N, K, r): square attention projections, the MLP's up and down projections, higher ranks.
@@ -38,38 +37,6 @@ CPU_SHAPES = [(1024, 1024, 16), (4096, 4096, 16)]
 DTYPE = torch.bfloat16
 # Small enough that thousands of timed merges leave W's magnitude where it was.
 SCALE = 1e-3
-
-
-def _time(fn, cuda: bool, quick: bool) -> dict:
-    """Median and 20/80 percentiles of one call, in microseconds."""
-    if cuda:
-        from triton.testing import do_bench
-
-        rep = 30 if quick else 100
-        p50, p20, p80 = do_bench(fn, warmup=10, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return {"median_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
-    fn()
-    samples = []
-    t_end = time.perf_counter() + (0.2 if quick else 1.0)
-    while len(samples) < 5 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    q = statistics.quantiles(samples, n=5)
-    return {
-        "median_us": statistics.median(samples) * 1e6,
-        "p20_us": q[0] * 1e6,
-        "p80_us": q[3] * 1e6,
-    }
-
-
-def copy_bandwidth(device: torch.device, cuda: bool, quick: bool) -> float:
-    """Bytes read + written per second by a large device copy."""
-    numel = (1 << 29) if cuda else (1 << 26)  # 1 GiB of bf16 on a GPU, 128 MiB on a CPU
-    src = torch.empty(numel, dtype=DTYPE, device=device).normal_()
-    dst = torch.empty_like(src)
-    t = _time(lambda: dst.copy_(src), cuda, quick)["median_us"] * 1e-6
-    return 2 * src.numel() * src.element_size() / t
 
 
 def _providers(cuda: bool):
@@ -101,7 +68,7 @@ def bench(device, cuda, quick, copy_bw, providers) -> list[dict]:
         moved = 2 * w.numel() * w.element_size()
         row = {"N": n, "K": k, "r": r, "dtype": str(DTYPE)}
         for name, fn in providers.items():
-            t = _time(functools.partial(fn, w, a, b, SCALE), cuda, quick)
+            t = time_call(functools.partial(fn, w, a, b, SCALE), cuda, quick)
             bw = moved / (t["median_us"] * 1e-6)
             row[name] = {**t, "GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
         if "cuda" in row and (n, k) == (4096, 4096):
