@@ -8,6 +8,7 @@ lora-kernels demo [--quick]       fine-tune two adapters on a real model, offlin
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.metadata
 import json
 import os
@@ -84,7 +85,8 @@ def _cmd_bench(args) -> int:
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name(device), "info": info(), "rows": rows}, f, indent=2)
+            meta = {"device": device_name(device), "date": datetime.date.today().isoformat()}
+            json.dump({**meta, "info": info(), "rows": rows}, f, indent=2)
     return 0
 
 
