@@ -65,6 +65,8 @@ def lora_linear(
     scale = check_lora_linear_inputs(fn, x, weight, bias, lora_a, lora_b, scale, x_lora)
     x, weight, bias, lora_a, lora_b, x_lora = _autocast(x, weight, bias, lora_a, lora_b, x_lora)
     be = resolve_backend(backend, x, lora_a.shape[0])
+    if x.dim() == 2:  # no reshape: each one is a node more in the autograd graph
+        return ops.lora_linear_2d(x, weight, bias, lora_a, lora_b, scale, x_lora, be)
     lead = x.shape[:-1]
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
