@@ -901,8 +901,15 @@ def switch_adapter(
     _check_unmergeable(fn, layers)
 
     # Nothing has changed so far; from here on every step is one that the checks cleared.
-    for layer in layers.values():
-        if layer.merged:
+    # A layer merged (arithmetically) with one adapter that moves to another already there
+    # swaps them in one pass over its weight; every other merged layer is unmerged first.
+    swap = merged and not exact and name is not None and not install
+    swapped = set()
+    for path, layer in layers.items():
+        if swap and name in layer.lora_A and _swappable(layer):
+            layer.swap_merged(name)
+            swapped.add(path)
+        elif layer.merged:
             layer.unmerge()
     if install:
         if name in state.installed:  # a stale install: the cache holds a newer adapter now
@@ -925,7 +932,9 @@ def switch_adapter(
     excess = len(copies) + (target is not None and target.slot is None) - MAX_INSTALLED
     for victim in copies[: max(0, excess)]:
         _uninstall(model, layers, state, victim)
-    for layer in layers.values():
+    for path, layer in layers.items():
+        if path in swapped:
+            continue
         if name is not None and name in layer.lora_A:
             layer.set_adapter(name)
             if merged:
@@ -934,6 +943,12 @@ def switch_adapter(
             layer.set_adapter(None)
     if hasattr(model, "active_lora_adapter"):
         model.active_lora_adapter = name
+
+
+def _swappable(layer: FusedLoraLinear) -> bool:
+    """Merged with exactly one adapter, arithmetically (see ``FusedLoraLinear.swap_merged``)."""
+    merged = layer.merged_adapters
+    return len(merged) == 1 and merged[0] not in layer._exact_records
 
 
 def _all_adapters(layers: dict[str, FusedLoraLinear]) -> set[str]:

@@ -280,6 +280,33 @@ class FusedLoraLinear(nn.Linear):
                 )
             self.merged_adapters.pop()
 
+    def swap_merged(self, adapter_name: str) -> None:
+        """Replace the one adapter merged with ``exact=False`` by ``adapter_name``, in one pass.
+
+        ``W += scaling[new] * B_new @ A_new - scaling[old] * B_old @ A_old`` as one merge of the
+        two adapters side by side (rank r_new + r_old, fp32, one rounding): half the passes over
+        W of ``unmerge()`` then ``merge()``, and one rounding instead of two.
+        """
+        fn = "FusedLoraLinear.swap_merged"
+        self._check_known("swap_merged", adapter_name)
+        if len(self.merged_adapters) != 1 or self.merged_adapters[0] in self._exact_records:
+            raise RuntimeError(
+                f"{fn}: needs exactly one adapter merged with exact=False, "
+                f"the layer has {self.merged_adapters}"
+            )
+        old = self.merged_adapters[0]
+        if old == adapter_name:
+            return
+        pairs = ((adapter_name, 1.0), (old, -1.0))
+        a = torch.cat([self.lora_A[n].weight.detach().float() for n, _ in pairs])
+        b = torch.cat(
+            [self.lora_B[n].weight.detach().float() * (sgn * self.scaling[n]) for n, sgn in pairs],
+            dim=1,
+        )
+        merge_lora_(self.weight.data, a, b, 1.0, backend=self.backend)
+        self.merged_adapters = [adapter_name]
+        self._active_adapter = adapter_name
+
     # ------------------------------------------------------------------------------------
     # forward
     # ------------------------------------------------------------------------------------

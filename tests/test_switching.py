@@ -566,3 +566,76 @@ def test_switch_argument_errors(cached):
     model.blocks[0]["q"].add_adapter("y", 2, 2)
     with pytest.raises(ValueError, match="already have an adapter named 'y'"):
         switch_adapter(model, "y", cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# arithmetic merged switches swap adapters in one pass
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_swap_merged_is_one_rounding_of_the_new_merge(dtype):
+    layer = layer_with_adapters(96, 80, [4, 16], dtype)
+    w0 = layer.weight.detach().clone()
+    layer.merge("ad0")
+    layer.swap_merged("ad1")
+    assert layer.merged_adapters == ["ad1"] and layer.active_adapter == "ad1"
+    # One rounding of (W0 merged with ad0) + d1 - d0, computed in fp32.
+    w_ad0 = R.merge_lora(w0, layer.lora_A["ad0"].weight, layer.lora_B["ad0"].weight, 2.0)
+    d = (
+        layer.scaling["ad1"]
+        * layer.lora_B["ad1"].weight.double()
+        @ layer.lora_A["ad1"].weight.double()
+        - layer.scaling["ad0"]
+        * layer.lora_B["ad0"].weight.double()
+        @ layer.lora_A["ad0"].weight.double()
+    )
+    exact = w_ad0.double() + d
+    ulp = exact.to(dtype).double().abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
+    assert ((layer.weight.double() - exact).abs() <= 0.5 * ulp + 1e-6 * exact.abs()).all()
+    # And the layer computes what the unmerged new adapter computes.
+    x = torch.randn(5, 80, device=DEVICE, dtype=dtype)
+    merged_out = layer(x)
+    layer.unmerge()
+    layer.set_adapter("ad1")
+    assert_close_to_ref("swapped", merged_out, layer(x).double(), layer(x))
+
+
+def test_swap_merged_refuses_exact_merges_and_leaves_the_weight():
+    layer = layer_with_adapters(32, 24, [2, 3], torch.bfloat16)
+    layer.merge("ad0", exact=True)
+    before = layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="exactly one adapter merged with exact=False"):
+        layer.swap_merged("ad1")
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        layer.swap_merged("nope")
+    assert same_bits(layer.weight.detach(), before) and layer.merged_adapters == ["ad0"]
+
+
+def test_arithmetic_merged_switch_makes_one_pass_per_layer(monkeypatch):
+    import lora_kernels.nn as lk_nn
+
+    model = nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 16)).to(DEVICE)
+    model = get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]), "a")
+    get_lora_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["0", "2"]), "b")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lk.FusedLoraLinear):
+                for name in ("a", "b"):
+                    m.lora_B[name].weight.normal_(0, 0.1)
+    x = torch.randn(3, 40, device=DEVICE)
+    unmerged = {}
+    for name in ("a", "b"):
+        switch_adapter(model, name)
+        unmerged[name] = model(x)
+    switch_adapter(model, "a", merged=True)
+    calls = []
+    for fn_name in ("merge_lora_", "unmerge_lora_"):
+        real = getattr(lk_nn, fn_name)
+        counted = lambda *a, _n=fn_name, _f=real, **k: calls.append(_n) or _f(*a, **k)
+        monkeypatch.setattr(lk_nn, fn_name, counted)
+    for step in range(6):
+        name = "ab"[(step + 1) % 2]
+        switch_adapter(model, name, merged=True)
+        torch.testing.assert_close(model(x), unmerged[name], atol=1e-4, rtol=1e-4)
+    assert calls == ["merge_lora_"] * (6 * 2)  # one merge per layer per switch, no unmerge
