@@ -1,9 +1,12 @@
-"""Timing helpers shared by the CUDA-kernel benchmarks (bench_cuda.py, bench_merge.py)."""
+"""Timing and set-up helpers shared by the CUDA-kernel benchmarks (bench_cuda, bench_merge)."""
 
 from __future__ import annotations
 
+import argparse
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,3 +45,21 @@ def copy_bandwidth(device: torch.device, cuda: bool, quick: bool) -> float:
     dst = torch.empty_like(src)
     t = time_call(lambda: dst.copy_(src), cuda, quick)["median_us"] * 1e-6
     return 2 * src.numel() * src.element_size() / t
+
+
+def slug(name: str) -> str:
+    """A provider's name as a JSON key."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
+
+
+def setup(doc: str, argv: list[str] | None):
+    """Parse ``--out``/``--quick``, seed, and pick the device: ``(args, cuda, device, name)``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/)")
+    parser.add_argument("--quick", action="store_true", help="shorter timing runs")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    return args, cuda, device, name

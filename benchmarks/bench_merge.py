@@ -18,17 +18,15 @@ Prints a table and writes JSON (device, date, versions, copy bandwidth, rows).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import importlib
 import json
-import re
 import sys
 from pathlib import Path
 
 import torch
-from _timing import copy_bandwidth, time_call
+from _timing import copy_bandwidth, setup, slug, time_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (N, K, r): square attention projections, the MLP's up and down projections, higher ranks.
@@ -91,20 +89,8 @@ def _table(rows: list[dict], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/)")
-    parser.add_argument("--quick", action="store_true", help="shorter timing runs")
-    args = parser.parse_args(argv)
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    torch.manual_seed(0)
-    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    args, cuda, device, device_name = setup(__doc__, argv)
     providers, missing = _providers(cuda)
     copy_bw = copy_bandwidth(device, cuda, args.quick)
     rows = bench(device, cuda, args.quick, copy_bw, providers)
@@ -127,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(rows, list(providers)))
     for name, why in missing.items():
         print(f"{name}: not measured ({why})")
-    out = args.out or RESULTS / f"bench_merge_{_slug(device_name)}.json"
+    out = args.out or RESULTS / f"bench_merge_{slug(device_name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
