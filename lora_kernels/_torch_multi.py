@@ -66,6 +66,18 @@ def _rank_list(ranks: torch.Tensor | None, num_adapters: int, r_max: int) -> lis
     return [min(max(int(r), 0), r_max) for r in ranks.tolist()]
 
 
+def _segments(rows: torch.Tensor, counts: list[int], ranks: torch.Tensor | None, r_max: int):
+    """``(adapter, its rows, its rank)`` for each adapter with rows and a non-zero rank, from the
+    rows sorted by adapter and the per-adapter row counts of ``_plan``."""
+    rank_of = _rank_list(ranks, len(counts), r_max)
+    start = 0
+    for a, c in enumerate(counts):
+        idx = rows[start : start + c]
+        start += c
+        if c and rank_of[a]:
+            yield a, idx, rank_of[a]
+
+
 def _rank_mask(ranks: torch.Tensor | None, adapters: torch.Tensor, r_max: int):
     """[n, r_max] float mask of the slots each row's adapter really uses (None: all of them)."""
     if ranks is None:
@@ -99,16 +111,7 @@ def lora_linear_multi_fwd(x, weight, bias, lora_a, lora_b, scales, row_ids, rank
         y.index_add_(0, rows, term.squeeze(2).to(y.dtype))
         s.index_copy_(0, rows, sa)
         return y, s
-    rank_of = _rank_list(ranks, num_adapters, r_max)
-    start = 0
-    for a, c in enumerate(counts):
-        if c == 0:
-            continue
-        idx = rows[start : start + c]
-        start += c
-        r = rank_of[a]
-        if r == 0:
-            continue
+    for a, idx, r in _segments(rows, counts, ranks, r_max):
         sa = x.index_select(0, idx).to(acc) @ lora_a[a, :r].to(acc).T  # [c, r]
         term = (sa @ lora_b[a, :, :r].to(acc).T).mul_(scales[a])
         y.index_add_(0, idx, term.to(y.dtype))
@@ -173,16 +176,7 @@ def lora_linear_multi_bwd(
             grad.index_add_(0, adapters, (dya * sc).unsqueeze(2) * sa.unsqueeze(1))
             db.copy_(grad)
         return dx, da, db
-    rank_of = _rank_list(ranks, num_adapters, r_max)
-    start = 0
-    for a, c in enumerate(counts):
-        if c == 0:
-            continue
-        idx = rows[start : start + c]
-        start += c
-        r = rank_of[a]
-        if r == 0:
-            continue
+    for a, idx, r in _segments(rows, counts, ranks, r_max):
         sc = scales[a]
         dya = dy.index_select(0, idx).to(acc)
         if needs_dx or needs_da:
