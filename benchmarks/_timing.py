@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import time
@@ -63,3 +64,15 @@ def setup(doc: str, argv: list[str] | None):
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     return args, cuda, device, name
+
+
+def report(result: dict, table: str, missing: dict, out: Path) -> None:
+    """Print the table and what was not measured, and write ``result`` as JSON to ``out``."""
+    bandwidth = result["copy_bandwidth_GBps"]
+    print(f"{result['device']}: copy bandwidth {bandwidth:.0f} GB/s (read + write)")
+    print(table)
+    for name, why in missing.items():
+        print(f"{name}: not measured ({why})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import copy_bandwidth, setup, slug, time_call
+from _timing import copy_bandwidth, report, setup, slug, time_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (4096, 14336)]  # (K, N)
@@ -167,14 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     names = list(providers) + ["cuda_multi", "cuda_single", "triton_multi"]
     names = [n for n in names if any(n in row for row in rows)]
-    print(f"{device_name}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
-    print(_table(rows, names))
-    for name, why in missing.items():
-        print(f"{name}: not measured ({why})")
     out = args.out or RESULTS / f"bench_cuda_{slug(device_name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    report(result, _table(rows, names), missing, out)
     return 0
 
 

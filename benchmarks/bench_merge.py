@@ -21,12 +21,11 @@ from __future__ import annotations
 import datetime
 import functools
 import importlib
-import json
 import sys
 from pathlib import Path
 
 import torch
-from _timing import copy_bandwidth, setup, slug, time_call
+from _timing import copy_bandwidth, report, setup, slug, time_call
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (N, K, r): square attention projections, the MLP's up and down projections, higher ranks.
@@ -109,14 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         "missing_providers": missing,
         "rows": rows,
     }
-    print(f"{device_name}: copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write)")
-    print(_table(rows, list(providers)))
-    for name, why in missing.items():
-        print(f"{name}: not measured ({why})")
     out = args.out or RESULTS / f"bench_merge_{slug(device_name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    report(result, _table(rows, list(providers)), missing, out)
     return 0
 
 
