@@ -3,7 +3,7 @@
 The metadata lives in pyproject.toml; this file adds two things:
 
 - ``csrc/`` is copied into the package (``lora_kernels/csrc``) so that an install without the
-  compiled extension can still build it just in time (``lora_kernels._jit``).
+  compiled extension can still build it just in time (``lora_kernels.backends.cuda.build``).
 - ``lora_kernels._C`` is compiled ahead of time when torch has CUDA (``torch.version.cuda``) and
   nvcc is found. A GPU is not needed and never looked for: build machines often have none.
 
@@ -32,8 +32,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-# The flag lists are shared with the JIT build; _jit.py imports nothing heavy at module level.
-_JIT = runpy.run_path(str(ROOT / "lora_kernels" / "_jit.py"))
+# The flag lists are shared with the JIT build; build.py imports nothing heavy at module level.
+_JIT = runpy.run_path(str(ROOT / "lora_kernels" / "backends" / "cuda" / "build.py"))
 
 
 class BuildPyWithKernelSources(build_py):

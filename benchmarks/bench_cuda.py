@@ -9,7 +9,8 @@ achieved counting W's bytes only, as a share of the copy bandwidth measured in t
 (three GEMMs and an add). One multi-adapter row too: 64 rows, each with its own rank-16 adapter,
 against the single-adapter kernel on the same rows (target <= 1.15x).
 
-Providers: ``cuda`` (lora_kernels._cuda_impl), ``triton`` (lora_kernels.triton launchers),
+Providers: ``cuda`` (lora_kernels.backends.cuda), ``triton`` (the launchers of
+lora_kernels.backends.triton),
 ``torch_naive``, ``cublas_base``. CUDA times are medians of ``triton.testing.do_bench``, which
 clears the L2 cache before every call (a decode step meets W cold: one layer's W never stays in
 L2 across the model); on CPU (no CUDA, no Triton) the torch rows are timed with perf_counter.
@@ -41,14 +42,15 @@ def _providers(device: torch.device, cuda: bool):
     """name -> launcher with the lora_linear_fwd signature, or the reason it is missing."""
     found, missing = {}, {}
     if cuda:
-        from lora_kernels import _cuda_impl, _jit
+        from lora_kernels.backends.cuda import build
+        from lora_kernels.backends.cuda import lora_linear as cuda_linear
 
-        if _cuda_impl.available():
-            found["cuda"] = _cuda_impl.lora_linear_fwd
+        if cuda_linear.available():
+            found["cuda"] = cuda_linear.lora_linear_fwd
         else:
-            missing["cuda"] = _jit.extension_status()
+            missing["cuda"] = build.extension_status()
         try:
-            from lora_kernels.triton.lora_linear import lora_linear_fwd as triton_fwd
+            from lora_kernels.backends.triton.lora_linear import lora_linear_fwd as triton_fwd
 
             found["triton"] = triton_fwd
         except Exception as exc:  # the Triton backend is optional
@@ -92,7 +94,8 @@ def bench_multi(device, cuda, quick, copy_bw) -> list[dict]:
     """64 rows, each its own rank-16 adapter (distinct ids), against single-adapter on the rows."""
     if not cuda:
         return []
-    from lora_kernels import _cuda_impl
+    from lora_kernels.backends.cuda import lora_linear as cuda_linear
+    from lora_kernels.backends.cuda import lora_multi as cuda_multi
 
     m = num_adapters = 64
     k = n = 4096
@@ -104,13 +107,13 @@ def bench_multi(device, cuda, quick, copy_bw) -> list[dict]:
     ids = torch.randperm(num_adapters, device=device).to(torch.int32)
     x = torch.randn(m, k, device=device, dtype=DTYPE)
     providers = {}
-    if _cuda_impl.available():
-        providers["cuda_multi"] = lambda: _cuda_impl.lora_linear_multi_fwd(
+    if cuda_linear.available():
+        providers["cuda_multi"] = lambda: cuda_multi.lora_linear_multi_fwd(
             x, w, bias, a, b, scales, ids
         )
-        providers["cuda_single"] = lambda: _cuda_impl.lora_linear_fwd(x, w, bias, a[0], b[0], 2.0)
+        providers["cuda_single"] = lambda: cuda_linear.lora_linear_fwd(x, w, bias, a[0], b[0], 2.0)
     try:
-        from lora_kernels.triton.lora_multi import lora_linear_multi_fwd as triton_multi
+        from lora_kernels.backends.triton.lora_multi import lora_linear_multi_fwd as triton_multi
 
         providers["triton_multi"] = lambda: triton_multi(x, w, bias, a, b, scales, ids)
     except Exception:  # the Triton backend is optional
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = bench_single(device, cuda, args.quick, copy_bw, providers)
     rows += bench_multi(device, cuda, args.quick, copy_bw)
 
-    from lora_kernels import _jit
+    from lora_kernels.backends.cuda import build
 
     result = {
         "benchmark": "bench_cuda",
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cuda_extension": _jit.extension_status(),
+        "cuda_extension": build.extension_status(),
         "copy_bandwidth_GBps": copy_bw / 1e9,
         "missing_providers": missing,
         "rows": rows,

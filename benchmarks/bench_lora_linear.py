@@ -12,7 +12,8 @@ Providers, side by side in one run:
 * ``peft``         ``peft.tuners.lora.Linear`` (adapter in the base dtype, no dropout), if peft
                    imports;
 * ``triton``       this package's Triton launchers called directly
-                   (``lora_kernels.triton.lora_linear.lora_linear_fwd`` / ``lora_linear_bwd``);
+                   (``lora_kernels.backends.triton.lora_linear``: ``lora_linear_fwd`` /
+                   ``lora_linear_bwd``);
 * ``lk_cuda``      ``lk.lora_linear(..., backend="cuda")``, where that backend is available (its
                    backward runs on Triton through the op layer).
 
@@ -124,7 +125,7 @@ def _make_providers(m, k, n, dtype, device, mode, lk_linear, with_triton):
     except ImportError:
         pass
     if with_triton:
-        from lora_kernels.triton.lora_linear import lora_linear_bwd, lora_linear_fwd
+        from lora_kernels.backends.triton.lora_linear import lora_linear_bwd, lora_linear_fwd
 
         xd, ad, bd = x.detach(), lora_a.detach(), lora_b.detach()
         if training:
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
         print("bench_lora_linear: no CUDA device; skipped (--cpu times the torch providers)")
         return 0
     if cuda:
-        from lora_kernels.triton import interpreting
+        from lora_kernels.backends.triton import interpreting
 
         if interpreting():
             print("bench_lora_linear: TRITON_INTERPRET is on; unset it to time the GPU kernels")

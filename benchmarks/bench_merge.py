@@ -5,11 +5,12 @@ merit is the bandwidth counting W's bytes twice (read + write), as a share of th
 measured in the same run (``dst.copy_(src)``, read + write). The issue's target (one H200, bf16):
 a 4096 x 4096 merge at >= 80 % of copy bandwidth.
 
-Providers: ``cuda`` (lora_kernels._cuda_impl.merge_), ``triton`` (lora_kernels.triton.merge, when
-present), ``torch_addmm`` (``W.addmm_(B, A, alpha=scale)``: cuBLAS, which rounds the product to
-W's dtype before the add, so it is the speed reference, not an exact merge). CUDA times are
-medians of ``triton.testing.do_bench`` (L2 cleared before every call); on a CPU only the torch
-path runs, timed with perf_counter.
+Providers: ``cuda`` (lora_kernels.backends.cuda.merge.merge_), ``triton``
+(lora_kernels.backends.triton.merge, when present), ``torch_addmm``
+(``W.addmm_(B, A, alpha=scale)``: cuBLAS, which rounds the product to W's dtype before the add,
+so it is the speed reference, not an exact merge). CUDA times are medians of
+``triton.testing.do_bench`` (L2 cleared before every call); on a CPU only the torch path runs,
+timed with perf_counter.
 
     python benchmarks/bench_merge.py [--out PATH] [--quick]
 
@@ -40,14 +41,16 @@ def _providers(cuda: bool):
     """name -> merge_(weight, lora_a, lora_b, scale), and the reason for each one missing."""
     found, missing = {}, {}
     if cuda:
-        from lora_kernels import _cuda_impl, _jit
+        from lora_kernels.backends.cuda import build
+        from lora_kernels.backends.cuda import lora_linear as cuda_linear
+        from lora_kernels.backends.cuda import merge as cuda_merge
 
-        if _cuda_impl.available():
-            found["cuda"] = _cuda_impl.merge_
+        if cuda_linear.available():
+            found["cuda"] = cuda_merge.merge_
         else:
-            missing["cuda"] = _jit.extension_status()
+            missing["cuda"] = build.extension_status()
         try:
-            found["triton"] = importlib.import_module("lora_kernels.triton.merge").merge_
+            found["triton"] = importlib.import_module("lora_kernels.backends.triton.merge").merge_
         except Exception as exc:  # the Triton backend is optional
             missing["triton"] = f"{type(exc).__name__}: {exc}"
     else:
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_bw = copy_bandwidth(device, cuda, args.quick)
     rows = bench(device, cuda, args.quick, copy_bw, providers)
 
-    from lora_kernels import _jit
+    from lora_kernels.backends.cuda import build
 
     result = {
         "benchmark": "bench_merge",
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "cuda_extension": _jit.extension_status(),
+        "cuda_extension": build.extension_status(),
         "copy_bandwidth_GBps": copy_bw / 1e9,
         "scale": SCALE,
         "missing_providers": missing,

@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one run of at most 8 minutes, from the repository root:
 #
 #   1. env.json       nvidia-smi, device properties, versions (python3 is the one with torch)
-#   2. build          the CUDA extension, just in time, for the GPU present (lora_kernels._jit)
+#   2. build          the CUDA extension, just in time, for the GPU present (lora_kernels.backends.cuda.build)
 #   3. tests          pytest -m gpu (tests/test_cuda.py and every other GPU-marked test)
 #   4. bench_cuda, bench_merge          the CUDA kernels' benchmarks
 #   5. Triton tests   test_triton_lora_linear, test_multi, test_merge, test_switching, test_cache
@@ -127,11 +127,11 @@ json.dump(env, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(env, indent=2))
 EOF
 
-# _jit.py runs on its own here (not through the package's __init__), so that the build is
+# build.py runs on its own here (not through the package's __init__), so that the build is
 # reported even if another part of the package fails to import on this machine.
 step build 240 python3 -c "
 import runpy
-status = runpy.run_path('lora_kernels/_jit.py')['extension_status']()
+status = runpy.run_path('lora_kernels/backends/cuda/build.py')['extension_status']()
 print('CUDA extension:', status)
 raise SystemExit(0 if status in ('aot', 'jit') else 1)
 "

@@ -1,4 +1,5 @@
-"""Input checks shared by the functional API, the layers and the checkpoint code.
+"""Every input check, run once before dispatch: the functional API, the layers and the checkpoint
+code call these; the backends' launchers trust what passed them.
 
 Every message names the function, the argument, and the expected and actual shape, dtype or
 device, so a user can fix the call without reading our source. All checks run before any kernel
@@ -13,6 +14,10 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What the Triton and CUDA kernels take (float64 runs on the torch backend only).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The largest LoRA rank the kernels serve (Triton's rank blocks, csrc's kMaxRank).
+MAX_RANK = 256
 
 
 def fmt_shape(shape: Sequence[int | str]) -> str:
@@ -157,4 +162,109 @@ def check_lora_linear_inputs(
         check_shape(fn, "x_lora", x_lora, list(x.shape))
         check_dtype(fn, "x_lora", x_lora, [x.dtype])
         check_device(fn, "x_lora", x_lora, x.device)
+    return check_scale(fn, "scale", scale)
+
+
+def check_lora_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter_ids, ranks):
+    """Validate the multi-adapter inputs; returns ``(scales, ranks)`` as the op takes them.
+
+    Values (ids and ranks in range, finite scales) are checked on CPU tensors in eager mode only:
+    on CUDA that would synchronise with the host, and under ``torch.compile`` it would break the
+    graph (the kernels treat an id outside ``[0, L)`` as -1 and never read out of bounds).
+    """
+    if isinstance(x, torch.Tensor) and x.dim() not in (2, 3):
+        raise ValueError(f"{fn}: expected x of shape [M, K] or [B, T, K], got {fmt_shape(x.shape)}")
+    k, n = check_base_inputs(fn, x, weight, bias, "[M, K] or [B, T, K]")
+    check_tensor(fn, "lora_a", lora_a)
+    check_tensor(fn, "lora_b", lora_b)
+    if lora_a.dim() != 3 or lora_a.shape[0] < 1 or lora_a.shape[1] < 1:
+        raise ValueError(
+            f"{fn}: expected lora_a of shape [L, r_max, {k}] with L >= 1 and r_max >= 1, "
+            f"got {fmt_shape(lora_a.shape)}"
+        )
+    num_adapters, r_max = lora_a.shape[:2]
+    check_shape(fn, "lora_a", lora_a, [num_adapters, r_max, k])
+    check_shape(fn, "lora_b", lora_b, [num_adapters, n, r_max])
+    check_dtype(fn, "lora_a", lora_a, [x.dtype, torch.float32])
+    check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
+    check_device(fn, "lora_a", lora_a, x.device)
+    check_device(fn, "lora_b", lora_b, x.device)
+    check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+    scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(scales, torch.Tensor):
+        if not scales.is_floating_point():
+            raise TypeError(f"{fn}: expected scales of a floating dtype, got {scales.dtype}")
+        check_device(fn, "scales", scales, x.device)
+        scales = scales.detach()
+    elif isinstance(scales, (list, tuple)):
+        scales = torch.tensor(
+            [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)],
+            dtype=scale_dtype,
+            device=x.device,
+        )
+    else:
+        raise TypeError(
+            f"{fn}: expected scales to be a tensor or a list of floats, got {type(scales).__name__}"
+        )
+    if scales.dim() != 1 or scales.shape[0] != num_adapters:
+        raise ValueError(
+            f"{fn}: expected scales of shape [{num_adapters}] (one per adapter of lora_a "
+            f"{fmt_shape(lora_a.shape)}), got {fmt_shape(scales.shape)}"
+        )
+    if check_values and not torch.isfinite(scales).all():
+        raise ValueError(f"{fn}: expected finite scales, got {scales.tolist()}")
+
+    check_tensor(fn, "adapter_ids", adapter_ids)
+    check_dtype(fn, "adapter_ids", adapter_ids, [torch.int32, torch.int64])
+    per = "row" if x.dim() == 2 else "sequence"
+    if adapter_ids.dim() != 1 or adapter_ids.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{fn}: expected adapter_ids of shape [{x.shape[0]}] (one id per {per} of x "
+            f"{fmt_shape(x.shape)}), got {fmt_shape(adapter_ids.shape)}"
+        )
+    check_device(fn, "adapter_ids", adapter_ids, x.device)
+    if check_values:
+        bad = ((adapter_ids < -1) | (adapter_ids >= num_adapters)).nonzero().flatten()
+        if bad.numel():
+            shown = bad[:8].tolist()
+            raise ValueError(
+                f"{fn}: expected adapter_ids in [-1, {num_adapters}) (-1: no adapter; "
+                f"{num_adapters} adapters in lora_a), got {adapter_ids[shown].tolist()} at "
+                f"{per}s {shown}"
+            )
+
+    if ranks is not None:
+        check_tensor(fn, "ranks", ranks)
+        check_dtype(fn, "ranks", ranks, [torch.int32, torch.int64])
+        check_shape(fn, "ranks", ranks, [num_adapters])
+        check_device(fn, "ranks", ranks, x.device)
+        if check_values and ((ranks < 0) | (ranks > r_max)).any():
+            raise ValueError(f"{fn}: expected ranks in [0, {r_max}], got {ranks.tolist()}")
+        ranks = ranks.to(torch.int32)
+    return scales.to(scale_dtype), ranks
+
+
+def check_merge_inputs(fn: str, weight, lora_a, lora_b, scale) -> float:
+    """Validate ``weight [N, K]``, ``lora_a [r, K]``, ``lora_b [N, r]``; returns ``scale``."""
+    check_tensor(fn, "weight", weight)
+    check_tensor(fn, "lora_a", lora_a)
+    check_tensor(fn, "lora_b", lora_b)
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: expected weight of shape [N, K], got {list(weight.shape)}")
+    n, k = weight.shape
+    if lora_a.dim() != 2 or lora_a.shape[0] < 1:
+        raise ValueError(f"{fn}: expected lora_a of shape [r, {k}], got {list(lora_a.shape)}")
+    r = lora_a.shape[0]
+    check_shape(fn, "lora_a", lora_a, [r, k])
+    check_shape(fn, "lora_b", lora_b, [n, r])
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.device != weight.device:
+            raise ValueError(
+                f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
+            )
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: expected {name} of a floating dtype, got {t.dtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{fn}: expected weight of a floating dtype, got {weight.dtype}")
     return check_scale(fn, "scale", scale)

@@ -26,12 +26,12 @@ def _version(dist: str) -> str:
 
 def info() -> dict:
     from . import __version__
-    from ._backend import available_backends
+    from .backends import available_backends
 
     try:
-        from . import _jit
+        from .backends.cuda import build
 
-        ext = _jit.extension_status()
+        ext = build.extension_status()
     except ImportError:
         ext = "unavailable: this install has no CUDA extension loader"
     devices = ["cpu"]

@@ -1,8 +1,8 @@
 """The functional API: ``lora_linear``, ``lora_linear_multi``, ``merge_lora_``, ``unmerge_lora_``.
 
-Each function validates its inputs (errors name the argument and the expected and actual shape,
-dtype or device, raised before any kernel runs), resolves the backend (see ``_backend.py``) and
-calls the custom op of ``ops.py``.
+Each function validates its inputs (``_checks.py``: errors name the argument and the expected and
+actual shape, dtype or device, raised before any kernel runs), resolves the backend
+(``backends``) and calls its family's op (``ops``).
 """
 
 from __future__ import annotations
@@ -10,17 +10,8 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._backend import available_backends, resolve_backend
-from ._checks import (
-    check_base_inputs,
-    check_device,
-    check_dtype,
-    check_lora_linear_inputs,
-    check_scale,
-    check_shape,
-    check_tensor,
-    fmt_shape,
-)
+from ._checks import check_lora_linear_inputs, check_lora_multi_inputs, check_merge_inputs
+from .backends import available_backends, resolve_backend
 
 __all__ = ["available_backends", "lora_linear", "lora_linear_multi", "merge_lora_", "unmerge_lora_"]
 
@@ -75,86 +66,6 @@ def lora_linear(
     return y.reshape(*lead, weight.shape[0])
 
 
-def _check_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter_ids, ranks):
-    """Validate the multi-adapter inputs; returns ``(scales, ranks)`` as the op takes them.
-
-    Values (ids and ranks in range, finite scales) are checked on CPU tensors in eager mode only:
-    on CUDA that would synchronise with the host, and under ``torch.compile`` it would break the
-    graph (the kernels treat an id outside ``[0, L)`` as -1 and never read out of bounds).
-    """
-    if isinstance(x, torch.Tensor) and x.dim() not in (2, 3):
-        raise ValueError(f"{fn}: expected x of shape [M, K] or [B, T, K], got {fmt_shape(x.shape)}")
-    k, n = check_base_inputs(fn, x, weight, bias, "[M, K] or [B, T, K]")
-    check_tensor(fn, "lora_a", lora_a)
-    check_tensor(fn, "lora_b", lora_b)
-    if lora_a.dim() != 3 or lora_a.shape[0] < 1 or lora_a.shape[1] < 1:
-        raise ValueError(
-            f"{fn}: expected lora_a of shape [L, r_max, {k}] with L >= 1 and r_max >= 1, "
-            f"got {fmt_shape(lora_a.shape)}"
-        )
-    num_adapters, r_max = lora_a.shape[:2]
-    check_shape(fn, "lora_a", lora_a, [num_adapters, r_max, k])
-    check_shape(fn, "lora_b", lora_b, [num_adapters, n, r_max])
-    check_dtype(fn, "lora_a", lora_a, [x.dtype, torch.float32])
-    check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
-    check_device(fn, "lora_a", lora_a, x.device)
-    check_device(fn, "lora_b", lora_b, x.device)
-    check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
-
-    scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if isinstance(scales, torch.Tensor):
-        if not scales.is_floating_point():
-            raise TypeError(f"{fn}: expected scales of a floating dtype, got {scales.dtype}")
-        check_device(fn, "scales", scales, x.device)
-        scales = scales.detach()
-    elif isinstance(scales, (list, tuple)):
-        scales = torch.tensor(
-            [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)],
-            dtype=scale_dtype,
-            device=x.device,
-        )
-    else:
-        raise TypeError(
-            f"{fn}: expected scales to be a tensor or a list of floats, got {type(scales).__name__}"
-        )
-    if scales.dim() != 1 or scales.shape[0] != num_adapters:
-        raise ValueError(
-            f"{fn}: expected scales of shape [{num_adapters}] (one per adapter of lora_a "
-            f"{fmt_shape(lora_a.shape)}), got {fmt_shape(scales.shape)}"
-        )
-    if check_values and not torch.isfinite(scales).all():
-        raise ValueError(f"{fn}: expected finite scales, got {scales.tolist()}")
-
-    check_tensor(fn, "adapter_ids", adapter_ids)
-    check_dtype(fn, "adapter_ids", adapter_ids, [torch.int32, torch.int64])
-    per = "row" if x.dim() == 2 else "sequence"
-    if adapter_ids.dim() != 1 or adapter_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{fn}: expected adapter_ids of shape [{x.shape[0]}] (one id per {per} of x "
-            f"{fmt_shape(x.shape)}), got {fmt_shape(adapter_ids.shape)}"
-        )
-    check_device(fn, "adapter_ids", adapter_ids, x.device)
-    if check_values:
-        bad = ((adapter_ids < -1) | (adapter_ids >= num_adapters)).nonzero().flatten()
-        if bad.numel():
-            shown = bad[:8].tolist()
-            raise ValueError(
-                f"{fn}: expected adapter_ids in [-1, {num_adapters}) (-1: no adapter; "
-                f"{num_adapters} adapters in lora_a), got {adapter_ids[shown].tolist()} at "
-                f"{per}s {shown}"
-            )
-
-    if ranks is not None:
-        check_tensor(fn, "ranks", ranks)
-        check_dtype(fn, "ranks", ranks, [torch.int32, torch.int64])
-        check_shape(fn, "ranks", ranks, [num_adapters])
-        check_device(fn, "ranks", ranks, x.device)
-        if check_values and ((ranks < 0) | (ranks > r_max)).any():
-            raise ValueError(f"{fn}: expected ranks in [0, {r_max}], got {ranks.tolist()}")
-        ranks = ranks.to(torch.int32)
-    return scales.to(scale_dtype), ranks
-
-
 def lora_linear_multi(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -193,7 +104,7 @@ def lora_linear_multi(
         ``[M, N]`` or ``[B, T, N]`` in x's dtype.
     """
     fn = "lora_linear_multi"
-    scales, ranks = _check_multi_inputs(
+    scales, ranks = check_lora_multi_inputs(
         fn, x, weight, bias, lora_a, lora_b, scales, adapter_ids, ranks
     )
     x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
@@ -206,30 +117,6 @@ def lora_linear_multi(
     x2 = x.reshape(-1, x.shape[-1])
     y = ops.lora_linear_multi_2d(x2, weight, bias, lora_a, lora_b, scales, row_ids, ranks, be)
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _check_merge(fn: str, weight, lora_a, lora_b, scale) -> float:
-    check_tensor(fn, "weight", weight)
-    check_tensor(fn, "lora_a", lora_a)
-    check_tensor(fn, "lora_b", lora_b)
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: expected weight of shape [N, K], got {list(weight.shape)}")
-    n, k = weight.shape
-    if lora_a.dim() != 2 or lora_a.shape[0] < 1:
-        raise ValueError(f"{fn}: expected lora_a of shape [r, {k}], got {list(lora_a.shape)}")
-    r = lora_a.shape[0]
-    check_shape(fn, "lora_a", lora_a, [r, k])
-    check_shape(fn, "lora_b", lora_b, [n, r])
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-        if t.device != weight.device:
-            raise ValueError(
-                f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
-            )
-        if not t.is_floating_point():
-            raise TypeError(f"{fn}: expected {name} of a floating dtype, got {t.dtype}")
-    if not weight.is_floating_point():
-        raise TypeError(f"{fn}: expected weight of a floating dtype, got {weight.dtype}")
-    return check_scale(fn, "scale", scale)
 
 
 def merge_lora_(
@@ -250,10 +137,10 @@ def merge_lora_(
         lora_a: ``[r, K]``; lora_b: ``[N, r]``; on weight's device.
         scale: the adapter's scaling.
     """
-    scale = _check_merge("merge_lora_", weight, lora_a, lora_b, scale)
-    be = resolve_backend(backend, weight, lora_a.shape[0])
+    scale = check_merge_inputs("merge_lora_", weight, lora_a, lora_b, scale)
+    be = resolve_backend(backend, weight, lora_a.shape[0], lora_a, lora_b)
     with torch.no_grad():
-        torch.ops.lora_kernels.merge_lora_(weight, lora_a, lora_b, scale, be)
+        ops.merge_lora_(weight, lora_a, lora_b, scale, be)
     return weight
 
 
@@ -267,5 +154,5 @@ def unmerge_lora_(
 ) -> torch.Tensor:
     """In place: ``weight -= scale * lora_b @ lora_a`` (the inverse of :func:`merge_lora_` up to
     rounding; ``FusedLoraLinear.merge(exact=True)`` restores bit for bit); returns ``weight``."""
-    scale = _check_merge("unmerge_lora_", weight, lora_a, lora_b, scale)
+    scale = check_merge_inputs("unmerge_lora_", weight, lora_a, lora_b, scale)
     return merge_lora_(weight, lora_a, lora_b, -scale, backend=backend)

@@ -49,8 +49,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._backend import resolve_backend
-from .functional import _check_merge, merge_lora_
+from ._checks import check_merge_inputs
+from .backends import resolve_backend
+from .functional import merge_lora_
 
 __all__ = [
     "BLOCK_BYTES",
@@ -158,7 +159,7 @@ def exact_merge_(
         An :class:`ExactMergeRecord` on weight's device (see the module docstring for its size).
     """
     fn = "exact_merge_"
-    scale = _check_merge(fn, weight, lora_a, lora_b, scale)
+    scale = check_merge_inputs(fn, weight, lora_a, lora_b, scale)
     be = resolve_backend(backend, weight, lora_a.shape[0])
     n, k = weight.shape
     itemsize = weight.element_size()
@@ -200,7 +201,7 @@ def check_exact_unmerge(
 ) -> float:
     """Raise unless :func:`exact_unmerge_` can restore ``weight`` with these arguments; returns
     ``scale`` as a float. Changes nothing: callers check every layer before unmerging any."""
-    scale = _check_merge(fn, weight, lora_a, lora_b, scale)
+    scale = check_merge_inputs(fn, weight, lora_a, lora_b, scale)
     if not isinstance(record, ExactMergeRecord):
         raise TypeError(f"{fn}: expected record to be an ExactMergeRecord, got {type(record)}")
     if tuple(weight.shape) != record.shape or weight.dtype != record.dtype:

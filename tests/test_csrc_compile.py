@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_kernels import _jit
+from lora_kernels.backends.cuda import build
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -61,7 +61,7 @@ def _compile(nvcc: str, source: Path, arch: str, out_dir: Path) -> subprocess.Co
         nvcc,
         "-c",
         "-std=c++17",  # the oldest standard torch builds extensions with
-        *_jit.NVCC_FLAGS,
+        *build.NVCC_FLAGS,
         *TORCH_NVCC_FLAGS,
         f"-I{CSRC / 'include'}",
         "-Xptxas",
@@ -99,7 +99,7 @@ def test_kernel_sources_are_torch_free():
 
 def test_every_source_is_built():
     """The translation units that setup.py and the JIT build compile are exactly what is here."""
-    built = set(_jit.SOURCES)
+    built = set(build.SOURCES)
     present = {p.name for p in CSRC.iterdir() if p.suffix in (".cu", ".cpp")}
     assert built == present
 
@@ -616,10 +616,13 @@ def _binding_cases() -> list[str]:
     )
 
     # The Python launchers over these ops: outputs they allocate, conversions they make.
-    from lora_kernels import _cuda_impl, _jit
+    from lora_kernels.backends.cuda import build
+    from lora_kernels.backends.cuda import lora_linear as cuda_linear
+    from lora_kernels.backends.cuda import lora_multi as cuda_multi
+    from lora_kernels.backends.cuda import merge as cuda_merge
 
-    _jit.load_extension = lambda: ops  # this process only
-    y1, s1 = _cuda_impl.lora_linear_fwd(x, w, b, a, bb, 2.0)
+    build.load_extension = lambda: ops  # this process only
+    y1, s1 = cuda_linear.lora_linear_fwd(x, w, b, a, bb, 2.0)
     got = dict(zip(LINEAR_FIELDS, torch.ops.lora_kernels_stub.last_launch(), strict=True))
     if (y1.shape, y1.dtype, s1.shape, s1.dtype) != ((m, n), x.dtype, (m, r), torch.float32):
         failures.append(f"lora_linear_fwd returned {y1.shape} {y1.dtype}, {s1.shape} {s1.dtype}")
@@ -627,10 +630,10 @@ def _binding_cases() -> list[str]:
         failures.append("lora_linear_fwd did not launch into the tensors it returned")
     # int64 ids far out of range, fp64 scales, int64 ranks: converted on the device, not refused.
     ids64 = torch.tensor([0, -1, 2**40, -(2**40)])
-    y2, s2 = _cuda_impl.lora_linear_multi_fwd(x, w, b, la, lb, scales.double(), ids64, ranks.long())
+    y2, s2 = cuda_multi.lora_linear_multi_fwd(x, w, b, la, lb, scales.double(), ids64, ranks.long())
     if (y2.shape, s2.shape, s2.dtype) != ((m, n), (m, r), torch.float32):
         failures.append(f"lora_linear_multi_fwd returned {y2.shape}, {s2.shape} {s2.dtype}")
-    if _cuda_impl.merge_(wm, a, bb, 1.0) is not wm:
+    if cuda_merge.merge_(wm, a, bb, 1.0) is not wm:
         failures.append("merge_ does not return its weight")
     return failures
 

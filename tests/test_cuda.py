@@ -15,8 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_kernels import _cuda_impl, _jit
 from lora_kernels import reference as R
+from lora_kernels.backends.cuda import build
+from lora_kernels.backends.cuda import lora_linear as cuda_linear
+from lora_kernels.backends.cuda import lora_multi as cuda_multi
+from lora_kernels.backends.cuda import merge as cuda_merge
 from tests.tolerances import assert_close_to_ref
 
 pytestmark = pytest.mark.gpu
@@ -30,9 +33,9 @@ NAN = float("nan")
 @pytest.fixture(scope="module")
 def ops():
     """The registered ops; a build failure on a GPU machine is a failure, not a skip."""
-    ops = _jit.load_extension()
+    ops = build.load_extension()
     if ops is None:
-        status = _jit.extension_status()
+        status = build.extension_status()
         if "nvcc not found" in status or "LORA_KERNELS_BUILD_CUDA=0" in status:
             pytest.skip(status)
         pytest.fail(status)
@@ -101,7 +104,7 @@ ROWS = [1, 7, 8, 16, 17, 33, 64]
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_linear_matches_reference(ops, dtype, m, k, n, r, bias):
     x, w, b, a, bb = make_single(m, k, n, r, dtype, bias)
-    assert _cuda_impl.supports_lora_linear_fwd(x, w, b, a, bb, SCALE)
+    assert cuda_linear.supports_lora_linear_fwd(x, w, b, a, bb, SCALE)
     y, s = call_single(ops, x, w, b, a, bb, SCALE)
     check_single(y, s, x, w, b, a, bb, SCALE)
 
@@ -132,7 +135,7 @@ def test_lora_linear_strided_rows(ops, dtype):
     a = rand(r, k + 16, dtype=dtype, fan_in=k)[:, :k]
     bb = rand(n, r + 3, dtype=dtype, fan_in=r)[:, :r]
     b = rand(n, dtype=dtype)
-    assert _cuda_impl.supports_lora_linear_fwd(x, w, b, a, bb, SCALE)
+    assert cuda_linear.supports_lora_linear_fwd(x, w, b, a, bb, SCALE)
     y = poisoned((m, n + 5), dtype)[:, :n]
     s = poisoned((m, r), torch.float32)
     ops.lora_linear_out(x, w, b, a, bb, SCALE, None, y, s)
@@ -151,7 +154,7 @@ def test_launcher_matches_raw_op_and_public_api(ops):
     import lora_kernels as lk
 
     x, w, b, a, bb = make_single(4, 264, 72, 16, torch.bfloat16)
-    y, s = _cuda_impl.lora_linear_fwd(x, w, b, a, bb, SCALE)
+    y, s = cuda_linear.lora_linear_fwd(x, w, b, a, bb, SCALE)
     y_raw, s_raw = call_single(ops, x, w, b, a, bb, SCALE)
     assert torch.equal(y, y_raw) and torch.equal(s, s_raw)
     assert torch.equal(lk.lora_linear(x, w, b, a, bb, SCALE, backend="cuda"), y)
@@ -229,7 +232,7 @@ def test_multi_matches_reference(ops, dtype, m, k, n, r, num_adapters, popularit
     ids = make_ids(m, num_adapters, popularity)
     # Mixed ranks 1..r; the padded slots hold garbage the kernels must not read.
     ranks = torch.randint(1, r + 1, (num_adapters,), device=DEV) if ranked else None
-    assert _cuda_impl.supports_lora_linear_multi_fwd(x, w, b, a, bb, scales, ids, ranks)
+    assert cuda_multi.supports_lora_linear_multi_fwd(x, w, b, a, bb, scales, ids, ranks)
     y, s = call_multi(ops, x, w, b, a, bb, scales, ids, ranks)
     check_multi(y, s, x, w, b, a, bb, scales, ids, ranks)
 
@@ -244,9 +247,9 @@ def test_multi_launcher_int64_ids_and_base_rows(ops, dtype):
     bb = rand(num_adapters, n, r, dtype=dtype, fan_in=r)
     scales = torch.tensor([0.5, 2.0], device=DEV)
     ids = torch.tensor([-1, 0, 1, 2**32, -(2**33), 1], device=DEV, dtype=torch.int64)
-    y, s = _cuda_impl.lora_linear_multi_fwd(x, w, None, a, bb, scales, ids)
+    y, s = cuda_multi.lora_linear_multi_fwd(x, w, None, a, bb, scales, ids)
     check_multi(y, s, x, w, None, a, bb, scales, ids, None)
-    base, _ = _cuda_impl.lora_linear_fwd(x, w, None, a[0], bb[0] * 0, 1.0)
+    base, _ = cuda_linear.lora_linear_fwd(x, w, None, a[0], bb[0] * 0, 1.0)
     for i in (0, 3, 4):
         assert torch.equal(y[i], base[i])
 
@@ -273,12 +276,12 @@ def _capture(fn):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_graph_replay_equals_eager_single(ops, dtype, m):
     static = make_single(m, 1032, 257, 16, dtype)
-    graph, (y_g, s_g) = _capture(lambda: _cuda_impl.lora_linear_fwd(*static, SCALE))
+    graph, (y_g, s_g) = _capture(lambda: cuda_linear.lora_linear_fwd(*static, SCALE))
     for _ in range(2):
         for dst, src in zip(static, make_single(m, 1032, 257, 16, dtype), strict=True):
             dst.copy_(src)
         graph.replay()
-        y, s = _cuda_impl.lora_linear_fwd(*static, SCALE)
+        y, s = cuda_linear.lora_linear_fwd(*static, SCALE)
         assert torch.equal(y_g, y) and torch.equal(s_g, s)
         check_single(y_g, s_g, *static, SCALE)
 
@@ -299,12 +302,12 @@ def test_graph_replay_equals_eager_multi(ops, dtype):
         )
 
     static = fresh()
-    graph, (y_g, s_g) = _capture(lambda: _cuda_impl.lora_linear_multi_fwd(*static))
+    graph, (y_g, s_g) = _capture(lambda: cuda_multi.lora_linear_multi_fwd(*static))
     for _ in range(2):
         for dst, src in zip(static, fresh(), strict=True):
             dst.copy_(src)
         graph.replay()
-        y, s = _cuda_impl.lora_linear_multi_fwd(*static)
+        y, s = cuda_multi.lora_linear_multi_fwd(*static)
         assert torch.equal(y_g, y) and torch.equal(s_g, s)
         check_multi(y_g, s_g, *static, None)
 
@@ -351,9 +354,9 @@ def test_merge_single_rounding(ops, dtype, n, k, r, scale):
     w = torch.randn(n, k, device=DEV).to(dtype)
     a = (torch.randn(r, k, device=DEV) / r**0.25).to(dtype)
     b = (torch.randn(n, r, device=DEV) / r**0.25).to(dtype)
-    assert _cuda_impl.supports_merge_(w, a, b, scale)
+    assert cuda_merge.supports_merge_(w, a, b, scale)
     out = w.clone()
-    assert _cuda_impl.merge_(out, a, b, scale) is out
+    assert cuda_merge.merge_(out, a, b, scale) is out
     assert_single_rounding(out, w, a, b, scale)
 
 
@@ -367,7 +370,7 @@ def test_merge_strided_weight_and_public_api(ops, dtype):
     a = (torch.randn(r, k, device=DEV) / r**0.25).to(dtype)
     b = (torch.randn(n, r, device=DEV) / r**0.25).to(dtype)
     before = big.clone()
-    _cuda_impl.merge_(w, a, b, 0.8)
+    cuda_merge.merge_(w, a, b, 0.8)
     assert_single_rounding(w, before[:, 8 : 8 + k], a, b, 0.8)
     assert torch.equal(big[:, :8], before[:, :8]) and torch.equal(
         big[:, 8 + k :], before[:, 8 + k :]
@@ -384,7 +387,7 @@ def test_merge_strided_weight_and_public_api(ops, dtype):
 
 def test_supports_rejects_what_the_kernels_do_not_serve(ops):
     x, w, b, a, bb = make_single(4, 136, 24, 8, torch.bfloat16)
-    sup = _cuda_impl.supports_lora_linear_fwd
+    sup = cuda_linear.supports_lora_linear_fwd
     assert sup(x, w, b, a, bb, SCALE)
     assert not sup(*make_single(4, 2049, 24, 8, torch.bfloat16), SCALE)  # K % 8
     assert not sup(*make_single(65, 136, 24, 8, torch.bfloat16), SCALE)  # M > 64
@@ -395,7 +398,7 @@ def test_supports_rejects_what_the_kernels_do_not_serve(ops):
     assert not sup(x.cpu(), w.cpu(), b.cpu(), a.cpu(), bb.cpu(), SCALE)
     wm = torch.randn(64, 2049, device=DEV, dtype=torch.bfloat16)
     am = torch.randn(4, 2049, device=DEV, dtype=torch.bfloat16)
-    assert not _cuda_impl.supports_merge_(wm, am, torch.randn_like(wm[:, :4]), 1.0)
+    assert not cuda_merge.supports_merge_(wm, am, torch.randn_like(wm[:, :4]), 1.0)
 
 
 def _raises(match, fn, *args):

@@ -8,7 +8,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels import reference as R
-from lora_kernels.triton import HAS_TRITON
+from lora_kernels.backends.triton import HAS_TRITON
 from tests.tolerances import assert_close_to_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,14 +193,14 @@ def test_available_backends_always_has_torch():
 
 
 def test_auto_never_picks_the_interpreter(monkeypatch):
-    from lora_kernels._backend import resolve_backend
+    from lora_kernels.backends import resolve_backend
 
     monkeypatch.delenv("LORA_KERNELS_BACKEND", raising=False)
     assert resolve_backend("auto", torch.zeros(1, 4), 8) == "torch"
 
 
 def test_env_override(monkeypatch):
-    from lora_kernels._backend import resolve_backend
+    from lora_kernels.backends import resolve_backend
 
     monkeypatch.setenv("LORA_KERNELS_BACKEND", "torch")
     assert resolve_backend("auto", torch.zeros(1, 4), 8) == "torch"

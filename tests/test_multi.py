@@ -15,13 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels import _torch_multi
 from lora_kernels import reference as R
-from lora_kernels.triton import HAS_TRITON, interpreting
+from lora_kernels.backends.torch import lora_multi as _torch_multi
+from lora_kernels.backends.triton import HAS_TRITON, interpreting
 from tests.tolerances import assert_close_to_ref
 
 if HAS_TRITON:
-    from lora_kernels.triton import lora_multi as _triton_multi
+    from lora_kernels.backends.triton import lora_multi as _triton_multi
 
 ON_GPU = torch.cuda.is_available() and not interpreting()
 DEVICE = "cuda" if ON_GPU else "cpu"

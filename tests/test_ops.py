@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lora_kernels as lk
-from lora_kernels.triton import HAS_TRITON
+from lora_kernels.backends.triton import HAS_TRITON
 
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
 

@@ -12,10 +12,10 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import reference as R
+from lora_kernels.backends.triton import HAS_TRITON, interpreting
 from lora_kernels.cache import AdapterCache, release_adapters, switch_adapter
 from lora_kernels.model import LoraConfig, get_lora_model
 from lora_kernels.switching import ExactMergeRecord, exact_merge_, exact_unmerge_
-from lora_kernels.triton import HAS_TRITON, interpreting
 from tests.tolerances import assert_close_to_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,7 +1,7 @@
-"""The torch backend: single-adapter LoRA linear and merge with stock PyTorch ops.
+"""The torch backend of the ``lora_linear`` family, in stock PyTorch ops.
 
-Used on CPU (and for float64, and wherever Triton is missing). It follows the same launcher
-signatures as ``lora_kernels/triton/lora_linear.py`` so the op layer dispatches blindly.
+Used on CPU (and for float64, and wherever Triton is missing), with the family's launcher
+signatures (``lora_kernels.backends.LoraLinearLaunchers``).
 
 Forward: the small LoRA product ``scale * (x A^T) B^T (+ bias)`` is written into the output
 buffer first and the base GEMM accumulates into it (``addmm`` with beta=1), so there is no
@@ -11,16 +11,11 @@ finished output with ``addmm_`` measured 1.08-1.10x (the small GEMMs run slower 
 large one). The GEMMs run in the input dtype as PyTorch does (fp32 accumulation inside the
 BLAS), so low precision results round after each GEMM rather than once; the Triton and CUDA
 kernels round once.
-
-Merge: ``W += scale * B @ A`` one block of rows at a time, each block computed in fp32 and rounded
-once, so the extra memory is one block (``_MERGE_BLOCK_BYTES``), never an ``[N, K]`` fp32 copy.
 """
 
 from __future__ import annotations
 
 import torch
-
-_MERGE_BLOCK_BYTES = 512 << 10  # an fp32 block that stays in L2: measured ~15% faster than 8 MiB
 
 
 def lora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora=None):
@@ -70,18 +65,3 @@ def lora_linear_bwd(
         else:
             dx, dx_lora = dy @ weight, lora_term
     return dx, dx_lora, da, db
-
-
-def merge_(weight, lora_a, lora_b, scale):
-    """``weight += scale * lora_b @ lora_a`` in place, block by block, fp32, one rounding."""
-    n, k = weight.shape
-    rows = max(1, _MERGE_BLOCK_BYTES // max(1, 4 * k))
-    a = lora_a.float()
-    for start in range(0, n, rows):
-        w = weight[start : start + rows]
-        b = lora_b[start : start + rows].float()
-        if weight.dtype == torch.float32 or weight.dtype == torch.float64:
-            w.addmm_(b.to(weight.dtype), a.to(weight.dtype), alpha=scale)
-        else:
-            w.copy_(torch.addmm(w.float(), b, a, alpha=scale))
-    return weight

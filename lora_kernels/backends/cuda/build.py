@@ -84,8 +84,8 @@ def nvcc_thread_flags() -> list[str]:
 
 def csrc_dir() -> Path | None:
     """The kernel sources: shipped inside the package (wheel), or beside it (source checkout)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parents[2]  # lora_kernels/
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if all((candidate / name).is_file() for name in SOURCES):
             return candidate
     return None

@@ -38,11 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton import interpreting
+from . import interpreting
 
 __all__ = ["merge_"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # GPU tile: a bf16 [64, 128] weight tile is 16 KiB and its fp32 accumulator 64 registers per
 # thread at 4 warps; a rank chunk of 64 keeps the lora_a and lora_b tiles at 24 KiB of shared
@@ -135,39 +134,6 @@ def _merge_kernel(
         tl.store(w_ptrs, merged.to(w_ptr.dtype.element_ty), mask=mask_w)
 
 
-def _fmt_shape(shape) -> str:
-    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
-
-
-def _check(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
-    """Shapes, dtypes and devices, with the expected and actual values, before any launch."""
-    if weight.dim() != 2:
-        raise ValueError(f"merge_: expected weight of shape [N, K], got {_fmt_shape(weight.shape)}")
-    n, k = weight.shape
-    if lora_a.dim() != 2 or lora_a.shape[0] < 1 or lora_a.shape[1] != k:
-        raise ValueError(
-            f"merge_: expected lora_a of shape [r, {k}] with r >= 1, got {_fmt_shape(lora_a.shape)}"
-        )
-    r = lora_a.shape[0]
-    if tuple(lora_b.shape) != (n, r):
-        raise ValueError(
-            f"merge_: expected lora_b of shape [{n}, {r}], got {_fmt_shape(lora_b.shape)}"
-        )
-    allowed = " or ".join(str(d) for d in _FLOAT_DTYPES)
-    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"merge_: expected {name} of dtype {allowed}, got {t.dtype}")
-        if t.device != weight.device:
-            raise ValueError(
-                f"merge_: expected {name} on {weight.device} (where weight is), got {t.device}"
-            )
-    if weight.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"merge_: expected weight on a CUDA device, got {weight.device}: CPU tensors run "
-            "only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
-        )
-
-
 def merge_(
     weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -177,7 +143,6 @@ def merge_(
     fp32, any strides, any rank r >= 1) on weight's device. Returns ``weight``. Unmerge is
     ``merge_(weight, lora_a, lora_b, -scale)``.
     """
-    _check(weight, lora_a, lora_b)
     n, k = weight.shape
     r = lora_a.shape[0]
     if n == 0 or k == 0:

@@ -1,7 +1,7 @@
 """The torch backend of multi-adapter LoRA: a different adapter per row, with stock PyTorch ops.
 
-Used on CPU (and for float64, and wherever Triton is missing); same launcher signatures as
-``lora_kernels/triton/lora_multi.py`` so the op layer dispatches blindly. Stacks and ids::
+Used on CPU (and for float64, and wherever Triton is missing), with the family's launcher
+signatures (``lora_kernels.backends.LoraMultiLaunchers``). Stacks and ids::
 
     x [M, K], weight [N, K], bias [N] or None, lora_a [L, r_max, K], lora_b [L, N, r_max],
     scales [L] float32, row_ids [M] (-1 or any id outside [0, L): base layer only),

@@ -1,0 +1,257 @@
+"""Backends: which one computes a call, and the launcher that runs it.
+
+Every backend is a folder (``torch/``, ``triton/``, ``cuda/``) with one module per kernel family
+(``lora_linear``, ``lora_multi``, ``merge``); the modules of one family share the launcher
+signatures written down below as ``Protocol`` classes, so dispatch is by module name:
+``lora_kernels.backends.<backend>.<family>``. Launchers trust their inputs: every check runs once,
+before dispatch, in ``lora_kernels._checks`` (the C++ binding keeps its own checks for raw
+``torch.ops`` calls). A new kernel family is a new module in each backend folder, a protocol here
+and an op module in ``lora_kernels.ops``.
+
+``backend="auto"`` (:func:`resolve_backend`) picks, in order:
+
+* ``LORA_KERNELS_BACKEND`` when set (``cuda``, ``triton``, ``torch`` or ``auto``);
+* the torch path for CPU tensors (auto never picks the Triton interpreter, whatever
+  ``TRITON_INTERPRET`` says: it is for tests, and orders of magnitude slower);
+* Triton for CUDA tensors when Triton imports and the call is one it serves (fp16/bf16/fp32,
+  rank <= 256); the torch path otherwise.
+
+The CUDA C++ kernels are used only when asked for by name until a GPU has measured them faster
+than Triton for a shape (see the README's backend table). They serve a subset of calls (decode
+shapes, forward only): :func:`serving_backend` says, per launcher call, whether ``"cuda"`` runs
+it or hands it to Triton. A backend asked for by name that cannot serve the call raises a
+``ValueError`` that says why, before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+# Not ``import torch``: importing the ``backends.torch`` subpackage rebinds the name ``torch`` in
+# this package's namespace to that subpackage.
+import torch as _torch
+from torch import Tensor
+
+from .._checks import KERNEL_DTYPES, MAX_RANK
+from .triton import HAS_TRITON, interpreting
+
+BACKENDS = ("cuda", "triton", "torch")
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher signatures of each kernel family (every backend module of a family follows them)
+# --------------------------------------------------------------------------------------------
+
+
+class LoraLinearLaunchers(Protocol):
+    """``backends.<backend>.lora_linear``: ``y = x W^T + bias + scale (x_lora A^T) B^T``.
+
+    ``lora_linear_fwd(x[M,K], weight[N,K], bias[N]?, lora_a[r,K], lora_b[N,r], scale,
+    x_lora[M,K]?) -> (y[M,N], s[M,r] fp32)``;
+    ``lora_linear_bwd(dy, x, weight, lora_a, lora_b, s, scale, x_lora?, *, needs_dx, needs_da,
+    needs_db) -> (dx?, dx_lora?, da?, db?)`` (None where not needed).
+    """
+
+    def lora_linear_fwd(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale: float,
+        x_lora: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def lora_linear_bwd(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        s: Tensor,
+        scale: float,
+        x_lora: Tensor | None = None,
+        *,
+        needs_dx: bool = True,
+        needs_da: bool = True,
+        needs_db: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]: ...
+
+
+class LoraMultiLaunchers(Protocol):
+    """``backends.<backend>.lora_multi``: a different adapter per row (id -1: base only).
+
+    ``lora_linear_multi_fwd(x[M,K], weight[N,K], bias[N]?, lora_a[L,R,K], lora_b[L,N,R],
+    scales[L], row_ids[M], ranks[L]?) -> (y[M,N], s[M,R])``;
+    ``lora_linear_multi_bwd(dy, x, weight, lora_a, lora_b, scales, row_ids, s, ranks?, *,
+    needs_dx, needs_da, needs_db) -> (dx?, da?, db?)``.
+    """
+
+    def lora_linear_multi_fwd(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scales: Tensor,
+        row_ids: Tensor,
+        ranks: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def lora_linear_multi_bwd(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scales: Tensor,
+        row_ids: Tensor,
+        s: Tensor,
+        ranks: Tensor | None = None,
+        *,
+        needs_dx: bool = True,
+        needs_da: bool = True,
+        needs_db: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]: ...
+
+
+class MergeLaunchers(Protocol):
+    """``backends.<backend>.merge``: ``merge_(weight[N,K], lora_a[r,K], lora_b[N,r], scale)``,
+    ``weight += scale * lora_b @ lora_a`` in place (fp32 sum, one rounding); returns weight."""
+
+    def merge_(self, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Which backends run here, and which one runs a call
+# --------------------------------------------------------------------------------------------
+
+
+def _cuda_extension_loaded() -> bool:
+    if not _torch.cuda.is_available():
+        return False
+    from .cuda import build
+
+    return build.load_extension() is not None
+
+
+def available_backends() -> list[str]:
+    """The backends that can run on this machine, a subset of ``["cuda", "triton", "torch"]``.
+
+    ``"triton"`` needs Triton and either a CUDA device or the interpreter (``TRITON_INTERPRET=1``);
+    ``"cuda"`` needs a CUDA device and the compiled extension (ahead of time or just in time).
+    """
+    found = []
+    if _cuda_extension_loaded():
+        found.append("cuda")
+    if HAS_TRITON and (_torch.cuda.is_available() or interpreting()):
+        found.append("triton")
+    found.append("torch")
+    return found
+
+
+def _why_triton_cannot(x: Tensor, rank: int, operands: tuple[Tensor, ...] = ()) -> str | None:
+    if not HAS_TRITON:
+        return "triton is not installed"
+    if x.device.type == "cpu" and not interpreting():
+        return (
+            "the triton backend runs CUDA tensors; CPU tensors need TRITON_INTERPRET=1 set "
+            "before triton is imported"
+        )
+    if x.device.type not in ("cpu", "cuda"):
+        return f"the triton backend runs CUDA tensors, got x on {x.device}"
+    if x.dtype not in KERNEL_DTYPES:
+        return f"the triton backend takes float16, bfloat16 or float32, got x of dtype {x.dtype}"
+    for t in operands:
+        if t.dtype not in KERNEL_DTYPES:
+            return f"the triton backend takes float16, bfloat16 or float32 operands, got {t.dtype}"
+    if rank > MAX_RANK:
+        return f"the triton backend takes ranks up to {MAX_RANK}, got rank {rank}"
+    return None
+
+
+def _why_cuda_cannot(x: Tensor) -> str | None:
+    if x.device.type != "cuda":
+        return f"the cuda backend runs CUDA tensors, got x on {x.device}"
+    if not _cuda_extension_loaded():
+        from .cuda import build
+
+        return f"the CUDA extension is not available ({build.extension_status()})"
+    return None
+
+
+def resolve_backend(backend: str, x: Tensor, rank: int, *operands: Tensor) -> str:
+    """Turn ``backend`` (or ``"auto"``) into the backend that will run, or raise ``ValueError``.
+
+    ``x`` decides the device and dtype; ``operands`` are further tensors whose dtypes a kernel
+    backend must take as well (merge's adapter factors, which may differ from the weight's)."""
+    if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
+        raise ValueError(
+            f"backend must be one of 'auto', 'cuda', 'triton', 'torch', got {backend!r}"
+        )
+    if backend == "auto":
+        forced = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+        if forced not in (*BACKENDS, "auto"):
+            raise ValueError(
+                "LORA_KERNELS_BACKEND must be one of 'auto', 'cuda', 'triton', 'torch', "
+                f"got {forced!r}"
+            )
+        backend = forced
+    if backend == "auto":
+        if x.device.type == "cuda" and _why_triton_cannot(x, rank, operands) is None:
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        why = _why_triton_cannot(x, rank, operands)
+        if why is not None:
+            raise ValueError(f"backend='triton' cannot run this call: {why}")
+    elif backend == "cuda":
+        why = _why_cuda_cannot(x) or _why_triton_cannot(x, rank, operands)
+        if why is not None:
+            raise ValueError(f"backend='cuda' cannot run this call: {why}")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def backend_module(backend: str, family: str):
+    """``lora_kernels.backends.<backend>.<family>``, imported on first use (a backend's module
+    may need Triton or the CUDA extension)."""
+    return importlib.import_module(f"{__name__}.{backend}.{family}")
+
+
+def serving_backend(backend: str, family: str, name: str, *args, **kwargs) -> str:
+    """The backend that runs launcher ``name`` of ``family`` on these arguments.
+
+    ``"cuda"`` serves only the calls its module has a launcher for (no backward) and whose
+    ``supports_<name>(*args)`` says yes (decode shapes, aligned rows, see ``backends.cuda``);
+    every other call resolved to ``"cuda"`` runs on Triton. Other backends serve every call.
+    """
+    if backend != "cuda":
+        return backend
+    mod = backend_module("cuda", family)
+    fn = getattr(mod, name, None)
+    supports = getattr(mod, f"supports_{name}", None)
+    if fn is not None and (supports is None or supports(*args, **kwargs)):
+        return "cuda"
+    return "triton"
+
+
+def launcher(backend: str, family: str, name: str, *args, **kwargs) -> Callable:
+    """The launcher ``name`` of ``family`` that runs ``args`` on ``backend`` (see
+    :func:`serving_backend` for the CUDA-to-Triton hand-over)."""
+    if backend == "cuda":
+        backend = serving_backend(backend, family, name, *args, **kwargs)
+    return getattr(backend_module(backend, family), name)
