@@ -46,6 +46,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels._bench import device_name, time_side_by_side
+from lora_kernels.config import lora_scaling
 
 POPULARITIES = ["distinct", "uniform", "zipf", "identical", "skewed", "all_base"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -121,7 +122,7 @@ def providers(cfg, k, n, dtype, device, backward, gather_max_bytes):
     gen = torch.Generator().manual_seed(0)
     m, num_adapters, r = cfg["rows"], cfg["L"], cfg["r"]
     alpha = 2.0 * r
-    scale = alpha / r
+    scale = lora_scaling(alpha, r)
     base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=backward)
     a = (torch.randn(num_adapters, r, k, device=device) / math.sqrt(k)).to(dtype)

@@ -46,8 +46,9 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.cache import AdapterCache, release_adapters, switch_adapter
-from lora_kernels.switching import exact_merge_, exact_unmerge_
+from lora_kernels.cache import AdapterCache
+from lora_kernels.exact_merge import exact_merge_, exact_unmerge_
+from lora_kernels.switch import release_adapters, switch_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
