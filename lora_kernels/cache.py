@@ -1,4 +1,5 @@
-"""Adapters cached in RAM, a fixed pool of device slots, and switching a whole model between them.
+"""Adapters cached in RAM and a fixed pool of device slots, from which ``switch_adapter``
+(:mod:`lora_kernels.switch`) switches a whole model between them.
 
 The point of LoRA in production: the base model is loaded once, and a model is specialised by
 moving an adapter (its small A and B matrices) to the device and adding ``scale * B @ A`` to the
@@ -27,8 +28,9 @@ are done with it. Slots are reused least recently used first, never while held (
 installed in a model by ``switch_adapter``). On a CPU the same calls copy synchronously.
 
 Every method of :class:`AdapterCache` may be called from several threads (one lock; a disk read
-runs outside it). :func:`switch_adapter` changes a model and is not meant to race with itself on
-the same model.
+runs outside it). ``switch_adapter`` changes a model and is not meant to race with itself on
+the same model; it uses the cache only through the methods under "what switch_adapter asks of
+the cache".
 """
 
 from __future__ import annotations
@@ -142,6 +144,13 @@ class _Pool:
 
 def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+def raise_problems(what: str, problems: list[str]) -> None:
+    """A ``ValueError`` ``"<what>: <problem>; <problem>; ..."`` (the first 8) if there are any."""
+    if problems:
+        shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
+        raise ValueError(f"{what}: {shown}")
 
 
 def _check_name(fn: str, name: object) -> None:
@@ -294,9 +303,7 @@ class AdapterCache:
             # The formula of FusedLoraLinear.add_adapter, so slot scales equal layer scalings.
             scaling = lora_scaling(alpha, r, cfg.use_rslora)
             layers[path] = (a, b, float(alpha), float(scaling))
-        if problems:
-            shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
-            raise ValueError(f"{fn}: adapter {name!r} cannot be cached: {shown}")
+        raise_problems(f"{fn}: adapter {name!r} cannot be cached", problems)
         host = {
             path: AdapterLayer(self._host_copy(a, owned), self._host_copy(b, owned), alpha, sc)
             for path, (a, b, alpha, sc) in layers.items()
@@ -534,9 +541,7 @@ class AdapterCache:
                     f"{path}: expected lora_A [r, {k}] and lora_B [{out}, r], got "
                     f"{list(lay.lora_a.shape)} and {list(lay.lora_b.shape)}"
                 )
-        if problems:
-            shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
-            raise ValueError(f"{fn}: adapter {adapter.name!r} does not fit the slots: {shown}")
+        raise_problems(f"{fn}: adapter {adapter.name!r} does not fit the slots", problems)
 
     def _fill_slot(self, slot: int, adapter: CachedAdapter) -> None:
         """Copy ``adapter`` into ``slot`` of every layer (zeros where it has no module)."""

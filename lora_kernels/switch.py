@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import cache as cache_module
-from .cache import AdapterCache, CachedAdapter
+from .cache import AdapterCache, CachedAdapter, raise_problems
 from .exact_merge import check_exact_unmerge
 from .model import lora_layers
 from .nn import BASE_ADAPTER, FusedLoraLinear
@@ -76,9 +76,7 @@ def _check_fits_model(
                 f"{path}: expected lora_A {want_a} and lora_B {want_b}, got "
                 f"{list(lay.lora_a.shape)} and {list(lay.lora_b.shape)}"
             )
-    if problems:
-        shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
-        raise ValueError(f"{fn}: adapter {adapter.name!r} does not fit the model: {shown}")
+    raise_problems(f"{fn}: adapter {adapter.name!r} does not fit the model", problems)
     clash = [p for p, m in layers.items() if adapter.name in m.lora_A]
     if clash and not ours:
         raise ValueError(

@@ -225,6 +225,7 @@ def _switch_many(mode, w0, adapters, switches):
     return w
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", HALF)
 def test_drift_after_1000_switches(dtype):
     """1000 merge+unmerge pairs among 3 adapters (deltas ~5% of the weight): the exact mode
