@@ -1,42 +1,22 @@
-"""Timing and set-up helpers shared by the CUDA-kernel benchmarks (bench_cuda, bench_merge)."""
+"""Set-up and report helpers shared by the CUDA-kernel benchmarks (bench_cuda, bench_merge); the
+timing itself is ``lora_kernels.bench``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import re
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from lora_kernels import bench
+
 
 def time_call(fn, cuda: bool, quick: bool) -> dict:
-    """Median and 20/80 percentiles of one call, in microseconds.
-
-    On CUDA: ``triton.testing.do_bench`` (it clears the L2 cache before each call); on CPU: a
-    wall-clock loop of at least 5 calls and 0.2 s (quick) or 1 s.
-    """
-    if cuda:
-        from triton.testing import do_bench
-
-        rep = 30 if quick else 100
-        p50, p20, p80 = do_bench(fn, warmup=10, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return {"median_us": p50 * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
-    fn()
-    samples = []
-    t_end = time.perf_counter() + (0.2 if quick else 1.0)
-    while len(samples) < 5 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    q = statistics.quantiles(samples, n=5)
-    return {
-        "median_us": statistics.median(samples) * 1e6,
-        "p20_us": q[0] * 1e6,
-        "p80_us": q[3] * 1e6,
-    }
+    """``lora_kernels.bench.time_call`` in microseconds, 0.2 s (quick) or 1 s of calls on a CPU."""
+    t = bench.time_call(fn, cuda=cuda, seconds=0.2 if quick else 1.0, rep_ms=30 if quick else 100)
+    return bench.in_units(t, "us")
 
 
 def copy_bandwidth(device: torch.device, cuda: bool, quick: bool) -> float:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,31 +47,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lora_kernels.bench import in_units, time_call
+
 RANK = 16
 ALPHA = 32
 SHAPES = [(4096, 4096), (4096, 14336)]  # (K, N)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PROVIDERS = ["cublas_base", "torch_naive", "peft", "triton", "lk_cuda"]
-QUANTILES = [0.5, 0.2, 0.8]
-
-
-def _time_cuda(fn, warmup_ms: int, rep_ms: int) -> tuple[float, float, float]:
-    from triton.testing import do_bench
-
-    p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=QUANTILES)
-    return p50, p20, p80
-
-
-def _time_cpu(fn, seconds: float) -> tuple[float, float, float]:
-    fn()
-    samples = []
-    t_end = time.perf_counter() + seconds
-    while len(samples) < 5 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(samples, n=5)
-    return statistics.median(samples), q[0], q[3]
 
 
 def _flops(m: int, k: int, n: int, r: int, mode: str, lora: bool) -> float:
@@ -267,10 +248,17 @@ def main(argv=None) -> int:
                     row = by_provider[name] = {**record, "provider": name}
                     rows.append(row)
                     try:
-                        if cuda:
-                            p50, p20, p80 = _time_cuda(fn, args.warmup_ms, args.rep_ms)
-                        else:
-                            p50, p20, p80 = _time_cpu(fn, 0.3)
+                        t = in_units(
+                            time_call(
+                                fn,
+                                cuda=cuda,
+                                seconds=0.3,
+                                warmup_ms=args.warmup_ms,
+                                rep_ms=args.rep_ms,
+                            ),
+                            "ms",
+                        )
+                        p50, p20, p80 = t["median_ms"], t["p20_ms"], t["p80_ms"]
                     except Exception as exc:  # one broken provider must not sink the table
                         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
                         print(f"  {name}: {row['error']}", flush=True)

@@ -19,7 +19,7 @@ adapter, multi <= 1.15x single and >= 5x faster than PEFT; prefill, 4096 rows ov
 multi <= 1.10x single.
 
 Timing: on CUDA ``triton.testing.do_bench`` (median with 20th/80th percentiles, L2 flushed); on
-CPU the package's round-robin timer (``lora_kernels._bench``). ``--backward`` times forward +
+CPU the package's round-robin timer (``lora_kernels.bench``). ``--backward`` times forward +
 backward (gradients of x and of the adapter weights) instead of the forward.
 
     python benchmarks/bench_multi.py --quick                  # CPU, < 1 minute
@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels._bench import device_name, time_side_by_side
+from lora_kernels.bench import device_name, in_units, time_call, time_side_by_side
+from lora_kernels.config import lora_scaling
 
 POPULARITIES = ["distinct", "uniform", "zipf", "identical", "skewed", "all_base"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -121,7 +122,7 @@ def providers(cfg, k, n, dtype, device, backward, gather_max_bytes):
     gen = torch.Generator().manual_seed(0)
     m, num_adapters, r = cfg["rows"], cfg["L"], cfg["r"]
     alpha = 2.0 * r
-    scale = alpha / r
+    scale = lora_scaling(alpha, r)
     base = nn.Linear(k, n, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(m, k, dtype=dtype, device=device, requires_grad=backward)
     a = (torch.randn(num_adapters, r, k, device=device) / math.sqrt(k)).to(dtype)
@@ -181,21 +182,12 @@ def providers(cfg, k, n, dtype, device, backward, gather_max_bytes):
 
 def time_all(fns: dict, cuda: bool, rounds: int) -> dict:
     if cuda:
-        import triton.testing
-
-        res = {}
-        for name, fn in fns.items():
-            med, p20, p80 = triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=[0.5, 0.2, 0.8])
-            res[name] = {"median_ms": med, "p20_ms": p20, "p80_ms": p80}
-        return res
-    timed = time_side_by_side(fns, warmup=1, rounds=rounds)
-    return {
-        name: {
-            "median_ms": t["median_s"] * 1e3,
-            "p20_ms": t["p20_s"] * 1e3,
-            "p80_ms": t["p80_s"] * 1e3,
+        return {
+            n: in_units(time_call(f, cuda=True, warmup_ms=5, rep_ms=25), "ms")
+            for n, f in fns.items()
         }
-        for name, t in timed.items()
+    return {
+        n: in_units(t, "ms") for n, t in time_side_by_side(fns, warmup=1, rounds=rounds).items()
     }
 
 

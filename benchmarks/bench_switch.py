@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -46,8 +45,10 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.cache import AdapterCache, release_adapters, switch_adapter
-from lora_kernels.switching import exact_merge_, exact_unmerge_
+from lora_kernels.bench import time_calls
+from lora_kernels.cache import AdapterCache
+from lora_kernels.exact_merge import exact_merge_, exact_unmerge_
+from lora_kernels.switch import release_adapters, switch_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -146,24 +147,9 @@ def to_fused(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, rounds: int, warmup: int = 1) -> dict:
-    """Median, p20, p80 seconds of ``fn(i)`` over ``rounds`` calls, after ``warmup`` calls."""
-    for i in range(warmup):
-        fn(i - warmup)
-    samples = []
-    for i in range(rounds):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn(i)
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    q = statistics.quantiles(samples, n=5, method="inclusive") if len(samples) > 1 else samples * 4
-    return {"median_s": statistics.median(samples), "p20_s": q[0], "p80_s": q[3], "n": rounds}
+    """Median, p20, p80 seconds of ``fn(i)`` over ``rounds`` synchronised calls."""
+    return time_calls(fn, rounds, warmup=warmup, device=device)
 
 
 def drop_from_page_cache(directory: Path) -> None:

@@ -7,7 +7,7 @@ from a RAM cache, and PEFT-compatible checkpoints. See the README for the tour.
 """
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
-from .cache import AdapterCache, release_adapters, switch_adapter
+from .cache import AdapterCache
 from .checkpoint import load_adapter, save_adapter
 from .functional import (
     available_backends,
@@ -27,6 +27,7 @@ from .model import (
     trainable_parameters,
 )
 from .nn import FusedLoraLinear
+from .switch import release_adapters, switch_adapter
 
 __version__ = "0.1.0"
 

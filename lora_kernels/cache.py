@@ -1,4 +1,5 @@
-"""Adapters cached in RAM, a fixed pool of device slots, and switching a whole model between them.
+"""Adapters cached in RAM and a fixed pool of device slots, from which ``switch_adapter``
+(:mod:`lora_kernels.switch`) switches a whole model between them.
 
 The point of LoRA in production: the base model is loaded once, and a model is specialised by
 moving an adapter (its small A and B matrices) to the device and adding ``scale * B @ A`` to the
@@ -27,19 +28,19 @@ are done with it. Slots are reused least recently used first, never while held (
 installed in a model by ``switch_adapter``). On a CPU the same calls copy synchronously.
 
 Every method of :class:`AdapterCache` may be called from several threads (one lock; a disk read
-runs outside it). :func:`switch_adapter` changes a model and is not meant to race with itself on
-the same model.
+runs outside it). ``switch_adapter`` changes a model and is not meant to race with itself on
+the same model; it uses the cache only through the methods under "what switch_adapter asks of
+the cache".
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,9 +48,9 @@ import torch
 from torch import nn
 
 from .checkpoint import read_peft_adapter, split_peft_key
-from .model import LoraConfig
+from .config import LoraConfig, lora_scaling
+from .model import lora_layers
 from .nn import BASE_ADAPTER, FusedLoraLinear
-from .switching import check_exact_unmerge
 
 __all__ = [
     "AdapterCache",
@@ -58,8 +59,6 @@ __all__ = [
     "CachedAdapter",
     "MAX_INSTALLED",
     "SlotTensors",
-    "release_adapters",
-    "switch_adapter",
 ]
 
 
@@ -137,7 +136,6 @@ class _Pool:
     max_rank: int
     owner: list[str | None]  # adapter name per slot
     source: list[CachedAdapter | None]  # the cached object each slot was filled from
-    generation: list[int]  # bumped at every refill: installs of an older fill are stale
     refs: list[int]
     lru: OrderedDict  # slot -> None, least recently used first
     events: list[torch.cuda.Event | None]
@@ -148,16 +146,19 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def raise_problems(what: str, problems: list[str]) -> None:
+    """A ``ValueError`` ``"<what>: <problem>; <problem>; ..."`` (the first 8) if there are any."""
+    if problems:
+        shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
+        raise ValueError(f"{what}: {shown}")
+
+
 def _check_name(fn: str, name: object) -> None:
     if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
         raise ValueError(
             f"{fn}: expected name to be a non-empty str without '.', other than "
             f"{BASE_ADAPTER!r}, got {name!r}"
         )
-
-
-def _layers_of(model: nn.Module) -> dict[str, FusedLoraLinear]:
-    return {p: m for p, m in model.named_modules() if isinstance(m, FusedLoraLinear)}
 
 
 class AdapterCache:
@@ -300,11 +301,9 @@ class AdapterCache:
                 problems.append(f"{path}: the config gives rank {want_r}, the tensors rank {r}")
                 continue
             # The formula of FusedLoraLinear.add_adapter, so slot scales equal layer scalings.
-            scaling = alpha / (math.sqrt(r) if cfg.use_rslora else r)
+            scaling = lora_scaling(alpha, r, cfg.use_rslora)
             layers[path] = (a, b, float(alpha), float(scaling))
-        if problems:
-            shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
-            raise ValueError(f"{fn}: adapter {name!r} cannot be cached: {shown}")
+        raise_problems(f"{fn}: adapter {name!r} cannot be cached", problems)
         host = {
             path: AdapterLayer(self._host_copy(a, owned), self._host_copy(b, owned), alpha, sc)
             for path, (a, b, alpha, sc) in layers.items()
@@ -469,7 +468,7 @@ class AdapterCache:
         for arg, value in (("num_slots", num_slots), ("max_rank", max_rank)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{fn}: expected {arg} to be a positive int, got {value!r}")
-        layers = _layers_of(model)
+        layers = dict(lora_layers(model))
         if not layers:
             raise ValueError(f"{fn}: the model has no FusedLoraLinear layers")
         devices = {m.weight.device for m in layers.values()}
@@ -495,7 +494,6 @@ class AdapterCache:
                 max_rank=max_rank,
                 owner=[None] * num_slots,
                 source=[None] * num_slots,
-                generation=[0] * num_slots,
                 refs=[0] * num_slots,
                 lru=OrderedDict((s, None) for s in range(num_slots)),
                 events=[None] * num_slots,
@@ -543,9 +541,7 @@ class AdapterCache:
                     f"{path}: expected lora_A [r, {k}] and lora_B [{out}, r], got "
                     f"{list(lay.lora_a.shape)} and {list(lay.lora_b.shape)}"
                 )
-        if problems:
-            shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
-            raise ValueError(f"{fn}: adapter {adapter.name!r} does not fit the slots: {shown}")
+        raise_problems(f"{fn}: adapter {adapter.name!r} does not fit the slots", problems)
 
     def _fill_slot(self, slot: int, adapter: CachedAdapter) -> None:
         """Copy ``adapter`` into ``slot`` of every layer (zeros where it has no module)."""
@@ -580,7 +576,6 @@ class AdapterCache:
                 pool.events[slot] = event
         pool.owner[slot] = adapter.name
         pool.source[slot] = adapter
-        pool.generation[slot] += 1
         self._count(slot_misses=1, bytes_to_device=moved)
 
     def _slot_for(self, fn: str, adapter: CachedAdapter) -> int:
@@ -624,21 +619,24 @@ class AdapterCache:
                 return None
             return self._slot_for("AdapterCache.prefetch", adapter)
 
-    def _hold_slot(self, fn: str, adapter: CachedAdapter) -> tuple[int, int]:
+    # ------------------------------------------------------------------------------------
+    # what switch_adapter asks of the cache (lora_kernels.switch)
+    # ------------------------------------------------------------------------------------
+
+    def hold_slot(self, fn: str, adapter: CachedAdapter) -> int:
         """Fill (if needed) and hold ``adapter``'s slot, and make the current stream wait for
-        its copy; returns ``(slot, generation)``."""
+        its copy; returns the slot. ``release_slot`` gives it back."""
         with self._lock:
             slot = self._slot_for(fn, adapter)
             pool = self._pool
             pool.refs[slot] += 1
             event = pool.events[slot]
-            generation = pool.generation[slot]
             stream = pool.stream
         if event is not None:
             torch.cuda.current_stream(stream.device).wait_event(event)
-        return slot, generation
+        return slot
 
-    def _unhold_slot(self, slot: int) -> None:
+    def release_slot(self, slot: int) -> None:
         with self._lock:
             if self._pool is not None and self._pool.refs[slot] > 0:
                 self._pool.refs[slot] -= 1
@@ -648,16 +646,37 @@ class AdapterCache:
         """``with cache.use_slot(name) as slot:`` ``name`` sits in ``slot`` (copy complete as
         seen from the current stream) and the slot is not refilled inside the block."""
         fn = "AdapterCache.use_slot"
-        slot, _ = self._hold_slot(fn, self._acquire(fn, name, hold=False))
+        slot = self.hold_slot(fn, self._acquire(fn, name, hold=False))
         try:
             yield slot
         finally:
-            self._unhold_slot(slot)
+            self.release_slot(slot)
 
+    def has_slots_for(self, layers: Mapping[str, FusedLoraLinear]) -> bool:
+        """The cache is attached to exactly these layers (``attach``), so adapters can be
+        installed as views into its slots."""
+        with self._lock:
+            return self._pool is not None and self._model_layers == layers
 
-# ----------------------------------------------------------------------------------------------
-# switching a model
-# ----------------------------------------------------------------------------------------------
+    def check_fits_slots(self, fn: str, adapter: CachedAdapter) -> None:
+        """Raise a ``ValueError`` unless ``adapter`` fits the attached model's slots."""
+        with self._lock:
+            self._check_fits_pool(fn, adapter)
+
+    def slot_available(self, name: str, mine: Sequence[int] | None = None) -> bool:
+        """A slot for adapter ``name`` is free now (it already sits in one, or one is held by
+        no one), or would be once the holds counted per slot in ``mine`` are given back."""
+        with self._lock:
+            pool = self._pool
+            mine = [0] * len(pool.refs) if mine is None else mine
+            return name in pool.owner or any(
+                held == own for held, own in zip(pool.refs, mine, strict=True)
+            )
+
+    def record_device_copy(self, nbytes: int) -> None:
+        """Count ``nbytes`` copied from RAM to a device outside the slots (``stats``)."""
+        with self._lock:
+            self._count(bytes_to_device=nbytes)
 
 
 MAX_INSTALLED = 4
@@ -665,318 +684,11 @@ MAX_INSTALLED = 4
 least recently used dropped first); with slots, the number of slots bounds them."""
 
 
-@dataclass
-class _Installed:
-    """An adapter ``switch_adapter`` put into a model's layers from a cache."""
+def __getattr__(name: str):
+    # switch_adapter and release_adapters lived here before lora_kernels.switch; the old import
+    # path keeps working (switch.py imports this module, so it cannot be imported eagerly).
+    if name in ("switch_adapter", "release_adapters"):
+        from . import switch
 
-    cache: AdapterCache
-    adapter: CachedAdapter
-    slot: int | None  # the held slot its weights are views of; None: device copies
-
-
-class _SwitchState:
-    """Per model: the adapters installed from caches, least recently used first.
-
-    Copies and pickles of the model start with an empty state: the installed adapters travel
-    as ordinary adapters of the layers, and the slots stay held by the original only.
-    """
-
-    def __init__(self) -> None:
-        self.installed: OrderedDict[str, _Installed] = OrderedDict()
-
-    def __deepcopy__(self, memo) -> _SwitchState:
-        return _SwitchState()
-
-    def __reduce__(self):
-        return (_SwitchState, ())
-
-
-_STATE_ATTR = "_lora_kernels_switch_state"
-
-
-def _state(model: nn.Module) -> _SwitchState:
-    state = model.__dict__.get(_STATE_ATTR)
-    if state is None:
-        state = model.__dict__[_STATE_ATTR] = _SwitchState()
-    return state
-
-
-def _check_fits_model(
-    fn: str, layers: dict[str, FusedLoraLinear], adapter: CachedAdapter, ours: bool
-) -> None:
-    problems = []
-    for path, lay in adapter.layers.items():
-        layer = layers.get(path)
-        if layer is None:
-            problems.append(f"{path}: the model has no FusedLoraLinear there")
-            continue
-        want_a = [lay.r, layer.in_features]
-        want_b = [layer.out_features, lay.r]
-        if list(lay.lora_a.shape) != want_a or list(lay.lora_b.shape) != want_b:
-            problems.append(
-                f"{path}: expected lora_A {want_a} and lora_B {want_b}, got "
-                f"{list(lay.lora_a.shape)} and {list(lay.lora_b.shape)}"
-            )
-    if problems:
-        shown = "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else "")
-        raise ValueError(f"{fn}: adapter {adapter.name!r} does not fit the model: {shown}")
-    clash = [p for p, m in layers.items() if adapter.name in m.lora_A]
-    if clash and not ours:
-        raise ValueError(
-            f"{fn}: layers {clash[:3]} already have an adapter named {adapter.name!r} that the "
-            "cache did not install; delete it or cache the adapter under another name"
-        )
-
-
-def _check_unmergeable(fn: str, layers: dict[str, FusedLoraLinear]) -> None:
-    """Every merged layer can be unmerged (exact records still match their adapters)."""
-    for path, layer in layers.items():
-        for name in layer.merged_adapters:
-            record = layer._exact_records.get(name)
-            if record is None:
-                continue
-            try:
-                check_exact_unmerge(
-                    layer.weight.data,
-                    layer.lora_A[name].weight.data,
-                    layer.lora_B[name].weight.data,
-                    layer.scaling[name],
-                    record,
-                    fn=fn,
-                )
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{path}: {e}") from None
-
-
-def _uninstall(
-    model: nn.Module, layers: dict[str, FusedLoraLinear], state: _SwitchState, name: str
-) -> None:
-    """Remove an installed adapter from its layers (none of them may be merged with it)."""
-    installed = state.installed.pop(name)
-    configs = getattr(model, "lora_configs", None)
-    if isinstance(configs, dict) and configs.get(name) is installed.adapter.config:
-        del configs[name]
-    for path in installed.adapter.layers:
-        layer = layers.get(path)
-        if layer is not None and name in layer.lora_A:
-            layer.delete_adapter(name)
-    if installed.slot is not None:
-        installed.cache._unhold_slot(installed.slot)
-
-
-def _install(
-    model: nn.Module,
-    layers: dict[str, FusedLoraLinear],
-    cache: AdapterCache,
-    adapter: CachedAdapter,
-    slot: int | None,
-) -> _Installed:
-    """Add ``adapter`` to its layers: views into the held ``slot``, or device copies."""
-    moved = 0
-    with torch.no_grad():
-        for path, lay in adapter.layers.items():
-            layer = layers[path]
-            layer.add_adapter(
-                adapter.name,
-                lay.r,
-                lay.lora_alpha,
-                use_rslora=adapter.config.use_rslora,
-                init_lora_weights=False,
-            )
-            mod_a = layer.lora_A[adapter.name]
-            mod_b = layer.lora_B[adapter.name]
-            if slot is not None:
-                pa, pb, _, _ = cache.slot_tensors(path)
-                mod_a.weight = nn.Parameter(pa[slot, : lay.r], requires_grad=False)
-                mod_b.weight = nn.Parameter(pb[slot, :, : lay.r], requires_grad=False)
-            else:
-                mod_a.weight.requires_grad_(False).copy_(lay.lora_a, non_blocking=True)
-                mod_b.weight.requires_grad_(False).copy_(lay.lora_b, non_blocking=True)
-                moved += lay.lora_a.nbytes + lay.lora_b.nbytes
-    if moved:
-        with cache._lock:
-            cache._count(bytes_to_device=moved)
-    # Models made by get_lora_model keep their adapters' configs: list this one there too, so
-    # that mixed_batch and save_adapter know it.
-    configs = getattr(model, "lora_configs", None)
-    if isinstance(configs, dict):
-        configs[adapter.name] = adapter.config
-    return _Installed(cache, adapter, slot)
-
-
-def _slot_obtainable(cache: AdapterCache, adapter: CachedAdapter, state: _SwitchState) -> bool:
-    """A slot for ``adapter`` is free now, or will be once this model's installs give theirs
-    back (a slot also held by anyone else stays taken)."""
-    ours = [0] * cache.num_slots
-    for i in state.installed.values():
-        if i.cache is cache and i.slot is not None:
-            ours[i.slot] += 1
-    with cache._lock:
-        pool = cache._pool
-        return adapter.name in pool.owner or any(
-            held == mine for held, mine in zip(pool.refs, ours, strict=True)
-        )
-
-
-def switch_adapter(
-    model: nn.Module,
-    name: str | None,
-    *,
-    cache: AdapterCache | None = None,
-    merged: bool = False,
-    exact: bool = False,
-) -> None:
-    """Switch every ``FusedLoraLinear`` of ``model`` to adapter ``name`` in one call.
-
-    Whatever the model ran before (the base, another adapter merged or unmerged) is undone
-    first: merged layers are unmerged (bit for bit where they were merged with ``exact=True``).
-    Then:
-
-    * ``name=None`` (or ``"__base__"``): the base model, no adapter active.
-    * ``merged=False``: the adapter becomes the active one of the layers it targets (the others
-      run their base weight); no weight is touched.
-    * ``merged=True``: the adapter is added into the weights of the layers it targets
-      (``exact=True``: so that the next switch restores them bit for bit; see
-      ``FusedLoraLinear.merge``) and the forward runs the plain GEMM.
-
-    With ``cache``, the adapter comes from the cache and is installed in the layers under
-    ``name``: as views into its device slot when the cache is attached to this model
-    (``AdapterCache.attach``), else as copies on the layers' device. Installed adapters stay
-    (inactive) after the model switches away, so switching back to one is a pointer change plus
-    the merge, if merged: at most ``MAX_INSTALLED`` copies, least recently used dropped first,
-    or one per slot (a slot an inactive install holds is given back when another adapter needs
-    it). ``release_adapters`` removes them. Without ``cache``, ``name`` must already be an
-    adapter of the layers (``get_lora_model``, ``load_adapter``).
-
-    Everything is checked before anything changes: an adapter whose modules are not
-    ``FusedLoraLinear`` layers of the model, whose shapes do not match, whose rank exceeds the
-    slots', which no layer has, or a merged layer that cannot be unmerged exactly raises a
-    ``ValueError`` and leaves every weight, active adapter and installed adapter as it was.
-    """
-    fn = "switch_adapter"
-    if name == BASE_ADAPTER:
-        name = None
-    if name is not None and not isinstance(name, str):
-        raise TypeError(f"{fn}: expected name to be a str or None, got {type(name).__name__}")
-    if cache is not None and not isinstance(cache, AdapterCache):
-        raise TypeError(f"{fn}: expected cache to be an AdapterCache, got {type(cache).__name__}")
-    if exact and not merged:
-        raise ValueError(f"{fn}: exact=True applies to merged=True switches only")
-    layers = _layers_of(model)
-    if not layers:
-        raise ValueError(f"{fn}: the model has no FusedLoraLinear layers")
-    state = _state(model)
-
-    adapter = None
-    install = use_slots = False
-    if name is not None and cache is not None:
-        adapter = cache.get(name)
-        current = state.installed.get(name)
-        _check_fits_model(fn, layers, adapter, ours=current is not None)
-        with cache._lock:
-            use_slots = cache._pool is not None and cache._model_layers == layers
-            # Installed again: a first switch to it, a newer adapter of that name in the cache,
-            # another cache, or copies made before the cache got slots for this model.
-            install = (
-                current is None
-                or current.adapter is not adapter
-                or current.cache is not cache
-                or (use_slots and current.slot is None)
-            )
-            if install and use_slots:
-                cache._check_fits_pool(fn, adapter)
-        if install and use_slots and not _slot_obtainable(cache, adapter, state):
-            raise RuntimeError(
-                f"{fn}: every device slot of the cache is held elsewhere; none is free for "
-                f"adapter {name!r}"
-            )
-    elif name is not None:
-        if name in state.installed:
-            raise ValueError(
-                f"{fn}: adapter {name!r} was installed from a cache; pass cache= to switch to it"
-            )
-        if not any(name in m.lora_A for m in layers.values()):
-            have = sorted({n for m in layers.values() for n in m.adapter_names})
-            raise ValueError(f"{fn}: no layer of the model has adapter {name!r}; they have {have}")
-    _check_unmergeable(fn, layers)
-
-    # Nothing has changed so far; from here on every step is one that the checks cleared.
-    # A layer merged (arithmetically) with one adapter that moves to another already there
-    # swaps them in one pass over its weight; every other merged layer is unmerged first.
-    swap = merged and not exact and name is not None and not install
-    swapped = set()
-    for path, layer in layers.items():
-        if swap and name in layer.lora_A and _swappable(layer):
-            layer.swap_merged(name)
-            swapped.add(path)
-        elif layer.merged:
-            layer.unmerge()
-    if install:
-        if name in state.installed:  # a stale install: the cache holds a newer adapter now
-            _uninstall(model, layers, state, name)
-        slot = None
-        if use_slots:
-            # Give back slots that inactive installs hold, least recently used first, until one
-            # is free for the new adapter.
-            holders = [
-                n for n, i in state.installed.items() if i.cache is cache and i.slot is not None
-            ]
-            while holders and not _slot_free(cache, adapter):
-                _uninstall(model, layers, state, holders.pop(0))
-            slot, _ = cache._hold_slot(fn, adapter)
-        state.installed[name] = _install(model, layers, cache, adapter, slot)
-    target = state.installed.get(name)
-    if target is not None:
-        state.installed.move_to_end(name)
-    copies = [n for n, i in state.installed.items() if i.slot is None and n != name]
-    excess = len(copies) + (target is not None and target.slot is None) - MAX_INSTALLED
-    for victim in copies[: max(0, excess)]:
-        _uninstall(model, layers, state, victim)
-    for path, layer in layers.items():
-        if path in swapped:
-            continue
-        if name is not None and name in layer.lora_A:
-            layer.set_adapter(name)
-            if merged:
-                layer.merge(name, exact=exact)
-        else:
-            layer.set_adapter(None)
-    if hasattr(model, "active_lora_adapter"):
-        model.active_lora_adapter = name
-
-
-def _swappable(layer: FusedLoraLinear) -> bool:
-    """Merged with exactly one adapter, arithmetically (see ``FusedLoraLinear.swap_merged``)."""
-    merged = layer.merged_adapters
-    return len(merged) == 1 and merged[0] not in layer._exact_records
-
-
-def _all_adapters(layers: dict[str, FusedLoraLinear]) -> set[str]:
-    return {n for m in layers.values() for n in m.adapter_names}
-
-
-def _slot_free(cache: AdapterCache, adapter: CachedAdapter) -> bool:
-    with cache._lock:
-        pool = cache._pool
-        return adapter.name in pool.owner or any(r == 0 for r in pool.refs)
-
-
-def release_adapters(model: nn.Module) -> None:
-    """Remove every adapter ``switch_adapter`` installed in ``model`` from a cache, and give
-    back the device slots they hold. None of them may be merged (switch to the base first)."""
-    fn = "release_adapters"
-    layers = _layers_of(model)
-    state = _state(model)
-    merged = [p for p, m in layers.items() if any(n in state.installed for n in m.merged_adapters)]
-    if merged:
-        raise ValueError(
-            f"{fn}: layers {merged[:3]} are merged with an installed adapter; switch to the base "
-            "(switch_adapter(model, None)) first"
-        )
-    running = [m for m in layers.values() if m.active_adapter in state.installed]
-    for name in list(state.installed):
-        _uninstall(model, layers, state, name)
-    for layer in running:
-        layer.set_adapter(None)
-    if getattr(model, "active_lora_adapter", None) not in (None, *_all_adapters(layers)):
-        model.active_lora_adapter = None
+        return getattr(switch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,13 +16,10 @@ import torch
 from torch import nn
 
 from ._checks import fmt_shape
-from .model import (
-    LoraConfig,
-    ModulesToSaveWrapper,
-    _plan,
-    get_lora_model,
-    lora_layers,
-)
+from .config import LoraConfig
+from .model import get_lora_model, lora_layers
+from .modules_to_save import ModulesToSaveWrapper
+from .targets import plan_targets
 
 __all__ = ["load_adapter", "read_peft_adapter", "save_adapter", "split_peft_key"]
 
@@ -235,7 +232,7 @@ def load_adapter(
     except (TypeError, ValueError) as e:
         raise ValueError(f"{fn}: {os.fspath(path)!r}: {e}") from None
     config.inference_mode = not is_trainable
-    targets, _, mts_names = _plan(model, config, adapter_name)
+    targets, _, mts_names = plan_targets(model, config, adapter_name)
     expected, tolerated = _expected_keys(model, config, targets, mts_names)
     tensors = {}
     for key, value in raw.items():

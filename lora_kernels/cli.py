@@ -71,7 +71,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _cmd_bench(args) -> int:
-    from ._bench import bench_layers, device_name, format_table
+    from .bench import bench_layers, device_name, format_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = args.shape or ["512,1024,1024,16", "16,2048,2048,16"]

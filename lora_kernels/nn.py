@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import lora_scaling
+from .exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
 from .functional import lora_linear, lora_linear_multi, merge_lora_, unmerge_lora_
-from .switching import ExactMergeRecord, exact_merge_, exact_unmerge_
 
 __all__ = ["FusedLoraLinear", "BASE_ADAPTER"]
 
@@ -200,7 +201,7 @@ class FusedLoraLinear(nn.Linear):
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.use_rslora[name] = bool(use_rslora)
-        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
         if self._active_adapter is None:
             self._active_adapter = name
 
@@ -242,7 +243,7 @@ class FusedLoraLinear(nn.Linear):
         16-bit dtype leaves the weight within an ulp or so of the original, and the errors of
         repeated merge/unmerge pairs add up. ``exact=True``: ``unmerge()`` restores the weight
         bit for bit, after any number of switches, at the cost of a record of the elements whose
-        subtraction would not round back (``lora_kernels.switching``: a few percent of the
+        subtraction would not round back (``lora_kernels.exact_merge``: a few percent of the
         weight's size for trained adapters, on its device) and about 3x the merge time. The
         adapter must not change while merged (``unmerge()`` refuses, weight untouched, if it did).
         """

@@ -13,7 +13,7 @@ import torch
 from lora_kernels.checkpoint import load_adapter, read_peft_adapter, save_adapter, split_peft_key
 from lora_kernels.model import LoraConfig, get_lora_model, lora_layers, set_adapter
 from lora_kernels.nn import FusedLoraLinear
-from tests.test_model import (
+from tests.helpers import (
     assert_same_model_output,
     logits,
     peft_model_of,

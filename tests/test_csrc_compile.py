@@ -104,6 +104,7 @@ def test_every_source_is_built():
     assert built == present
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", [p.name for p in KERNEL_FILES])
 def test_compiles_without_spills(compiled, source, arch):
@@ -141,6 +142,7 @@ def _cuda_include_dir(nvcc: str) -> Path | None:
     return None
 
 
+@pytest.mark.slow
 def test_binding_syntax():
     """The torch binding parses and its op registrations type-check (no CUDA torch needed)."""
     import torch.utils.cpp_extension as cpp_extension
@@ -179,71 +181,10 @@ def test_binding_syntax():
 
 # Stand-ins for the c10/cuda headers the binding includes (shadowing torch's, found first on the
 # include path): a device guard and a stream that do nothing, the launch status check.
-STUB_HEADERS = {
-    "c10/cuda/CUDAGuard.h": """#pragma once
-#include <c10/core/Device.h>
-namespace c10::cuda {
-struct CUDAGuard {
-  explicit CUDAGuard(c10::Device) {}
-};
-}  // namespace c10::cuda
-""",
-    "c10/cuda/CUDAStream.h": """#pragma once
-#include <cuda_runtime_api.h>
-#include <c10/core/Device.h>
-namespace c10::cuda {
-struct StubStream {
-  operator cudaStream_t() const { return nullptr; }
-};
-inline StubStream getCurrentCUDAStream(c10::DeviceIndex) { return {}; }
-}  // namespace c10::cuda
-""",
-    "c10/cuda/CUDAException.h": """#pragma once
-#include <cuda_runtime_api.h>
-#include <c10/util/Exception.h>
-#define C10_CUDA_CHECK(expr) TORCH_CHECK((expr) == cudaSuccess, "launch failed")
-""",
-}
-
-# Launchers that record their parameters, and an op that returns the last record.
-STUB_LAUNCHERS = """
-#include <torch/library.h>
-#include <vector>
-#include "lora_kernels/params.h"
-
-namespace lora_kernels {
-namespace {
-std::vector<double> last;
-double ptr(const void* p) { return static_cast<double>(reinterpret_cast<uintptr_t>(p)); }
-void record(double kind, const LoraLinearParams& p) {
-  last = {kind, ptr(p.x), ptr(p.x_lora), ptr(p.weight), ptr(p.bias), ptr(p.lora_a),
-          ptr(p.lora_b), ptr(p.scales), ptr(p.row_ids), ptr(p.ranks), ptr(p.y), ptr(p.s),
-          double(p.m), double(p.n), double(p.k), double(p.r), double(p.num_adapters),
-          double(p.ldx), double(p.ldx_lora), double(p.ldw), double(p.lda), double(p.ldb),
-          double(p.ldy), double(p.a_adapter_stride), double(p.b_adapter_stride), p.scale,
-          double(static_cast<int>(p.dtype))};
-}
-}  // namespace
-cudaError_t launch_lora_linear(const LoraLinearParams& p, cudaStream_t) {
-  record(1, p);
-  return cudaSuccess;
-}
-cudaError_t launch_lora_linear_multi(const LoraLinearParams& p, cudaStream_t) {
-  record(2, p);
-  return cudaSuccess;
-}
-cudaError_t launch_merge(const MergeParams& p, cudaStream_t) {
-  last = {3, ptr(p.weight), ptr(p.lora_a), ptr(p.lora_b), double(p.n), double(p.k),
-          double(p.r), double(p.ldw), double(p.lda), double(p.ldb), p.scale,
-          double(static_cast<int>(p.dtype))};
-  return cudaSuccess;
-}
-}  // namespace lora_kernels
-
-std::vector<double> last_launch() { return lora_kernels::last; }
-
-TORCH_LIBRARY(lora_kernels_stub, m) { m.def("last_launch() -> float[]", &last_launch); }
-"""
+# Stand-ins for the c10/cuda headers the binding includes (shadowing torch's, found first on the
+# include path): a device guard and a stream that do nothing, the launch status check; and
+# launchers that record their parameters, with an op that returns the last record.
+STUBS = Path(__file__).resolve().parent / "csrc_stubs"
 
 LINEAR_FIELDS = [
     *["kind", "x", "x_lora", "weight", "bias", "lora_a", "lora_b", "scales", "row_ids", "ranks"],
@@ -255,22 +196,18 @@ MERGE_FIELDS += ["scale", "dtype"]
 
 
 def _build_cpu_binding(build_dir: Path, cuda_include: str) -> None:
-    """The binding, with tensors on the CPU standing in for CUDA ones, and the stubs above."""
+    """The binding, with tensors on the CPU standing in for CUDA ones, and the stand-ins of
+    tests/csrc_stubs."""
     import torch.utils.cpp_extension as cpp_extension
 
-    stub_include = build_dir / "stub_include"
-    for name, text in STUB_HEADERS.items():
-        (stub_include / name).parent.mkdir(parents=True, exist_ok=True)
-        (stub_include / name).write_text(text)
     source = (CSRC / "binding.cpp").read_text()
     # The one change to the binding: its "is this a CUDA tensor" test accepts CPU tensors.
     assert source.count(".is_cuda()") >= 3
     (build_dir / "binding_cpu.cpp").write_text(source.replace(".is_cuda()", ".is_cpu()"))
-    (build_dir / "stub_launchers.cpp").write_text(STUB_LAUNCHERS)
     cpp_extension.load(
         name="lora_kernels_binding_check",
-        sources=[str(build_dir / "binding_cpu.cpp"), str(build_dir / "stub_launchers.cpp")],
-        extra_include_paths=[str(stub_include), str(CSRC / "include"), cuda_include],
+        sources=[str(build_dir / "binding_cpu.cpp"), str(STUBS / "stub_launchers.cpp")],
+        extra_include_paths=[str(STUBS / "include"), str(CSRC / "include"), cuda_include],
         build_directory=str(build_dir),
         is_python_module=False,
     )
@@ -646,6 +583,7 @@ def _run_binding_checks(build_dir: str, cuda_include: str) -> None:
     raise SystemExit(1 if failures else 0)
 
 
+@pytest.mark.slow
 def test_binding_checks_on_cpu(tmp_path):
     """Schemas register, every bad input gets its message, strides and pointers reach the launch."""
     cxx = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")

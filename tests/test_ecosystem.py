@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lora_kernels.model import LoraConfig, get_lora_model
-from tests.test_model import peft_model_of, randomise, tiny_llama
+from tests.helpers import peft_model_of, randomise, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -162,6 +162,7 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_and_fsdp2_give_single_process_gradients(tmp_path):
     ids = batch(rows=4)
     single = our_model().train()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_model import (
+from tests.helpers import (
     assert_same_model_output,
     logits,
     peft_model_of,

@@ -13,9 +13,10 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels import reference as R
 from lora_kernels.backends.triton import HAS_TRITON, interpreting
-from lora_kernels.cache import AdapterCache, release_adapters, switch_adapter
+from lora_kernels.cache import AdapterCache
+from lora_kernels.exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
 from lora_kernels.model import LoraConfig, get_lora_model
-from lora_kernels.switching import ExactMergeRecord, exact_merge_, exact_unmerge_
+from lora_kernels.switch import release_adapters, switch_adapter
 from tests.tolerances import assert_close_to_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,7 +135,7 @@ def test_record_holds_only_the_elements_that_do_not_round_back():
 
 def test_blocks_whose_record_outweighs_them_are_copied_whole(monkeypatch):
     """A delta far larger than the weight: most elements do not round back."""
-    monkeypatch.setattr("lora_kernels.switching.BLOCK_BYTES", 64 * 40 * 2)  # 64-row blocks
+    monkeypatch.setattr("lora_kernels.exact_merge.BLOCK_BYTES", 64 * 40 * 2)  # 64-row blocks
     w, a, b, scale = trained_like(150, 40, 4, torch.float16, rho=50.0)
     w_before = w.clone()
     record = exact_merge_(w, a, b, scale)
@@ -156,7 +157,7 @@ def test_exact_mode_on_a_transposed_weight():
 def test_the_trial_unmerge_runs_on_a_twin_of_the_block():
     """Same values, strides and pointer alignment modulo 256 bytes as the weight block, so a
     kernel specialised on alignment runs the same code on the trial and on the unmerge."""
-    from lora_kernels.switching import _twin
+    from lora_kernels.exact_merge import _twin
 
     w = torch.randn(10, 7, device=DEVICE).to(torch.bfloat16)
     for start in range(5):
@@ -224,6 +225,7 @@ def _switch_many(mode, w0, adapters, switches):
     return w
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", HALF)
 def test_drift_after_1000_switches(dtype):
     """1000 merge+unmerge pairs among 3 adapters (deltas ~5% of the weight): the exact mode

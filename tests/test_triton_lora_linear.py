@@ -398,6 +398,7 @@ def _compile_sm90() -> None:
         assert compiled.asm["cubin"], (kind, x_dt, lora_dt, flags)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DEVICE == "cuda", reason="the GPU runs the real kernels instead")
 def test_kernels_compile_for_sm90():
     # In a child process: the JIT compiles only with the interpreter off, and this process has

@@ -1,10 +1,17 @@
-"""Timing helpers and the quick layer benchmark behind ``lora-kernels bench``.
+"""Benchmark timing, the one helper the CLI and every script in ``benchmarks/`` use, and the quick
+layer benchmark behind ``lora-kernels bench``.
 
-Providers are timed side by side in one run: each round calls every provider once, in an order
-shuffled per round, so slow drifts of the machine (frequency, other processes) and the cache
-state left by the previous call hit them alike; the reported figure is the median over rounds,
-with the 20th and 80th percentiles. On CUDA each call is timed with CUDA
-events after a synchronise; on CPU with ``time.perf_counter``.
+Every timing returns seconds as ``{"median_s", "p20_s", "p80_s", "n"}`` (``in_units`` renames
+them for a table in ms or us):
+
+* ``time_side_by_side``: providers timed in one run: each round calls every provider once, in an
+  order shuffled per round, so slow drifts of the machine (frequency, other processes) and the
+  cache state left by the previous call hit them alike. On CUDA each call is timed with CUDA
+  events after a synchronise; on CPU with ``time.perf_counter``.
+* ``time_call``: one callable. On CUDA ``triton.testing.do_bench`` (it clears the L2 cache before
+  each call); on CPU a wall-clock loop of at least ``min_calls`` calls and ``seconds``.
+* ``time_calls``: ``fn(i)`` for ``i in range(rounds)``, each call synchronised on both sides:
+  for steps that mix host and device work (reading a file, switching an adapter).
 """
 
 from __future__ import annotations
@@ -21,6 +28,17 @@ from torch import nn
 
 from .nn import FusedLoraLinear
 
+__all__ = [
+    "bench_layers",
+    "device_name",
+    "format_table",
+    "in_units",
+    "summarise",
+    "time_call",
+    "time_calls",
+    "time_side_by_side",
+]
+
 
 def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
@@ -36,6 +54,23 @@ def device_name(device: torch.device | str) -> str:
     return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
+def summarise(samples: list[float]) -> dict[str, float]:
+    """Median, 20th and 80th percentiles (seconds) and the count of ``samples``."""
+    q = statistics.quantiles(samples, n=5) if len(samples) > 1 else [samples[0]] * 4
+    return {
+        "median_s": statistics.median(samples),
+        "p20_s": q[0],
+        "p80_s": q[3],
+        "n": len(samples),
+    }
+
+
+def in_units(timing: dict[str, float], unit: str) -> dict[str, float]:
+    """``{"median_s", "p20_s", "p80_s"}`` as ``{"median_<unit>", ...}`` (unit ``ms`` or ``us``)."""
+    factor = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    return {f"{k}_{unit}": timing[f"{k}_s"] * factor for k in ("median", "p20", "p80")}
+
+
 def _time_once(fn: Callable[[], object], cuda: bool) -> float:
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -47,6 +82,57 @@ def _time_once(fn: Callable[[], object], cuda: bool) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def time_call(
+    fn: Callable[[], object],
+    *,
+    cuda: bool = False,
+    seconds: float = 1.0,
+    min_calls: int = 5,
+    warmup_ms: int = 10,
+    rep_ms: int = 100,
+) -> dict[str, float]:
+    """Seconds per call of ``fn``: ``do_bench(warmup=warmup_ms, rep=rep_ms)`` on CUDA, else at
+    least ``min_calls`` timed calls and ``seconds`` of them after one warm-up call."""
+    if cuda:
+        from triton.testing import do_bench
+
+        p50, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"median_s": p50 * 1e-3, "p20_s": p20 * 1e-3, "p80_s": p80 * 1e-3, "n": 0}
+    fn()
+    samples: list[float] = []
+    t_end = time.perf_counter() + seconds
+    while len(samples) < min_calls or time.perf_counter() < t_end:
+        samples.append(_time_once(fn, cuda=False))
+    return summarise(samples)
+
+
+def time_calls(
+    fn: Callable[[int], object],
+    rounds: int,
+    *,
+    warmup: int = 1,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Seconds of ``fn(i)`` for ``i in range(rounds)`` after ``warmup`` calls (``fn(-1)``, ...),
+    with ``device`` synchronised before and after each timed call when it is a CUDA device."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    for i in range(warmup):
+        fn(i - warmup)
+    samples = []
+    for i in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        fn(i)
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return summarise(samples)
 
 
 def time_side_by_side(
@@ -73,11 +159,7 @@ def time_side_by_side(
         for name in order:
             samples[name].append(_time_once(providers[name], cuda))
         done += 1
-    out = {}
-    for name, s in samples.items():
-        q = statistics.quantiles(s, n=5) if len(s) > 1 else [s[0]] * 4
-        out[name] = {"median_s": statistics.median(s), "p20_s": q[0], "p80_s": q[3], "n": len(s)}
-    return out
+    return {name: summarise(s) for name, s in samples.items()}
 
 
 def _make_layers(k: int, n: int, r: int, dtype: torch.dtype, device: torch.device):

@@ -22,16 +22,11 @@ Why this record rather than a pristine copy of the base in (pinned) CPU RAM: the
 whole model's size again and a full host-to-device copy per unmerge (PCIe, ~50 GB/s), where the
 record costs ``(4 + itemsize) * f`` bytes per weight element, ``f`` the fraction of elements that
 do not round back, and stays on the weight's device, so unmerge runs at memory bandwidth.
-Measured ``f`` for bf16 (fp16 within a few percent of it), weights ~ N(0, 0.02), a rank-16 delta
-whose elementwise standard deviation is ``rho`` times the weight's (``benchmarks/bench_switch.py``
-prints it for its model):
+``f`` grows with the delta's size relative to the weight's; the measured table (bf16, a rank-16
+delta) is in ``benchmarks/results/exact_merge_record.md``.
 
-    rho (delta / weight)     0.1%    1%      5%      20%     100%
-    f (elements recorded)    0.2%    1.3%    4.6%    12%     33%
-    record / weight copy     0.6%    3.9%    14%     37%     98% (blocks copied whole)
-
-Trained adapters change a weight by a few percent of its size (``rho`` ~ 1-5%), so the record is
-4-14% of a copy of the merged layers, against 100% for the pristine copy. Time: an exact merge
+Trained adapters change a weight by a few percent of its size, so the record is a small fraction
+of a copy of the merged layers, against 100% for the pristine copy. Time: an exact merge
 is about three passes over the weight (copy, merge, trial unmerge, compare: ~3-4x a plain
 merge); an exact unmerge is one plain unmerge plus a scatter of ``f`` of the elements.
 
