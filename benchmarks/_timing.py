@@ -13,7 +13,7 @@ import torch
 from lora_kernels import bench
 
 
-def time_call(fn, cuda: bool, quick: bool) -> dict:
+def time_us(fn, cuda: bool, quick: bool) -> dict:
     """``lora_kernels.bench.time_call`` in microseconds, 0.2 s (quick) or 1 s of calls on a CPU."""
     t = bench.time_call(fn, cuda=cuda, seconds=0.2 if quick else 1.0, rep_ms=30 if quick else 100)
     return bench.in_units(t, "us")
@@ -24,7 +24,7 @@ def copy_bandwidth(device: torch.device, cuda: bool, quick: bool) -> float:
     numel = (1 << 29) if cuda else (1 << 26)  # 1 GiB of bf16 on a GPU, 128 MiB on a CPU
     src = torch.empty(numel, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    t = time_call(lambda: dst.copy_(src), cuda, quick)["median_us"] * 1e-6
+    t = time_us(lambda: dst.copy_(src), cuda, quick)["median_us"] * 1e-6
     return 2 * src.numel() * src.element_size() / t
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _timing import copy_bandwidth, report, setup, slug, time_call
+from _timing import copy_bandwidth, report, setup, slug, time_us
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = [(4096, 4096), (4096, 14336)]  # (K, N)
@@ -74,7 +74,7 @@ def bench_single(device, cuda, quick, copy_bw, providers) -> list[dict]:
             x = torch.randn(m, k, device=device, dtype=DTYPE)
             row = {"kind": "single", "M": m, "K": k, "N": n, "r": RANK, "dtype": str(DTYPE)}
             for name, fn in providers.items():
-                t = time_call(functools.partial(fn, x, w, bias, a, b, 2.0), cuda, quick)
+                t = time_us(functools.partial(fn, x, w, bias, a, b, 2.0), cuda, quick)
                 bw = w_bytes / (t["median_us"] * 1e-6)
                 row[name] = {**t, "W_GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
             if "cuda" in row:
@@ -121,7 +121,7 @@ def bench_multi(device, cuda, quick, copy_bw) -> list[dict]:
     row = {"kind": "multi", "M": m, "K": k, "N": n, "r": RANK, "L": num_adapters}
     w_bytes = w.numel() * w.element_size()
     for name, fn in providers.items():
-        t = time_call(fn, cuda, quick)
+        t = time_us(fn, cuda, quick)
         bw = w_bytes / (t["median_us"] * 1e-6)
         row[name] = {**t, "W_GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
     if "cuda_multi" in row:

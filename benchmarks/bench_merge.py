@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _timing import copy_bandwidth, report, setup, slug, time_call
+from _timing import copy_bandwidth, report, setup, slug, time_us
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (N, K, r): square attention projections, the MLP's up and down projections, higher ranks.
@@ -68,7 +68,7 @@ def bench(device, cuda, quick, copy_bw, providers) -> list[dict]:
         moved = 2 * w.numel() * w.element_size()
         row = {"N": n, "K": k, "r": r, "dtype": str(DTYPE)}
         for name, fn in providers.items():
-            t = time_call(functools.partial(fn, w, a, b, SCALE), cuda, quick)
+            t = time_us(functools.partial(fn, w, a, b, SCALE), cuda, quick)
             bw = moved / (t["median_us"] * 1e-6)
             row[name] = {**t, "GBps": bw / 1e9, "pct_copy_bw": 100 * bw / copy_bw}
         if "cuda" in row and (n, k) == (4096, 4096):
