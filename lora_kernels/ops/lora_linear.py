@@ -120,8 +120,8 @@ def _backward(ctx, dy, _ds):
 
 # ``y [M, N]`` for validated 2-D inputs ``(x, weight, bias, lora_a, lora_b, scale, x_lora,
 # backend)``. The torch backend's launchers are differentiable ops: in eager mode stock autograd
-# runs their backward in C++ nodes, measured 100-250 us per layer cheaper on a 2-core CPU than the
-# Python Function (the kernels of the other backends need the Function).
+# runs their backward in C++ nodes, cheaper per layer than the Python Function (measurements in
+# benchmarks/results/torch_backend_cpu.md); the kernels of the other backends need the Function.
 lora_linear_2d = define_family(
     "lora_linear",
     fwd=lora_linear_fwd,

@@ -3,14 +3,13 @@
 Used on CPU (and for float64, and wherever Triton is missing), with the family's launcher
 signatures (``lora_kernels.backends.LoraLinearLaunchers``).
 
-Forward: the small LoRA product ``scale * (x A^T) B^T (+ bias)`` is written into the output
-buffer first and the base GEMM accumulates into it (``addmm`` with beta=1), so there is no
-``[M, N]`` temporary and no second pass over the output; the backward builds dx the same way. On
-a 2-core CPU that measured 1.02-1.08x of the bare ``nn.Linear``, where adding the LoRA term to the
-finished output with ``addmm_`` measured 1.08-1.10x (the small GEMMs run slower right after a
-large one). The GEMMs run in the input dtype as PyTorch does (fp32 accumulation inside the
-BLAS), so low precision results round after each GEMM rather than once; the Triton and CUDA
-kernels round once.
+Forward: the small LoRA product ``scale * (x A^T) B^T (+ bias)`` is written into the output buffer
+first and the base GEMM accumulates into it (``addmm`` with beta=1), so there is no ``[M, N]``
+temporary and no second pass over the output; the backward builds dx the same way. On CPUs that is
+faster than adding the LoRA term to the finished output: the small GEMMs run slower right after a
+large one (``benchmarks/results/torch_backend_cpu.md``). The GEMMs run in the input dtype as PyTorch
+does (fp32 accumulation inside the BLAS), so low precision results round after each GEMM rather than
+once; the Triton and CUDA kernels round once.
 """
 
 from __future__ import annotations

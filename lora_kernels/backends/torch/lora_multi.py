@@ -22,12 +22,11 @@ reading the ids costs no device synchronisation):
   batched mat-vecs with ``bmm``. One call whatever the number of adapters, but it copies
   ``r_max * (K + N)`` weights per row.
 
-Measured on a 2-core CPU (fp32, rank 16, forward / backward of the whole call, ms): K = N = 1024
-with 64 rows of 64 distinct adapters, gather 3.9 / 7.3 vs segment 4.6 / 10.7; 64 rows over 21
-adapters, 5.0 / 3.9 vs 2.1 / 3.5; K = N = 4096 with 64 distinct, 19 / 64 vs 16 / 43; 4096 rows
-over 8 adapters (LoRA part only), 237 vs 9.3. So ``gather`` runs only when rows hardly share
-adapters (at most ``_GATHER_ROWS_PER_ADAPTER`` rows per used adapter on average) and its copies
-are small (``_GATHER_MAX_ELEMENTS`` weights), i.e. small decode batches; ``segment`` otherwise.
+``gather`` wins only on small scattered batches and loses badly once rows share adapters
+(``benchmarks/results/torch_backend_cpu.md`` has the measurements). So it runs only when rows hardly
+share adapters (at most ``_GATHER_ROWS_PER_ADAPTER`` rows per used adapter on average) and its
+copies are small (``_GATHER_MAX_ELEMENTS`` weights), i.e. small decode batches; ``segment``
+otherwise.
 """
 
 from __future__ import annotations
