@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from ._torch_impl import lora_linear_fwd
-
 _BLOCK_BYTES = 512 << 10  # fp32 rows of W upcast at once (as the merge's blocks)
 
 
@@ -67,22 +65,32 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
     return sq.clamp_min_(0.0).sqrt_()
 
 
+def _lin(x, weight, lora_a, lora_b, scale):
+    """``lin = x @ W^T + scale * (x @ A^T) @ B^T`` (x's dtype) and ``s = x @ A^T`` (the adapter's
+    dtype): the LoRA product first, the base GEMM accumulated into it (as ``_torch_impl``)."""
+    ldt = lora_a.dtype
+    s = (x if ldt == x.dtype else x.to(ldt)) @ lora_a.T
+    lin = torch.mm(s, lora_b.T).mul_(scale).to(x.dtype)
+    return lin.addmm_(x, weight.T), s
+
+
 def dora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora, g):
     """``(y, lin, s)``: the output, the unscaled ``lin`` (x's dtype, read by the backward for the
-    magnitude's gradient) and ``s = x_in @ lora_a.T`` (fp32). ``g`` is ``[N]``, fp32 or fp64."""
+    magnitude's gradient) and ``s = x_in @ lora_a.T`` (fp32, fp64 for fp64 adapters). ``g`` is
+    ``[N]``, fp32 (fp64 for fp64 inputs)."""
     if x_lora is None:
-        lin, s = lora_linear_fwd(x, weight, None, lora_a, lora_b, scale)
+        lin, s = _lin(x, weight, lora_a, lora_b, scale)
         y = lin * g  # g is fp32: a 16-bit lin is rescaled in fp32 and rounded once below
         if bias is not None:
             y = y + bias
-        return y.to(x.dtype), lin, s
-    lin, s = lora_linear_fwd(x_lora, weight, None, lora_a, lora_b, scale)
-    lora_out = torch.mm(s.to(lora_b.dtype), lora_b.T) * scale
+        return y.to(x.dtype), lin, s.to(g.dtype)
+    lin, s = _lin(x_lora, weight, lora_a, lora_b, scale)
+    lora_out = torch.mm(s, lora_b.T) * scale
     y = (lin * (g - 1.0) + lora_out).to(x.dtype)
     y = y.addmm_(x, weight.T)
     if bias is not None:
         y = y.add_(bias)
-    return y, lin, s
+    return y, lin, s.to(g.dtype)
 
 
 def _column_dot(dy: torch.Tensor, lin: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
