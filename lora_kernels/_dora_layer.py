@@ -68,16 +68,17 @@ def _detached(layer, name: str):
     return a.detach(), b.detach(), m.detach(), scale
 
 
-def cached_weight_sq_norm(layer) -> torch.Tensor:
-    """``||W||_row^2`` of the layer's weight, recomputed only when the weight changed."""
+def cached_weight_sq_norm(linear: nn.Linear, backend: str) -> torch.Tensor:
+    """``||W||_row^2`` of ``linear.weight``, kept on ``linear`` and recomputed only when the
+    weight changed (new storage, device or dtype, or an in-place write)."""
     from .nn import _weight_state
 
-    state = _weight_state(layer)
-    cache = getattr(layer, "_dora_w_sq", None)
+    state = _weight_state(linear)
+    cache = linear.__dict__.get("_dora_w_sq")
     if cache is None or cache[0] != state:
         with torch.no_grad():
-            cache = (state, weight_sq_norm(layer.weight, backend=layer.backend))
-        layer._dora_w_sq = cache
+            cache = (state, weight_sq_norm(linear.weight, backend=backend))
+        linear.__dict__["_dora_w_sq"] = cache
     return cache[1]
 
 
@@ -105,7 +106,7 @@ def forward(layer, x: torch.Tensor, name: str) -> torch.Tensor:
         m,
         scale,
         x_lora=x_lora,
-        weight_sq_norm=cached_weight_sq_norm(layer),
+        weight_sq_norm=cached_weight_sq_norm(layer, layer.backend),
         backend=layer.backend,
     )
 
