@@ -24,6 +24,12 @@ import torch
 
 _BLOCK_BYTES = 512 << 10  # fp32 rows of W upcast at once (as the merge's blocks)
 
+ILL_CONDITIONED = 1.0 / 16
+"""A row whose squared norm is below this share of the sum of its three terms' magnitudes (the
+adapter nearly cancels the row of W) loses more than 4 bits of the factored sum to cancellation:
+such rows are recomputed from ``W_n + s B_n A`` directly. Trained adapters change a row by a few
+percent, far from it; degenerate shapes (K = 1) and adversarial weights reach it."""
+
 
 def _acc(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -61,7 +67,13 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
             torch.mm(w.to(acc), a.T, out=p[start : start + w.shape[0]])
     cross = torch.linalg.vecdot(b, p)
     quad = torch.linalg.vecdot(b @ (a @ a.T), b)
-    sq = w_sq.to(acc) + (2.0 * scale) * cross + (scale * scale) * quad
+    w_sq = w_sq.to(acc)
+    sq = w_sq + (2.0 * scale) * cross + (scale * scale) * quad
+    terms = w_sq + (2.0 * abs(scale)) * cross.abs() + (scale * scale) * quad.abs()
+    bad = (sq < terms * ILL_CONDITIONED).nonzero().squeeze(1)
+    if bad.numel():
+        dense = torch.addmm(weight.detach()[bad].to(acc), b[bad], a, alpha=scale)
+        sq[bad] = torch.linalg.vector_norm(dense, dim=1).square()
     return sq.clamp_min_(0.0).sqrt_()
 
 

@@ -188,6 +188,8 @@ class FusedLoraLinear(nn.Linear):
             raise ValueError(f"{fn}: expected r to be a positive int, got {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"{fn}: expected lora_dropout in [0, 1), got {lora_dropout!r}")
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"{fn}: expected use_dora to be a bool, got {use_dora!r}")
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "

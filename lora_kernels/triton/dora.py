@@ -13,7 +13,9 @@ Formula and shapes (``r`` up to 256, s = scale, m = magnitude [N])::
 no cached ``||W||^2`` yet, the rows' squared norms from the same W tiles; its epilogue combines
 them with the rows of B and the [r, r] Gram matrix ``A A^T`` (computed once outside: r*r*K
 flops). ``W + s B A`` ([N, K]) is never formed, which is what makes PEFT's DoRA slow and
-memory-hungry.
+memory-hungry. A block holding a row that the adapter nearly cancels (the factored sum would lose
+bits to cancellation; ``ILL_CONDITIONED``) makes a second pass summing ``(W + s B A)^2`` for its
+rows, without a host synchronisation.
 
 The forward is the fused LoRA GEMM of ``lora_kernels/triton/lora_linear.py`` for ``lin`` followed
 by ``_dora_scale_kernel`` (``y = g * lin + bias``, one elementwise pass); ``lin`` is kept for the
@@ -35,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lora_kernels._torch_dora import ILL_CONDITIONED
 from lora_kernels.triton import interpreting
 from lora_kernels.triton.lora_linear import lora_linear_bwd, lora_linear_fwd
 
@@ -70,6 +73,7 @@ def _dora_norm_kernel(
     stride_br,
     # scalars
     scale,
+    ILL_CONDITIONED,
     # meta-parameters
     HAS_WSQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -110,6 +114,22 @@ def _dora_norm_kernel(
     else:
         tl.store(wsq_ptr + offs_n, wsq, mask=mask_n)
     sq = wsq + (2.0 * scale) * cross + (scale * scale) * quad
+    terms = wsq + (2.0 * tl.abs(scale)) * tl.abs(cross) + (scale * scale) * tl.abs(quad)
+    bad = (sq < terms * ILL_CONDITIONED) & mask_n
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        # The adapter nearly cancels a row of W: a second pass over this block's rows sums the
+        # squares of W + s B A itself (rare; see ILL_CONDITIONED in _torch_dora.py).
+        dsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            mask_k = k < K
+            w_ptrs = w_ptr + offs_n[:, None] * stride_wn + k[None, :] * stride_wk
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            a_ptrs = a_ptr + offs_r[:, None] * stride_ar + k[None, :] * stride_ak
+            a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            d = w + scale * tl.dot(b, a, input_precision=DOT_PRECISION)
+            dsq += tl.sum(d * d, axis=1)
+        sq = tl.where(bad, dsq, sq)
     tl.store(norm_ptr + offs_n, tl.sqrt(tl.maximum(sq, 0.0)), mask=mask_n)
 
 
@@ -244,7 +264,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
         n, k, r,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
         lora_b.stride(0), lora_b.stride(1),
-        float(scale),
+        float(scale), ILL_CONDITIONED,
         HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if interp else "tf32x3",
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
         num_warps=4,
