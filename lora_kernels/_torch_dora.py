@@ -92,6 +92,8 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora, g):
     ``[N]``, fp32 (fp64 for fp64 inputs)."""
     if x_lora is None:
         lin, s = _lin(x, weight, lora_a, lora_b, scale)
+        if bias is not None and g.dtype == x.dtype:
+            return torch.addcmul(bias, lin, g), lin, s.to(g.dtype)  # one pass over the output
         y = lin * g  # g is fp32: a 16-bit lin is rescaled in fp32 and rounded once below
         if bias is not None:
             y = y + bias
