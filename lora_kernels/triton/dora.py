@@ -33,6 +33,8 @@ Triton interpreter every dot runs in fp32 (its bf16 dot is broken).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -230,6 +232,11 @@ def _dora_dy_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -308,7 +315,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
     n_blocks = triton.cdiv(n, block_n)
     splits = 1
     if not interp and not torch.are_deterministic_algorithms_enabled() and dy.is_cuda:
-        sms = torch.cuda.get_device_properties(dy.device).multi_processor_count
+        sms = _sm_count(dy.device.index if dy.device.index is not None else 0)
         splits = max(1, min(triton.cdiv(m, block_m), (4 * sms) // n_blocks))
     rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, rows)
