@@ -9,9 +9,12 @@ Providers, each one layer ``[M, K] -> [M, N]`` with the same base weight and ada
 * ``ours LoRA``          ``FusedLoraLinear``: plain LoRA, the cost DoRA is measured against
 * ``PEFT LoRA``          PEFT's plain ``lora.Linear``, for context
 
-Modes: ``fwd+bwd`` (training: the input and the adapter train, the base is frozen; dropout 0) and
-``forward`` (inference, ``torch.no_grad``). Times are medians over rounds with every provider
-called once per round in a shuffled order (``lora_kernels._bench.time_side_by_side``).
+Modes: ``fwd+bwd`` (training: the input and the adapter train, the base is frozen; dropout 0;
+each step ends with an in-place write to every trainable parameter, as an optimizer step, so
+nothing cached from the adapter's previous values is reused) and ``forward`` (inference,
+``torch.no_grad``, the same weights every call: our layer computes the DoRA norm once). Times
+are medians over rounds with every provider called once per round in a shuffled order
+(``lora_kernels._bench.time_side_by_side``).
 
 Peak memory (CPU): each provider's training step runs once more in a fresh process with
 ``MALLOC_MMAP_THRESHOLD_=65536`` (every large tensor is its own mapping, returned on free), and the
@@ -23,7 +26,8 @@ its input and the upstream gradient. On CUDA: ``torch.cuda.max_memory_allocated`
     python -m benchmarks.bench_dora --quick --m 64 --k 256 --n 256 --out /tmp/dora.json
 
 Writes a table to stdout, JSON to ``--out`` (default:
-``benchmarks/results/bench_dora_<device>.json``) and a PNG beside it (needs matplotlib).
+``benchmarks/results/bench_dora_<device>.json``) and a PNG beside it (matplotlib, or the
+standard-library chart of ``benchmarks/_png.py`` where matplotlib is missing).
 """
 
 from __future__ import annotations
@@ -73,11 +77,15 @@ def build(name: str, args, device, dtype) -> nn.Module:
 
 
 def step_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor):
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+
     def step():
         layer(x).backward(dy)
         x.grad = None
-        for p in layer.parameters():
-            p.grad = None
+        with torch.no_grad():
+            for p in trainable:
+                p.grad = None
+                p.add_(0.0)  # as an optimizer step would: the adapter changed, no cached norm
 
     return step
 
@@ -128,17 +136,37 @@ def peak_in_subprocess(name: str, argv: list[str]) -> int | None:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def plot(result: dict, path: Path) -> bool:
+def plot(result: dict, path: Path) -> None:
+    names = list(result["providers"])
+    times = [result["providers"][n]["fwd+bwd"]["median_s"] * 1e3 for n in names]
+    peaks = [(result["providers"][n].get("peak_bytes") or 0) / 2**20 for n in names]
+    s = result["shape"]
+    title = (
+        f"DoRA layer, M={s['m']} K={s['k']} N={s['n']} r={s['r']} {s['dtype']}, {result['device']}"
+    )
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    names = list(result["providers"])
-    times = [result["providers"][n]["fwd+bwd"]["median_s"] * 1e3 for n in names]
-    peaks = [(result["providers"][n].get("peak_bytes") or 0) / 2**20 for n in names]
+    except ImportError:  # no matplotlib here: the standard-library chart
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _png import bar_chart
+
+        red, blue = (200, 60, 50), (50, 110, 180)
+        colors = [red if n == "PEFT DoRA" else blue for n in names]
+        nk = result["nk_fp32_bytes"] / 2**20
+        time_bars = list(zip(names, times, colors, strict=True))
+        peak_bars = list(zip(names, peaks, colors, strict=True))
+        bar_chart(
+            path,
+            title,
+            [
+                ("ms per forward + backward (median)", time_bars),
+                (f"peak MiB of a step (one [N, K] fp32: {nk:.0f} MiB)", peak_bars),
+            ],
+        )
+        return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2))
     colors = ["tab:red" if n == "PEFT DoRA" else "tab:blue" for n in names]
     ax1.barh(names[::-1], times[::-1], color=colors[::-1])
@@ -146,15 +174,10 @@ def plot(result: dict, path: Path) -> bool:
     ax2.barh(names[::-1], peaks[::-1], color=colors[::-1])
     ax2.axvline(result["nk_fp32_bytes"] / 2**20, color="gray", ls="--", lw=1)
     ax2.set_xlabel("peak memory of a step, MiB (dashed: one [N, K] fp32)")
-    s = result["shape"]
-    fig.suptitle(
-        f"DoRA layer, M={s['m']} K={s['k']} N={s['n']} r={s['r']} {s['dtype']}, {result['device']}",
-        fontsize=9,
-    )
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     png = out.with_suffix(".png")
-    if plot(result, png):
-        print(f"wrote {png}")
+    plot(result, png)
+    print(f"wrote {png}")
     return 0
 
 

@@ -82,9 +82,40 @@ def cached_weight_sq_norm(linear: nn.Linear, backend: str) -> torch.Tensor:
     return cache[1]
 
 
+def _state(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.device, t.dtype, t._version)
+
+
+def cached_weight_norm(layer, name: str) -> torch.Tensor:
+    """``||W + scaling * B A||_row`` of adapter ``name``, recomputed only when W, A, B or the
+    scaling changed since the last call: in training every optimizer step changes A and B (one
+    pass over W per step, as PEFT's DoRA), in inference the norm is computed once. The cache
+    holds the tensors themselves (compared by identity and version counter), so a replaced or
+    re-created adapter never meets a stale entry."""
+    w, a, b = layer.weight, layer.lora_A[name].weight, layer.lora_B[name].weight
+    # identity, plus storage/device/dtype/version (``module.to()`` swaps ``.data`` in place)
+    key = (w, a, b, _state(w), _state(a), _state(b), layer.scaling[name])
+    cache = layer.__dict__.setdefault("_dora_norms", {})
+    hit = cache.get(name)
+    same = hit is not None and all(x is y for x, y in zip(hit[0][:3], key[:3], strict=True))
+    if same and hit[0][3:] == key[3:]:
+        return hit[1]
+    norm = dora_weight_norm(
+        w.detach(),
+        a.detach(),
+        b.detach(),
+        layer.scaling[name],
+        weight_sq_norm=cached_weight_sq_norm(layer, layer.backend),
+        backend=layer.backend,
+    )
+    cache[name] = (key, norm)
+    return norm
+
+
 def init_magnitude(layer, name: str) -> DoraMagnitude:
     """The magnitude of adapter ``name`` at creation: ``||W + scaling * B A||_row``, in the
     adapter's dtype (PEFT's initialisation)."""
+    layer.__dict__.get("_dora_norms", {}).pop(name, None)
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     norm = dora_weight_norm(
         layer.weight.detach(), a.detach(), b.detach(), layer.scaling[name], backend=layer.backend
@@ -106,6 +137,7 @@ def forward(layer, x: torch.Tensor, name: str) -> torch.Tensor:
         m,
         scale,
         x_lora=x_lora,
+        weight_norm=None if torch.compiler.is_compiling() else cached_weight_norm(layer, name),
         weight_sq_norm=cached_weight_sq_norm(layer, layer.backend),
         backend=layer.backend,
     )

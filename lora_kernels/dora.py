@@ -98,6 +98,7 @@ def dora_linear(
     *,
     x_lora: torch.Tensor | None = None,
     weight_sq_norm: torch.Tensor | None = None,
+    weight_norm: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """DoRA linear, PEFT's ``use_dora=True`` forward::
@@ -116,6 +117,9 @@ def dora_linear(
         scale: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
         x_lora: dropout's output, x's shape, or None.
         weight_sq_norm: ``[N]`` fp32 (fp64 for fp64) cached ``||weight_n||^2``, or None.
+        weight_norm: ``[N]`` fp32 (fp64 for fp64) ``||weight + scale * lora_b @ lora_a||_row``
+            when the caller holds it for exactly these weights (:func:`dora_weight_norm`), or
+            None to compute it (one pass over weight).
         backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
 
     Returns:
@@ -127,17 +131,21 @@ def dora_linear(
     n = weight.shape[0]
     allowed = (x.dtype, torch.float32, lora_a.dtype)
     _check_vector(fn, "magnitude", magnitude, n, allowed, x.device)
-    if weight_sq_norm is not None:
-        _check_vector(fn, "weight_sq_norm", weight_sq_norm, n, _sq_dtypes(weight), x.device)
+    for name, t in (("weight_sq_norm", weight_sq_norm), ("weight_norm", weight_norm)):
+        if t is not None:
+            _check_vector(fn, name, t, n, _sq_dtypes(weight), x.device)
     x, weight, bias, lora_a, lora_b, x_lora = _autocast(x, weight, bias, lora_a, lora_b, x_lora)
     be = resolve_backend(backend, x, lora_a.shape[0])
-    with torch.no_grad():
-        w_sq = weight_sq_norm
-        if w_sq is None:
-            w_sq = torch.ops.lora_kernels.dora_weight_sq_norm(weight.detach(), be)
-        norm = torch.ops.lora_kernels.dora_weight_norm(
-            weight.detach(), lora_a.detach(), lora_b.detach(), scale, w_sq, be
-        )
+    norm = weight_norm
+    if norm is None:
+        with torch.no_grad():
+            w_sq = weight_sq_norm
+            if w_sq is None:
+                w_sq = torch.ops.lora_kernels.dora_weight_sq_norm(weight.detach(), be)
+            norm = torch.ops.lora_kernels.dora_weight_norm(
+                weight.detach(), lora_a.detach(), lora_b.detach(), scale, w_sq, be
+            )
+    norm = norm.detach()
     if x.dim() == 2:
         return _ops_dora.dora_linear_2d(
             x, weight, bias, lora_a, lora_b, magnitude, norm, scale, x_lora, be
