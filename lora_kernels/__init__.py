@@ -9,6 +9,7 @@ from a RAM cache, and PEFT-compatible checkpoints. See the README for the tour.
 from . import ops  # noqa: F401  (registers the torch.library ops)
 from .cache import AdapterCache
 from .checkpoint import load_adapter, save_adapter
+from .dora import dora_linear, dora_weight_norm, merge_dora_, unmerge_dora_  # DoRA ops
 from .functional import (
     available_backends,
     lora_linear,
@@ -51,4 +52,8 @@ __all__ = [
     "lora_linear_multi",
     "merge_lora_",
     "unmerge_lora_",
+    "dora_linear",
+    "dora_weight_norm",
+    "merge_dora_",
+    "unmerge_dora_",
 ]

@@ -267,6 +267,11 @@ class AdapterCache:
                 f"{fn}: expected config to be a LoraConfig or PEFT's config dict, got "
                 f"{type(config).__name__}"
             )
+        if cfg.use_dora:
+            raise ValueError(
+                f"{fn}: adapter {name!r} has use_dora=True: the cache holds plain LoRA adapters "
+                "(lora_A/lora_B) only; load a DoRA adapter with load_adapter"
+            )
         # A cached adapter serves inference: its installed weights take no gradients.
         cfg = dataclasses.replace(cfg, inference_mode=True)
         if not isinstance(tensors, Mapping) or not tensors:

@@ -4,6 +4,8 @@ A PEFT LoRA adapter is a directory holding ``adapter_config.json`` (the ``LoraCo
 ``peft_type: "LORA"``) and ``adapter_model.safetensors`` (or the older ``adapter_model.bin``)
 whose keys are ``base_model.model.<module path>.lora_A.weight`` (``[r, in]``) and
 ``.lora_B.weight`` (``[out, r]``), without the adapter's name: the name is chosen when loading.
+DoRA adapters (``use_dora``) add ``<module path>.lora_magnitude_vector`` (``[out]``: PEFT saves it
+without the ``.weight`` its in-memory state_dict has).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ KEY_PREFIX = "base_model.model."
 # "<module path>.lora_A.weight", or "<module path>.lora_A.<adapter name>.weight" as PEFT's
 # in-memory state_dict spells it (adapter names hold no ".", PEFT and FusedLoraLinear agree).
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+# DoRA's magnitude: "<module>.lora_magnitude_vector" on disk, "....<adapter>.weight" in memory.
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:(?:\.[^.]+)?\.weight)?$")
 
 
 def read_peft_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -138,6 +142,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         lora_names.add(name)
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if adapter_name in layer.lora_magnitude_vector:
+            magnitude = layer.lora_magnitude_vector[adapter_name].weight
+            tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude
         if config.bias == "lora_only" and layer.bias is not None:
             tensors[f"{KEY_PREFIX}{name}.base_layer.bias"] = layer.bias
     mts_names = [
@@ -180,6 +187,8 @@ def _expected_keys(model, config, targets, mts_names) -> tuple[dict, set[str]]:
         prefix = f"{KEY_PREFIX}{t.name}"
         expected[f"{prefix}.lora_A.weight"] = ((t.r, layer.in_features), ("lora_A", t.name))
         expected[f"{prefix}.lora_B.weight"] = ((layer.out_features, t.r), ("lora_B", t.name))
+        if config.use_dora:
+            expected[f"{prefix}.lora_magnitude_vector"] = ((layer.out_features,), ("dora", t.name))
         if config.bias == "lora_only" and layer.bias is not None:
             expected[f"{prefix}.base_layer.bias"] = (tuple(layer.bias.shape), ("bias", t.name))
     state = model.state_dict(keep_vars=True)
@@ -199,6 +208,9 @@ def _expected_keys(model, config, targets, mts_names) -> tuple[dict, set[str]]:
 
 
 def _canonical(key: str) -> str:
+    m = _MAGNITUDE_KEY.match(key.removeprefix(KEY_PREFIX))
+    if m is not None:
+        return f"{KEY_PREFIX}{m.group('module')}.lora_magnitude_vector"
     try:
         module, part = split_peft_key(key)
     except ValueError:
@@ -273,6 +285,8 @@ def load_adapter(
             kind = where[0]
             if kind in ("lora_A", "lora_B"):
                 dest = getattr(model.get_submodule(where[1]), kind)[adapter_name].weight
+            elif kind == "dora":
+                dest = model.get_submodule(where[1]).lora_magnitude_vector[adapter_name].weight
             elif kind == "bias":
                 dest = model.get_submodule(where[1]).bias
             elif kind == "param":

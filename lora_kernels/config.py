@@ -40,7 +40,6 @@ IGNORED_PEFT_FIELDS = frozenset(
 # PEFT LoraConfig fields that change the math when set, with the value that means "off". A config
 # that turns any of them on is refused: silently dropping one would give different outputs.
 UNSUPPORTED_PEFT_FIELDS = {
-    "use_dora": False,
     "lora_bias": False,
     "use_qalora": False,
     "layer_replication": None,
@@ -88,6 +87,8 @@ class LoraConfig:
         exclude_modules: same forms; matching modules are never adapted.
         bias: ``"none"``, ``"all"`` or ``"lora_only"``: which biases train.
         use_rslora: rank-stabilised scaling ``lora_alpha / sqrt(r)``.
+        use_dora: DoRA (weight-decomposed LoRA): each adapted layer also trains a magnitude
+            ``lora_magnitude_vector[name].weight`` [out_features], PEFT's semantics and keys.
         init_lora_weights: ``True``, ``False`` or ``"gaussian"`` (see ``FusedLoraLinear``).
         rank_pattern, alpha_pattern: ``{module name pattern: r or alpha}``.
         modules_to_save: modules trained whole and saved with the adapter (e.g. a classifier).
@@ -113,6 +114,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     modules_to_save: list[str] | None = None
+    use_dora: bool = False
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     fan_in_fan_out: bool = False
@@ -129,6 +131,8 @@ class LoraConfig:
             raise TypeError(f"{fn}: expected lora_alpha to be a number, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"{fn}: expected lora_dropout in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"{fn}: expected use_dora to be a bool, got {self.use_dora!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"{fn}: expected bias in {BIAS_MODES}, got {self.bias!r}")
         if self.init_lora_weights not in INIT_MODES:
@@ -206,7 +210,7 @@ class LoraConfig:
         """A ``LoraConfig`` from PEFT's config dict (``adapter_config.json``).
 
         Fields PEFT has and we do not model are ignored when they do not change the math and
-        refused with a ``ValueError`` when they do (DoRA, ``lora_bias``, ...). ``loading=True``
+        refused with a ``ValueError`` when they do (``lora_bias``, ...). ``loading=True``
         accepts initialisations that only set starting values (``"eva"``, ...), since loading
         overwrites those values.
         """

@@ -114,6 +114,7 @@ def get_lora_model(
             config.lora_dropout,
             config.use_rslora,
             config.init_lora_weights,
+            config.use_dora,
         )
     for name in mts_names:
         wrapper = model.get_submodule(name)
@@ -178,6 +179,8 @@ def _mark_trainable(model: nn.Module, adapter_name: str | None) -> None:
         if adapter_name in layer.lora_A:
             layer.lora_A[adapter_name].weight.requires_grad_(True)
             layer.lora_B[adapter_name].weight.requires_grad_(True)
+            if adapter_name in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[adapter_name].weight.requires_grad_(True)
             if config.bias == "lora_only" and layer.bias is not None:
                 layer.bias.requires_grad_(True)
     for _, wrapper in _wrappers(model):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _dora_layer
 from .config import lora_scaling
 from .exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
 from .functional import lora_linear, lora_linear_multi, merge_lora_, unmerge_lora_
@@ -51,6 +52,8 @@ class FusedLoraLinear(nn.Linear):
         init_lora_weights: ``True`` (A kaiming-uniform with a=sqrt(5), B zeros: the layer starts
             equal to the base), ``"gaussian"`` (A normal with std 1/r, B zeros) or ``False``
             (``nn.Linear``'s default init for both: the adapter starts non-zero).
+        use_dora: DoRA (PEFT's ``use_dora``): the adapter also gets a trainable magnitude
+            ``lora_magnitude_vector[name].weight`` [out_features] (see ``_dora_layer.py``).
         adapter_name: name of the first adapter.
         backend: kernel backend for every call (``"auto"``, ``"cuda"``, ``"triton"``, ``"torch"``).
     """
@@ -70,12 +73,13 @@ class FusedLoraLinear(nn.Linear):
         device=None,
         dtype=None,
         backend: str = "auto",
+        use_dora: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_lora_state(backend)
         if r:
             self.add_adapter(
-                adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
+                adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora
             )
 
     def _init_lora_state(self, backend: str) -> None:
@@ -90,6 +94,8 @@ class FusedLoraLinear(nn.Linear):
         self.lora_alpha: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.merged_adapters: list[str] = []
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (PEFT's name)
+        self._dora_merges: dict = {}  # merged DoRA adapter -> what unmerge needs
         # merge(exact=True) keeps, per merged adapter, what unmerge() needs to restore the weight.
         self._exact_records: dict[str, ExactMergeRecord] = {}
         self._active_adapter: str | None = None
@@ -109,6 +115,7 @@ class FusedLoraLinear(nn.Linear):
         init_lora_weights: bool | str = True,
         adapter_name: str = "default",
         backend: str = "auto",
+        use_dora: bool = False,
     ) -> FusedLoraLinear:
         """A ``FusedLoraLinear`` that shares ``linear``'s weight and bias (no copy; both frozen)."""
         if not isinstance(linear, nn.Linear):
@@ -130,7 +137,7 @@ class FusedLoraLinear(nn.Linear):
         layer._init_lora_state(backend)
         if r:
             layer.add_adapter(
-                adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
+                adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora
             )
         return layer
 
@@ -166,8 +173,10 @@ class FusedLoraLinear(nn.Linear):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
     ) -> None:
-        """Add adapter ``name`` (rank ``r``). The first adapter added becomes the active one."""
+        """Add adapter ``name`` (rank ``r``; ``use_dora``: with a DoRA magnitude). The first
+        adapter added becomes the active one."""
         fn = "FusedLoraLinear.add_adapter"
         if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
             raise ValueError(
@@ -180,6 +189,8 @@ class FusedLoraLinear(nn.Linear):
             raise ValueError(f"{fn}: expected r to be a positive int, got {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"{fn}: expected lora_dropout in [0, 1), got {lora_dropout!r}")
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"{fn}: expected use_dora to be a bool, got {use_dora!r}")
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
                 f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "
@@ -202,6 +213,8 @@ class FusedLoraLinear(nn.Linear):
         self.lora_alpha[name] = lora_alpha
         self.use_rslora[name] = bool(use_rslora)
         self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
+        if use_dora:
+            self.lora_magnitude_vector[name] = _dora_layer.init_magnitude(self, name)
         if self._active_adapter is None:
             self._active_adapter = name
 
@@ -226,6 +239,8 @@ class FusedLoraLinear(nn.Linear):
             )
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         for table in (self.scaling, self.r, self.lora_alpha, self.use_rslora):
             del table[name]
         if self._active_adapter == name:
@@ -253,6 +268,16 @@ class FusedLoraLinear(nn.Linear):
         self._check_known("merge", name)
         if name in self.merged_adapters:
             raise RuntimeError(f"FusedLoraLinear.merge: adapter {name!r} is already merged")
+        if name in self.lora_magnitude_vector:
+            if self.merged_adapters:  # its norm is that of the unmerged weight
+                raise RuntimeError(
+                    f"FusedLoraLinear.merge: DoRA adapter {name!r} merges into an unmerged "
+                    f"weight only; {self.merged_adapters} is merged, unmerge() first"
+                )
+            self._dora_merges[name] = _dora_layer.merge(self, name, exact)
+            self.merged_adapters.append(name)
+            self._active_adapter = name
+            return
         a = self.lora_A[name].weight
         b = self.lora_B[name].weight
         if exact:
@@ -267,8 +292,14 @@ class FusedLoraLinear(nn.Linear):
     def unmerge(self) -> None:
         """Take every merged adapter out of the base weight again (in reverse order); one merged
         with ``exact=True`` gives back the weight it was merged into, bit for bit."""
+        for name, record in self._dora_merges.items():
+            _dora_layer.check_unmerge(self, name, record)
         while self.merged_adapters:
             name = self.merged_adapters[-1]
+            if name in self._dora_merges:
+                _dora_layer.unmerge(self, name, self._dora_merges.pop(name))
+                self.merged_adapters.pop()
+                continue
             a = self.lora_A[name].weight
             b = self.lora_B[name].weight
             record = self._exact_records.get(name)
@@ -298,6 +329,10 @@ class FusedLoraLinear(nn.Linear):
         old = self.merged_adapters[0]
         if old == adapter_name:
             return
+        if old in self.lora_magnitude_vector or adapter_name in self.lora_magnitude_vector:
+            self.unmerge()  # DoRA rescales rows: no single additive pass
+            self.merge(adapter_name)
+            return
         pairs = ((adapter_name, 1.0), (old, -1.0))
         a = torch.cat([self.lora_A[n].weight.detach().float() for n, _ in pairs])
         b = torch.cat(
@@ -323,6 +358,8 @@ class FusedLoraLinear(nn.Linear):
         name = self._active_adapter
         if name is None or self.merged:
             return F.linear(x, self.weight, self.bias)
+        if name in self.lora_magnitude_vector:
+            return _dora_layer.forward(self, x, name)
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else None
         return lora_linear(
@@ -371,6 +408,11 @@ class FusedLoraLinear(nn.Linear):
                 f"{fn}: unknown adapter names {unknown}; this layer has {self.adapter_names} "
                 f"(and {BASE_ADAPTER!r} for none)"
             )
+        dora = [n for n in adapter_names if n in self.lora_magnitude_vector]
+        if dora:  # DoRA rows: base rows here, then their adapter's own pass (_dora_layer)
+            lora_names = [BASE_ADAPTER if n in dora else n for n in adapter_names]
+            y = self._mixed_batch_forward(x, lora_names)
+            return _dora_layer.mixed_forward(self, x, y, adapter_names)
         used = list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
         if not used:
             return F.linear(x, self.weight, self.bias)
@@ -469,6 +511,9 @@ class FusedLoraLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         adapters = ", ".join(
-            f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]})" for n in self.adapter_names
+            f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]}"
+            + (", dora" if n in self.lora_magnitude_vector else "")
+            + ")"
+            for n in self.adapter_names
         )
         return f"{super().extra_repr()}, adapters=[{adapters}], active={self._active_adapter!r}"

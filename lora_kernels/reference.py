@@ -31,6 +31,12 @@ __all__ = [
     "lora_linear_multi_backward",
     "merge_lora",
     "unmerge_lora",
+    "dora_weight_norm",
+    "dora_weight_norm_factored",
+    "dora_linear",
+    "dora_linear_backward",
+    "merge_dora",
+    "unmerge_dora",
 ]
 
 
@@ -188,3 +194,154 @@ def unmerge_lora(
 ) -> torch.Tensor:
     """``weight - scale * lora_b @ lora_a`` computed in fp32 and rounded once (out of place)."""
     return merge_lora(weight, lora_a, lora_b, -scale)
+
+
+# --------------------------------------------------------------------------------------------
+# DoRA (weight-decomposed LoRA, PEFT's ``use_dora=True``)
+# --------------------------------------------------------------------------------------------
+#
+# magnitude [N] (PEFT ``lora_magnitude_vector[name].weight``) rescales each output feature:
+#
+#     norm = ||weight + scale * lora_b @ lora_a||_row      [N], a constant for autograd (PEFT
+#                                                           detaches it, DoRA paper section 4.3)
+#     g    = magnitude / norm                               [N]
+#     lin  = x_lora @ weight.T + scale * (x_lora @ lora_a.T) @ lora_b.T          [M, N]
+#     y    = g * lin + bias + (x - x_lora) @ weight.T
+#
+# Without dropout x_lora is x and the last term vanishes: ``y = g * (x W^T + s x A^T B^T) + b``.
+# With dropout PEFT feeds the dropped-out input to the whole DoRA branch while the base layer sees
+# x, hence the last term (PEFT's ``result + (g - 1) * F.linear(dropout(x), W) + g * lora``).
+
+
+def dora_weight_norm(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``||weight + scale * lora_b @ lora_a||`` per row ``[N]``, from the dense sum (the spec)."""
+    acc = _acc_dtype(weight, lora_a, lora_b)
+    dense = weight.to(acc) + scale * (lora_b.to(acc) @ lora_a.to(acc))
+    return torch.linalg.vector_norm(dense, dim=1)
+
+
+def dora_weight_norm_factored(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The same norm without the ``[N, K]`` sum, as the kernels compute it::
+
+        ||W_n + s (BA)_n||^2 = ||W_n||^2 + 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T
+
+    ``||W_n||^2`` depends on the frozen base only (callers cache it); ``W A^T`` [N, r] and
+    ``A A^T`` [r, r] cost one pass over W. Rounding can take the sum a hair below zero when the
+    adapter cancels a row of W; it is clamped there.
+    """
+    acc = _acc_dtype(weight, lora_a, lora_b)
+    w, a, b = weight.to(acc), lora_a.to(acc), lora_b.to(acc)
+    w_sq = (w * w).sum(dim=1)
+    cross = (b * (w @ a.T)).sum(dim=1)
+    quad = ((b @ (a @ a.T)) * b).sum(dim=1)
+    return (w_sq + 2.0 * scale * cross + scale * scale * quad).clamp_min(0.0).sqrt()
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA's output ``y = g * lin + bias + (x - x_lora) @ weight.T`` (see above), x's dtype."""
+    acc = _acc_dtype(x, weight, lora_a, lora_b, magnitude)
+    xf = x.to(acc)
+    xl = xf if x_lora is None else x_lora.to(acc)
+    w = weight.to(acc)
+    g = magnitude.to(acc) / dora_weight_norm(weight, lora_a, lora_b, scale).to(acc)
+    lin = xl @ w.T + scale * ((xl @ lora_a.to(acc).T) @ lora_b.to(acc).T)
+    y = g * lin
+    if bias is not None:
+        y = y + bias.to(acc)
+    if x_lora is not None:
+        y = y + (xf - xl) @ w.T
+    return y.to(x.dtype)
+
+
+def dora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx, dx_lora, d_lora_a, d_lora_b, d_magnitude)`` of :func:`dora_linear`.
+
+    The norm is a constant (PEFT's ``weight_norm.detach()``). With ``dyg = dy * g``::
+
+        dm      = sum_rows(dy * lin) / norm
+        dA      = scale * (dyg @ B).T @ x_lora        dB = scale * dyg.T @ (x_lora @ A.T)
+        x_lora None:   dx = dyg @ W + scale * (dyg @ B) @ A,           dx_lora None
+        x_lora given:  dx = dy @ W,   dx_lora = (dyg - dy) @ W + scale * (dyg @ B) @ A
+    """
+    acc = _acc_dtype(dy, x, weight, lora_a, lora_b, magnitude)
+    k = x.shape[-1]
+    n = weight.shape[0]
+    dyf = dy.reshape(-1, n).to(acc)
+    xf = x.reshape(-1, k).to(acc)
+    xl = xf if x_lora is None else x_lora.reshape(-1, k).to(acc)
+    w, a, b = weight.to(acc), lora_a.to(acc), lora_b.to(acc)
+    norm = dora_weight_norm(weight, lora_a, lora_b, scale).to(acc)
+    g = magnitude.to(acc) / norm
+    lin = xl @ w.T + scale * ((xl @ a.T) @ b.T)
+    dm = (dyf * lin).sum(dim=0) / norm
+    dyg = dyf * g
+    t = dyg @ b
+    da = scale * (t.T @ xl)
+    db = scale * (dyg.T @ (xl @ a.T))
+    lora_dx = scale * (t @ a)
+    if x_lora is None:
+        dx, dx_lora = dyg @ w + lora_dx, None
+    else:
+        dx = dyf @ w
+        dx_lora = ((dyg - dyf) @ w + lora_dx).reshape(x.shape).to(x.dtype)
+    return (
+        dx.reshape(x.shape).to(x.dtype),
+        dx_lora,
+        da.to(lora_a.dtype),
+        db.to(lora_b.dtype),
+        dm.to(magnitude.dtype),
+    )
+
+
+def merge_dora(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The merged weight ``g[:, None] * (weight + scale * lora_b @ lora_a)``, ``g = m / norm`` with
+    the norm of the unmerged weight; fp32 (fp64 stays fp64), rounded once (out of place)."""
+    acc = _acc_dtype(weight, lora_a, lora_b, magnitude)
+    dense = weight.to(acc) + scale * (lora_b.to(acc) @ lora_a.to(acc))
+    g = magnitude.to(acc) / torch.linalg.vector_norm(dense, dim=1)
+    return (g[:, None] * dense).to(weight.dtype)
+
+
+def unmerge_dora(
+    merged: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    weight_norm: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The inverse of :func:`merge_dora`: ``merged / g[:, None] - scale * lora_b @ lora_a`` with
+    ``g = magnitude / weight_norm``, ``weight_norm`` the norm taken at merge time (the merged
+    weight no longer holds it); fp32, rounded once (out of place)."""
+    acc = _acc_dtype(merged, lora_a, lora_b, magnitude)
+    g = magnitude.to(acc) / weight_norm.to(acc)
+    delta = scale * (lora_b.to(acc) @ lora_a.to(acc))
+    return (merged.to(acc) / g[:, None] - delta).to(merged.dtype)

@@ -238,7 +238,7 @@ def _rank(c):
         (_drop_and_add, None, r"missing keys \['.*q_proj\.lora_A\.weight'\]; unexpected keys"),
         (_reshape, None, r"q_proj\.lora_B\.weight: expected \[32, 2\], got \[32, 3\]"),
         (_int_tensor, None, r"non-floating tensors"),
-        (None, _dora, "does not support use_dora=True"),
+        (None, _dora, r"missing keys \[.*q_proj\.lora_magnitude_vector'"),
         (None, _rank, r"mis-shaped tensors \[.*expected \[4, 32\], got \[2, 32\]"),
     ],
 )

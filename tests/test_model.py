@@ -79,7 +79,6 @@ def test_config_round_trip_and_peft_reads_to_dict():
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("use_dora", True, "use_dora=True"),
         ("lora_bias", True, "lora_bias=True"),
         ("layer_replication", [[0, 1]], "layer_replication"),
         ("alora_invocation_tokens", [1, 2], "alora_invocation_tokens"),

@@ -235,13 +235,17 @@ def backend_module(backend: str, family: str):
 def serving_backend(backend: str, family: str, name: str, *args, **kwargs) -> str:
     """The backend that runs launcher ``name`` of ``family`` on these arguments.
 
-    ``"cuda"`` serves only the calls its module has a launcher for (no backward) and whose
+    ``"cuda"`` serves only the families it has a module for, the calls that module has a launcher
+    for (no backward) and whose
     ``supports_<name>(*args)`` says yes (decode shapes, aligned rows, see ``backends.cuda``);
     every other call resolved to ``"cuda"`` runs on Triton. Other backends serve every call.
     """
     if backend != "cuda":
         return backend
-    mod = backend_module("cuda", family)
+    try:
+        mod = backend_module("cuda", family)
+    except ModuleNotFoundError:  # a family the CUDA extension has no kernels for
+        return "triton"
     fn = getattr(mod, name, None)
     supports = getattr(mod, f"supports_{name}", None)
     if fn is not None and (supports is None or supports(*args, **kwargs)):

@@ -6,7 +6,7 @@
     y = base_layer(x) + scaling[a] * lora_B[a](lora_A[a](dropout[a](x)))     a: active adapter
 
 in one ``lora_kernels.lora_linear`` call when that is exactly what PEFT would compute: one active
-adapter present in the layer, vanilla LoRA (no DoRA or other variant, no ``lora_bias``), a plain
+adapter present in the layer, vanilla LoRA or DoRA (no other variant, no ``lora_bias``), a plain
 ``nn.Linear`` base layer without hooks, ``fan_in_fan_out=False``, not merged, adapters enabled,
 no extra forward arguments, and dtypes the kernel takes. Anything else runs PEFT's own forward,
 so every PEFT feature keeps its exact behaviour. Nothing else changes: parameters, state_dict
@@ -14,6 +14,11 @@ keys, ``set_adapter``, ``merge``/``unmerge``, ``merge_and_unload``, ``save_pretr
 hotswapping, Trainer. A mixed ``adapter_names`` batch (a different adapter per sequence) runs in
 one ``lora_kernels.lora_linear_multi`` call under the same conditions for each adapter it uses
 (and no dropout in training mode); otherwise PEFT's per-adapter loop runs it.
+
+A DoRA adapter (PEFT's ``DoraLinearVariant``) runs in one ``lora_kernels.dora_linear`` call under
+the same conditions: PEFT's output and gradients (the norm detached, dropout on the whole DoRA
+branch), with ``||W||_row^2`` cached on the base layer and no ``[N, K]`` temporary. A mixed batch
+with a DoRA adapter stays on PEFT (which refuses it).
 
 Layers PEFT creates after ``fuse`` (an adapter added for new target modules) are plain PEFT layers
 until ``fuse`` is called again. ``unfuse`` restores PEFT's class.
@@ -26,12 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 try:
+    from peft.tuners.lora.dora import DoraLinearLayer as _DoraLinearLayer
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
+    from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant
 except ImportError as e:  # pragma: no cover - exercised only without peft installed
     raise ImportError(
         "lora_kernels.integrations.peft needs the peft package: pip install 'lora_kernels[peft]'"
     ) from e
 
+from .._dora_layer import cached_weight_sq_norm
+from ..dora import dora_linear
 from ..functional import lora_linear, lora_linear_multi
 from ..nn import BASE_ADAPTER
 
@@ -58,9 +67,14 @@ class FusedPeftLinear(PeftLoraLinear):
             return False
         return base.bias is None or base.bias.dtype == w.dtype
 
-    def _vanilla(self, name: str, x: torch.Tensor, training_dropout_ok: bool) -> bool:
-        """Whether adapter ``name`` is plain LoRA in a form the kernel takes."""
-        if name in self.lora_variant or self.lora_bias.get(name, False):
+    def _vanilla(
+        self, name: str, x: torch.Tensor, training_dropout_ok: bool, dora_ok: bool = False
+    ) -> bool:
+        """Whether adapter ``name`` is plain LoRA (or, with ``dora_ok``, PEFT's DoRA on a
+        ``Linear``) in a form the kernel takes."""
+        if self.lora_bias.get(name, False):
+            return False
+        if name in self.lora_variant and not (dora_ok and self._plain_dora(name, x)):
             return False
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
@@ -76,12 +90,27 @@ class FusedPeftLinear(PeftLoraLinear):
         a, b = lora_a.weight, lora_b.weight
         return a.dtype in (x.dtype, torch.float32) and b.dtype == a.dtype and a.device == x.device
 
+    def _plain_dora(self, name: str, x: torch.Tensor) -> bool:
+        """Whether adapter ``name`` is PEFT's DoRA for Linear layers, with its magnitude."""
+        variant = self.lora_variant[name]
+        if type(variant) is not _DoraLinearVariant and variant is not _DoraLinearVariant:
+            return False
+        if name not in self.lora_magnitude_vector:
+            return False
+        dora = self.lora_magnitude_vector[name]
+        if type(dora) is not _DoraLinearLayer or dora.fan_in_fan_out:
+            return False
+        m = dora.weight
+        return m.device == x.device and m.dtype in (x.dtype, torch.float32)
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = kwargs.get("adapter_names")
         if not args and set(kwargs) <= {"adapter_names"} and self._plain_layer(x):
             if names is None:
                 active = [a for a in self.active_adapters if a in self.lora_A]
-                if len(active) == 1 and self._vanilla(active[0], x, training_dropout_ok=True):
+                if len(active) == 1 and self._vanilla(
+                    active[0], x, training_dropout_ok=True, dora_ok=True
+                ):
                     return self._single(x, active[0])
             elif isinstance(names, (list, tuple)) and x.dim() >= 2 and len(names) == len(x):
                 used = [n for n in dict.fromkeys(names) if n in self.lora_A]
@@ -98,6 +127,19 @@ class FusedPeftLinear(PeftLoraLinear):
         base = self.base_layer
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.training else None
+        if name in self.lora_variant:  # DoRA (checked by _plain_dora)
+            return dora_linear(
+                x,
+                base.weight,
+                base.bias,
+                self.lora_A[name].weight,
+                self.lora_B[name].weight,
+                self.lora_magnitude_vector[name].weight,
+                self.scaling[name],
+                x_lora=x_lora,
+                weight_sq_norm=cached_weight_sq_norm(base, self.lora_kernels_backend),
+                backend=self.lora_kernels_backend,
+            )
         return lora_linear(
             x,
             base.weight,
