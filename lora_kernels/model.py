@@ -32,8 +32,10 @@ import copy
 import warnings
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
+from . import serving
 from .config import LoraConfig
 from .modules_to_save import ModulesToSaveWrapper
 from .nn import BASE_ADAPTER, FusedLoraLinear
@@ -237,14 +239,36 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str] | torch.Tensor):
     """Within the block, each row (2-D inputs) or sequence (3-D inputs) of ``model``'s batch runs
     its own adapter: ``adapter_names[i]`` (``"__base__"``: no adapter), PEFT's ``adapter_names``.
 
     Every ``FusedLoraLinear`` and ``ModulesToSaveWrapper`` receives the names through a forward
     pre-hook; a layer that lacks one of the adapters runs those rows on its base weight.
+
+    A model served from an ``AdapterCache``'s device slots (``lora_kernels.serving``) whose
+    adapters of the batch all sit in slots gets the rows' slots written once into its serving
+    state instead, which every layer reads. ``adapter_names`` may then also be a 1-D int32/int64
+    tensor of slot indices on the model's device (-1: no adapter; ``adapter_slot_ids`` builds
+    one), copied in without a host synchronisation: the way to feed a captured CUDA graph.
     """
     fn = "mixed_batch"
+    served = serving.engaged_state(model)
+    if isinstance(adapter_names, torch.Tensor):
+        if served is None:
+            raise ValueError(
+                f"{fn}: adapter ids (a tensor of slot indices) need a model served from an "
+                "AdapterCache's slots (cache.attach(model, ...), then switch_adapter(model, name, "
+                "cache=cache)); pass adapter names otherwise"
+            )
+        if any(True for _ in _wrappers(model)):
+            raise ValueError(
+                f"{fn}: adapter ids (a tensor) cannot select modules_to_save copies; pass adapter "
+                "names"
+            )
+        with served.mixed(served.check_ids(fn, adapter_names)):
+            yield model
+        return
     configs = _check_model(fn, model)
     names = list(adapter_names)
     unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in configs})
@@ -253,6 +277,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
             f"{fn}: unknown adapters {unknown} in adapter_names; the model has {list(configs)} "
             f"(and {BASE_ADAPTER!r} for none)"
         )
+    slot_ids = None if served is None else served.ids_of_names(names, BASE_ADAPTER)
 
     def layer_hook(layer, args, kwargs):
         kwargs["adapter_names"] = [n if n in layer.lora_A else BASE_ADAPTER for n in names]
@@ -262,14 +287,20 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
         kwargs["adapter_names"] = names
         return args, kwargs
 
-    handles = [
-        m.register_forward_pre_hook(layer_hook, with_kwargs=True) for _, m in lora_layers(model)
-    ]
+    handles = []
+    if slot_ids is None:
+        handles += [
+            m.register_forward_pre_hook(layer_hook, with_kwargs=True) for _, m in lora_layers(model)
+        ]
     handles += [
         m.register_forward_pre_hook(wrapper_hook, with_kwargs=True) for _, m in _wrappers(model)
     ]
     try:
-        yield model
+        if slot_ids is None:
+            yield model
+        else:
+            with served.mixed(served.check_ids(fn, slot_ids)):
+                yield model
     finally:
         for h in handles:
             h.remove()
