@@ -397,6 +397,8 @@ def release_adapters(model: nn.Module) -> None:
             "(switch_adapter(model, None)) first"
         )
     running = [m for m in layers.values() if m.active_adapter in state.installed]
+    for layer in layers.values():  # plain layers again, the adapter they ran kept
+        layer._leave_serving()
     for name in list(state.installed):
         _uninstall(model, layers, state, name)
     for layer in running:
