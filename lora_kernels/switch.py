@@ -319,12 +319,12 @@ def _switch_served(model: nn.Module, name: str | None, cache: AdapterCache | Non
         if installed is None or installed.slot is None or installed.cache is not cache:
             return False
         # Evicted from RAM, or replaced by a newer adapter of that name: the plan handles it.
-        if name not in cache or cache.get(name) is not installed.adapter:
+        if not cache.holds(name, installed.adapter):
             return False
         served.set_active(name, installed.slot)
         _state(model).installed.move_to_end(name)
-    if hasattr(model, "active_lora_adapter"):
-        model.active_lora_adapter = name
+    if "active_lora_adapter" in model.__dict__:  # a plain attribute: skip Module.__setattr__
+        model.__dict__["active_lora_adapter"] = name
     return True
 
 
