@@ -66,15 +66,34 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _named_modules(
+    module: nn.Module, prefix: str = "", memo: set | None = None
+) -> Iterator[tuple[str, nn.Module]]:
+    """``module.named_modules()`` without what lies inside each ``FusedLoraLinear`` (its
+    adapters' own small modules, which never hold a layer or a wrapper: with a thousand adapters
+    installed they are nearly all of the model's modules, and switches and mixed batches walk
+    the model)."""
+    memo = set() if memo is None else memo
+    if module in memo:
+        return
+    memo.add(module)
+    yield prefix, module
+    if isinstance(module, FusedLoraLinear):
+        return
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _named_modules(child, f"{prefix}.{name}" if prefix else name, memo)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoraLinear]]:
     """``(name, layer)`` for every ``FusedLoraLinear`` of ``model``."""
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if isinstance(module, FusedLoraLinear):
             yield name, module
 
 
 def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if isinstance(module, ModulesToSaveWrapper):
             yield name, module
 
