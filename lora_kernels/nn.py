@@ -490,4 +490,4 @@ class FusedLoraLinear(nn.Linear):
         adapters = ", ".join(
             f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]})" for n in self.adapter_names
         )
-        return f"{super().extra_repr()}, adapters=[{adapters}], active={self._active_adapter!r}"
+        return f"{super().extra_repr()}, adapters=[{adapters}], active={self.active_adapter!r}"

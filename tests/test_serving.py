@@ -123,6 +123,17 @@ def test_slot_switches_give_the_old_outputs_back_and_forth(served, graph_safe):
         assert state.active_slot.tolist() == [-1 if want is None else state.slots[want]]
 
 
+@pytest.mark.parametrize("shape", [(DIM,), (2, 3, DIM), (4097, DIM)])
+def test_graph_safe_single_adapter_steps_take_any_shape(served, shape):
+    """1-D x, 3-D x, and more rows than the preallocated buffer of the active slot."""
+    model, cache, twin = served
+    serving_state(model).graph_safe = True
+    switch_adapter(model, "y", cache=cache)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        check(f"x {list(shape)}", model(x), twin, "y", x)
+
+
 def test_a_slot_switch_visits_no_layer(served, monkeypatch):
     model, cache, _ = served
 
