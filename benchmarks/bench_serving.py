@@ -15,6 +15,8 @@ Three questions (``lora_kernels.serving``):
    path (the names handed to every layer, each building its ids).
 3. **Many adapters**: 1000 rank-16 adapters registered on that Llama (cache, one slot each,
    installed by a first switch), random mixed batches: time per step and memory.
+4. On CUDA: a decode step of 64 sequences with 64 distinct adapters captured in a CUDA graph,
+   against the captured step of the same Llama without LoRA (GPU target: within 1.5x).
 
     python benchmarks/bench_serving.py [--threads 1] [--adapters 1000] [--quick] [--out PATH]
 
@@ -259,6 +261,47 @@ def llama_steps(args, device, num_adapters: int, batches: list[int]) -> dict:
     return result
 
 
+def _capture(fn):
+    """``fn`` captured in a CUDA graph after a warm-up on a side stream."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        fn()
+    return graph
+
+
+def captured_steps(args, device, num_adapters: int = 64, batch: int = 64) -> dict:
+    """CUDA only: a decode step of ``batch`` sequences with ``num_adapters`` distinct adapters,
+    captured in a CUDA graph, against the captured step of the same Llama without LoRA (the
+    issue's GPU target: within 1.5x)."""
+    model, cache, names, _ = served_llama(
+        num_adapters, args.rank, args.hidden, args.llama_layers, device
+    )
+    from transformers import LlamaForCausalLM
+
+    plain = LlamaForCausalLM(model.config).to(device).eval()
+    tokens = torch.randint(0, 256, (batch, 1), device=device)
+    ids = adapter_slot_ids(model, [names[i % num_adapters] for i in range(batch)])
+    base_graph = _capture(lambda: plain(tokens, use_cache=False))
+    with mixed_batch(model, ids):
+        mixed_graph = _capture(lambda: model(tokens, use_cache=False))
+        timings = time_side_by_side(
+            {"base model, captured": base_graph.replay, "mixed, captured": mixed_graph.replay},
+            cuda=True,
+            rounds=args.rounds,
+        )
+    ratio = timings["mixed, captured"]["median_s"] / timings["base model, captured"]["median_s"]
+    print(f"  captured decode step, {batch} sequences, {num_adapters} distinct adapters:")
+    for name, t in timings.items():
+        print(f"    {name:<40} {us(t['median_s']):>10}")
+    print(f"    ratio {ratio:.2f}x (target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})")
+    return {**{k: summary(v) for k, v in timings.items()}, "ratio": ratio, "batch": batch}
+
+
 def plot(rows: list[dict], path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -320,6 +363,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n3. {args.adapters} adapters in slots, random mixed batches")
     many = llama_steps(args, device, args.adapters, [16, 64])
 
+    captured = None
+    if device.type == "cuda":
+        print("\n4. captured decode steps (CUDA graphs)")
+        try:
+            captured = captured_steps(args, device)
+        except RuntimeError as exc:  # e.g. a transformers op that cannot be captured
+            captured = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  not measured: {captured['error']}")
+
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     out = args.out or RESULTS / f"bench_serving_{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -334,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         "switch_target_met": worst < 50e-6,
         "decode_step": mixed,
         "many_adapters": many,
+        "captured_decode_step": captured,
         "wall_s": time.perf_counter() - started,
     }
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -273,6 +273,12 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str] | torch.Tensor):
     """
     fn = "mixed_batch"
     served = serving.engaged_state(model)
+    if served is None:
+        wrappers = [m for _, m in _wrappers(model)]
+    else:  # found once per engagement: a batch then costs no walk of the model
+        if served.wrappers is None:
+            served.wrappers = [m for _, m in _wrappers(model)]
+        wrappers = served.wrappers
     if isinstance(adapter_names, torch.Tensor):
         if served is None:
             raise ValueError(
@@ -280,7 +286,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str] | torch.Tensor):
                 "AdapterCache's slots (cache.attach(model, ...), then switch_adapter(model, name, "
                 "cache=cache)); pass adapter names otherwise"
             )
-        if any(True for _ in _wrappers(model)):
+        if wrappers:
             raise ValueError(
                 f"{fn}: adapter ids (a tensor) cannot select modules_to_save copies; pass adapter "
                 "names"
@@ -311,9 +317,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str] | torch.Tensor):
         handles += [
             m.register_forward_pre_hook(layer_hook, with_kwargs=True) for _, m in lora_layers(model)
         ]
-    handles += [
-        m.register_forward_pre_hook(wrapper_hook, with_kwargs=True) for _, m in _wrappers(model)
-    ]
+    handles += [m.register_forward_pre_hook(wrapper_hook, with_kwargs=True) for m in wrappers]
     try:
         if slot_ids is None:
             yield model

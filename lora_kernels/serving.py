@@ -89,6 +89,7 @@ class ServingState:
         self.graph_safe = self.device.type == "cuda"
         self.synced = False
         self.cache = None
+        self.wrappers: list | None = None  # the model's ModulesToSaveWrappers (mixed_batch)
         self._pool_probe: tuple[str, torch.Tensor] | None = None
 
     # Copies and pickles of a model start without serving state (the slots stay with the cache).
@@ -339,6 +340,7 @@ def engage(
         state = ServingState(device)
         model.__dict__[_ATTR] = state
     state.cache = cache
+    state.wrappers = None
     state.slots = dict(slots)
     state.num_slots = cache.num_slots
     state._pool_probe = (first, cache.slot_tensors(first).lora_a)

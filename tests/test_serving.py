@@ -135,7 +135,11 @@ def test_graph_safe_single_adapter_steps_take_any_shape(served, shape):
 
 
 def test_a_slot_switch_visits_no_layer(served, monkeypatch):
+    """Neither a switch nor a mixed batch of a served model visits a layer or walks the model
+    (the first mixed batch after a switch through the per-layer path looks for wrappers once)."""
     model, cache, _ = served
+    with mixed_batch(model, ["x"]):
+        pass
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a served switch visited a layer")
@@ -144,10 +148,15 @@ def test_a_slot_switch_visits_no_layer(served, monkeypatch):
         monkeypatch.setattr(lk.FusedLoraLinear, method, forbidden)
     monkeypatch.setattr("lora_kernels.switch.lora_layers", forbidden)
     monkeypatch.setattr(nn.Module, "named_modules", forbidden)
+    monkeypatch.setattr("lora_kernels.model._named_modules", forbidden)
     moved = cache.stats.bytes_to_device
     for name in ["y", "x", None, "z", "x"]:
         switch_adapter(model, name, cache=cache)
         assert model.active_lora_adapter == name
+        with mixed_batch(model, ["x", "__base__", "z"]), torch.no_grad():
+            model(torch.randn(3, DIM))
+        with mixed_batch(model, torch.tensor([2, 1])), torch.no_grad():
+            model(torch.randn(2, DIM))
     assert cache.stats.bytes_to_device == moved
     monkeypatch.undo()
     assert model.blocks[1]["down"].active_adapter == "x"
