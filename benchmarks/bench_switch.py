@@ -21,6 +21,11 @@ mode's records. On CUDA: pinned host-to-device bandwidth, and the merge's HBM ba
 
     python benchmarks/bench_switch.py [--layers 8] [--hidden 1024] [--switches 1000]
         [--threads 1] [--out PATH] [--plot PATH] [--quick]
+    python benchmarks/bench_switch.py --serving [bench_serving.py's options]
+
+``--serving`` runs ``benchmarks/bench_serving.py`` instead: unmerged switches of a model served
+from device slots against the number of adapted layers, mixed-adapter decode steps, and 1000
+adapters on a small Llama.
 
 Prints a table, writes JSON (``--out``, default ``benchmarks/results/``) and a PNG bar chart
 (``--plot``, needs matplotlib). The issue's CPU target: switching from the RAM cache >= 100x faster
@@ -403,6 +408,12 @@ def plot(rows: list[dict], path: Path, title: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--serving" in argv:  # switching a model served from device slots: its own script
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_serving
+
+        return bench_serving.main([a for a in argv if a != "--serving"])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)

@@ -7,7 +7,7 @@
 #   4. bench_cuda, bench_merge          the CUDA kernels' benchmarks
 #   5. Triton tests   test_triton_lora_linear, test_multi, test_merge, test_switching, test_cache
 #                     with TRITON_INTERPRET=0, the ones present
-#   6. bench_lora_linear, bench_multi, bench_switch   the other benchmarks, the ones present
+#   6. bench_lora_linear, bench_multi, bench_switch, bench_serving   the other benchmarks
 #
 # Results go to $OUT, or to the directory given as $1 when OUT is unset: at most 8 files, no
 # subdirectories: gpu_check.log (every step's output), env.json, summary.json (each step's exit
@@ -152,6 +152,7 @@ fi
 bench bench_lora_linear 60 --budget-s 40
 bench bench_multi 60 --max-seconds 40
 bench bench_switch 60 --quick
+bench bench_serving 60 --quick
 
 python3 - "$STEPS" "$OUT/summary.json" "$SECONDS" <<'EOF'
 import json, sys

@@ -200,7 +200,8 @@ class AdapterCache:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
         self._sources: dict[str, str] = {}
         self._nbytes = 0
-        self._stats = CacheStats()
+        # Counters as a plain dict (``stats`` snapshots them): counting is on the switch path.
+        self._counts = dataclasses.asdict(CacheStats())
         self._pool: _Pool | None = None
         self._model_layers: dict[str, FusedLoraLinear] = {}
 
@@ -209,14 +210,14 @@ class AdapterCache:
     # ------------------------------------------------------------------------------------
 
     def _count(self, **deltas: int) -> None:
-        self._stats = dataclasses.replace(
-            self._stats, **{k: getattr(self._stats, k) + v for k, v in deltas.items()}
-        )
+        counts = self._counts
+        for key, value in deltas.items():
+            counts[key] += value
 
     @property
     def stats(self) -> CacheStats:
         with self._lock:
-            return self._stats
+            return CacheStats(**self._counts)
 
     @property
     def nbytes(self) -> int:
@@ -662,6 +663,17 @@ class AdapterCache:
         installed as views into its slots."""
         with self._lock:
             return self._pool is not None and self._model_layers == layers
+
+    def holds(self, name: str, adapter: CachedAdapter) -> bool:
+        """``name`` is in RAM as exactly ``adapter`` (neither replaced nor evicted since); if so,
+        it counts as a hit and becomes the most recently used, as with ``get``."""
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or entry.adapter is not adapter:
+                return False
+            self._entries.move_to_end(name)
+            self._counts["hits"] += 1
+            return True
 
     def check_fits_slots(self, fn: str, adapter: CachedAdapter) -> None:
         """Raise a ``ValueError`` unless ``adapter`` fits the attached model's slots."""

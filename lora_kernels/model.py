@@ -32,8 +32,10 @@ import copy
 import warnings
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 
+from . import serving
 from .config import LoraConfig
 from .modules_to_save import ModulesToSaveWrapper
 from .nn import BASE_ADAPTER, FusedLoraLinear
@@ -64,15 +66,34 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _named_modules(
+    module: nn.Module, prefix: str = "", memo: set | None = None
+) -> Iterator[tuple[str, nn.Module]]:
+    """``module.named_modules()`` without what lies inside each ``FusedLoraLinear`` (its
+    adapters' own small modules, which never hold a layer or a wrapper: with a thousand adapters
+    installed they are nearly all of the model's modules, and switches and mixed batches walk
+    the model)."""
+    memo = set() if memo is None else memo
+    if module in memo:
+        return
+    memo.add(module)
+    yield prefix, module
+    if isinstance(module, FusedLoraLinear):
+        return
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _named_modules(child, f"{prefix}.{name}" if prefix else name, memo)
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoraLinear]]:
     """``(name, layer)`` for every ``FusedLoraLinear`` of ``model``."""
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if isinstance(module, FusedLoraLinear):
             yield name, module
 
 
 def _wrappers(model: nn.Module) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-    for name, module in model.named_modules():
+    for name, module in _named_modules(model):
         if isinstance(module, ModulesToSaveWrapper):
             yield name, module
 
@@ -240,14 +261,42 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str] | torch.Tensor):
     """Within the block, each row (2-D inputs) or sequence (3-D inputs) of ``model``'s batch runs
     its own adapter: ``adapter_names[i]`` (``"__base__"``: no adapter), PEFT's ``adapter_names``.
 
     Every ``FusedLoraLinear`` and ``ModulesToSaveWrapper`` receives the names through a forward
     pre-hook; a layer that lacks one of the adapters runs those rows on its base weight.
+
+    A model served from an ``AdapterCache``'s device slots (``lora_kernels.serving``) whose
+    adapters of the batch all sit in slots gets the rows' slots written once into its serving
+    state instead, which every layer reads. ``adapter_names`` may then also be a 1-D int32/int64
+    tensor of slot indices on the model's device (-1: no adapter; ``adapter_slot_ids`` builds
+    one), copied in without a host synchronisation: the way to feed a captured CUDA graph.
     """
     fn = "mixed_batch"
+    served = serving.engaged_state(model)
+    if served is None:
+        wrappers = [m for _, m in _wrappers(model)]
+    else:  # found once per engagement: a batch then costs no walk of the model
+        if served.wrappers is None:
+            served.wrappers = [m for _, m in _wrappers(model)]
+        wrappers = served.wrappers
+    if isinstance(adapter_names, torch.Tensor):
+        if served is None:
+            raise ValueError(
+                f"{fn}: adapter ids (a tensor of slot indices) need a model served from an "
+                "AdapterCache's slots (cache.attach(model, ...), then switch_adapter(model, name, "
+                "cache=cache)); pass adapter names otherwise"
+            )
+        if wrappers:
+            raise ValueError(
+                f"{fn}: adapter ids (a tensor) cannot select modules_to_save copies; pass adapter "
+                "names"
+            )
+        with served.mixed(served.check_ids(fn, adapter_names)):
+            yield model
+        return
     configs = _check_model(fn, model)
     names = list(adapter_names)
     unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in configs})
@@ -256,6 +305,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
             f"{fn}: unknown adapters {unknown} in adapter_names; the model has {list(configs)} "
             f"(and {BASE_ADAPTER!r} for none)"
         )
+    slot_ids = None if served is None else served.ids_of_names(names, BASE_ADAPTER)
 
     def layer_hook(layer, args, kwargs):
         kwargs["adapter_names"] = [n if n in layer.lora_A else BASE_ADAPTER for n in names]
@@ -265,14 +315,18 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
         kwargs["adapter_names"] = names
         return args, kwargs
 
-    handles = [
-        m.register_forward_pre_hook(layer_hook, with_kwargs=True) for _, m in lora_layers(model)
-    ]
-    handles += [
-        m.register_forward_pre_hook(wrapper_hook, with_kwargs=True) for _, m in _wrappers(model)
-    ]
+    handles = []
+    if slot_ids is None:
+        handles += [
+            m.register_forward_pre_hook(layer_hook, with_kwargs=True) for _, m in lora_layers(model)
+        ]
+    handles += [m.register_forward_pre_hook(wrapper_hook, with_kwargs=True) for m in wrappers]
     try:
-        yield model
+        if slot_ids is None:
+            yield model
+        else:
+            with served.mixed(served.check_ids(fn, slot_ids)):
+                yield model
     finally:
         for h in handles:
             h.remove()

@@ -102,6 +102,9 @@ class FusedLoraLinear(nn.Linear):
         self.backend = backend
         # mixed batches: every adapter stacked, and what it was stacked from (_cached_stacks)
         self._multi_stack: dict | None = None
+        # Serving from an AdapterCache's device slots (lora_kernels.serving): while set, the
+        # model-level state, not _active_adapter, says which adapter (or slot per row) runs.
+        self._serving = None
 
     @classmethod
     def from_linear(
@@ -148,7 +151,18 @@ class FusedLoraLinear(nn.Linear):
     @property
     def active_adapter(self) -> str | None:
         """The adapter the forward applies (None: base layer only)."""
+        if self._serving is not None:
+            return self._serving.active_adapter(self)
         return self._active_adapter
+
+    def _leave_serving(self) -> None:
+        """Stop reading the model's serving state, keeping the adapter it selected as this
+        layer's own; called before anything that changes the layer's adapter by itself."""
+        serving = self._serving
+        if serving is not None:
+            self._active_adapter = serving.active_adapter(self)
+            self._serving = None
+            serving.leave()
 
     @property
     def adapter_names(self) -> list[str]:
@@ -222,6 +236,7 @@ class FusedLoraLinear(nn.Linear):
         """Make ``name`` the active adapter (None: base only); the layer must not be merged."""
         if name is not None:
             self._check_known("set_adapter", name)
+        self._leave_serving()
         if self.merged and name != self._active_adapter:
             raise RuntimeError(
                 f"FusedLoraLinear.set_adapter: the layer is merged with {self.merged_adapters}; "
@@ -232,6 +247,7 @@ class FusedLoraLinear(nn.Linear):
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name``; if it was active, the first remaining one becomes active."""
         self._check_known("delete_adapter", name)
+        self._leave_serving()
         if name in self.merged_adapters:
             raise RuntimeError(
                 f"FusedLoraLinear.delete_adapter: adapter {name!r} is merged into the weight; "
@@ -262,12 +278,13 @@ class FusedLoraLinear(nn.Linear):
         weight's size for trained adapters, on its device) and about 3x the merge time. The
         adapter must not change while merged (``unmerge()`` refuses, weight untouched, if it did).
         """
-        name = self._active_adapter if adapter_name is None else adapter_name
+        name = self.active_adapter if adapter_name is None else adapter_name
         if name is None:
             raise ValueError("FusedLoraLinear.merge: no adapter to merge (no active adapter)")
         self._check_known("merge", name)
         if name in self.merged_adapters:
             raise RuntimeError(f"FusedLoraLinear.merge: adapter {name!r} is already merged")
+        self._leave_serving()
         if name in self.lora_magnitude_vector:
             if self.merged_adapters:  # its norm is that of the unmerged weight
                 raise RuntimeError(
@@ -355,6 +372,8 @@ class FusedLoraLinear(nn.Linear):
         """
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names)
+        if self._serving is not None:
+            return self._serving.forward(self, x)
         name = self._active_adapter
         if name is None or self.merged:
             return F.linear(x, self.weight, self.bias)
@@ -516,4 +535,4 @@ class FusedLoraLinear(nn.Linear):
             + ")"
             for n in self.adapter_names
         )
-        return f"{super().extra_repr()}, adapters=[{adapters}], active={self._active_adapter!r}"
+        return f"{super().extra_repr()}, adapters=[{adapters}], active={self.active_adapter!r}"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import cache as cache_module
+from . import serving
 from .cache import AdapterCache, CachedAdapter, raise_problems
 from .exact_merge import check_exact_unmerge
 from .model import lora_layers
@@ -181,6 +182,7 @@ class _SwitchPlan:
     adapter: CachedAdapter | None  # from the cache; None: the layers' own adapter, or the base
     install: bool  # put ``adapter`` into the layers (a first switch to it, or a stale install)
     use_slots: bool  # install as views into the cache's device slots
+    serve: bool  # afterwards, every layer reads the model's serving state (lora_kernels.serving)
     merged: bool
     exact: bool
 
@@ -238,7 +240,13 @@ def _plan_switch(
             have = sorted({n for m in layers.values() for n in m.adapter_names})
             raise ValueError(f"{fn}: no layer of the model has adapter {name!r}; they have {have}")
     _check_unmergeable(fn, layers)
-    return _SwitchPlan(name, layers, state, cache, adapter, install, use_slots, merged, exact)
+    # Unmerged switches to an adapter in a slot, or to the base with the slots' cache, leave the
+    # model served from the slots: later switches like them are one write (_switch_served).
+    serve = not merged and cache is not None and cache.has_slots_for(layers)
+    serve = serve and (name is None or use_slots)
+    return _SwitchPlan(
+        name, layers, state, cache, adapter, install, use_slots, serve, merged, exact
+    )
 
 
 def _apply_switch(fn: str, model: nn.Module, plan: _SwitchPlan) -> None:
@@ -285,8 +293,39 @@ def _apply_switch(fn: str, model: nn.Module, plan: _SwitchPlan) -> None:
                 layer.merge(name, exact=plan.exact)
         else:
             layer.set_adapter(None)
+    if plan.serve:
+        slots = {
+            n: i.slot for n, i in state.installed.items() if i.cache is cache and i.slot is not None
+        }
+        serving.engage(model, layers, cache, slots, name)
     if hasattr(model, "active_lora_adapter"):
         model.active_lora_adapter = name
+
+
+def _switch_served(model: nn.Module, name: str | None, cache: AdapterCache | None) -> bool:
+    """Switch a model that every layer serves from its cache's slots to an adapter installed in
+    a slot (or to the base) by one write to its serving state, touching no layer; False (and
+    nothing done) when the switch needs more than that, which ``_plan_switch`` then handles."""
+    served = serving.engaged_state(model)
+    if served is None or (cache is not None and not served.pool_is(cache)):
+        return False
+    if name == BASE_ADAPTER or name is None:
+        name = None
+        served.set_active(None, -1)
+    else:
+        if cache is None or not isinstance(name, str):
+            return False
+        installed = _state(model).installed.get(name)
+        if installed is None or installed.slot is None or installed.cache is not cache:
+            return False
+        # Evicted from RAM, or replaced by a newer adapter of that name: the plan handles it.
+        if not cache.holds(name, installed.adapter):
+            return False
+        served.set_active(name, installed.slot)
+        _state(model).installed.move_to_end(name)
+    if "active_lora_adapter" in model.__dict__:  # a plain attribute: skip Module.__setattr__
+        model.__dict__["active_lora_adapter"] = name
+    return True
 
 
 def switch_adapter(
@@ -319,12 +358,19 @@ def switch_adapter(
     another adapter needs it). ``release_adapters`` removes them. Without ``cache``, ``name``
     must already be an adapter of the layers (``get_lora_model``, ``load_adapter``).
 
+    An unmerged switch of a model served from the cache's device slots (``cache.attach``, then
+    a first ``switch_adapter(model, name, cache=cache)``) to an adapter already in a slot, or to
+    the base, writes the model's serving state once (``lora_kernels.serving``): its cost does not
+    grow with the number of layers, and a CUDA graph captured before it stays valid.
+
     Everything is checked before anything changes: an adapter whose modules are not
     ``FusedLoraLinear`` layers of the model, whose shapes do not match, whose rank exceeds the
     slots', which no layer has, or a merged layer that cannot be unmerged exactly raises a
     ``ValueError`` and leaves every weight, active adapter and installed adapter as it was.
     """
     fn = "switch_adapter"
+    if not merged and not exact and _switch_served(model, name, cache):
+        return
     _apply_switch(fn, model, _plan_switch(fn, model, name, cache, merged, exact))
 
 
@@ -351,6 +397,8 @@ def release_adapters(model: nn.Module) -> None:
             "(switch_adapter(model, None)) first"
         )
     running = [m for m in layers.values() if m.active_adapter in state.installed]
+    for layer in layers.values():  # plain layers again, the adapter they ran kept
+        layer._leave_serving()
     for name in list(state.installed):
         _uninstall(model, layers, state, name)
     for layer in running:

@@ -59,22 +59,20 @@ def _plan(row_ids: torch.Tensor, num_adapters: int, r_max: int, k: int, n: int):
     return strategy, order[:n_valid], sorted_key[:n_valid], counts
 
 
-def _rank_list(ranks: torch.Tensor | None, num_adapters: int, r_max: int) -> list[int]:
-    if ranks is None:
-        return [r_max] * num_adapters
-    return [min(max(int(r), 0), r_max) for r in ranks.tolist()]
-
-
 def _segments(rows: torch.Tensor, counts: list[int], ranks: torch.Tensor | None, r_max: int):
     """``(adapter, its rows, its rank)`` for each adapter with rows and a non-zero rank, from the
-    rows sorted by adapter and the per-adapter row counts of ``_plan``."""
-    rank_of = _rank_list(ranks, len(counts), r_max)
+    rows sorted by adapter and the per-adapter row counts of ``_plan``. Only adapters with rows
+    cost more than a skipped list entry: a stack may hold a thousand adapters (device slots)."""
+    rank_of = None if ranks is None else ranks.tolist()
     start = 0
     for a, c in enumerate(counts):
+        if not c:
+            continue
         idx = rows[start : start + c]
         start += c
-        if c and rank_of[a]:
-            yield a, idx, rank_of[a]
+        r = r_max if rank_of is None else min(max(rank_of[a], 0), r_max)
+        if r:
+            yield a, idx, r
 
 
 def _rank_mask(ranks: torch.Tensor | None, adapters: torch.Tensor, r_max: int):
