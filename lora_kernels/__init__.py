@@ -27,6 +27,7 @@ from .model import (
     trainable_parameters,
 )
 from .nn import FusedLoraLinear
+from .qlora import dequantize_4bit, qlora_linear  # registers the 4-bit ops; no bitsandbytes import
 
 __version__ = "0.1.0"
 
@@ -50,4 +51,6 @@ __all__ = [
     "lora_linear_multi",
     "merge_lora_",
     "unmerge_lora_",
+    "dequantize_4bit",
+    "qlora_linear",
 ]
