@@ -27,6 +27,7 @@ from .model import (
     trainable_parameters,
 )
 from .nn import FusedLoraLinear
+from .nn_4bit import FusedLoraLinear4bit
 from .qlora import dequantize_4bit, qlora_linear  # registers the 4-bit ops; no bitsandbytes import
 
 __version__ = "0.1.0"
@@ -34,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterCache",
     "FusedLoraLinear",
+    "FusedLoraLinear4bit",
     "LoraConfig",
     "delete_adapter",
     "merge_and_unload",

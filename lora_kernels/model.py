@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -383,6 +384,13 @@ def _conv1d_type():
     return Conv1D
 
 
+def _linear4bit_type():
+    """bitsandbytes' ``Linear4bit``, when bitsandbytes is loaded (a model holding such layers has
+    loaded it; otherwise there is nothing to find, and nothing is imported)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return None if bnb is None else bnb.nn.Linear4bit
+
+
 def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``named_modules`` without the insides of our own wrappers (their lora_A/lora_B and copies
     are never targets, as in PEFT)."""
@@ -472,11 +480,16 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
         raise RuntimeError(f"{fn}: layers {merged[:3]} are merged; unmerge them first")
     targets = _resolve_targets(model, config)
     conv1d = _conv1d_type()
+    linear4bit = _linear4bit_type()
     found, unsupported = [], []
     for name, module in _candidate_modules(model):
         if not name or not _is_target(config, targets, name):
             continue
-        if type(module) is nn.Linear or isinstance(module, FusedLoraLinear):
+        if (
+            type(module) is nn.Linear
+            or isinstance(module, FusedLoraLinear)
+            or (linear4bit is not None and isinstance(module, linear4bit))  # QLoRA: nn_4bit.py
+        ):
             r, alpha = config.rank_and_alpha(name)
             found.append(_Target(name, module, r, alpha))
         elif conv1d is not None and isinstance(module, conv1d):
@@ -748,12 +761,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         if active is not None and active in layer.lora_A and not layer.merged:
             layer.merge(active)
-        plain = nn.Linear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
-        )
-        plain.weight = layer.weight
-        plain.bias = layer.bias
-        _replace(model, name, plain)
+        _replace(model, name, layer.to_base_module())
     for name, wrapper in list(_wrappers(model)):
         _replace(model, name, wrapper._running())
     del model.lora_configs

@@ -73,7 +73,7 @@ def as_quant4bit(fn: str, quant_state: object) -> Quant4bit:
             raise ValueError(
                 f"{fn}: quant_state is in bitsandbytes' AVX512 CPU packing "
                 "(packing_format_for_cpu); convert it back with "
-                "bitsandbytes.nn.modules._convert_weight_packed_for_cpu_inverse first"
+                "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse first"
             )
         quant_type = getattr(quant_state, "quant_type", None)
         if quant_type not in (None, "nf4", "fp4"):
