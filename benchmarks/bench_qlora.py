@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "quick": args.quick,
+        # other processes share a CI machine: the 1-minute load average at the end of the run
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "copy_bandwidth_GBps": bandwidth / 1e9,
         "rows": rows,
     }

@@ -155,9 +155,12 @@ class FusedLoraLinear4bit(FusedLoraLinear):
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         # The multi-adapter kernels take a dense weight: dequantized once per call here (no fused
-        # 4-bit multi-adapter kernel yet). Their adapters must share x's dtype.
+        # 4-bit multi-adapter kernel yet). Their adapters must share x's dtype, and so must the
+        # bias: one kept in another dtype (bitsandbytes allows it) runs as a frozen copy.
         bias = self.bias
-        self.bias = None if bias is None else nn.Parameter(self._bias(x.dtype), bias.requires_grad)
+        if bias is None or bias.dtype == x.dtype:
+            return super()._mixed_batch_forward(x, adapter_names)
+        self.bias = nn.Parameter(bias.detach().to(x.dtype), requires_grad=False)
         try:
             return super()._mixed_batch_forward(x, adapter_names)
         finally:

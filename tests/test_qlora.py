@@ -44,6 +44,13 @@ BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and (DEVICE == "cuda" or interp
 SCALE = 0.75
 
 
+@pytest.fixture(autouse=True)
+def _on_device():
+    """Tensors and modules the tests create land on DEVICE (a no-op on CPU)."""
+    with torch.device(DEVICE):
+        yield
+
+
 def _quantize(n, k, *, quant_type="nf4", blocksize=64, nested=False, dtype=torch.float32):
     w = torch.randn(n, k, dtype=dtype, device=DEVICE)
     return bnbF.quantize_4bit(
@@ -534,7 +541,7 @@ def test_fuse_tiny_llama_quantized_with_bitsandbytes(monkeypatch):
                                   compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
             q.load_state_dict(module.state_dict())
             parent, _, child = name.rpartition(".")
-            setattr(model.model.get_submodule(parent), child, q.to("cpu"))
+            setattr(model.model.get_submodule(parent), child, q.to(DEVICE))
     model.is_loaded_in_4bit = True  # as transformers' from_pretrained(quantization_config=...)
     config = peft.LoraConfig(target_modules=["q_proj", "v_proj", "up_proj"], r=4,
                              init_lora_weights=False)  # fmt: skip
