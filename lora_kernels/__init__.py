@@ -28,6 +28,8 @@ from .model import (
     trainable_parameters,
 )
 from .nn import FusedLoraLinear
+from .nn_4bit import FusedLoraLinear4bit
+from .qlora import dequantize_4bit, qlora_linear  # registers the 4-bit ops; no bitsandbytes import
 from .switch import release_adapters, switch_adapter
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterCache",
     "FusedLoraLinear",
+    "FusedLoraLinear4bit",
     "LoraConfig",
     "delete_adapter",
     "merge_and_unload",
@@ -56,4 +59,6 @@ __all__ = [
     "dora_weight_norm",
     "merge_dora_",
     "unmerge_dora_",
+    "dequantize_4bit",
+    "qlora_linear",
 ]

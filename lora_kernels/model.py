@@ -247,12 +247,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in list(lora_layers(model)):
         if active is not None and active in layer.lora_A and not layer.merged:
             layer.merge(active)
-        plain = nn.Linear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
-        )
-        plain.weight = layer.weight
-        plain.bias = layer.bias
-        _replace(model, name, plain)
+        _replace(model, name, layer.to_base_module())
     for name, wrapper in list(_wrappers(model)):
         _replace(model, name, wrapper._running())
     del model.lora_configs

@@ -120,7 +120,18 @@ class FusedLoraLinear(nn.Linear):
         backend: str = "auto",
         use_dora: bool = False,
     ) -> FusedLoraLinear:
-        """A ``FusedLoraLinear`` that shares ``linear``'s weight and bias (no copy; both frozen)."""
+        """A ``FusedLoraLinear`` that shares ``linear``'s weight and bias (no copy; both frozen).
+
+        A bitsandbytes 4-bit ``Linear4bit`` gives a ``FusedLoraLinear4bit`` (``nn_4bit.py``).
+        """
+        if cls is FusedLoraLinear and hasattr(getattr(linear, "weight", None), "quant_state"):
+            from .nn_4bit import FusedLoraLinear4bit
+
+            return FusedLoraLinear4bit.from_linear(
+                linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                adapter_name=adapter_name, backend=backend,
+            )  # fmt: skip
         if not isinstance(linear, nn.Linear):
             raise TypeError(
                 f"FusedLoraLinear.from_linear: expected linear to be an nn.Linear, "
@@ -210,7 +221,7 @@ class FusedLoraLinear(nn.Linear):
                 f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "
                 f"got {init_lora_weights!r}"
             )
-        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        kw = self._adapter_factory_kwargs()
         lora_a = nn.Linear(self.in_features, r, bias=False, **kw)
         lora_b = nn.Linear(r, self.out_features, bias=False, **kw)
         with torch.no_grad():
@@ -231,6 +242,25 @@ class FusedLoraLinear(nn.Linear):
             self.lora_magnitude_vector[name] = _dora_layer.init_magnitude(self, name)
         if self._active_adapter is None:
             self._active_adapter = name
+
+    def _adapter_factory_kwargs(self) -> dict:
+        """Device and dtype of new adapter weights: the base weight's."""
+        return {"device": self.weight.device, "dtype": self.weight.dtype}
+
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight as a dense [out, in] tensor for a product in ``dtype`` (the weight
+        itself here; a quantized subclass dequantizes)."""
+        return self.weight
+
+    def to_base_module(self) -> nn.Module:
+        """A plain module holding this layer's (possibly merged) base weight and bias, shared:
+        what ``merge_and_unload`` puts back in the model."""
+        plain = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
+        )
+        plain.weight = self.weight
+        plain.bias = self.bias
+        return plain
 
     def set_adapter(self, name: str | None) -> None:
         """Make ``name`` the active adapter (None: base only); the layer must not be merged."""
@@ -434,7 +464,7 @@ class FusedLoraLinear(nn.Linear):
             return _dora_layer.mixed_forward(self, x, y, adapter_names)
         used = list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
         if not used:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self._dense_weight(x.dtype), self.bias)
         needs_grad = torch.is_grad_enabled() and any(
             self.lora_A[n].weight.requires_grad or self.lora_B[n].weight.requires_grad for n in used
         )
@@ -448,9 +478,10 @@ class FusedLoraLinear(nn.Linear):
         ids_t = torch.tensor(ids, dtype=torch.int32, device=x.device)
         x3 = x if x.dim() <= 3 else x.reshape(x.shape[0], -1, x.shape[-1])
         x_lora = self._mixed_dropout(x3, names, ids) if self.training else None
+        weight = self._dense_weight(x.dtype)
         y = lora_linear_multi(
             x3 if x_lora is None else x_lora,
-            self.weight,
+            weight,
             self.bias,
             lora_a,
             lora_b,
@@ -460,7 +491,7 @@ class FusedLoraLinear(nn.Linear):
             backend=self.backend,
         )
         if x_lora is not None:
-            y = y + F.linear(x3 - x_lora, self.weight)
+            y = y + F.linear(x3 - x_lora, weight)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _mixed_dropout(self, x: torch.Tensor, names: list[str], ids: list[int]):

@@ -37,6 +37,9 @@ __all__ = [
     "dora_linear_backward",
     "merge_dora",
     "unmerge_dora",
+    "dequantize_4bit",
+    "qlora_linear",
+    "qlora_linear_backward",
 ]
 
 
@@ -345,3 +348,100 @@ def unmerge_dora(
     g = magnitude.to(acc) / weight_norm.to(acc)
     delta = scale * (lora_b.to(acc) @ lora_a.to(acc))
     return (merged.to(acc) / g[:, None] - delta).to(merged.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4-bit base weight (QLoRA): bitsandbytes' NF4 / FP4 format
+# ------------------------------------------------------------------------------------------------
+#
+# The weight W [N, K] is stored as bitsandbytes' ``quantize_4bit`` writes it: element i of W
+# flattened row-major (i = n * K + k) is the 4-bit index
+#
+#     q[i] = qweight[i // 2] >> 4      for even i,   qweight[i // 2] & 0xF   for odd i
+#
+# into a 16-entry table ``code`` (NF4 or FP4, fp32), scaled by the fp32 maximum of its block of
+# ``blocksize`` elements:
+#
+#     W[i] = code[q[i]] * absmax[i // blocksize]                       (fp32, one rounding)
+#
+# With double quantization (``compress_statistics=True``, "nested") the block maxima are stored as
+# uint8 indices into a 256-entry table ``code2``, with an fp32 scale per ``blocksize2`` of them and
+# one fp32 offset:
+#
+#     absmax[j] = code2[absmax_q[j]] * absmax2[j // blocksize2] + offset    (fp32, two roundings)
+#
+# The GEMM runs on W rounded once to the input's dtype, which is what bitsandbytes' own 4-bit
+# matmul multiplies by. Every later product follows the LoRA spec above.
+
+
+def _nested_absmax(
+    absmax_q: torch.Tensor,
+    absmax2: torch.Tensor,
+    code2: torch.Tensor,
+    offset: torch.Tensor | float,
+    blocksize2: int,
+) -> torch.Tensor:
+    """The fp32 block maxima of a double-quantized weight (see the comment above)."""
+    idx = absmax_q.reshape(-1).long()
+    scales = absmax2.float().repeat_interleave(blocksize2)[: idx.numel()]
+    out = code2.float()[idx] * scales
+    return out + torch.as_tensor(offset, dtype=torch.float32, device=out.device)
+
+
+def dequantize_4bit(
+    qweight: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: tuple[int, int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | float | None = None,
+    blocksize2: int = 256,
+) -> torch.Tensor:
+    """W [N, K] from bitsandbytes' packed 4-bit bytes, element by element as the comment says.
+
+    qweight: the packed bytes, any shape and storage dtype (read as ``ceil(N*K/2)`` uint8);
+    absmax: fp32 [ceil(N*K/blocksize)], or uint8 of that length when ``absmax2`` is given
+    (nested); code: fp32 [16]. Computed in fp32 and rounded once to ``dtype``.
+    """
+    n_el = int(shape[0]) * int(shape[1])
+    packed = qweight.reshape(-1).view(torch.uint8).long()
+    q = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n_el]
+    if absmax2 is not None:
+        scales = _nested_absmax(absmax, absmax2, code2, offset, blocksize2)
+    else:
+        scales = absmax.reshape(-1).float()
+    per_element = scales.repeat_interleave(blocksize)[:n_el]
+    w = code.float()[q] * per_element
+    return w.reshape(int(shape[0]), int(shape[1])).to(dtype)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    weight_4bit: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`lora_linear` on a 4-bit base: ``weight_4bit`` is :func:`dequantize_4bit`'s result
+    in x's dtype (the weight bitsandbytes multiplies by); every product accumulates in fp32."""
+    return lora_linear(x, weight_4bit.to(x.dtype), bias, lora_a, lora_b, scale, x_lora)
+
+
+def qlora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight_4bit: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    x_lora: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, d_lora_a, d_lora_b)`` of :func:`qlora_linear`: ``dx = dy @ W + scale * (dy @ B) @ A``
+    with W the dequantized weight in x's dtype; the 4-bit base itself gets no gradient."""
+    return lora_linear_backward(dy, x, weight_4bit.to(x.dtype), lora_a, lora_b, scale, x_lora)

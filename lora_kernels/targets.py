@@ -9,6 +9,7 @@ PEFT targets the same set here and PEFT checkpoints line up key for key.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -106,6 +107,13 @@ def modules_to_save_names(config: LoraConfig) -> list[str]:
         if head not in names:
             names.append(head)
     return names
+
+
+def _linear4bit_type():
+    """bitsandbytes' ``Linear4bit``, when bitsandbytes is loaded (a model holding such layers has
+    loaded it; otherwise there is nothing to find, and nothing is imported)."""
+    bnb = sys.modules.get("bitsandbytes")
+    return None if bnb is None else bnb.nn.Linear4bit
 
 
 def _conv1d_type():
@@ -209,11 +217,16 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str):
         raise RuntimeError(f"{fn}: layers {merged[:3]} are merged; unmerge them first")
     targets = resolve_targets(model, config)
     conv1d = _conv1d_type()
+    linear4bit = _linear4bit_type()
     found, unsupported = [], []
     for name, module in candidate_modules(model):
         if not name or not is_target(config, targets, name):
             continue
-        if type(module) is nn.Linear or isinstance(module, FusedLoraLinear):
+        if (
+            type(module) is nn.Linear
+            or isinstance(module, FusedLoraLinear)
+            or (linear4bit is not None and isinstance(module, linear4bit))  # QLoRA: nn_4bit.py
+        ):
             r, alpha = config.rank_and_alpha(name)
             found.append(Target(name, module, r, alpha))
         elif conv1d is not None and isinstance(module, conv1d):

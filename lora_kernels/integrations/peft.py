@@ -26,6 +26,8 @@ until ``fuse`` is called again. ``unfuse`` restores PEFT's class.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -188,17 +190,33 @@ def _check_module(fn: str, model: object) -> None:
         raise TypeError(f"{fn}: expected a PEFT model (an nn.Module), got {type(model).__name__}")
 
 
+def _qlora():
+    """The QLoRA half (``_peft_qlora``), imported only when bitsandbytes is loaded: a model with
+    PEFT's 4-bit layers has loaded it; otherwise there are none to fuse."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    try:
+        from . import _peft_qlora
+    except ImportError:  # a PEFT without bitsandbytes 4-bit support
+        return None
+    return _peft_qlora
+
+
 def fuse(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     """Make every PEFT LoRA ``Linear`` of ``peft_model`` run on lora_kernels; returns the model.
 
     In place and reversible (:func:`unfuse`). ``backend`` is passed to ``lora_linear``.
-    Subclasses of PEFT's ``Linear`` (quantised layers and the like) are left alone.
+    PEFT's QLoRA layers (``lora.bnb.Linear4bit``) run on the fused 4-bit kernels
+    (``_peft_qlora.py``); other subclasses of PEFT's ``Linear`` (8-bit and other quantised
+    layers and the like) are left alone.
     Raises ``ValueError`` when the model has no PEFT LoRA ``Linear`` layer.
     """
     fn = "lora_kernels.integrations.peft.fuse"
     _check_module(fn, peft_model)
     layers = [m for m in peft_model.modules() if type(m) in (PeftLoraLinear, FusedPeftLinear)]
-    if not layers:
+    qlora = _qlora()
+    layers_4bit = [] if qlora is None else qlora.peft_4bit_layers(peft_model)
+    if not layers and not layers_4bit:
         raise ValueError(
             f"{fn}: found no peft.tuners.lora.layer.Linear in the model; "
             "is it a PEFT LoRA model (get_peft_model / PeftModel.from_pretrained)?"
@@ -206,6 +224,8 @@ def fuse(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     for m in layers:
         m.__class__ = FusedPeftLinear
         m.lora_kernels_backend = backend
+    if layers_4bit:
+        qlora.fuse_4bit(layers_4bit, backend)
     return peft_model
 
 
@@ -216,4 +236,7 @@ def unfuse(peft_model: nn.Module) -> nn.Module:
         if type(m) is FusedPeftLinear:
             m.__class__ = PeftLoraLinear
             del m.lora_kernels_backend
+    qlora = _qlora()
+    if qlora is not None:
+        qlora.unfuse_4bit(peft_model)
     return peft_model

@@ -8,7 +8,7 @@ custom op, so ``torch.compile(fullgraph=True)`` traces forward and backward with
 ``_family.define_family`` builds a differentiable family's ops and eager entry from its parts.
 """
 
-from . import dora  # noqa: F401  (registers the DoRA ops)
+from . import dora, qlora  # noqa: F401  (register their ops)
 from .lora_linear import lora_linear_2d
 from .lora_multi import lora_linear_multi_2d
 from .merge import merge_lora_

@@ -1,0 +1,417 @@
+"""LoRA linear on a 4-bit (NF4 / FP4) base weight in Triton, forward and backward.
+
+Formula and shapes (the spec is ``reference.qlora_linear``)::
+
+    x [M, K], x_lora [M, K] or x, lora_a [r, K], lora_b [N, r], bias [N] or None
+    W [N, K] = dequantize(qweight, absmax, code (, absmax2, code2, offset))   never materialised
+    S  = x_lora @ lora_a.T                                      [M, r]  fp32, kept for backward
+    y  = x @ W.T + bias + scale * S @ lora_b.T                  [M, N]  x.dtype
+    dx = dy @ W + scale * (dy @ lora_b) @ lora_a                [M, K]  (dx_lora apart with dropout)
+    dA = scale * (dy @ lora_b).T @ x_lora,  dB = scale * dy.T @ S      (stock GEMMs: tiny)
+
+The weight is read as bitsandbytes stores it (``quantize_4bit``): element ``i = n * K + k`` is the
+nibble ``qweight[i // 2] >> 4`` (even i) or ``& 0xF`` (odd i), an index into the 16-entry fp32
+``code``, times the fp32 ``absmax[i // BLOCKSIZE]``; with double quantization that maximum is
+itself ``code2[absmax[j]] * absmax2[j // BLOCKSIZE2] + offset``. No repacking: the flat index
+makes odd K (a byte straddling two rows) and partial blocks come out right without special cases.
+
+``_qlora_fwd_kernel``: one launch, one pass over K. Each program owns a [BLOCK_M, BLOCK_N] tile of
+y; in its K-loop it loads the x tile once, dequantizes the matching [BLOCK_N, BLOCK_K] tile of W
+in registers (fp32, rounded once to x's dtype: the weight bitsandbytes' matmul multiplies by) and
+accumulates ``x @ W.T`` in fp32; the same x tile (or x_lora's) also accumulates S against a
+[BLOCK_R, BLOCK_K] slice of lora_a. After the loop the LoRA term ``scale * S @ lora_b.T`` goes
+into the same fp32 accumulator, the bias too, and y is rounded once. The weight streams from HBM
+at half a byte per element (plus 4 bytes of absmax per block, or 1 byte nested); lora_a is re-read
+by every N-tile program, from L2 (r * K elements), which is what a separate shrink launch would
+avoid at decode sizes, for the price of a second launch. The programs of the first N-tile column
+store S.
+
+``_qlora_dx_kernel``: the same structure transposed, for ``dx = dy @ W``: programs own [BLOCK_M,
+BLOCK_K] tiles of dx and loop over N, dequantizing W tiles [BLOCK_N, BLOCK_K] in the same
+orientation, while ``dy @ lora_b`` accumulates beside; ``scale * (dy @ lora_b) @ lora_a`` is added
+at the end (or stored as dx_lora when PEFT's dropout feeds the LoRA branch another input).
+
+Triton 3.9's interpreter returns garbage for ``tl.dot`` on bf16 operands and truncates fp32 to
+bf16, so under the interpreter (and only there) ``INTERPRET`` upcasts dot operands to fp32 and
+rounds bf16 conversions to nearest even on the bits, as a GPU converts. fp32 layers use
+``"ieee"`` dots (PyTorch's default fp32 matmul is not TF32 either). The nested absmax is
+decoded with fp contraction off, so ``code2 * absmax2 + offset`` rounds twice as bitsandbytes'
+does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..torch import lora_linear as torch_lora_linear
+from . import interpreting
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dequant_tile(
+    # pointers
+    qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    # the tile: rows n [BN], columns k [BK] of W [N, K]
+    offs_n, offs_k, K, mask,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+):  # fmt: skip
+    """fp32 W[offs_n, offs_k] from bitsandbytes' packed bytes (zero where masked)."""
+    idx = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+    packed = tl.load(qw_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    nibble = tl.where((idx & 1) == 0, packed >> 4, packed & 0xF)
+    value = tl.load(code_ptr + nibble)
+    block = idx // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+        amax = tl.load(code2_ptr + q) * scale2 + tl.load(offset_ptr)
+    else:
+        amax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return tl.where(mask, value * amax, 0.0)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """``v.to(dtype)``, rounding to nearest even: the interpreter truncates fp32 to bf16, so there
+    the rounding is done on the bits first (a GPU rounds to nearest even itself)."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _qlora_fwd_kernel(
+    # pointers
+    x_ptr, xl_ptr, qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    bias_ptr, a_ptr, b_ptr, y_ptr, s_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_xm, stride_xk, stride_xlm, stride_xlk, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_ym, stride_yn, stride_sm, stride_sr,
+    # scalars
+    scale,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_XL: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    x_dtype = x_ptr.dtype.element_ty
+    l_dtype = a_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        xm = m_ok[:, None] & k_ok[None, :]
+        x_tile = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=xm, other=0.0
+        )
+        w = _dequant_tile(
+            qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+            offs_n, offs_k, K, n_ok[:, None] & k_ok[None, :],
+            BLOCKSIZE, BLOCKSIZE2, NESTED,
+        )  # fmt: skip
+        acc = _dot(x_tile, tl.trans(_cast(w, x_dtype, INTERPRET)), acc, INTERPRET, PRECISION)
+        if HAS_XL:
+            xl_tile = tl.load(
+                xl_ptr + offs_m[:, None] * stride_xlm + offs_k[None, :] * stride_xlk,
+                mask=xm,
+                other=0.0,
+            )
+        else:
+            xl_tile = x_tile
+        a_tile = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=k_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_R]
+        s_acc = _dot(xl_tile.to(l_dtype), a_tile, s_acc, INTERPRET, LORA_PRECISION)
+
+    b_tile = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_R, BLOCK_N]
+    acc = _dot(_cast(s_acc * scale, l_dtype, INTERPRET), b_tile, acc, INTERPRET, LORA_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        _cast(acc, y_ptr.dtype.element_ty, INTERPRET),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+    if pid_n == 0:
+        tl.store(
+            s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+            s_acc,
+            mask=m_ok[:, None] & r_ok[None, :],
+        )
+
+
+@triton.jit
+def _qlora_dx_kernel(
+    # pointers
+    dy_ptr, qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    a_ptr, b_ptr, dx_ptr, dxl_ptr,
+    # sizes
+    M, N, K, R,
+    # strides
+    stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br,
+    stride_dxm, stride_dxk, stride_dxlm, stride_dxlk,
+    # scalars
+    scale,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    SPLIT_LORA: tl.constexpr, INTERPRET: tl.constexpr,
+    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    dy_dtype = dy_ptr.dtype.element_ty
+    l_dtype = a_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dy_tile = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+            mask=m_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        w = _dequant_tile(
+            qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+            offs_n, offs_k, K, n_ok[:, None] & k_ok[None, :],
+            BLOCKSIZE, BLOCKSIZE2, NESTED,
+        )  # fmt: skip
+        acc = _dot(dy_tile, _cast(w, dy_dtype, INTERPRET), acc, INTERPRET, PRECISION)
+        b_tile = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+            mask=n_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_R]
+        u_acc = _dot(dy_tile.to(l_dtype), b_tile, u_acc, INTERPRET, LORA_PRECISION)
+
+    a_tile = tl.load(
+        a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+        mask=r_ok[:, None] & k_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_R, BLOCK_K]
+    out_mask = m_ok[:, None] & k_ok[None, :]
+    if SPLIT_LORA:
+        lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        u = _cast(u_acc * scale, l_dtype, INTERPRET)
+        lora = _dot(u, a_tile, lora, INTERPRET, LORA_PRECISION)
+        tl.store(
+            dxl_ptr + offs_m[:, None] * stride_dxlm + offs_k[None, :] * stride_dxlk,
+            _cast(lora, dxl_ptr.dtype.element_ty, INTERPRET),
+            mask=out_mask,
+        )
+    else:
+        acc = _dot(_cast(u_acc * scale, l_dtype, INTERPRET), a_tile, acc, INTERPRET, LORA_PRECISION)
+    tl.store(
+        dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+        _cast(acc, dx_ptr.dtype.element_ty, INTERPRET),
+        mask=out_mask,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# launch configuration
+# ------------------------------------------------------------------------------------------------
+
+# Under the interpreter: one small config, smaller than the odd test sizes so that tiles straddle
+# every edge.
+_INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
+
+
+def _configs(decode: bool) -> list[triton.Config]:
+    """Tile shapes to try on a GPU. Decode (M <= 16) streams the weight: narrow N tiles give
+    enough programs to cover the SMs without split-K; prefill wants big square tiles. The
+    per-element block maxima are staged in shared memory by the pipeliner like any operand: the
+    prefill list keeps to shapes whose sm_90 builds stay under 227 KiB (compiled, not measured);
+    the autotuner drops any config a device cannot launch."""
+    if decode:
+        shapes = [
+            (16, 32, 128, 4, 3),
+            (16, 64, 128, 4, 3),
+            (16, 32, 256, 4, 3),
+            (16, 64, 64, 4, 4),
+        ]
+    else:
+        shapes = [
+            (128, 128, 64, 8, 2),
+            (128, 64, 64, 4, 3),
+            (64, 128, 64, 4, 3),
+            (64, 64, 64, 4, 3),
+        ]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+# Decode and prefill tune apart (two autotuners), each keyed by the problem size.
+_KEY = ["N", "K", "BLOCK_R", "NESTED"]
+
+
+@functools.cache
+def _tuned(kernel_name: str, decode: bool):
+    kernel = {"fwd": _qlora_fwd_kernel, "dx": _qlora_dx_kernel}[kernel_name]
+    return triton.autotune(configs=_configs(decode), key=_KEY)(kernel)
+
+
+def _precisions(x_dtype: torch.dtype, l_dtype: torch.dtype) -> tuple[str, str]:
+    base = "ieee" if x_dtype == torch.float32 else "tf32"
+    lora = "ieee" if l_dtype == torch.float32 else "tf32"
+    return base, lora
+
+
+def _quant_args(qweight, absmax, code, absmax2, code2, offset):
+    nested = absmax2 is not None
+    if not nested:  # unused pointers: any tensor of the right device will do
+        absmax2, code2, offset = absmax, code, absmax
+    return (qweight.reshape(-1).view(torch.uint8), absmax, code, absmax2, code2, offset), nested
+
+
+def _launch(kernel_name, grid_fn, m, args, meta):
+    meta = dict(meta)
+    # Two roundings in the nested absmax decode, as bitsandbytes: no fused multiply-add.
+    meta["enable_fp_fusion"] = False
+    if interpreting() or not torch.cuda.is_available():
+        kernel = {"fwd": _qlora_fwd_kernel, "dx": _qlora_dx_kernel}[kernel_name]
+        meta.update(_INTERPRET_META)
+        kernel[grid_fn(meta)](*args, **meta)
+        return
+    _tuned(kernel_name, m <= 16)[grid_fn](*args, **meta)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers (same signatures as lora_kernels/_torch_qlora.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def qlora_linear_fwd(
+    x, qweight, absmax, code, absmax2, code2, offset, blocksize, blocksize2, n,
+    bias, lora_a, lora_b, scale, x_lora=None,
+):  # fmt: skip
+    m, k = x.shape
+    r = lora_a.shape[0]
+    y = x.new_empty((m, n))
+    s = x.new_empty((m, r), dtype=torch.float32)
+    if m == 0:
+        return y, s
+    quant, nested = _quant_args(qweight, absmax, code, absmax2, code2, offset)
+    xl = x if x_lora is None else x_lora
+    precision, lora_precision = _precisions(x.dtype, lora_a.dtype)
+    args = (
+        x, xl, *quant, x if bias is None else bias, lora_a, lora_b, y, s,
+        m, n, k, r,
+        x.stride(0), x.stride(1), xl.stride(0), xl.stride(1), lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), s.stride(0), s.stride(1),
+        float(scale),
+    )  # fmt: skip
+    meta = {
+        "BLOCKSIZE": blocksize,
+        "BLOCKSIZE2": blocksize2,
+        "NESTED": nested,
+        "HAS_BIAS": bias is not None,
+        "HAS_XL": x_lora is not None,
+        "INTERPRET": interpreting(),
+        "PRECISION": precision,
+        "LORA_PRECISION": lora_precision,
+        "BLOCK_R": max(16, triton.next_power_of_2(r)),
+    }
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+    _launch("fwd", grid, m, args, meta)
+    return y, s
+
+
+def qlora_linear_bwd(
+    dy, x, qweight, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
+    lora_a, lora_b, s, scale, x_lora=None, *, needs_dx=True, needs_da=True, needs_db=True,
+):  # fmt: skip
+    m, k = x.shape
+    n = dy.shape[1]
+    r = lora_a.shape[0]
+    dx = dx_lora = da = db = None
+    if needs_da or needs_db:
+        # dA and dB are rank-sized GEMMs (r * K and N * r outputs): stock PyTorch, the weight is
+        # not involved (a placeholder of the right shape stands in for it).
+        placeholder = x.new_empty((1, 1)).expand(n, k)
+        _, _, da, db = torch_lora_linear.lora_linear_bwd(
+            dy, x, placeholder, lora_a, lora_b, s, scale, x_lora,
+            needs_dx=False, needs_da=needs_da, needs_db=needs_db,
+        )  # fmt: skip
+    if needs_dx:
+        dx = x.new_empty((m, k))
+        dx_lora = x.new_empty((m, k)) if x_lora is not None else dx
+        if m > 0:
+            quant, nested = _quant_args(qweight, absmax, code, absmax2, code2, offset)
+            precision, lora_precision = _precisions(x.dtype, lora_a.dtype)
+            args = (
+                dy, *quant, lora_a, lora_b, dx, dx_lora,
+                m, n, k, r,
+                dy.stride(0), dy.stride(1), lora_a.stride(0), lora_a.stride(1),
+                lora_b.stride(0), lora_b.stride(1), dx.stride(0), dx.stride(1),
+                dx_lora.stride(0), dx_lora.stride(1),
+                float(scale),
+            )  # fmt: skip
+            meta = {
+                "BLOCKSIZE": blocksize,
+                "BLOCKSIZE2": blocksize2,
+                "NESTED": nested,
+                "SPLIT_LORA": x_lora is not None,
+                "INTERPRET": interpreting(),
+                "PRECISION": precision,
+                "LORA_PRECISION": lora_precision,
+                "BLOCK_R": max(16, triton.next_power_of_2(r)),
+            }
+
+            def grid(meta):
+                return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
+
+            _launch("dx", grid, m, args, meta)
+        if x_lora is None:
+            dx_lora = None
+    return dx, dx_lora, da, db
