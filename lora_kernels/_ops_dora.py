@@ -17,6 +17,9 @@ traces forward and backward without graph breaks. Ops (namespace ``lora_kernels`
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -30,9 +33,9 @@ _MODULES = {
 }
 
 
+@functools.cache
 def _launcher(backend: str, name: str):
-    import importlib
-
+    # Imported on first use (the Triton module needs Triton), then a dict hit per call.
     return getattr(importlib.import_module(_MODULES[backend]), name)
 
 
