@@ -307,6 +307,8 @@ class FusedLoraLinear(nn.Linear):
         subtraction would not round back (``lora_kernels.exact_merge``: a few percent of the
         weight's size for trained adapters, on its device) and about 3x the merge time. The
         adapter must not change while merged (``unmerge()`` refuses, weight untouched, if it did).
+        A DoRA adapter merges as ``W = g * (W + scaling * B @ A)`` (see ``_dora_layer.py``), into
+        an unmerged weight only.
         """
         name = self.active_adapter if adapter_name is None else adapter_name
         if name is None:

@@ -120,8 +120,10 @@ def test_norm_of_a_half_weight_is_fp32_accurate(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m_shape", [(1,), (7,), (133,), (3, 5)])
-@pytest.mark.parametrize("knr", [(1, 17, 1), (17, 1, 4), (129, 65, 16), (2049, 33, 8)])
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "knr,bias", [((1, 17, 1), True), ((17, 1, 4), False), ((129, 65, 16), True),
+                 ((2049, 33, 8), False)],
+)  # fmt: skip
 def test_torch_backend_matches_reference(dtype, m_shape, knr, bias):
     check_dora("torch", m_shape, *knr, dtype, bias)
 
