@@ -154,7 +154,12 @@ class ServingState:
         device with values in ``[-1, num_slots)`` (values are checked on CPU only: on CUDA that
         would synchronise, and the kernels treat an id outside that range as -1)."""
         if not isinstance(ids, torch.Tensor):
-            return torch.tensor(ids, dtype=torch.int32).to(self.device)
+            if self.device.type != "cuda":
+                return torch.tensor(ids, dtype=torch.int32, device=self.device)
+            # From pinned memory the copy is queued without the host waiting for the stream;
+            # the host allocator keeps the block until the copy has run.
+            host = torch.tensor(ids, dtype=torch.int32, pin_memory=True)
+            return host.to(self.device, non_blocking=True)
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(
                 f"{fn}: expected adapter ids of dtype torch.int32 or torch.int64, got {ids.dtype}"
