@@ -11,7 +11,8 @@ The tiers, slowest first::
       -> device slots: per FusedLoraLinear, stacked lora_a [slots, r_max, K], lora_b
          [slots, N, r_max] and scales [slots], filled in place on a side stream
       -> the model: switch_adapter merges the adapter into the weights (exact or arithmetic) or
-         makes it the active unmerged adapter
+         makes it the active unmerged adapter; unmerged, a model attached to the slots is then
+         served from them (lora_kernels.serving: later switches are one device write)
 
 RAM: ``put`` (a state dict) and ``load`` (a PEFT directory, read with
 :func:`lora_kernels.checkpoint.read_peft_adapter`) copy an adapter in; ``get`` returns it (a hit)

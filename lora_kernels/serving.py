@@ -80,8 +80,8 @@ class ServingState:
 
     def __init__(self, device: torch.device, rows: int = DEFAULT_ROWS) -> None:
         self.device = torch.device(device)
-        self.active_ids = torch.full((SINGLE_ROWS,), -1, dtype=torch.int32, device=self.device)
-        self.row_ids = torch.full((rows,), -1, dtype=torch.int32, device=self.device)
+        self.active_ids = self._ids(SINGLE_ROWS)
+        self.row_ids = self._ids(rows)
         self.active_name: str | None = None
         self.mixed_rows: int | None = None
         self.slots: dict[str, int] = {}
@@ -91,6 +91,12 @@ class ServingState:
         self.cache = None
         self.wrappers: list | None = None  # the model's ModulesToSaveWrappers (mixed_batch)
         self._pool_probe: tuple[str, torch.Tensor] | None = None
+
+    def _ids(self, size: int) -> torch.Tensor:
+        # Never an inference tensor (made under torch.inference_mode): those cannot be written
+        # outside it, and switches and batches may come from either side.
+        with torch.inference_mode(False):
+            return torch.full((size,), -1, dtype=torch.int32, device=self.device)
 
     # Copies and pickles of a model start without serving state (the slots stay with the cache).
     def __deepcopy__(self, memo) -> None:
@@ -148,7 +154,12 @@ class ServingState:
         device with values in ``[-1, num_slots)`` (values are checked on CPU only: on CUDA that
         would synchronise, and the kernels treat an id outside that range as -1)."""
         if not isinstance(ids, torch.Tensor):
-            return torch.tensor(ids, dtype=torch.int32).to(self.device)
+            if self.device.type != "cuda":
+                return torch.tensor(ids, dtype=torch.int32, device=self.device)
+            # From pinned memory the copy is queued without the host waiting for the stream;
+            # the host allocator keeps the block until the copy has run.
+            host = torch.tensor(ids, dtype=torch.int32, pin_memory=True)
+            return host.to(self.device, non_blocking=True)
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(
                 f"{fn}: expected adapter ids of dtype torch.int32 or torch.int64, got {ids.dtype}"
@@ -181,8 +192,7 @@ class ServingState:
         saved = self.row_ids[:outer].clone() if outer else None
         if rows > self.row_ids.shape[0]:
             # A new buffer: graphs captured on the old one must be captured again.
-            size = max(rows, 2 * self.row_ids.shape[0])
-            self.row_ids = torch.full((size,), -1, dtype=torch.int32, device=self.device)
+            self.row_ids = self._ids(max(rows, 2 * self.row_ids.shape[0]))
         self.row_ids[:rows].copy_(ids)
         self.mixed_rows = rows
         try:

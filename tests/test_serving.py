@@ -187,6 +187,49 @@ def test_mixed_batch_through_the_state_equals_each_adapter_alone(served, graph_s
     assert serving_state(model).mixed_rows is None
 
 
+def test_the_state_works_in_and_out_of_inference_mode():
+    """Engaged under torch.inference_mode, then switched and batched outside it (and back)."""
+    model = get_lora_model(Tiny(), LoraConfig(r=4, target_modules=TARGETS))
+    cache = AdapterCache(1 << 22)
+    for name, r, targets in ADAPTERS:
+        cache.put(name, *random_adapter(model, r, targets))
+    cache.attach(model, num_slots=3, max_rank=16)
+    x = torch.randn(300, DIM)  # more rows than the id buffer holds: it grows
+    with torch.inference_mode():
+        switch_adapter(model, "x", cache=cache)
+        switch_adapter(model, "y", cache=cache)
+    switch_adapter(model, "x", cache=cache)
+    with torch.no_grad(), mixed_batch(model, ["y", "x"] * 150):
+        outside = model(x)
+    with torch.inference_mode(), mixed_batch(model, ["y", "x"] * 150):
+        inside = model(x)
+        switch_adapter(model, "z", cache=cache)
+    assert torch.equal(inside, outside)
+    assert model.blocks[0]["up"].active_adapter == "z"
+
+
+def test_ids_name_slots_filled_by_prefetch_alone():
+    """A switch to the base through the cache serves the model; an id tensor then selects any
+    filled slot, installed or not (the caller keeps the slots it names filled)."""
+    model = get_lora_model(Tiny(), LoraConfig(r=4, target_modules=TARGETS))
+    cache = AdapterCache(1 << 22)
+    for name, r, targets in ADAPTERS:
+        cache.put(name, *random_adapter(model, r, targets))
+    cache.attach(model, num_slots=3, max_rank=16)
+    slot = {name: cache.prefetch(name) for name, _, _ in ADAPTERS}
+    switch_adapter(model, None, cache=cache)
+    assert serving_state(model).synced and serving_state(model).slots == {}
+    names = ["z", "x", "__base__", "y"]
+    ids = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int32)
+    x = torch.randn(len(names), DIM)
+    with torch.no_grad(), mixed_batch(model, ids):
+        y = model(x)
+    for name, _, _ in ADAPTERS:  # now installed, by names
+        switch_adapter(model, name, cache=cache)
+    with torch.no_grad(), mixed_batch(model, names):
+        assert torch.equal(model(x), y)
+
+
 def test_nested_mixed_batches_restore_the_outer_ids(served):
     model, _, _ = served
     x = torch.randn(3, DIM)
