@@ -1,10 +1,12 @@
 """Whole-model LoRA: ``LoraConfig``, PEFT's target matching, ``get_lora_model`` and friends.
 
-``get_lora_model(model, config)`` replaces, in place, every ``nn.Linear`` that ``config`` targets
-with a :class:`~lora_kernels.nn.FusedLoraLinear` that shares the linear's weight and bias (no
-copy), and freezes everything but the adapter. The matching follows PEFT's rules exactly
-(``peft.tuners.tuners_utils.check_target_module_exists`` and friends), so a config that targets a
-set of modules in PEFT targets the same set here and PEFT checkpoints line up key for key:
+``get_lora_model(model, config)`` replaces, in place, every ``nn.Linear`` (or transformers
+``Conv1D``) that ``config`` targets with a :class:`~lora_kernels.nn.FusedLoraLinear`, and every
+targeted ``nn.Embedding`` with a :class:`~lora_kernels.nn_embedding.FusedLoraEmbedding`, each
+sharing the module's weight and bias (no copy), and freezes everything but the adapter. The
+matching follows PEFT's rules exactly (``peft.tuners.tuners_utils.check_target_module_exists``
+and friends), so a config that targets a set of modules in PEFT targets the same set here and
+PEFT checkpoints line up key for key:
 
 * ``target_modules``: a list (a module matches when its full name equals an entry or ends with
   ``"." + entry``), a string (a regular expression that must match the full name), or
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from .nn import BASE_ADAPTER, FusedLoraLinear
+from .nn_embedding import FusedLoraEmbedding, unsupported_embedding_options
 
 __all__ = [
     "LoraConfig",
@@ -390,7 +393,7 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in skip):
             continue
-        if isinstance(module, (FusedLoraLinear, ModulesToSaveWrapper)):
+        if isinstance(module, (FusedLoraLinear, FusedLoraEmbedding, ModulesToSaveWrapper)):
             skip.append(name)
         yield name, module
 
@@ -439,11 +442,29 @@ class _Target:
     module: nn.Module
     r: int
     alpha: float
+    kind: str = "linear"  # "linear", "conv1d" (fan_in_fan_out) or "embedding"
+    in_features: int = 0  # PEFT's: A is [r, in_features], B [out_features, r]
+    out_features: int = 0
 
 
-def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
+def _target_kind(module: nn.Module, conv1d) -> tuple[str, int, int] | None:
+    """``(kind, in_features, out_features)`` of a module get_lora_model adapts, else None."""
+    if isinstance(module, FusedLoraEmbedding) or type(module) is nn.Embedding:
+        return "embedding", module.num_embeddings, module.embedding_dim
+    if isinstance(module, FusedLoraLinear):
+        kind = "conv1d" if module.fan_in_fan_out else "linear"
+        return kind, module.in_features, module.out_features
+    if type(module) is nn.Linear:
+        return "linear", module.in_features, module.out_features
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d", module.nx, module.nf
+    return None
+
+
+def _plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: bool = False):
     """Every check of ``get_lora_model``, before anything changes: ``(targets, resolved
-    target_modules, modules_to_save names)``."""
+    target_modules, modules_to_save names)``. ``replacing``: the adapter may exist already (a
+    load into it replaces its weights)."""
     fn = "get_lora_model"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected model to be an nn.Module, got {type(model).__name__}")
@@ -462,7 +483,7 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
             "model on our kernels with lora_kernels.integrations.peft.fuse instead"
         )
     existing = getattr(model, "lora_configs", {})
-    if adapter_name in existing:
+    if adapter_name in existing and not replacing:
         raise ValueError(
             f"{fn}: the model already has an adapter named {adapter_name!r} (it has "
             f"{list(existing)}); delete_adapter it first or pick another name"
@@ -476,25 +497,26 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
     for name, module in _candidate_modules(model):
         if not name or not _is_target(config, targets, name):
             continue
-        if type(module) is nn.Linear or isinstance(module, FusedLoraLinear):
+        kind = _target_kind(module, conv1d)
+        bad = unsupported_embedding_options(module) if kind and kind[0] == "embedding" else []
+        if kind is not None and not bad:
             r, alpha = config.rank_and_alpha(name)
-            found.append(_Target(name, module, r, alpha))
-        elif conv1d is not None and isinstance(module, conv1d):
-            unsupported.append(
-                f"{name} (transformers Conv1D, PEFT's fan_in_fan_out layout: its weight is "
-                "[in, out] and an nn.Linear view of it would change the model's checkpoint keys)"
-            )
+            found.append(_Target(name, module, r, alpha, *kind))
+        elif bad:
+            unsupported.append(f"{name} (nn.Embedding with {', '.join(bad)})")
         else:
             unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported:
         raise ValueError(
             f"{fn}: target_modules {targets!r} matches modules that get_lora_model cannot adapt "
-            f"(nn.Linear only): {', '.join(unsupported)}. Narrow target_modules, or use PEFT with "
-            "lora_kernels.integrations.peft.fuse, which leaves such layers on PEFT's code"
+            f"(nn.Linear, transformers Conv1D, nn.Embedding): {', '.join(unsupported)}. Narrow "
+            "target_modules, or use PEFT with lora_kernels.integrations.peft.fuse, which leaves "
+            "such layers on PEFT's code"
         )
     if not found:
         raise ValueError(
-            f"{fn}: target_modules {targets!r} matches no nn.Linear of the model "
+            f"{fn}: target_modules {targets!r} matches no nn.Linear (nor Conv1D, nn.Embedding) "
+            "of the model "
             f"(exclude_modules={config.exclude_modules!r}, "
             f"layers_to_transform={config.layers_to_transform!r})"
         )
@@ -512,7 +534,8 @@ def _plan(model: nn.Module, config: LoraConfig, adapter_name: str):
             if any(name.startswith(p + ".") for p in mts_names):
                 continue
             if not isinstance(module, ModulesToSaveWrapper) and any(
-                isinstance(m, (FusedLoraLinear, ModulesToSaveWrapper)) for m in module.modules()
+                isinstance(m, (FusedLoraLinear, FusedLoraEmbedding, ModulesToSaveWrapper))
+                for m in module.modules()
             ):
                 raise ValueError(
                     f"{fn}: modules_to_save entry matches {name!r}, which holds LoRA layers"
@@ -589,10 +612,10 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoraLinear]]:
-    """``(name, layer)`` for every ``FusedLoraLinear`` of ``model``."""
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoraLinear | FusedLoraEmbedding]]:
+    """``(name, layer)`` for every ``FusedLoraLinear`` and ``FusedLoraEmbedding`` of ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, FusedLoraLinear):
+        if isinstance(module, (FusedLoraLinear, FusedLoraEmbedding)):
             yield name, module
 
 
@@ -607,11 +630,12 @@ def get_lora_model(
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to ``model`` in place and make it the active, trainable one.
 
-    Every ``nn.Linear`` that ``config`` targets (PEFT's rules, see the module docstring) becomes a
-    ``FusedLoraLinear`` sharing the linear's weight and bias; layers that already are
-    ``FusedLoraLinear`` get one more adapter. Every parameter outside the adapter is frozen
-    (``bias`` and ``modules_to_save`` decide the exceptions). All checks run before the model
-    changes. Call it again with another name to add a second adapter; ``set_adapter`` switches.
+    Every ``nn.Linear`` or transformers ``Conv1D`` that ``config`` targets (PEFT's rules, see the
+    module docstring) becomes a ``FusedLoraLinear`` sharing its weight and bias, every targeted
+    ``nn.Embedding`` a ``FusedLoraEmbedding``; layers that already are ours get one more adapter.
+    Every parameter outside the adapter is frozen (``bias`` and ``modules_to_save`` decide the
+    exceptions). All checks run before the model changes. Call it again with another name to add
+    a second adapter; ``set_adapter`` switches.
 
     Returns:
         ``model`` itself, with ``model.lora_configs[adapter_name] == config``.
@@ -620,16 +644,20 @@ def get_lora_model(
     config = copy.deepcopy(config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config.target_modules = resolved
-    if config.fan_in_fan_out:
+    # Each layer takes the layout of its weight whatever the flag says, and the config keeps the
+    # user's value: PEFT's rule, its warning for nn.Linear, and what its saved config holds.
+    if config.fan_in_fan_out and any(t.kind == "linear" for t in targets):
         warnings.warn(
             "get_lora_model: fan_in_fan_out=True is for Conv1D weights; the targeted nn.Linear "
             "layers use fan_in_fan_out=False (as PEFT does)",
             stacklevel=2,
         )
-        config.fan_in_fan_out = False
     for t in targets:
         layer = t.module
-        if not isinstance(layer, FusedLoraLinear):
+        if t.kind == "embedding" and not isinstance(layer, FusedLoraEmbedding):
+            layer = FusedLoraEmbedding.from_embedding(t.module, r=0, backend=backend)
+            _replace(model, t.name, layer)
+        elif t.kind != "embedding" and not isinstance(layer, FusedLoraLinear):
             layer = FusedLoraLinear.from_linear(t.module, r=0, backend=backend)
             _replace(model, t.name, layer)
         layer.add_adapter(
@@ -678,7 +706,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
             "unmerge them before switching adapters"
         )
     for _, layer in layers:
-        layer.set_adapter(adapter_name if adapter_name in layer.lora_A else None)
+        layer.set_adapter(adapter_name if adapter_name in layer.adapter_names else None)
     for _, wrapper in _wrappers(model):
         wrapper.active_adapter = adapter_name
     model.active_lora_adapter = adapter_name
@@ -700,10 +728,10 @@ def _mark_trainable(model: nn.Module, adapter_name: str | None) -> None:
             if "bias" in name:
                 p.requires_grad_(True)
     for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.lora_A[adapter_name].weight.requires_grad_(True)
-            layer.lora_B[adapter_name].weight.requires_grad_(True)
-            if config.bias == "lora_only" and layer.bias is not None:
+        if adapter_name in layer.adapter_names:
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(True)
+            if config.bias == "lora_only" and getattr(layer, "bias", None) is not None:
                 layer.bias.requires_grad_(True)
     for _, wrapper in _wrappers(model):
         wrapper.requires_grad_(False)
@@ -718,7 +746,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _check_model(fn, model)
     if adapter_name not in configs:
         raise ValueError(f"{fn}: unknown adapter {adapter_name!r}; the model has {list(configs)}")
-    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.adapter_names]
     merged = [layer for layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise RuntimeError(f"{fn}: adapter {adapter_name!r} is merged; unmerge it first")
@@ -741,24 +769,39 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights and put plain modules back in place:
-    each ``FusedLoraLinear`` becomes an ``nn.Linear`` with the merged weight (same storage), each
+    each ``FusedLoraLinear`` becomes an ``nn.Linear`` (or the transformers ``Conv1D`` it was) with
+    the merged weight (same storage), each ``FusedLoraEmbedding`` an ``nn.Embedding``, each
     ``ModulesToSaveWrapper`` its active copy. Returns ``model``, which no longer has adapters."""
     _check_model("merge_and_unload", model)
     active = getattr(model, "active_lora_adapter", None)
     for name, layer in list(lora_layers(model)):
-        if active is not None and active in layer.lora_A and not layer.merged:
+        if active is not None and active in layer.adapter_names and not layer.merged:
             layer.merge(active)
-        plain = nn.Linear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
-        )
-        plain.weight = layer.weight
-        plain.bias = layer.bias
-        _replace(model, name, plain)
+        _replace(model, name, _plain_module(layer))
     for name, wrapper in list(_wrappers(model)):
         _replace(model, name, wrapper._running())
     del model.lora_configs
     del model.active_lora_adapter
     return model
+
+
+def _plain_module(layer: FusedLoraLinear | FusedLoraEmbedding) -> nn.Module:
+    """The plain module a LoRA layer stands in for, sharing its (merged) weight and bias."""
+    with torch.device("meta"):
+        if isinstance(layer, FusedLoraEmbedding):
+            plain = nn.Embedding(
+                layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx
+            )
+        elif layer.fan_in_fan_out:
+            from transformers.pytorch_utils import Conv1D
+
+            plain = Conv1D(layer.out_features, layer.in_features)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    plain.weight = layer.weight
+    if not isinstance(layer, FusedLoraEmbedding):
+        plain.bias = layer.bias
+    return plain
 
 
 @contextlib.contextmanager
@@ -780,7 +823,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]):
         )
 
     def layer_hook(layer, args, kwargs):
-        kwargs["adapter_names"] = [n if n in layer.lora_A else BASE_ADAPTER for n in names]
+        own = layer.adapter_names
+        kwargs["adapter_names"] = [n if n in own else BASE_ADAPTER for n in names]
         return args, kwargs
 
     def wrapper_hook(_, args, kwargs):

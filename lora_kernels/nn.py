@@ -11,6 +11,11 @@ layout and key names), with ``scaling[name]``, ``r[name]``, ``lora_alpha[name]``
 The base weight and bias are frozen; the active adapter trains. ``merge()`` folds the adapter into
 ``W`` (``merge_lora_``: fp32, one rounding, no ``[N, K]`` temporary) and the forward then runs the
 plain GEMM; ``unmerge()`` takes it out again.
+
+``from_linear`` also takes a transformers ``Conv1D`` (GPT-2's layers, PEFT's
+``fan_in_fan_out=True``): the layer then keeps the Conv1D's ``[in, out]`` weight as it is (same
+state_dict key and storage) and the kernels read its ``[out, in]`` transpose through strides, no
+copy; merges go into the ``[in, out]`` storage as ``scaling * A^T B^T``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ __all__ = ["FusedLoraLinear", "BASE_ADAPTER"]
 
 BASE_ADAPTER = "__base__"
 """The name that selects no adapter in ``adapter_names`` (PEFT's convention)."""
+
+
+def _conv1d_class():
+    """transformers' ``Conv1D`` (GPT-2), or None without transformers."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
 
 
 def _weight_state(linear: nn.Linear) -> tuple:
@@ -93,6 +107,8 @@ class FusedLoraLinear(nn.Linear):
         self._exact_records: dict[str, ExactMergeRecord] = {}
         self._active_adapter: str | None = None
         self.backend = backend
+        # True when ``weight`` is a transformers Conv1D's [in, out] tensor (see from_linear)
+        self.fan_in_fan_out = False
         # mixed batches: every adapter stacked, and what it was stacked from (_cached_stacks)
         self._multi_stack: dict | None = None
 
@@ -109,15 +125,23 @@ class FusedLoraLinear(nn.Linear):
         adapter_name: str = "default",
         backend: str = "auto",
     ) -> FusedLoraLinear:
-        """A ``FusedLoraLinear`` that shares ``linear``'s weight and bias (no copy; both frozen)."""
-        if not isinstance(linear, nn.Linear):
+        """A ``FusedLoraLinear`` that shares ``linear``'s weight and bias (no copy; both frozen).
+
+        ``linear`` may be a transformers ``Conv1D``, whose weight is ``[in, out]``: the layer then
+        has ``fan_in_fan_out=True`` and reads that weight through its transpose's strides."""
+        conv1d = _conv1d_class()
+        is_conv1d = conv1d is not None and isinstance(linear, conv1d)
+        if not isinstance(linear, nn.Linear) and not is_conv1d:
             raise TypeError(
-                f"FusedLoraLinear.from_linear: expected linear to be an nn.Linear, "
-                f"got {type(linear).__name__}"
+                f"FusedLoraLinear.from_linear: expected linear to be an nn.Linear or a "
+                f"transformers Conv1D, got {type(linear).__name__}"
             )
+        in_features, out_features = (
+            (linear.nx, linear.nf) if is_conv1d else (linear.in_features, linear.out_features)
+        )
         layer = cls(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             bias=linear.bias is not None,
             r=0,
             device="meta",
@@ -127,6 +151,7 @@ class FusedLoraLinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._init_lora_state(backend)
+        layer.fan_in_fan_out = is_conv1d
         if r:
             layer.add_adapter(
                 adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
@@ -149,6 +174,22 @@ class FusedLoraLinear(nn.Linear):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for a Conv1D's ``[in, out]``)."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``name``: ``[lora_A.weight, lora_B.weight]``."""
+        return [self.lora_A[name].weight, self.lora_B[name].weight]
+
+    def _merge_operands(self, name: str):
+        """``(weight, a, b)`` such that the merge is ``weight += scaling * b @ a`` on the stored
+        weight: ``(W, A, B)``, or ``(W, B^T, A^T)`` for a Conv1D's ``[in, out]`` W (views)."""
+        a = self.lora_A[name].weight.data
+        b = self.lora_B[name].weight.data
+        return (self.weight.data, b.T, a.T) if self.fan_in_fan_out else (self.weight.data, a, b)
 
     def _check_known(self, fn: str, name: str) -> None:
         if name not in self.lora_A:
@@ -252,14 +293,13 @@ class FusedLoraLinear(nn.Linear):
         self._check_known("merge", name)
         if name in self.merged_adapters:
             raise RuntimeError(f"FusedLoraLinear.merge: adapter {name!r} is already merged")
-        a = self.lora_A[name].weight
-        b = self.lora_B[name].weight
+        w, a, b = self._merge_operands(name)
         if exact:
             self._exact_records[name] = exact_merge_(
-                self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend
+                w, a, b, self.scaling[name], backend=self.backend
             )
         else:
-            merge_lora_(self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend)
+            merge_lora_(w, a, b, self.scaling[name], backend=self.backend)
         self.merged_adapters.append(name)
         self._active_adapter = name
 
@@ -268,16 +308,13 @@ class FusedLoraLinear(nn.Linear):
         with ``exact=True`` gives back the weight it was merged into, bit for bit."""
         while self.merged_adapters:
             name = self.merged_adapters[-1]
-            a = self.lora_A[name].weight
-            b = self.lora_B[name].weight
+            w, a, b = self._merge_operands(name)
             record = self._exact_records.get(name)
             if record is not None:
-                exact_unmerge_(self.weight.data, a.data, b.data, self.scaling[name], record)
+                exact_unmerge_(w, a, b, self.scaling[name], record)
                 del self._exact_records[name]
             else:
-                unmerge_lora_(
-                    self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend
-                )
+                unmerge_lora_(w, a, b, self.scaling[name], backend=self.backend)
             self.merged_adapters.pop()
 
     def swap_merged(self, adapter_name: str) -> None:
@@ -303,6 +340,8 @@ class FusedLoraLinear(nn.Linear):
             [self.lora_B[n].weight.detach().float() * (sgn * self.scaling[n]) for n, sgn in pairs],
             dim=1,
         )
+        if self.fan_in_fan_out:
+            a, b = b.T, a.T
         merge_lora_(self.weight.data, a, b, 1.0, backend=self.backend)
         self.merged_adapters = [adapter_name]
         self._active_adapter = adapter_name
@@ -321,12 +360,12 @@ class FusedLoraLinear(nn.Linear):
             return self._mixed_batch_forward(x, adapter_names)
         name = self._active_adapter
         if name is None or self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight, self.bias)
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else None
         return lora_linear(
             x,
-            self.weight,
+            self.base_weight,
             self.bias,
             self.lora_A[name].weight,
             self.lora_B[name].weight,
@@ -372,7 +411,7 @@ class FusedLoraLinear(nn.Linear):
             )
         used = list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
         if not used:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight, self.bias)
         needs_grad = torch.is_grad_enabled() and any(
             self.lora_A[n].weight.requires_grad or self.lora_B[n].weight.requires_grad for n in used
         )
@@ -388,7 +427,7 @@ class FusedLoraLinear(nn.Linear):
         x_lora = self._mixed_dropout(x3, names, ids) if self.training else None
         y = lora_linear_multi(
             x3 if x_lora is None else x_lora,
-            self.weight,
+            self.base_weight,
             self.bias,
             lora_a,
             lora_b,
@@ -398,7 +437,7 @@ class FusedLoraLinear(nn.Linear):
             backend=self.backend,
         )
         if x_lora is not None:
-            y = y + F.linear(x3 - x_lora, self.weight)
+            y = y + F.linear(x3 - x_lora, self.base_weight)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _mixed_dropout(self, x: torch.Tensor, names: list[str], ids: list[int]):
@@ -470,4 +509,7 @@ class FusedLoraLinear(nn.Linear):
         adapters = ", ".join(
             f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]})" for n in self.adapter_names
         )
-        return f"{super().extra_repr()}, adapters=[{adapters}], active={self._active_adapter!r}"
+        fan = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return (
+            f"{super().extra_repr()}{fan}, adapters=[{adapters}], active={self._active_adapter!r}"
+        )
