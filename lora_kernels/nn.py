@@ -133,8 +133,8 @@ class FusedLoraLinear(nn.Linear):
         is_conv1d = conv1d is not None and isinstance(linear, conv1d)
         if not isinstance(linear, nn.Linear) and not is_conv1d:
             raise TypeError(
-                f"FusedLoraLinear.from_linear: expected linear to be an nn.Linear or a "
-                f"transformers Conv1D, got {type(linear).__name__}"
+                f"FusedLoraLinear.from_linear: expected linear to be an nn.Linear, got "
+                f"{type(linear).__name__} (a transformers Conv1D is taken too)"
             )
         in_features, out_features = (
             (linear.nx, linear.nf) if is_conv1d else (linear.in_features, linear.out_features)
