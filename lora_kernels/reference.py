@@ -241,7 +241,7 @@ def lora_embedding_backward(
     applies to the A lookup); they still reach lora_b through their (non-zero) S."""
     acc = _acc_dtype(dy, lora_a, lora_b)
     flat = ids.reshape(-1).long()
-    dyf = dy.reshape(flat.shape[0], -1).to(acc)
+    dyf = dy.reshape(flat.shape[0], lora_b.shape[0]).to(acc)
     a = lora_a.to(acc)
     b = lora_b.to(acc)
     da = torch.zeros(a.shape, dtype=acc, device=a.device)
