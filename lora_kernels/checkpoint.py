@@ -263,13 +263,13 @@ def _canonical(key: str) -> str:
 
 def _replacement_problems(model, config, adapter_name, targets, mts_names) -> list[str]:
     """How the saved adapter differs from the model's adapter ``adapter_name`` (which a load
-    into that name replaces): targets, ranks, layer kinds and modules to save must agree."""
+    into that name replaces): targets, ranks and modules to save must agree (a merged adapter is refused before)."""
     have = {
-        name: (type(layer).__name__, _rank_of(layer, adapter_name))
+        name: layer.r[adapter_name]
         for name, layer in lora_layers(model)
         if adapter_name in layer.adapter_names
     }
-    want = {t.name: (t.kind, t.r) for t in targets}
+    want = {t.name: t.r for t in targets}
     problems = []
     only_model = sorted(set(have) - set(want))
     only_file = sorted(set(want) - set(have))
@@ -278,9 +278,9 @@ def _replacement_problems(model, config, adapter_name, targets, mts_names) -> li
     if only_file:
         problems.append(f"layers the checkpoint targets and the model's adapter lacks {only_file}")
     ranks = [
-        f"{n}: r={have[n][1]} in the model, {want[n][1]} in the checkpoint"
+        f"{n}: r={have[n]} in the model, {want[n]} in the checkpoint"
         for n in sorted(set(have) & set(want))
-        if have[n][1] != want[n][1]
+        if have[n] != want[n]
     ]
     if ranks:
         problems.append("different ranks [" + "; ".join(ranks) + "]")
@@ -291,14 +291,7 @@ def _replacement_problems(model, config, adapter_name, targets, mts_names) -> li
     )
     if own_mts != sorted(mts_names):
         problems.append(f"modules to save {own_mts} in the model, {sorted(mts_names)} in the file")
-    merged = [n for n, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
-    if merged:
-        problems.append(f"the adapter is merged into {merged[:3]} (unmerge it first)")
     return problems
-
-
-def _rank_of(layer, adapter_name: str) -> int:
-    return layer.r[adapter_name]
 
 
 def load_adapter(
