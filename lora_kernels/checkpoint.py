@@ -263,7 +263,8 @@ def _canonical(key: str) -> str:
 
 def _replacement_problems(model, config, adapter_name, targets, mts_names) -> list[str]:
     """How the saved adapter differs from the model's adapter ``adapter_name`` (which a load
-    into that name replaces): targets, ranks and modules to save must agree (a merged adapter is refused before)."""
+    into that name replaces): targets, ranks and modules to save must agree (``_plan`` has
+    already refused a merged adapter)."""
     have = {
         name: layer.r[adapter_name]
         for name, layer in lora_layers(model)
