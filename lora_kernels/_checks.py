@@ -280,8 +280,13 @@ def _check_ids(fn: str, ids, num_embeddings: int, device) -> None:
         raise ValueError(
             f"{fn}: expected ids on device {device} (where weight is), got {ids.device}"
         )
+    _check_id_values(fn, ids, num_embeddings)
+
+
+def _check_id_values(fn: str, ids, num_embeddings: int) -> None:
+    """Ids in range, on CPU tensors in eager mode (on CUDA it would synchronise)."""
     if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        low, high = int(ids.min()), int(ids.max())
+        low, high = (int(t) for t in torch.aminmax(ids))
         if low < 0 or high >= num_embeddings:
             raise ValueError(
                 f"{fn}: expected ids in [0, {num_embeddings}) (weight has {num_embeddings} rows), "
@@ -312,9 +317,41 @@ def _check_embedding_table(fn: str, weight) -> tuple[int, int]:
     return weight.shape[0], weight.shape[1]
 
 
+def _embedding_well_formed(ids, weight, lora_a, lora_b, scale, padding_idx) -> bool:
+    """The common, valid single-adapter embedding call in a few comparisons (the checks below
+    are the spec; this only skips them when all is well, as ``_well_formed`` does for linear)."""
+    try:
+        v, d = weight.shape
+        r = lora_a.shape[0]
+        dev = weight.device
+        return (
+            type(scale) is float
+            and math.isfinite(scale)
+            and ids.dtype in INDEX_DTYPES
+            and weight.dtype in FLOAT_DTYPES
+            and lora_a.shape == (r, v)
+            and lora_b.shape == (d, r)
+            and r >= 1
+            and lora_a.dtype in (weight.dtype, torch.float32)
+            and lora_b.dtype == lora_a.dtype
+            and ids.device == dev
+            and lora_a.device == dev
+            and lora_b.device == dev
+            and (padding_idx is None or (type(padding_idx) is int and 0 <= padding_idx < v))
+            and isinstance(ids, torch.Tensor)
+            and isinstance(lora_a, torch.Tensor)
+            and isinstance(lora_b, torch.Tensor)
+        )
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def check_lora_embedding_inputs(fn, ids, weight, lora_a, lora_b, scale, padding_idx):
     """Validate ``ids [...]``, ``weight [V, D]``, ``lora_a [r, V]`` (PEFT ``lora_embedding_A``),
     ``lora_b [D, r]`` (``lora_embedding_B``); returns ``(scale, padding_idx)`` (-1: none)."""
+    if _embedding_well_formed(ids, weight, lora_a, lora_b, scale, padding_idx):
+        _check_id_values(fn, ids, weight.shape[0])
+        return scale, -1 if padding_idx is None else padding_idx
     v, d = _check_embedding_table(fn, weight)
     _check_ids(fn, ids, v, weight.device)
     check_tensor(fn, "lora_a", lora_a)

@@ -48,7 +48,7 @@ except ImportError as e:  # pragma: no cover - exercised only without peft insta
 
 from ..functional import lora_embedding, lora_embedding_multi, lora_linear, lora_linear_multi
 from ..nn import BASE_ADAPTER, _conv1d_class
-from ..nn_embedding import stack_embedding_adapters, unsupported_embedding_options
+from ..nn_embedding import stack_embedding_adapters
 
 __all__ = [
     "FUSED_CLASSES",
@@ -197,12 +197,15 @@ class FusedPeftEmbedding(_FusedPeftLayer, PeftLoraEmbedding):
 
     def _table(self, x: torch.Tensor) -> torch.Tensor | None:
         """The base table when the kernel can replace PEFT's forward for ids ``x``, else None."""
-        if self.disable_adapters or self.merged or self.tp_layer is not None:
+        if self._disable_adapters or self.merged_adapters or self.tp_layer is not None:
             return None
         base = self.base_layer
-        if type(base) is not nn.Embedding or not _no_hooks(base):
+        if type(base) is not nn.Embedding or base._forward_hooks or base._forward_pre_hooks:
             return None
-        if unsupported_embedding_options(base) or self._get_embed_scale() is not None:
+        # what the kernel does not reproduce; embed_scale: PEFT scales the LoRA term by it
+        if base.max_norm is not None or base.scale_grad_by_freq or base.sparse:
+            return None
+        if any("embed_scale" in d for d in (base.__dict__, base._buffers, base._parameters)):
             return None
         w = base.weight
         if x.dtype not in _INDEX_DTYPES or x.device != w.device or not w.is_floating_point():

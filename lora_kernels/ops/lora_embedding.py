@@ -115,8 +115,8 @@ def _backward(ctx, dy, _ds):
 
 
 # ``y [M, D]`` for validated inputs ``(ids [M] int64, weight, lora_a [L, R, V], lora_b [L, D, R],
-# scales, row_ids, padding_idx, backend)``. The torch backend's launchers are differentiable ops:
-# in eager mode stock autograd runs their backward (as for lora_linear).
+# scales, row_ids, padding_idx, backend)``. Every backend runs its own backward launcher (the
+# torch one writes A's gradient in one pass, where stock autograd of the gather makes three).
 lora_embedding_1d = define_family(
     "lora_embedding",
     fwd=lora_embedding_fwd,
@@ -127,5 +127,4 @@ lora_embedding_1d = define_family(
     launch_bwd=_launch_bwd,
     setup_context=_setup_context,
     backward=_backward,
-    stock_autograd_on_torch=True,
 )

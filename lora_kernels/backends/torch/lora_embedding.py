@@ -6,43 +6,40 @@ or one adapter per row (-1: the base embedding only).
 
 Forward, one adapter: two gathers (``E[ids]`` and ``S = A^T[ids]``) and one ``addmm`` that adds
 ``scale * S B^T`` into the gathered rows, where PEFT writes the LoRA product, its scaled copy and
-the sum as three ``[M, D]`` tensors. The ops are differentiable, so in eager mode stock autograd
-runs the backward (``F.embedding``'s sparse-row gradient into A, with ``padding_idx`` rows
-skipped as ``nn.Embedding`` skips them); :func:`lora_embedding_bwd` is the same backward written
-out, for the compiled op and the other backends' tests.
+the sum as three ``[M, D]`` tensors. Backward (:func:`lora_embedding_bwd`): ``T = scale * dy B``
+scattered into the M columns of a zeroed ``[r, V]`` gradient of A (``padding_idx`` rows skipped,
+as ``nn.Embedding`` skips them), one pass over A's size where the stock gather backward makes
+three (fill a ``[V, r]`` buffer, then autograd's transposed copy); ``dB = scale * dy^T S``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-
-def _pad(padding_idx: int) -> int | None:
-    return None if padding_idx < 0 else padding_idx
 
 
 def lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids=None, padding_idx=-1):
-    pad = _pad(padding_idx)
+    # padding_idx only changes gradients, which lora_embedding_bwd computes: the forward is two
+    # plain gathers (aten's embedding, without F.embedding's Python wrapper: decode-sized calls
+    # are Python-bound on a CPU).
     adt = lora_a.dtype
-    base = F.embedding(ids, weight, pad)
+    base = torch.embedding(weight, ids)
     if adt != weight.dtype:
         base = base.to(adt)
     if row_ids is None:
-        s = F.embedding(ids, lora_a[0].T, pad)
+        s = torch.embedding(lora_a[0].T, ids)
         y = torch.addmm(base, s, lora_b[0].T, alpha=scales[0])
     else:
         aid = row_ids.long()
         s = lora_a.transpose(1, 2)[aid.clamp(min=0), ids]
-        if pad is not None:  # the padding row's value counts, its gradient does not
-            s = torch.where((ids == pad)[:, None], s.detach(), s)
         s = s * (aid >= 0)[:, None].to(adt)
         y = base
         for a in range(lora_a.shape[0]):
             rows = (aid == a).nonzero().squeeze(1)
             if rows.numel():
                 y = y.index_add(0, rows, s[rows] @ lora_b[a].T, alpha=scales[a])
-    return y.to(weight.dtype), s.float()
+    if y.dtype != weight.dtype:
+        y = y.to(weight.dtype)
+    return y, s if s.dtype == torch.float32 else s.float()
 
 
 def lora_embedding_bwd(
@@ -60,13 +57,15 @@ def lora_embedding_bwd(
     needs_db=True,
 ):
     adt = lora_a.dtype
-    num, r, v = lora_a.shape
+    num = lora_a.shape[0]
     dyl = dy.to(adt)
     sl = s.to(adt)
     keep = ids != padding_idx if padding_idx >= 0 else None
     da = db = None
     if needs_da:
-        da_t = torch.zeros((num, v, r), dtype=adt, device=dy.device)
+        # Straight into A's [r, V] layout: one zero fill and a scatter of M columns, where the
+        # gather's stock backward fills a [V, r] buffer that autograd then copies transposed.
+        da = torch.zeros(lora_a.shape, dtype=adt, device=dy.device)
     if needs_db:
         db = torch.zeros(lora_b.shape, dtype=adt, device=dy.device)
     if row_ids is None:
@@ -82,11 +81,10 @@ def lora_embedding_bwd(
         if needs_da:
             t = torch.mm(g_dy, lora_b[a]).mul_(scales[a])
             if keep is not None:
-                t = t * (keep if rows is None else keep[rows])[:, None].to(adt)
-            da_t[a].index_add_(0, g_ids, t)
+                mine = keep if rows is None else keep[rows]
+                t, g_ids = t[mine], g_ids[mine]
+            da[a].index_add_(1, g_ids, t.T)
         if needs_db:
             g_s = sl if rows is None else sl[rows]
             db[a] = torch.mm(g_dy.T, g_s).mul_(scales[a])
-    if needs_da:
-        da = da_t.transpose(1, 2).contiguous()
     return da, db
