@@ -11,6 +11,8 @@ from .cache import AdapterCache, release_adapters, switch_adapter
 from .checkpoint import load_adapter, save_adapter
 from .functional import (
     available_backends,
+    lora_embedding,
+    lora_embedding_multi,
     lora_linear,
     lora_linear_multi,
     merge_lora_,
@@ -27,11 +29,13 @@ from .model import (
     trainable_parameters,
 )
 from .nn import FusedLoraLinear
+from .nn_embedding import FusedLoraEmbedding
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCache",
+    "FusedLoraEmbedding",
     "FusedLoraLinear",
     "LoraConfig",
     "delete_adapter",
@@ -46,6 +50,8 @@ __all__ = [
     "save_adapter",
     "switch_adapter",
     "available_backends",
+    "lora_embedding",
+    "lora_embedding_multi",
     "lora_linear",
     "lora_linear_multi",
     "merge_lora_",

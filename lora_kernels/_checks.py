@@ -286,7 +286,8 @@ def _check_ids(fn: str, ids, num_embeddings: int, device) -> None:
 def _check_id_values(fn: str, ids, num_embeddings: int) -> None:
     """Ids in range, on CPU tensors in eager mode (on CUDA it would synchronise)."""
     if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        low, high = (int(t) for t in torch.aminmax(ids))
+        low, high = torch.aminmax(ids)
+        low, high = int(low), int(high)
         if low < 0 or high >= num_embeddings:
             raise ValueError(
                 f"{fn}: expected ids in [0, {num_embeddings}) (weight has {num_embeddings} rows), "

@@ -203,11 +203,11 @@ def lora_embedding(
     fn = "lora_embedding"
     scale, pad = check_lora_embedding_inputs(fn, ids, weight, lora_a, lora_b, scale, padding_idx)
     be = resolve_backend(backend, weight, lora_a.shape[0], lora_a)
-    flat = ids.reshape(-1).long()
+    flat = ids if ids.dim() == 1 and ids.dtype == torch.int64 else ids.reshape(-1).long()
     y = ops.lora_embedding_1d(
         flat, weight, lora_a.unsqueeze(0), lora_b.unsqueeze(0), [scale], None, pad, be
     )
-    return y.reshape(*ids.shape, weight.shape[1])
+    return y if ids.dim() == 1 else y.reshape(*ids.shape, weight.shape[1])
 
 
 def lora_embedding_multi(

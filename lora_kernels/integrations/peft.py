@@ -48,7 +48,7 @@ except ImportError as e:  # pragma: no cover - exercised only without peft insta
 
 from ..functional import lora_embedding, lora_embedding_multi, lora_linear, lora_linear_multi
 from ..nn import BASE_ADAPTER, _conv1d_class
-from ..nn_embedding import stack_embedding_adapters
+from ..nn_embedding import adapter_tensor, stack_embedding_adapters
 
 __all__ = [
     "FUSED_CLASSES",
@@ -205,7 +205,9 @@ class FusedPeftEmbedding(_FusedPeftLayer, PeftLoraEmbedding):
         # what the kernel does not reproduce; embed_scale: PEFT scales the LoRA term by it
         if base.max_norm is not None or base.scale_grad_by_freq or base.sparse:
             return None
-        if any("embed_scale" in d for d in (base.__dict__, base._buffers, base._parameters)):
+        if "embed_scale" in base.__dict__ or "embed_scale" in base._buffers:
+            return None
+        if "embed_scale" in base._parameters:
             return None
         w = base.weight
         if x.dtype not in _INDEX_DTYPES or x.device != w.device or not w.is_floating_point():
@@ -215,7 +217,8 @@ class FusedPeftEmbedding(_FusedPeftLayer, PeftLoraEmbedding):
     def _vanilla(self, name: str, w: torch.Tensor) -> bool:
         if name in self.lora_variant or self.input_fns.get(name) or self.output_fns.get(name):
             return False
-        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        a = adapter_tensor(self.lora_embedding_A, name)
+        b = adapter_tensor(self.lora_embedding_B, name)
         return a.dtype in (w.dtype, torch.float32) and b.dtype == a.dtype and a.device == w.device
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -229,8 +232,8 @@ class FusedPeftEmbedding(_FusedPeftLayer, PeftLoraEmbedding):
                     return lora_embedding(
                         x,
                         w,
-                        self.lora_embedding_A[name],
-                        self.lora_embedding_B[name],
+                        adapter_tensor(self.lora_embedding_A, name),
+                        adapter_tensor(self.lora_embedding_B, name),
                         self.scaling[name],
                         padding_idx=self.base_layer.padding_idx,
                         backend=self.lora_kernels_backend,
