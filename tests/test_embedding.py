@@ -56,7 +56,7 @@ def _inputs(v, d, r, m, dtype, *, pad=None, lora_fp32=False):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("v", "d", "r", "m"), [(1, 1, 1, 1), (7, 133, 7, 17), (133, 7, 16, 33), (61, 48, 3, 7)]
+    ("v", "d", "r", "m"), [(1, 1, 1, 1), (7, 133, 7, 9), (133, 7, 16, 33), (61, 48, 3, 7)]
 )
 def test_forward_and_gradients_match_the_spec(backend, dtype, v, d, r, m):
     pad = v // 2 if v > 1 else None
@@ -167,8 +167,7 @@ def test_bad_inputs_are_refused_clearly():
         lora_embedding_multi(ids, w, a[None], b[None], [1.0, 2.0], torch.zeros(4, dtype=torch.long))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("multi", [False, True])
+@pytest.mark.parametrize(("backend", "multi"), [(b, b != "torch") for b in BACKENDS])
 def test_opcheck(backend, multi):
     ids, w, a, b = _inputs(12, 10, 3, 7, torch.float32, pad=2)
     a3, b3 = a.detach()[None].repeat(2, 1, 1), b.detach()[None].repeat(2, 1, 1)
