@@ -20,6 +20,7 @@ copy; merges go into the ``[in, out]`` storage as ``scaling * A^T B^T``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,8 +36,10 @@ BASE_ADAPTER = "__base__"
 """The name that selects no adapter in ``adapter_names`` (PEFT's convention)."""
 
 
+@functools.cache
 def _conv1d_class():
-    """transformers' ``Conv1D`` (GPT-2), or None without transformers."""
+    """transformers' ``Conv1D`` (GPT-2), or None without transformers (looked up once: the
+    layers ask on every forward)."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
