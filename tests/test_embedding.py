@@ -391,3 +391,57 @@ def test_fuse_runs_peft_embeddings_on_the_kernel(monkeypatch):
     a_f = emb.lora_embedding_A["default"].grad
     a_t = theirs.base_model.model.model.embed_tokens.lora_embedding_A["default"].grad
     torch.testing.assert_close(a_f, a_t)
+
+
+def _compile_sm90():
+    """Compile the embedding kernels for an H100/H200 (sm_90) as the launchers configure them;
+    run in a child process with the interpreter off (see test_kernels_compile_for_sm90)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from lora_kernels.backends.triton import lora_embedding as kernels
+
+    ptr = {"fp32": "*fp32", "bf16": "*bf16", "i64": "*i64", "i32": "*i32"}
+    pointers_fwd = {"ids_ptr": "i64", "row_ids_ptr": "i32", "scales_ptr": "fp32", "s_ptr": "fp32"}
+    pointers_bwd = {**pointers_fwd, "dy_ptr": "w", "da_ptr": "fp32", "db_ptr": "fp32"}
+    block_m, block_d = kernels._CUDA_BLOCKS
+    bwd_m, bwd_d = kernels._CUDA_BWD_BLOCKS
+    # Each compile takes seconds, so two: the forward with one fp32 adapter on a bf16 table, and
+    # the backward of a bf16 mixed batch (its [BLOCK_M, BLOCK_D, BLOCK_R] products are the
+    # register-heavy part).
+    fwd = {"HAS_ROW_IDS": False, "BLOCK_M": block_m, "BLOCK_D": block_d}
+    bwd = {"HAS_ROW_IDS": True, "NEEDS_DA": True, "NEEDS_DB": True, "BLOCK_M": bwd_m,
+           "BLOCK_D": bwd_d, "BLOCK_R": 64}  # fmt: skip
+    variants = [
+        (kernels._lora_embedding_fwd_kernel, fwd, pointers_fwd, "bf16", "fp32"),
+        (kernels._lora_embedding_bwd_kernel, bwd, pointers_bwd, "bf16", "bf16"),
+    ]
+    for fn, consts, pointers, w_dt, lora_dt in variants:
+        signature = {}
+        for name in fn.arg_names:
+            if name in consts:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                kind = pointers.get(name, "lora" if name in ("a_ptr", "b_ptr") else "w")
+                signature[name] = ptr[{"w": w_dt, "lora": lora_dt}.get(kind, kind)]
+            else:
+                signature[name] = "i32"
+        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm["cubin"], (fn.__name__, consts, w_dt, lora_dt)
+
+
+def test_kernels_compile_for_sm90():
+    if torch.cuda.is_available() or not HAS_TRITON:
+        pytest.skip("a GPU runs the real kernels; without Triton there is nothing to compile")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    code = "import tests.test_embedding as t; t._compile_sm90()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
