@@ -14,7 +14,7 @@ each step ends with an in-place write to every trainable parameter, as an optimi
 nothing cached from the adapter's previous values is reused) and ``forward`` (inference,
 ``torch.no_grad``, the same weights every call: our layer computes the DoRA norm once). Times
 are medians over rounds with every provider called once per round in a shuffled order
-(``lora_kernels._bench.time_side_by_side``).
+(``lora_kernels.bench.time_side_by_side``).
 
 Peak memory (CPU): each provider's training step runs once more in a fresh process with
 ``MALLOC_MMAP_THRESHOLD_=65536`` (every large tensor is its own mapping, returned on free), and the

@@ -12,6 +12,8 @@ from .checkpoint import load_adapter, save_adapter
 from .dora import dora_linear, dora_weight_norm, merge_dora_, unmerge_dora_  # DoRA ops
 from .functional import (
     available_backends,
+    lora_embedding,
+    lora_embedding_multi,
     lora_linear,
     lora_linear_multi,
     merge_lora_,
@@ -29,6 +31,7 @@ from .model import (
 )
 from .nn import FusedLoraLinear
 from .nn_4bit import FusedLoraLinear4bit
+from .nn_embedding import FusedLoraEmbedding
 from .qlora import dequantize_4bit, qlora_linear  # registers the 4-bit ops; no bitsandbytes import
 from .switch import release_adapters, switch_adapter
 
@@ -36,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCache",
+    "FusedLoraEmbedding",
     "FusedLoraLinear",
     "FusedLoraLinear4bit",
     "LoraConfig",
@@ -51,6 +55,8 @@ __all__ = [
     "save_adapter",
     "switch_adapter",
     "available_backends",
+    "lora_embedding",
+    "lora_embedding_multi",
     "lora_linear",
     "lora_linear_multi",
     "merge_lora_",

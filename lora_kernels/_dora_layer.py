@@ -8,7 +8,7 @@ weight (the base is frozen; the cache follows the weight's storage and version c
 Merge folds ``g = m / ||W + s B A||_row`` in: ``W' = g[:, None] * (W + s B A)``; the norm is kept,
 since the merged weight no longer holds it, and unmerge computes ``W'/g - s B A`` (PEFT does the
 same). ``exact=True`` records the elements whose unmerge would not round back, as
-``lora_kernels.switching`` does for LoRA, so unmerge restores the weight bit for bit.
+``lora_kernels.exact_merge`` does for LoRA, so unmerge restores the weight bit for bit.
 
 Mixed batches (``adapter_names``): rows of plain LoRA adapters run in one
 ``lora_linear_multi`` call as before; each DoRA adapter's rows then run through ``dora_linear`` on

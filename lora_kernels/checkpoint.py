@@ -4,6 +4,10 @@ A PEFT LoRA adapter is a directory holding ``adapter_config.json`` (the ``LoraCo
 ``peft_type: "LORA"``) and ``adapter_model.safetensors`` (or the older ``adapter_model.bin``)
 whose keys are ``base_model.model.<module path>.lora_A.weight`` (``[r, in]``) and
 ``.lora_B.weight`` (``[out, r]``), without the adapter's name: the name is chosen when loading.
+An adapted embedding has ``.lora_embedding_A`` (``[r, num_embeddings]``) and
+``.lora_embedding_B`` (``[embedding_dim, r]``) instead. When the targets include a module named
+``embed_tokens`` or ``lm_head``, PEFT also writes the adapted input and output embeddings' tables
+(``.base_layer.weight``, for vocabularies resized while training) and loads them back; so do we.
 DoRA adapters (``use_dora``) add ``<module path>.lora_magnitude_vector`` (``[out]``: PEFT saves it
 without the ``.weight`` its in-memory state_dict has).
 """
@@ -19,8 +23,9 @@ from torch import nn
 
 from ._checks import fmt_shape
 from .config import LoraConfig
-from .model import get_lora_model, lora_layers
+from .model import get_lora_model, lora_layers, set_adapter
 from .modules_to_save import ModulesToSaveWrapper
+from .nn_embedding import FusedLoraEmbedding
 from .targets import plan_targets
 
 __all__ = ["load_adapter", "read_peft_adapter", "save_adapter", "split_peft_key"]
@@ -31,8 +36,14 @@ BIN_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
 # "<module path>.lora_A.weight", or "<module path>.lora_A.<adapter name>.weight" as PEFT's
-# in-memory state_dict spells it (adapter names hold no ".", PEFT and FusedLoraLinear agree).
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+# in-memory state_dict spells it (adapter names hold no ".", PEFT and FusedLoraLinear agree);
+# embeddings: "<module path>.lora_embedding_A" or "<module path>.lora_embedding_A.<adapter>".
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight"
+    r"|(?P<emb>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?)$"
+)
+# PEFT writes the tables of adapted input/output embeddings when a target is named so.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 # DoRA's magnitude: "<module>.lora_magnitude_vector" on disk, "....<adapter>.weight" in memory.
 _MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:(?:\.[^.]+)?\.weight)?$")
 
@@ -76,7 +87,9 @@ def split_peft_key(key: str) -> tuple[str, str]:
     """``"base_model.model.a.b.lora_A.weight"`` -> ``("a.b", "lora_A")``.
 
     Also accepts the key without the ``base_model.model.`` prefix and with an adapter name before
-    ``weight`` (``"a.b.lora_B.default.weight"``). Anything else raises ``ValueError``.
+    ``weight`` (``"a.b.lora_B.default.weight"``), and an embedding's
+    ``"a.lora_embedding_A[.<adapter>]"`` -> ``("a", "lora_embedding_A")``. Anything else raises
+    ``ValueError``.
     """
     m = _LORA_KEY.match(key.removeprefix(KEY_PREFIX)) if isinstance(key, str) else None
     if m is None:
@@ -84,7 +97,7 @@ def split_peft_key(key: str) -> tuple[str, str]:
             f"split_peft_key: expected a key like 'base_model.model.<module>.lora_A.weight' "
             f"or '<module>.lora_B.<adapter>.weight', got {key!r}"
         )
-    return m.group("module"), m.group("part")
+    return m.group("module"), m.group("part") or m.group("emb")
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,9 +150,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     tensors: dict[str, torch.Tensor] = {}
     lora_names = set()
     for name, layer in lora_layers(model):
-        if adapter_name not in layer.lora_A:
+        if adapter_name not in layer.adapter_names:
             continue
         lora_names.add(name)
+        if isinstance(layer, FusedLoraEmbedding):
+            tensors[f"{KEY_PREFIX}{name}.lora_embedding_A"] = layer.lora_embedding_A[adapter_name]
+            tensors[f"{KEY_PREFIX}{name}.lora_embedding_B"] = layer.lora_embedding_B[adapter_name]
+            continue
         tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
         tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
         if adapter_name in layer.lora_magnitude_vector:
@@ -147,6 +164,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude
         if config.bias == "lora_only" and layer.bias is not None:
             tensors[f"{KEY_PREFIX}{name}.base_layer.bias"] = layer.bias
+    for name in _saved_tables(model, config, lora_names):
+        tensors[f"{KEY_PREFIX}{name}.base_layer.weight"] = model.get_submodule(name).weight
     mts_names = [
         name
         for name, module in model.named_modules()
@@ -178,17 +197,48 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         f.write("\n")
 
 
-def _expected_keys(model, config, targets, mts_names) -> tuple[dict, set[str]]:
-    """``{PEFT key: (shape, setter)}`` of everything the checkpoint must hold, and the PEFT keys
-    it may hold without our using them."""
+def _embedding_targeted(config: LoraConfig, lora_names) -> bool:
+    """PEFT's ``embedding_is_targeted``: a target named like an input/output embedding."""
+    return any(
+        re.match(rf"(.*\.)?{e}$", name) for name in lora_names for e in EMBEDDING_LAYER_NAMES
+    )
+
+
+def _saved_tables(model: nn.Module, config: LoraConfig, lora_names) -> list[str]:
+    """The adapted input/output embeddings whose tables PEFT's save writes (its
+    ``save_embedding_layers="auto"``): when a target is named ``embed_tokens`` or ``lm_head``."""
+    lora_names = set(lora_names)
+    if not _embedding_targeted(config, lora_names):
+        return []
+    out = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        layer = fn() if callable(fn) else None
+        for name, module in model.named_modules():
+            if layer is not None and module is layer and name in lora_names and name not in out:
+                out.append(name)
+    return out
+
+
+def _expected_keys(model, config, targets, mts_names) -> tuple[dict, set[str], dict]:
+    """``{PEFT key: (shape, setter)}`` of everything the checkpoint must hold, the PEFT keys it
+    may hold without our using them, and those it may hold that we load when present (the
+    adapted layers' base weights, which PEFT writes for embeddings)."""
     expected: dict[str, tuple[tuple[int, ...], tuple]] = {}
+    optional: dict[str, tuple[tuple[int, ...], tuple]] = {}
     for t in targets:
         layer = t.module
         prefix = f"{KEY_PREFIX}{t.name}"
-        expected[f"{prefix}.lora_A.weight"] = ((t.r, layer.in_features), ("lora_A", t.name))
-        expected[f"{prefix}.lora_B.weight"] = ((layer.out_features, t.r), ("lora_B", t.name))
+        optional[f"{prefix}.base_layer.weight"] = (tuple(layer.weight.shape), ("table", t.name))
+        if t.kind == "embedding":
+            a_shape, b_shape = (t.r, t.in_features), (t.out_features, t.r)
+            expected[f"{prefix}.lora_embedding_A"] = (a_shape, ("lora_embedding_A", t.name))
+            expected[f"{prefix}.lora_embedding_B"] = (b_shape, ("lora_embedding_B", t.name))
+            continue
+        expected[f"{prefix}.lora_A.weight"] = ((t.r, t.in_features), ("lora_A", t.name))
+        expected[f"{prefix}.lora_B.weight"] = ((t.out_features, t.r), ("lora_B", t.name))
         if config.use_dora:
-            expected[f"{prefix}.lora_magnitude_vector"] = ((layer.out_features,), ("dora", t.name))
+            expected[f"{prefix}.lora_magnitude_vector"] = ((t.out_features,), ("dora", t.name))
         if config.bias == "lora_only" and layer.bias is not None:
             expected[f"{prefix}.base_layer.bias"] = (tuple(layer.bias.shape), ("bias", t.name))
     state = model.state_dict(keep_vars=True)
@@ -204,7 +254,7 @@ def _expected_keys(model, config, targets, mts_names) -> tuple[dict, set[str]]:
                 # PEFT's bias="all" also writes the wrapper's inner keys (redundant copies).
                 tolerated.add(f"{KEY_PREFIX}{name}.original_module.{key}")
                 tolerated.add(f"{KEY_PREFIX}{name}.modules_to_save.{key}")
-    return expected, tolerated
+    return expected, tolerated, optional
 
 
 def _canonical(key: str) -> str:
@@ -215,7 +265,42 @@ def _canonical(key: str) -> str:
         module, part = split_peft_key(key)
     except ValueError:
         return key
-    return f"{KEY_PREFIX}{module}.{part}.weight"
+    suffix = "" if part.startswith("lora_embedding_") else ".weight"
+    return f"{KEY_PREFIX}{module}.{part}{suffix}"
+
+
+def _replacement_problems(model, config, adapter_name, targets, mts_names) -> list[str]:
+    """How the saved adapter differs from the model's adapter ``adapter_name`` (which a load
+    into that name replaces): targets, ranks and modules to save must agree (``_plan`` has
+    already refused a merged adapter)."""
+    have = {
+        name: layer.r[adapter_name]
+        for name, layer in lora_layers(model)
+        if adapter_name in layer.adapter_names
+    }
+    want = {t.name: t.r for t in targets}
+    problems = []
+    only_model = sorted(set(have) - set(want))
+    only_file = sorted(set(want) - set(have))
+    if only_model:
+        problems.append(f"layers the model's adapter has and the checkpoint lacks {only_model}")
+    if only_file:
+        problems.append(f"layers the checkpoint targets and the model's adapter lacks {only_file}")
+    ranks = [
+        f"{n}: r={have[n]} in the model, {want[n]} in the checkpoint"
+        for n in sorted(set(have) & set(want))
+        if have[n] != want[n]
+    ]
+    if ranks:
+        problems.append("different ranks [" + "; ".join(ranks) + "]")
+    own_mts = sorted(
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save
+    )
+    if own_mts != sorted(mts_names):
+        problems.append(f"modules to save {own_mts} in the model, {sorted(mts_names)} in the file")
+    return problems
 
 
 def load_adapter(
@@ -230,9 +315,13 @@ def load_adapter(
     into ``model`` as adapter ``adapter_name``, and make it the active one.
 
     A plain model is converted first with the saved config (``get_lora_model``); a converted one
-    gets one more adapter. Every key, shape and config field is checked before the model
-    changes: missing, unexpected or mis-shaped tensors raise one ``ValueError`` listing them all,
-    and leave the model as it was. The adapter is frozen unless ``is_trainable`` (PEFT's flag).
+    gets one more adapter. Into an adapter name the model already has, the saved weights replace
+    that adapter's in place, as PEFT's ``load_adapter`` does (build with a config, then load the
+    trained weights): its targets, ranks and modules to save must be the checkpoint's, and its
+    config (scaling included) stays, as in PEFT. Every key, shape and config field is checked
+    before the model changes: missing, unexpected or mis-shaped tensors, or an existing adapter
+    that does not fit, raise one ``ValueError`` listing them all, and leave the model as it was.
+    The adapter is frozen unless ``is_trainable`` (PEFT's flag).
 
     Returns:
         ``model``.
@@ -244,11 +333,14 @@ def load_adapter(
     except (TypeError, ValueError) as e:
         raise ValueError(f"{fn}: {os.fspath(path)!r}: {e}") from None
     config.inference_mode = not is_trainable
-    targets, _, mts_names = plan_targets(model, config, adapter_name)
-    expected, tolerated = _expected_keys(model, config, targets, mts_names)
+    existing = getattr(model, "lora_configs", None) or {}
+    replacing = adapter_name in existing
+    targets, _, mts_names = plan_targets(model, config, adapter_name, replacing=replacing)
+    expected, tolerated, optional = _expected_keys(model, config, targets, mts_names)
     tensors = {}
     for key, value in raw.items():
         tensors.setdefault(_canonical(key), value)
+    expected.update({k: v for k, v in optional.items() if k in tensors})
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - tolerated)
     misshaped = [
@@ -261,8 +353,10 @@ def load_adapter(
         for k, v in sorted(tensors.items())
         if k in expected and not v.is_floating_point()
     ]
-    if missing or unexpected or misshaped or not_float:
-        problems = []
+    problems = []
+    if replacing:
+        problems = _replacement_problems(model, config, adapter_name, targets, mts_names)
+    if missing or unexpected or misshaped or not_float or problems:
         if missing:
             problems.append(f"missing keys {missing}")
         if unexpected:
@@ -271,13 +365,17 @@ def load_adapter(
             problems.append("mis-shaped tensors [" + "; ".join(misshaped) + "]")
         if not_float:
             problems.append(f"non-floating tensors {not_float}")
+        into = f" into its existing adapter {adapter_name!r}" if replacing else ""
         raise ValueError(
-            f"{fn}: {os.fspath(path)!r} does not fit this model with its adapter config "
+            f"{fn}: {os.fspath(path)!r} does not fit this model{into} with its adapter config "
             f"(r={config.r}, target_modules={config.target_modules!r}): "
             + "; ".join(problems)
             + ". The model is unchanged."
         )
-    get_lora_model(model, config, adapter_name, backend=backend)
+    if replacing:
+        existing[adapter_name].inference_mode = config.inference_mode
+    else:
+        get_lora_model(model, config, adapter_name, backend=backend)
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():
         for key, (_, where) in expected.items():
@@ -287,6 +385,10 @@ def load_adapter(
                 dest = getattr(model.get_submodule(where[1]), kind)[adapter_name].weight
             elif kind == "dora":
                 dest = model.get_submodule(where[1]).lora_magnitude_vector[adapter_name].weight
+            elif kind in ("lora_embedding_A", "lora_embedding_B"):
+                dest = getattr(model.get_submodule(where[1]), kind)[adapter_name]
+            elif kind == "table":
+                dest = model.get_submodule(where[1]).weight
             elif kind == "bias":
                 dest = model.get_submodule(where[1]).bias
             elif kind == "param":
@@ -295,4 +397,6 @@ def load_adapter(
                 copy = model.get_submodule(where[1]).modules_to_save[adapter_name]
                 dest = copy.state_dict(keep_vars=True)[where[2]]
             dest.copy_(value)
+    if replacing:
+        set_adapter(model, adapter_name)
     return model

@@ -1,10 +1,12 @@
 """Whole-model LoRA: ``get_lora_model`` and the functions that manage a model's adapters.
 
-``get_lora_model(model, config)`` replaces, in place, every ``nn.Linear`` that ``config`` targets
-with a :class:`~lora_kernels.nn.FusedLoraLinear` that shares the linear's weight and bias (no
-copy), and freezes everything but the adapter. The matching follows PEFT's rules exactly
-(``peft.tuners.tuners_utils.check_target_module_exists`` and friends), so a config that targets a
-set of modules in PEFT targets the same set here and PEFT checkpoints line up key for key:
+``get_lora_model(model, config)`` replaces, in place, every ``nn.Linear`` (or transformers
+``Conv1D``) that ``config`` targets with a :class:`~lora_kernels.nn.FusedLoraLinear`, and every
+targeted ``nn.Embedding`` with a :class:`~lora_kernels.nn_embedding.FusedLoraEmbedding`, each
+sharing the module's weight and bias (no copy), and freezes everything but the adapter. The
+matching follows PEFT's rules exactly (``peft.tuners.tuners_utils.check_target_module_exists``
+and friends), so a config that targets a set of modules in PEFT targets the same set here and
+PEFT checkpoints line up key for key:
 
 * ``target_modules``: a list (a module matches when its full name equals an entry or ends with
   ``"." + entry``), a string (a regular expression that must match the full name), or
@@ -39,6 +41,7 @@ from . import serving
 from .config import LoraConfig
 from .modules_to_save import ModulesToSaveWrapper
 from .nn import BASE_ADAPTER, FusedLoraLinear
+from .nn_embedding import FusedLoraEmbedding
 from .targets import ALL_LINEAR, plan_targets
 
 __all__ = [
@@ -69,7 +72,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def _named_modules(
     module: nn.Module, prefix: str = "", memo: set | None = None
 ) -> Iterator[tuple[str, nn.Module]]:
-    """``module.named_modules()`` without what lies inside each ``FusedLoraLinear`` (its
+    """``module.named_modules()`` without what lies inside each LoRA layer (its
     adapters' own small modules, which never hold a layer or a wrapper: with a thousand adapters
     installed they are nearly all of the model's modules, and switches and mixed batches walk
     the model)."""
@@ -78,17 +81,17 @@ def _named_modules(
         return
     memo.add(module)
     yield prefix, module
-    if isinstance(module, FusedLoraLinear):
+    if isinstance(module, (FusedLoraLinear, FusedLoraEmbedding)):
         return
     for name, child in module._modules.items():
         if child is not None:
             yield from _named_modules(child, f"{prefix}.{name}" if prefix else name, memo)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoraLinear]]:
-    """``(name, layer)`` for every ``FusedLoraLinear`` of ``model``."""
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, FusedLoraLinear | FusedLoraEmbedding]]:
+    """``(name, layer)`` for every ``FusedLoraLinear`` and ``FusedLoraEmbedding`` of ``model``."""
     for name, module in _named_modules(model):
-        if isinstance(module, FusedLoraLinear):
+        if isinstance(module, (FusedLoraLinear, FusedLoraEmbedding)):
             yield name, module
 
 
@@ -103,11 +106,12 @@ def get_lora_model(
 ) -> nn.Module:
     """Add adapter ``adapter_name`` to ``model`` in place and make it the active, trainable one.
 
-    Every ``nn.Linear`` that ``config`` targets (PEFT's rules, see the module docstring) becomes a
-    ``FusedLoraLinear`` sharing the linear's weight and bias; layers that already are
-    ``FusedLoraLinear`` get one more adapter. Every parameter outside the adapter is frozen
-    (``bias`` and ``modules_to_save`` decide the exceptions). All checks run before the model
-    changes. Call it again with another name to add a second adapter; ``set_adapter`` switches.
+    Every ``nn.Linear`` or transformers ``Conv1D`` that ``config`` targets (PEFT's rules, see the
+    module docstring) becomes a ``FusedLoraLinear`` sharing its weight and bias, every targeted
+    ``nn.Embedding`` a ``FusedLoraEmbedding``; layers that already are ours get one more adapter.
+    Every parameter outside the adapter is frozen (``bias`` and ``modules_to_save`` decide the
+    exceptions). All checks run before the model changes. Call it again with another name to add
+    a second adapter; ``set_adapter`` switches.
 
     Returns:
         ``model`` itself, with ``model.lora_configs[adapter_name] == config``.
@@ -116,16 +120,20 @@ def get_lora_model(
     config = copy.deepcopy(config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config.target_modules = resolved
-    if config.fan_in_fan_out:
+    # Each layer takes the layout of its weight whatever the flag says, and the config keeps the
+    # user's value: PEFT's rule, its warning for nn.Linear, and what its saved config holds.
+    if config.fan_in_fan_out and any(t.kind == "linear" for t in targets):
         warnings.warn(
             "get_lora_model: fan_in_fan_out=True is for Conv1D weights; the targeted nn.Linear "
             "layers use fan_in_fan_out=False (as PEFT does)",
             stacklevel=2,
         )
-        config.fan_in_fan_out = False
     for t in targets:
         layer = t.module
-        if not isinstance(layer, FusedLoraLinear):
+        if t.kind == "embedding" and not isinstance(layer, FusedLoraEmbedding):
+            layer = FusedLoraEmbedding.from_embedding(t.module, r=0, backend=backend)
+            _replace(model, t.name, layer)
+        elif t.kind != "embedding" and not isinstance(layer, FusedLoraLinear):
             layer = FusedLoraLinear.from_linear(t.module, r=0, backend=backend)
             _replace(model, t.name, layer)
         layer.add_adapter(
@@ -135,7 +143,7 @@ def get_lora_model(
             config.lora_dropout,
             config.use_rslora,
             config.init_lora_weights,
-            config.use_dora,
+            **({"use_dora": True} if config.use_dora else {}),
         )
     for name in mts_names:
         wrapper = model.get_submodule(name)
@@ -175,7 +183,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
             "unmerge them before switching adapters"
         )
     for _, layer in layers:
-        layer.set_adapter(adapter_name if adapter_name in layer.lora_A else None)
+        layer.set_adapter(adapter_name if adapter_name in layer.adapter_names else None)
     for _, wrapper in _wrappers(model):
         wrapper.active_adapter = adapter_name
     model.active_lora_adapter = adapter_name
@@ -197,12 +205,10 @@ def _mark_trainable(model: nn.Module, adapter_name: str | None) -> None:
             if "bias" in name:
                 p.requires_grad_(True)
     for _, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            layer.lora_A[adapter_name].weight.requires_grad_(True)
-            layer.lora_B[adapter_name].weight.requires_grad_(True)
-            if adapter_name in layer.lora_magnitude_vector:
-                layer.lora_magnitude_vector[adapter_name].weight.requires_grad_(True)
-            if config.bias == "lora_only" and layer.bias is not None:
+        if adapter_name in layer.adapter_names:
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(True)
+            if config.bias == "lora_only" and getattr(layer, "bias", None) is not None:
                 layer.bias.requires_grad_(True)
     for _, wrapper in _wrappers(model):
         wrapper.requires_grad_(False)
@@ -217,7 +223,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _check_model(fn, model)
     if adapter_name not in configs:
         raise ValueError(f"{fn}: unknown adapter {adapter_name!r}; the model has {list(configs)}")
-    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.lora_A]
+    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.adapter_names]
     merged = [layer for layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise RuntimeError(f"{fn}: adapter {adapter_name!r} is merged; unmerge it first")
@@ -240,12 +246,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold the active adapter into the base weights and put plain modules back in place:
-    each ``FusedLoraLinear`` becomes an ``nn.Linear`` with the merged weight (same storage), each
+    each ``FusedLoraLinear`` becomes an ``nn.Linear`` (or the transformers ``Conv1D`` it was) with
+    the merged weight (same storage), each ``FusedLoraEmbedding`` an ``nn.Embedding``, each
     ``ModulesToSaveWrapper`` its active copy. Returns ``model``, which no longer has adapters."""
     _check_model("merge_and_unload", model)
     active = getattr(model, "active_lora_adapter", None)
     for name, layer in list(lora_layers(model)):
-        if active is not None and active in layer.lora_A and not layer.merged:
+        if active is not None and active in layer.adapter_names and not layer.merged:
             layer.merge(active)
         _replace(model, name, layer.to_base_module())
     for name, wrapper in list(_wrappers(model)):
@@ -303,7 +310,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str] | torch.Tensor):
     slot_ids = None if served is None else served.ids_of_names(names, BASE_ADAPTER)
 
     def layer_hook(layer, args, kwargs):
-        kwargs["adapter_names"] = [n if n in layer.lora_A else BASE_ADAPTER for n in names]
+        own = layer.adapter_names
+        kwargs["adapter_names"] = [n if n in own else BASE_ADAPTER for n in names]
         return args, kwargs
 
     def wrapper_hook(_, args, kwargs):

@@ -11,10 +11,16 @@ layout and key names), with ``scaling[name]``, ``r[name]``, ``lora_alpha[name]``
 The base weight and bias are frozen; the active adapter trains. ``merge()`` folds the adapter into
 ``W`` (``merge_lora_``: fp32, one rounding, no ``[N, K]`` temporary) and the forward then runs the
 plain GEMM; ``unmerge()`` takes it out again.
+
+``from_linear`` also takes a transformers ``Conv1D`` (GPT-2's layers, PEFT's
+``fan_in_fan_out=True``): the layer then keeps the Conv1D's ``[in, out]`` weight as it is (same
+state_dict key and storage) and the kernels read its ``[out, in]`` transpose through strides, no
+copy; merges go into the ``[in, out]`` storage as ``scaling * A^T B^T``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +36,17 @@ __all__ = ["FusedLoraLinear", "BASE_ADAPTER"]
 
 BASE_ADAPTER = "__base__"
 """The name that selects no adapter in ``adapter_names`` (PEFT's convention)."""
+
+
+@functools.cache
+def _conv1d_class():
+    """transformers' ``Conv1D`` (GPT-2), or None without transformers (looked up once: the
+    layers ask on every forward)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
 
 
 def _weight_state(linear: nn.Linear) -> tuple:
@@ -100,6 +117,8 @@ class FusedLoraLinear(nn.Linear):
         self._exact_records: dict[str, ExactMergeRecord] = {}
         self._active_adapter: str | None = None
         self.backend = backend
+        # True when ``weight`` is a transformers Conv1D's [in, out] tensor (see from_linear)
+        self.fan_in_fan_out = False
         # mixed batches: every adapter stacked, and what it was stacked from (_cached_stacks)
         self._multi_stack: dict | None = None
         # Serving from an AdapterCache's device slots (lora_kernels.serving): while set, the
@@ -123,8 +142,14 @@ class FusedLoraLinear(nn.Linear):
         """A ``FusedLoraLinear`` that shares ``linear``'s weight and bias (no copy; both frozen).
 
         A bitsandbytes 4-bit ``Linear4bit`` gives a ``FusedLoraLinear4bit`` (``nn_4bit.py``).
-        """
+        ``linear`` may be a transformers ``Conv1D``, whose weight is ``[in, out]``: the layer then
+        has ``fan_in_fan_out=True`` and reads that weight through its transpose's strides."""
         if cls is FusedLoraLinear and hasattr(getattr(linear, "weight", None), "quant_state"):
+            if use_dora:
+                raise ValueError(
+                    "FusedLoraLinear.from_linear: DoRA on a 4-bit base is not supported; "
+                    "use_dora=True needs a dense nn.Linear or Conv1D weight"
+                )
             from .nn_4bit import FusedLoraLinear4bit
 
             return FusedLoraLinear4bit.from_linear(
@@ -132,14 +157,19 @@ class FusedLoraLinear(nn.Linear):
                 use_rslora=use_rslora, init_lora_weights=init_lora_weights,
                 adapter_name=adapter_name, backend=backend,
             )  # fmt: skip
-        if not isinstance(linear, nn.Linear):
+        conv1d = _conv1d_class()
+        is_conv1d = conv1d is not None and isinstance(linear, conv1d)
+        if not isinstance(linear, nn.Linear) and not is_conv1d:
             raise TypeError(
-                f"FusedLoraLinear.from_linear: expected linear to be an nn.Linear, "
-                f"got {type(linear).__name__}"
+                f"FusedLoraLinear.from_linear: expected linear to be an nn.Linear, got "
+                f"{type(linear).__name__} (a transformers Conv1D is taken too)"
             )
+        in_features, out_features = (
+            (linear.nx, linear.nf) if is_conv1d else (linear.in_features, linear.out_features)
+        )
         layer = cls(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             bias=linear.bias is not None,
             r=0,
             device="meta",
@@ -149,6 +179,7 @@ class FusedLoraLinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer._init_lora_state(backend)
+        layer.fan_in_fan_out = is_conv1d
         if r:
             layer.add_adapter(
                 adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora
@@ -182,6 +213,26 @@ class FusedLoraLinear(nn.Linear):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``[out, in]`` (a transposed view for a Conv1D's ``[in, out]``)."""
+        return self.weight.T if self.fan_in_fan_out else self.weight
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``name``: ``[lora_A.weight, lora_B.weight]``, and the
+        DoRA magnitude when it has one."""
+        params = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_magnitude_vector:
+            params.append(self.lora_magnitude_vector[name].weight)
+        return params
+
+    def _merge_operands(self, name: str):
+        """``(weight, a, b)`` such that the merge is ``weight += scaling * b @ a`` on the stored
+        weight: ``(W, A, B)``, or ``(W, B^T, A^T)`` for a Conv1D's ``[in, out]`` W (views)."""
+        a = self.lora_A[name].weight.data
+        b = self.lora_B[name].weight.data
+        return (self.weight.data, b.T, a.T) if self.fan_in_fan_out else (self.weight.data, a, b)
 
     def _check_known(self, fn: str, name: str) -> None:
         if name not in self.lora_A:
@@ -248,16 +299,18 @@ class FusedLoraLinear(nn.Linear):
         return {"device": self.weight.device, "dtype": self.weight.dtype}
 
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight as a dense [out, in] tensor for a product in ``dtype`` (the weight
-        itself here; a quantized subclass dequantizes)."""
-        return self.weight
+        """The base weight as a dense [out, in] tensor for a product in ``dtype`` (``base_weight``
+        here; a quantized subclass dequantizes)."""
+        return self.base_weight
 
     def to_base_module(self) -> nn.Module:
         """A plain module holding this layer's (possibly merged) base weight and bias, shared:
         what ``merge_and_unload`` puts back in the model."""
-        plain = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device="meta"
-        )
+        with torch.device("meta"):
+            if self.fan_in_fan_out:  # the transformers Conv1D it was
+                plain = _conv1d_class()(self.out_features, self.in_features)
+            else:
+                plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         plain.weight = self.weight
         plain.bias = self.bias
         return plain
@@ -327,14 +380,13 @@ class FusedLoraLinear(nn.Linear):
             self.merged_adapters.append(name)
             self._active_adapter = name
             return
-        a = self.lora_A[name].weight
-        b = self.lora_B[name].weight
+        w, a, b = self._merge_operands(name)
         if exact:
             self._exact_records[name] = exact_merge_(
-                self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend
+                w, a, b, self.scaling[name], backend=self.backend
             )
         else:
-            merge_lora_(self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend)
+            merge_lora_(w, a, b, self.scaling[name], backend=self.backend)
         self.merged_adapters.append(name)
         self._active_adapter = name
 
@@ -349,16 +401,13 @@ class FusedLoraLinear(nn.Linear):
                 _dora_layer.unmerge(self, name, self._dora_merges.pop(name))
                 self.merged_adapters.pop()
                 continue
-            a = self.lora_A[name].weight
-            b = self.lora_B[name].weight
+            w, a, b = self._merge_operands(name)
             record = self._exact_records.get(name)
             if record is not None:
-                exact_unmerge_(self.weight.data, a.data, b.data, self.scaling[name], record)
+                exact_unmerge_(w, a, b, self.scaling[name], record)
                 del self._exact_records[name]
             else:
-                unmerge_lora_(
-                    self.weight.data, a.data, b.data, self.scaling[name], backend=self.backend
-                )
+                unmerge_lora_(w, a, b, self.scaling[name], backend=self.backend)
             self.merged_adapters.pop()
 
     def swap_merged(self, adapter_name: str) -> None:
@@ -388,6 +437,8 @@ class FusedLoraLinear(nn.Linear):
             [self.lora_B[n].weight.detach().float() * (sgn * self.scaling[n]) for n, sgn in pairs],
             dim=1,
         )
+        if self.fan_in_fan_out:
+            a, b = b.T, a.T
         merge_lora_(self.weight.data, a, b, 1.0, backend=self.backend)
         self.merged_adapters = [adapter_name]
         self._active_adapter = adapter_name
@@ -408,14 +459,14 @@ class FusedLoraLinear(nn.Linear):
             return self._serving.forward(self, x)
         name = self._active_adapter
         if name is None or self.merged:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.base_weight, self.bias)
         if name in self.lora_magnitude_vector:
             return _dora_layer.forward(self, x, name)
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else None
         return lora_linear(
             x,
-            self.weight,
+            self.base_weight,
             self.bias,
             self.lora_A[name].weight,
             self.lora_B[name].weight,
@@ -568,4 +619,5 @@ class FusedLoraLinear(nn.Linear):
             + ")"
             for n in self.adapter_names
         )
-        return f"{super().extra_repr()}, adapters=[{adapters}], active={self.active_adapter!r}"
+        fan = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        return f"{super().extra_repr()}{fan}, adapters=[{adapters}], active={self.active_adapter!r}"

@@ -1,4 +1,5 @@
-"""The spec: LoRA linear, its gradients, merge and the multi-adapter forward in plain PyTorch.
+"""The spec: LoRA linear, its gradients, merge, the multi-adapter forward and Embedding LoRA in
+plain PyTorch.
 
 Every backend (Triton, CUDA, the fast torch path) is tested against these functions. They favour
 clarity over speed: inputs are upcast to fp32 (fp64 stays fp64), every product accumulates in that
@@ -25,6 +26,9 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "lora_embedding",
+    "lora_embedding_backward",
+    "lora_embedding_multi",
     "lora_linear",
     "lora_linear_backward",
     "lora_linear_multi",
@@ -445,3 +449,90 @@ def qlora_linear_backward(
     """``(dx, d_lora_a, d_lora_b)`` of :func:`qlora_linear`: ``dx = dy @ W + scale * (dy @ B) @ A``
     with W the dequantized weight in x's dtype; the 4-bit base itself gets no gradient."""
     return lora_linear_backward(dy, x, weight_4bit.to(x.dtype), lora_a, lora_b, scale, x_lora)
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding LoRA (PEFT's ``lora.Embedding``)
+# ------------------------------------------------------------------------------------------------
+#
+#     ids      [M]         integer token ids in [0, V)
+#     weight   [V, D]      base embedding table E
+#     lora_a   [r, V]      PEFT ``lora_embedding_A``
+#     lora_b   [D, r]      PEFT ``lora_embedding_B``
+#
+#     S  = lora_a.T[ids]                                  [M, r]   (a gather, no matmul)
+#     y  = weight[ids] + scale * S @ lora_b.T             [M, D]
+#     dA[:, v] = scale * sum_{i: ids[i] = v, v != padding_idx} (dy[i] @ lora_b)     (sparse columns)
+#     dB = scale * dy.T @ S                               [D, r]
+#     merge:  weight += scale * (lora_b @ lora_a).T = scale * lora_a.T @ lora_b.T
+
+
+def lora_embedding(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``y = weight[ids] + scale * lora_a.T[ids] @ lora_b.T``; ids of any shape -> [*ids.shape, D].
+
+    The result is in the wider of weight's and the adapter's dtype rounded to weight's dtype, as
+    PEFT's ``lora.Embedding`` returns it."""
+    acc = _acc_dtype(weight, lora_a, lora_b)
+    flat = ids.reshape(-1).long()
+    y = weight.to(acc)[flat] + scale * (lora_a.to(acc).T[flat] @ lora_b.to(acc).T)
+    return y.to(weight.dtype).reshape(*ids.shape, weight.shape[1])
+
+
+def lora_embedding_backward(
+    dy: torch.Tensor,
+    ids: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    padding_idx: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(d_lora_a [r, V], d_lora_b [D, r])`` of :func:`lora_embedding`, row by row.
+
+    Rows whose id is ``padding_idx`` give lora_a no gradient (``nn.Embedding``'s rule, which PEFT
+    applies to the A lookup); they still reach lora_b through their (non-zero) S."""
+    acc = _acc_dtype(dy, lora_a, lora_b)
+    flat = ids.reshape(-1).long()
+    dyf = dy.reshape(flat.shape[0], lora_b.shape[0]).to(acc)
+    a = lora_a.to(acc)
+    b = lora_b.to(acc)
+    da = torch.zeros(a.shape, dtype=acc, device=a.device)
+    for i in range(flat.shape[0]):
+        v = int(flat[i])
+        if padding_idx is not None and v == padding_idx:
+            continue
+        da[:, v] += scale * (dyf[i] @ b)
+    db = scale * (dyf.T @ a.T[flat])
+    return da.to(lora_a.dtype), db.to(lora_b.dtype)
+
+
+def lora_embedding_multi(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Every row (or sequence) with its own adapter, as a loop over rows.
+
+    ids [M] with adapter_ids [M], or ids [B, T] with adapter_ids [B]; lora_a [L, r_max, V],
+    lora_b [L, D, r_max] (zero-padded), scales [L]; id -1: the base embedding only."""
+    acc = _acc_dtype(weight, lora_a, lora_b)
+    flat = ids.reshape(-1).long()
+    rows = adapter_ids.long()
+    if ids.dim() == 2:
+        rows = rows.repeat_interleave(ids.shape[1])
+    y = weight.to(acc)[flat]
+    for i in range(flat.shape[0]):
+        a = int(rows[i])
+        if a < 0:
+            continue
+        s = lora_a[a].to(acc)[:, flat[i]]
+        y[i] = y[i] + float(scales[a]) * (lora_b[a].to(acc) @ s)
+    return y.to(weight.dtype).reshape(*ids.shape, weight.shape[1])

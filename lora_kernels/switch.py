@@ -95,9 +95,7 @@ def _check_unmergeable(fn: str, layers: dict[str, FusedLoraLinear]) -> None:
                 continue
             try:
                 check_exact_unmerge(
-                    layer.weight.data,
-                    layer.lora_A[name].weight.data,
-                    layer.lora_B[name].weight.data,
+                    *layer._merge_operands(name),
                     layer.scaling[name],
                     record,
                     fn=fn,

@@ -18,6 +18,7 @@ from torch import nn
 from .config import LoraConfig
 from .modules_to_save import ModulesToSaveWrapper
 from .nn import BASE_ADAPTER, FusedLoraLinear
+from .nn_embedding import FusedLoraEmbedding, unsupported_embedding_options
 
 __all__ = [
     "ALL_LINEAR",
@@ -131,7 +132,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in skip):
             continue
-        if isinstance(module, (FusedLoraLinear, ModulesToSaveWrapper)):
+        if isinstance(module, (FusedLoraLinear, FusedLoraEmbedding, ModulesToSaveWrapper)):
             skip.append(name)
         yield name, module
 
@@ -180,9 +181,28 @@ class Target:
     module: nn.Module
     r: int
     alpha: float
+    kind: str = "linear"  # "linear", "conv1d" (fan_in_fan_out) or "embedding"
+    in_features: int = 0  # PEFT's: A is [r, in_features], B [out_features, r]
+    out_features: int = 0
 
 
-def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str):
+def target_kind(module: nn.Module, conv1d, linear4bit) -> tuple[str, int, int] | None:
+    """``(kind, in_features, out_features)`` of a module get_lora_model adapts, else None."""
+    if isinstance(module, FusedLoraEmbedding) or type(module) is nn.Embedding:
+        return "embedding", module.num_embeddings, module.embedding_dim
+    if isinstance(module, FusedLoraLinear):
+        kind = "conv1d" if module.fan_in_fan_out else "linear"
+        return kind, module.in_features, module.out_features
+    if type(module) is nn.Linear or (linear4bit is not None and isinstance(module, linear4bit)):
+        return "linear", module.in_features, module.out_features  # Linear4bit: nn_4bit.py
+    if conv1d is not None and isinstance(module, conv1d):
+        return "conv1d", module.nx, module.nf
+    return None
+
+
+def plan_targets(
+    model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: bool = False
+):
     """Every check of ``get_lora_model``, before anything changes: ``(targets, resolved
     target_modules, modules_to_save names)``."""
     fn = "get_lora_model"
@@ -203,7 +223,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str):
             "model on our kernels with lora_kernels.integrations.peft.fuse instead"
         )
     existing = getattr(model, "lora_configs", {})
-    if adapter_name in existing:
+    if adapter_name in existing and not replacing:
         raise ValueError(
             f"{fn}: the model already has an adapter named {adapter_name!r} (it has "
             f"{list(existing)}); delete_adapter it first or pick another name"
@@ -222,29 +242,36 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str):
     for name, module in candidate_modules(model):
         if not name or not is_target(config, targets, name):
             continue
-        if (
-            type(module) is nn.Linear
-            or isinstance(module, FusedLoraLinear)
-            or (linear4bit is not None and isinstance(module, linear4bit))  # QLoRA: nn_4bit.py
-        ):
+        kind = target_kind(module, conv1d, linear4bit)
+        bad = unsupported_embedding_options(module) if kind and kind[0] == "embedding" else []
+        if kind is not None and not bad:
             r, alpha = config.rank_and_alpha(name)
-            found.append(Target(name, module, r, alpha))
-        elif conv1d is not None and isinstance(module, conv1d):
-            unsupported.append(
-                f"{name} (transformers Conv1D, PEFT's fan_in_fan_out layout: its weight is "
-                "[in, out] and an nn.Linear view of it would change the model's checkpoint keys)"
-            )
+            found.append(Target(name, module, r, alpha, *kind))
+        elif bad:
+            unsupported.append(f"{name} (nn.Embedding with {', '.join(bad)})")
         else:
             unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported:
         raise ValueError(
             f"{fn}: target_modules {targets!r} matches modules that get_lora_model cannot adapt "
-            f"(nn.Linear only): {', '.join(unsupported)}. Narrow target_modules, or use PEFT with "
-            "lora_kernels.integrations.peft.fuse, which leaves such layers on PEFT's code"
+            f"(nn.Linear, transformers Conv1D, nn.Embedding): {', '.join(unsupported)}. Narrow "
+            "target_modules, or use PEFT with lora_kernels.integrations.peft.fuse, which leaves "
+            "such layers on PEFT's code"
+        )
+    no_dora = [
+        t.name
+        for t in found
+        if t.kind == "embedding" or hasattr(getattr(t.module, "weight", None), "quant_state")
+    ]
+    if config.use_dora and no_dora:
+        raise ValueError(
+            f"{fn}: use_dora=True is supported on nn.Linear and Conv1D targets; these targets "
+            f"are embeddings or 4-bit layers: {no_dora[:8]}. Narrow target_modules"
         )
     if not found:
         raise ValueError(
-            f"{fn}: target_modules {targets!r} matches no nn.Linear of the model "
+            f"{fn}: target_modules {targets!r} matches no nn.Linear (nor Conv1D, nn.Embedding) "
+            "of the model "
             f"(exclude_modules={config.exclude_modules!r}, "
             f"layers_to_transform={config.layers_to_transform!r})"
         )
@@ -262,7 +289,8 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str):
             if any(name.startswith(p + ".") for p in mts_names):
                 continue
             if not isinstance(module, ModulesToSaveWrapper) and any(
-                isinstance(m, (FusedLoraLinear, ModulesToSaveWrapper)) for m in module.modules()
+                isinstance(m, (FusedLoraLinear, FusedLoraEmbedding, ModulesToSaveWrapper))
+                for m in module.modules()
             ):
                 raise ValueError(
                     f"{fn}: modules_to_save entry matches {name!r}, which holds LoRA layers"

@@ -258,13 +258,20 @@ def test_bad_checkpoints_are_refused_and_the_model_is_unchanged(
         assert getattr(model, "lora_configs", {}) == configs
 
 
-def test_load_refuses_an_existing_adapter_name_and_save_an_unknown_one(tmp_path):
+def test_load_into_an_existing_adapter_replaces_its_weights_and_save_refuses_an_unknown_one(
+    tmp_path,
+):
+    trained = get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    randomise(trained)
+    save_adapter(trained, tmp_path)
+    # PEFT's flow: build with the config, then load the trained weights into that adapter.
     model = get_lora_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
-    save_adapter(model, tmp_path)
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
-        load_adapter(model, tmp_path)
-    assert_unchanged(model, snap)
+    layer = model.model.layers[0].self_attn.q_proj
+    a_before = layer.lora_A["default"].weight
+    load_adapter(model, tmp_path)
+    assert layer.lora_A["default"].weight is a_before  # in place
+    ids = token_ids()
+    torch.testing.assert_close(logits(model, ids), logits(trained, ids), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"has no adapter 'nope' \(it has \['default'\]\)"):
         save_adapter(model, tmp_path / "x", "nope")
     assert len(list(lora_layers(model))) == 2

@@ -1,8 +1,8 @@
 """Backends: which one computes a call, and the launcher that runs it.
 
 Every backend is a folder (``torch/``, ``triton/``, ``cuda/``) with one module per kernel family
-(``lora_linear``, ``lora_multi``, ``merge``); the modules of one family share the launcher
-signatures written down below as ``Protocol`` classes, so dispatch is by module name:
+(``lora_linear``, ``lora_multi``, ``merge``, ``lora_embedding``); the modules of one family share
+the launcher signatures written down below as ``Protocol`` classes, so dispatch is by module name:
 ``lora_kernels.backends.<backend>.<family>``. Launchers trust their inputs: every check runs once,
 before dispatch, in ``lora_kernels._checks`` (the C++ binding keeps its own checks for raw
 ``torch.ops`` calls). A new kernel family is a new module in each backend folder, a protocol here
@@ -121,6 +121,45 @@ class LoraMultiLaunchers(Protocol):
         needs_da: bool = True,
         needs_db: bool = True,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]: ...
+
+
+class LoraEmbeddingLaunchers(Protocol):
+    """``backends.<backend>.lora_embedding``: PEFT's ``lora.Embedding``, one adapter per row.
+
+    ``lora_embedding_fwd(ids[M] int64, weight[V,D], lora_a[L,R,V], lora_b[L,D,R], scales (L
+    floats), row_ids[M]? (None: adapter 0 everywhere; -1: base only), padding_idx (-1: none))
+    -> (y[M,D] weight.dtype, s[M,R] fp32)`` with ``s = lora_a[a].T[ids]``;
+    ``lora_embedding_bwd(dy, ids, weight, lora_a, lora_b, scales, row_ids?, s, padding_idx, *,
+    needs_da, needs_db) -> (da[L,R,V]?, db[L,D,R]?)`` (rows with id ``padding_idx`` give A no
+    gradient).
+    """
+
+    def lora_embedding_fwd(
+        self,
+        ids: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scales: list[float],
+        row_ids: Tensor | None = None,
+        padding_idx: int = -1,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def lora_embedding_bwd(
+        self,
+        dy: Tensor,
+        ids: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scales: list[float],
+        row_ids: Tensor | None,
+        s: Tensor,
+        padding_idx: int = -1,
+        *,
+        needs_da: bool = True,
+        needs_db: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]: ...
 
 
 class MergeLaunchers(Protocol):

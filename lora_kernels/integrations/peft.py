@@ -1,31 +1,44 @@
-"""Run a PEFT model's LoRA Linear layers on lora_kernels, in place, with PEFT's API unchanged.
+"""Run a PEFT model's LoRA layers on lora_kernels, in place, PEFT's API and behaviour unchanged.
 
-``fuse(peft_model)`` changes the class of every ``peft.tuners.lora.layer.Linear`` in the model to
-:class:`FusedPeftLinear`, a subclass whose ``forward`` computes
+``fuse(peft_model)`` changes the class of every PEFT layer listed in :data:`FUSED_CLASSES` to our
+subclass of it, whose ``forward`` runs the kernels when that is exactly what PEFT would compute
+and PEFT's own ``forward`` otherwise:
 
-    y = base_layer(x) + scaling[a] * lora_B[a](lora_A[a](dropout[a](x)))     a: active adapter
+* ``lora.Linear`` -> :class:`FusedPeftLinear`: ``y = base_layer(x) + scaling[a] *
+  lora_B[a](lora_A[a](dropout[a](x)))`` in one ``lora_linear`` call, on an ``nn.Linear`` base or
+  a transformers ``Conv1D`` (GPT-2, ``fan_in_fan_out``: its ``[in, out]`` weight is read through
+  the strides of its transpose, no copy);
+* ``lora.Embedding`` -> :class:`FusedPeftEmbedding`: ``y = base_layer(x) + scaling[a] *
+  lora_embedding_A[a].T[x] @ lora_embedding_B[a].T`` in one ``lora_embedding`` call.
 
-in one ``lora_kernels.lora_linear`` call when that is exactly what PEFT would compute: one active
-adapter present in the layer, vanilla LoRA or DoRA (no other variant, no ``lora_bias``), a plain
-``nn.Linear`` base layer without hooks, ``fan_in_fan_out=False``, not merged, adapters enabled,
-no extra forward arguments, and dtypes the kernel takes. Anything else runs PEFT's own forward,
-so every PEFT feature keeps its exact behaviour. Nothing else changes: parameters, state_dict
-keys, ``set_adapter``, ``merge``/``unmerge``, ``merge_and_unload``, ``save_pretrained``,
-hotswapping, Trainer. A mixed ``adapter_names`` batch (a different adapter per sequence) runs in
-one ``lora_kernels.lora_linear_multi`` call under the same conditions for each adapter it uses
-(and no dropout in training mode); otherwise PEFT's per-adapter loop runs it.
+The kernels run when: one active adapter present in the layer, vanilla LoRA or DoRA (no other
+variant, no ``lora_bias``), a plain base layer without hooks, not merged, adapters enabled, no
+extra forward arguments, and dtypes the kernel takes. A mixed ``adapter_names`` batch (a
+different adapter per sequence) runs in one ``lora_linear_multi`` / ``lora_embedding_multi`` call
+under the same conditions for each adapter it uses (and no dropout in training mode). Everything
+else runs PEFT's code, so every PEFT feature keeps its exact behaviour. Nothing else changes:
+parameters, state_dict keys, ``repr`` (``lora.Linear(...)``), ``get_layer_status`` /
+``get_model_status``, ``isinstance`` checks, ``set_adapter``, ``merge``/``unmerge``,
+``merge_and_unload``, ``save_pretrained``, hotswapping, Trainer.
+
+``fuse`` is total and idempotent: on any PEFT model (other tuners, Conv layers, ``nn.Parameter``
+targets, no LoRA layer at all) it fuses what the table lists and leaves every other layer exactly
+as PEFT made it; layers PEFT creates later (``add_adapter``, ``load_adapter``,
+``inject_adapter_in_model``) are fused by the next ``fuse`` call. :func:`fuse_report` says what is
+fused and what runs on PEFT's code; ``fuse`` logs it at DEBUG level and never warns.
+``unfuse`` restores PEFT's classes.
 
 A DoRA adapter (PEFT's ``DoraLinearVariant``) runs in one ``lora_kernels.dora_linear`` call under
 the same conditions: PEFT's output and gradients (the norm detached, dropout on the whole DoRA
 branch), with ``||W||_row^2`` cached on the base layer and no ``[N, K]`` temporary. A mixed batch
 with a DoRA adapter stays on PEFT (which refuses it).
-
-Layers PEFT creates after ``fuse`` (an adapter added for new target modules) are plain PEFT layers
-until ``fuse`` is called again. ``unfuse`` restores PEFT's class.
+PEFT's QLoRA layers (``lora.bnb.Linear4bit``) run on the fused 4-bit kernels (``_peft_qlora.py``)
+under the same rule.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
@@ -34,8 +47,10 @@ from torch import nn
 
 try:
     from peft.tuners.lora.dora import DoraLinearLayer as _DoraLinearLayer
+    from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
     from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant
+    from peft.tuners.tuners_utils import BaseTunerLayer
 except ImportError as e:  # pragma: no cover - exercised only without peft installed
     raise ImportError(
         "lora_kernels.integrations.peft needs the peft package: pip install 'lora_kernels[peft]'"
@@ -43,31 +58,65 @@ except ImportError as e:  # pragma: no cover - exercised only without peft insta
 
 from .._dora_layer import cached_weight_sq_norm
 from ..dora import dora_linear
-from ..functional import lora_linear, lora_linear_multi
-from ..nn import BASE_ADAPTER
+from ..functional import lora_embedding, lora_embedding_multi, lora_linear, lora_linear_multi
+from ..nn import BASE_ADAPTER, _conv1d_class
+from ..nn_embedding import adapter_tensor, stack_embedding_adapters
 
-__all__ = ["FusedPeftLinear", "fuse", "unfuse"]
+__all__ = [
+    "FUSED_CLASSES",
+    "FusedPeftEmbedding",
+    "FusedPeftLinear",
+    "fuse",
+    "fuse_report",
+    "unfuse",
+]
+
+logger = logging.getLogger(__name__)
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-class FusedPeftLinear(PeftLoraLinear):
+def _no_hooks(module: nn.Module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+class _FusedPeftLayer:
+    """What every fused PEFT layer shares: the backend :func:`fuse` chose, and PEFT's own class
+    name in ``repr`` (PEFT's ``get_layer_status`` reads ``module_type`` from it)."""
+
+    lora_kernels_backend = "auto"
+
+    def _get_name(self) -> str:
+        return _PEFT_CLASS[type(self)].__name__
+
+
+class FusedPeftLinear(_FusedPeftLayer, PeftLoraLinear):
     """PEFT's LoRA ``Linear`` whose forward runs the fused kernel where it computes PEFT's math.
 
     Instances are made by :func:`fuse` (a class swap), never constructed directly.
     """
 
-    lora_kernels_backend = "auto"
-
-    def _plain_layer(self, x: torch.Tensor) -> bool:
-        """Whether the base layer is one the kernel can replace for input ``x``."""
-        if self.disable_adapters or self.merged or self.fan_in_fan_out:
-            return False
+    def _base_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base layer's weight as ``[out, in]`` when the kernel can replace the base layer for
+        input ``x`` (an ``nn.Linear``, or a transformers ``Conv1D`` read through the transpose's
+        strides), else None. PEFT's forward is the same for both layouts: ``fan_in_fan_out``
+        only matters to its merge."""
+        if self.disable_adapters or self.merged:
+            return None
         base = self.base_layer
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return False
-        w = base.weight
+        if not _no_hooks(base):
+            return None
+        if type(base) is nn.Linear:
+            w = base.weight
+        elif type(base) is _conv1d_class():
+            w = base.weight.T
+        else:
+            return None
         if not x.is_floating_point() or x.dtype != w.dtype or x.device != w.device:
-            return False
-        return base.bias is None or base.bias.dtype == w.dtype
+            return None
+        if base.bias is not None and base.bias.dtype != w.dtype:
+            return None
+        return w
 
     def _vanilla(
         self, name: str, x: torch.Tensor, training_dropout_ok: bool, dora_ok: bool = False
@@ -107,13 +156,14 @@ class FusedPeftLinear(PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = kwargs.get("adapter_names")
-        if not args and set(kwargs) <= {"adapter_names"} and self._plain_layer(x):
+        w = self._base_weight(x) if not args and set(kwargs) <= {"adapter_names"} else None
+        if w is not None:
             if names is None:
                 active = [a for a in self.active_adapters if a in self.lora_A]
                 if len(active) == 1 and self._vanilla(
                     active[0], x, training_dropout_ok=True, dora_ok=True
                 ):
-                    return self._single(x, active[0])
+                    return self._single(x, w, active[0])
             elif isinstance(names, (list, tuple)) and x.dim() >= 2 and len(names) == len(x):
                 used = [n for n in dict.fromkeys(names) if n in self.lora_A]
                 same_dtype = len({self.lora_A[n].weight.dtype for n in used}) == 1
@@ -122,30 +172,29 @@ class FusedPeftLinear(PeftLoraLinear):
                     and same_dtype
                     and all(self._vanilla(n, x, training_dropout_ok=False) for n in used)
                 ):
-                    return self._mixed(x, list(names), used)
+                    return self._mixed(x, w, list(names), used)
         return super().forward(x, *args, **kwargs)
 
-    def _single(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        base = self.base_layer
+    def _single(self, x: torch.Tensor, w: torch.Tensor, name: str) -> torch.Tensor:
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.training else None
         if name in self.lora_variant:  # DoRA (checked by _plain_dora)
             return dora_linear(
                 x,
-                base.weight,
-                base.bias,
+                w,
+                self.base_layer.bias,
                 self.lora_A[name].weight,
                 self.lora_B[name].weight,
                 self.lora_magnitude_vector[name].weight,
                 self.scaling[name],
                 x_lora=x_lora,
-                weight_sq_norm=cached_weight_sq_norm(base, self.lora_kernels_backend),
+                weight_sq_norm=cached_weight_sq_norm(self.base_layer, self.lora_kernels_backend),
                 backend=self.lora_kernels_backend,
             )
         return lora_linear(
             x,
-            base.weight,
-            base.bias,
+            w,
+            self.base_layer.bias,
             self.lora_A[name].weight,
             self.lora_B[name].weight,
             self.scaling[name],
@@ -153,7 +202,9 @@ class FusedPeftLinear(PeftLoraLinear):
             backend=self.lora_kernels_backend,
         )
 
-    def _mixed(self, x: torch.Tensor, names: list[str], used: list[str]) -> torch.Tensor:
+    def _mixed(
+        self, x: torch.Tensor, w: torch.Tensor, names: list[str], used: list[str]
+    ) -> torch.Tensor:
         """PEFT's ``_mixed_batch_forward`` in one call: row (or sequence) i runs adapter
         ``names[i]``; ``"__base__"`` and adapters this layer lacks run the base layer only."""
         a_w = [self.lora_A[n].weight for n in used]
@@ -173,7 +224,7 @@ class FusedPeftLinear(PeftLoraLinear):
         x3 = x if x.dim() <= 3 else x.reshape(x.shape[0], -1, x.shape[-1])
         y = lora_linear_multi(
             x3,
-            self.base_layer.weight,
+            w,
             self.base_layer.bias,
             lora_a,
             lora_b,
@@ -183,6 +234,97 @@ class FusedPeftLinear(PeftLoraLinear):
             backend=self.lora_kernels_backend,
         )
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class FusedPeftEmbedding(_FusedPeftLayer, PeftLoraEmbedding):
+    """PEFT's LoRA ``Embedding`` whose forward runs the fused gather + low-rank kernel where it
+    computes PEFT's math. Made by :func:`fuse` (a class swap), never constructed directly."""
+
+    def _table(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The base table when the kernel can replace PEFT's forward for ids ``x``, else None."""
+        if self._disable_adapters or self.merged_adapters or self.tp_layer is not None:
+            return None
+        base = self.base_layer
+        if type(base) is not nn.Embedding or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        # what the kernel does not reproduce; embed_scale: PEFT scales the LoRA term by it
+        if base.max_norm is not None or base.scale_grad_by_freq or base.sparse:
+            return None
+        if "embed_scale" in base.__dict__ or "embed_scale" in base._buffers:
+            return None
+        if "embed_scale" in base._parameters:
+            return None
+        w = base.weight
+        if x.dtype not in _INDEX_DTYPES or x.device != w.device or not w.is_floating_point():
+            return None
+        return w
+
+    def _vanilla(self, name: str, w: torch.Tensor) -> bool:
+        if name in self.lora_variant or self.input_fns.get(name) or self.output_fns.get(name):
+            return False
+        a = adapter_tensor(self.lora_embedding_A, name)
+        b = adapter_tensor(self.lora_embedding_B, name)
+        return a.dtype in (w.dtype, torch.float32) and b.dtype == a.dtype and a.device == w.device
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = kwargs.get("adapter_names")
+        w = self._table(x) if not args and set(kwargs) <= {"adapter_names"} else None
+        if w is not None:
+            if names is None:
+                active = [a for a in self.active_adapters if a in self.lora_embedding_A]
+                if len(active) == 1 and self._vanilla(active[0], w):
+                    name = active[0]
+                    return lora_embedding(
+                        x,
+                        w,
+                        adapter_tensor(self.lora_embedding_A, name),
+                        adapter_tensor(self.lora_embedding_B, name),
+                        self.scaling[name],
+                        padding_idx=self.base_layer.padding_idx,
+                        backend=self.lora_kernels_backend,
+                    )
+            elif isinstance(names, (list, tuple)) and x.dim() in (1, 2) and len(names) == len(x):
+                used = [n for n in dict.fromkeys(names) if n in self.lora_embedding_A]
+                if (
+                    used
+                    and len({self.lora_embedding_A[n].dtype for n in used}) == 1
+                    and all(self._vanilla(n, w) for n in used)
+                ):
+                    return self._mixed(x, w, list(names), used)
+        return super().forward(x, *args, **kwargs)
+
+    def _mixed(self, x, w, names: list[str], used: list[str]) -> torch.Tensor:
+        """PEFT's ``_mixed_batch_forward`` in one call; ``"__base__"`` and adapters this layer
+        lacks get the base table only."""
+        lora_a, lora_b = stack_embedding_adapters(
+            [self.lora_embedding_A[n] for n in used], [self.lora_embedding_B[n] for n in used]
+        )
+        index = {n: i for i, n in enumerate(used)}
+        ids = torch.tensor(
+            [index.get(n, -1) if n != BASE_ADAPTER else -1 for n in names],
+            dtype=torch.int32,
+            device=x.device,
+        )
+        return lora_embedding_multi(
+            x,
+            w,
+            lora_a,
+            lora_b,
+            [self.scaling[n] for n in used],
+            ids,
+            padding_idx=self.base_layer.padding_idx,
+            backend=self.lora_kernels_backend,
+        )
+
+
+# PEFT layer class -> our subclass of it that runs the kernels. ``fuse`` swaps exactly these
+# classes (never their subclasses: PEFT's quantised and other specialised layers are classes of
+# their own, and each needs an entry of its own here).
+FUSED_CLASSES: dict[type, type] = {
+    PeftLoraLinear: FusedPeftLinear,
+    PeftLoraEmbedding: FusedPeftEmbedding,
+}
+_PEFT_CLASS = {fused: peft_cls for peft_cls, fused in FUSED_CLASSES.items()}
 
 
 def _check_module(fn: str, model: object) -> None:
@@ -203,38 +345,61 @@ def _qlora():
 
 
 def fuse(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
-    """Make every PEFT LoRA ``Linear`` of ``peft_model`` run on lora_kernels; returns the model.
+    """Make the PEFT layers of ``peft_model`` that the kernels compute exactly run on
+    lora_kernels (see :data:`FUSED_CLASSES`); returns the model.
 
-    In place and reversible (:func:`unfuse`). ``backend`` is passed to ``lora_linear``.
-    PEFT's QLoRA layers (``lora.bnb.Linear4bit``) run on the fused 4-bit kernels
-    (``_peft_qlora.py``); other subclasses of PEFT's ``Linear`` (8-bit and other quantised
-    layers and the like) are left alone.
-    Raises ``ValueError`` when the model has no PEFT LoRA ``Linear`` layer.
+    In place, idempotent and reversible (:func:`unfuse`). Never raises for an ``nn.Module``: the
+    layers it does not know (other LoRA layer types, other tuners, quantised layers) and whatever
+    the model holds besides keep PEFT's classes, untouched. Call it again after adding adapters
+    for new target modules to fuse their layers too. ``backend`` is passed to the kernels.
     """
     fn = "lora_kernels.integrations.peft.fuse"
     _check_module(fn, peft_model)
-    layers = [m for m in peft_model.modules() if type(m) in (PeftLoraLinear, FusedPeftLinear)]
+    for module in peft_model.modules():
+        fused_cls = FUSED_CLASSES.get(type(module))
+        if fused_cls is not None:
+            module.__class__ = fused_cls
+        if type(module) in _PEFT_CLASS:
+            module.lora_kernels_backend = backend
     qlora = _qlora()
-    layers_4bit = [] if qlora is None else qlora.peft_4bit_layers(peft_model)
-    if not layers and not layers_4bit:
-        raise ValueError(
-            f"{fn}: found no peft.tuners.lora.layer.Linear in the model; "
-            "is it a PEFT LoRA model (get_peft_model / PeftModel.from_pretrained)?"
+    if qlora is not None:  # PEFT's QLoRA layers: their own fused class (_peft_qlora.py)
+        qlora.fuse_4bit(qlora.peft_4bit_layers(peft_model), backend)
+    if logger.isEnabledFor(logging.DEBUG):
+        report = fuse_report(peft_model)
+        logger.debug(
+            "fuse: %d layers on lora_kernels, %d left on PEFT's code %s",
+            len(report["fused"]),
+            len(report["left"]),
+            sorted(set(report["left"].values())),
         )
-    for m in layers:
-        m.__class__ = FusedPeftLinear
-        m.lora_kernels_backend = backend
-    if layers_4bit:
-        qlora.fuse_4bit(layers_4bit, backend)
     return peft_model
+
+
+def fuse_report(peft_model: nn.Module) -> dict:
+    """``{"fused": [layer names], "left": {layer name: PEFT class}}``: the PEFT tuner layers of
+    ``peft_model`` that run on lora_kernels, and those that run on PEFT's code (a fused layer
+    still falls back to PEFT, per call, for what the kernels do not compute; see the module
+    docstring)."""
+    _check_module("lora_kernels.integrations.peft.fuse_report", peft_model)
+    qlora = _qlora()
+    fused_4bit = qlora.FusedPeftLinear4bit if qlora is not None else ()
+    fused, left = [], {}
+    for name, module in peft_model.named_modules():
+        if type(module) in _PEFT_CLASS or isinstance(module, fused_4bit):
+            fused.append(name)
+        elif isinstance(module, BaseTunerLayer):
+            cls = type(module)
+            left[name] = f"{cls.__module__}.{cls.__qualname__}"
+    return {"fused": fused, "left": left}
 
 
 def unfuse(peft_model: nn.Module) -> nn.Module:
     """Give every layer :func:`fuse` changed PEFT's own class back; returns the model."""
     _check_module("lora_kernels.integrations.peft.unfuse", peft_model)
     for m in peft_model.modules():
-        if type(m) is FusedPeftLinear:
-            m.__class__ = PeftLoraLinear
+        peft_cls = _PEFT_CLASS.get(type(m))
+        if peft_cls is not None:
+            m.__class__ = peft_cls
             del m.lora_kernels_backend
     qlora = _qlora()
     if qlora is not None:

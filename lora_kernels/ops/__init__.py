@@ -9,8 +9,9 @@ custom op, so ``torch.compile(fullgraph=True)`` traces forward and backward with
 """
 
 from . import dora, qlora  # noqa: F401  (register their ops)
+from .lora_embedding import lora_embedding_1d
 from .lora_linear import lora_linear_2d
 from .lora_multi import lora_linear_multi_2d
 from .merge import merge_lora_
 
-__all__ = ["lora_linear_2d", "lora_linear_multi_2d", "merge_lora_"]
+__all__ = ["lora_embedding_1d", "lora_linear_2d", "lora_linear_multi_2d", "merge_lora_"]

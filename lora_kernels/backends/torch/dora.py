@@ -79,7 +79,8 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
 
 def _lin(x, weight, lora_a, lora_b, scale):
     """``lin = x @ W^T + scale * (x @ A^T) @ B^T`` (x's dtype) and ``s = x @ A^T`` (the adapter's
-    dtype): the LoRA product first, the base GEMM accumulated into it (as ``_torch_impl``)."""
+    dtype): the LoRA product first, the base GEMM accumulated into it (as
+    ``backends.torch.lora_linear``)."""
     ldt = lora_a.dtype
     s = (x if ldt == x.dtype else x.to(ldt)) @ lora_a.T
     lin = torch.mm(s, lora_b.T).mul_(scale).to(x.dtype)
