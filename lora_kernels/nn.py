@@ -261,6 +261,11 @@ class FusedLoraLinear(nn.Linear):
             )
         if name in self.lora_A:
             raise ValueError(f"{fn}: adapter {name!r} already exists; delete_adapter it first")
+        if use_dora and self.fan_in_fan_out:
+            raise ValueError(
+                f"{fn}: use_dora=True needs an [out, in] weight; this layer wraps a Conv1D "
+                "(fan_in_fan_out=True): run such a model through PEFT and fuse() instead"
+            )
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{fn}: expected r to be a positive int, got {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:

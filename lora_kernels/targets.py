@@ -261,12 +261,13 @@ def plan_targets(
     no_dora = [
         t.name
         for t in found
-        if t.kind == "embedding" or hasattr(getattr(t.module, "weight", None), "quant_state")
+        if t.kind != "linear" or hasattr(getattr(t.module, "weight", None), "quant_state")
     ]
     if config.use_dora and no_dora:
         raise ValueError(
-            f"{fn}: use_dora=True is supported on nn.Linear and Conv1D targets; these targets "
-            f"are embeddings or 4-bit layers: {no_dora[:8]}. Narrow target_modules"
+            f"{fn}: use_dora=True is supported on nn.Linear targets; these targets are Conv1D, "
+            f"embedding or 4-bit layers: {no_dora[:8]}. Narrow target_modules, or use PEFT with "
+            "lora_kernels.integrations.peft.fuse"
         )
     if not found:
         raise ValueError(

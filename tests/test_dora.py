@@ -594,3 +594,22 @@ def test_triton_kernels_compile_for_sm90():
         [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def test_dora_refused_where_it_has_no_fused_path():
+    """DoRA runs on nn.Linear weights; a Conv1D layer (``fan_in_fan_out``) refuses it up front,
+    and get_lora_model refuses a DoRA config that targets one, before the model changes."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(6, 4)
+    layer = lk.FusedLoraLinear.from_linear(conv, r=2)
+    with pytest.raises(ValueError, match="use_dora=True needs an \\[out, in\\] weight"):
+        layer.add_adapter("d", 2, 2, use_dora=True)
+    assert layer.adapter_names == ["default"]
+    model = nn.Sequential(Conv1D(6, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = lk.LoraConfig(r=2, target_modules=["0"], use_dora=True)
+    with pytest.raises(ValueError, match="use_dora=True is supported on nn.Linear targets"):
+        lk.get_lora_model(model, config)
+    assert type(model[0]) is Conv1D
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
