@@ -221,7 +221,25 @@ def test_base_rows_equal_base_layer(impl):
     # the same batch with the base rows' ids replaced by -1 gives the same adapter gradients
     ids_clean = torch.where(base, -1, ids)
     _, da2, db2 = bwd(dy, x, w, a, bb, scales, ids_clean, s, ranks, **kw)
-    assert torch.equal(da, da2) and torch.equal(db, db2)
+    if impl != "triton-grouped":
+        # Each adapter reduces its own rows in their batch order (stable sort), in chunks from
+        # its segment's start, and t is per row: the base rows' ids change no operation.
+        assert torch.equal(da, da2) and torch.equal(db, db2)
+    else:
+        # The grouped shrink computes t in tiles of sorted rows, and moving an id from L to -1
+        # shifts which tile (and which position in it) each row lands in; a dot's rows need
+        # not be bitwise independent of their tile position (BLAS under the interpreter, MMA
+        # fragments on a GPU). Both runs must then meet the tolerance rule on the same
+        # reference: the adapters' gradients of the clean ids.
+        x64, w64, a64, bb64, sc64, dy64 = _f64(x, w, a, bb, scales, dy)
+        rid = _ref_ids(ids_clean, num_adapters).to(x64.device)
+        g64 = R.lora_linear_multi_backward(dy64, x64, w64, a64, bb64, sc64, rid)
+        xs, as_, bs = (t.detach().clone().requires_grad_(True) for t in (x, a, bb))
+        torch_same_dtype(xs, w, b, as_, bs, scales, ids_clean).backward(dy)
+        for grad_name, grads in (("dA", (da, da2)), ("dB", (db, db2))):
+            ref64, base = (g64[1], as_.grad) if grad_name == "dA" else (g64[2], bs.grad)
+            for tag, grad in zip(("ids", "clean ids"), grads, strict=True):
+                assert_close_to_ref(f"{grad_name} ({tag})", grad, ref64, base)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -73,7 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton import interpreting
+from lora_kernels.triton import interpreting, on_input_device
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd"]
 
@@ -636,6 +636,7 @@ def _check_common(x, weight, lora_a, lora_b, x_lora) -> tuple[int, int, int, int
 # --------------------------------------------------------------------------------------------
 
 
+@on_input_device
 def lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -675,6 +676,7 @@ def lora_linear_fwd(
     return y, s
 
 
+@on_input_device
 def lora_linear_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -724,8 +726,10 @@ def lora_linear_bwd(
     if needs_dx or needs_da:
         t = torch.zeros((m, r), dtype=torch.float32, device=dev)
     # 1. dB and T from one pass over dy (T added across N-blocks with atomics).
-    if deterministic and t is not None:
-        _launch_skinny(dy, lora_b, t, 1.0, deterministic=True)
+    if deterministic:
+        # No atomics: T and dB each reduce in single programs, in launches of their own.
+        if t is not None:
+            _launch_skinny(dy, lora_b, t, 1.0, deterministic=True)
         if needs_db:
             _launch_skinny(dy.t(), s, db, scale, deterministic=True)
     elif needs_db or t is not None:

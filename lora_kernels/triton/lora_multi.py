@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreting, on_input_device
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -548,6 +548,7 @@ def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype
     return out
 
 
+@on_input_device
 def lora_linear_multi_fwd(
     x, weight, bias, lora_a, lora_b, scales, row_ids, ranks=None, *, strategy="auto"
 ):
@@ -572,6 +573,7 @@ def lora_linear_multi_fwd(
     return y, s
 
 
+@on_input_device
 def lora_linear_multi_bwd(
     dy,
     x,

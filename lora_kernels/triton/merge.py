@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lora_kernels.triton import interpreting
+from lora_kernels.triton import interpreting, on_input_device
 
 __all__ = ["merge_"]
 
@@ -168,6 +168,7 @@ def _check(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> 
         )
 
 
+@on_input_device
 def merge_(
     weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
 ) -> torch.Tensor:
