@@ -47,9 +47,7 @@ def on_input_device(fn):
 
     @functools.wraps(fn)
     def launcher(*args, **kwargs):
-        first = next(
-            (a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None
-        )
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is None:
             return fn(*args, **kwargs)
         with device_guard(first):
