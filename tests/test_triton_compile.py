@@ -96,6 +96,8 @@ def test_findings_reject_what_the_issue_names():
     assert "shared memory" in gate.findings(smem)[0]
     no_mma = gate.Result("f", "k", "v", "c", 90, ["case"], 100, 0, 1024, 2, 0, True)
     assert "tensor cores" in gate.findings(no_mma)[0]
+    one_fma = gate.Result("f", "k", "v", "c", 90, ["case"], 100, 0, 1024, 2, 8, True, fma_dots=1)
+    assert "1 of 2 dots not on tensor cores" in gate.findings(one_fma)[0]
     fp32 = gate.Result("f", "k", "v", "c", 90, ["case"], 255, 64, 1024, 2, 0, False)
     assert gate.findings(fp32) == []
     error = gate.Result("f", "k", "v", "c", 90, ["case"], error="CompilationError: x")

@@ -10,7 +10,8 @@ Triton's bundled ptxas. From each cubin build we read:
 
 * registers and spill bytes from the ptxas ``-v`` log,
 * shared memory from the compiled metadata,
-* whether the dots became tensor-core instructions (``mma`` / ``wgmma`` in the PTX).
+* whether every dot became a tensor-core one (an MMA layout in the TTGIR, ``mma`` / ``wgmma``
+  instructions in the PTX).
 
 The launchers' modules are loaded a second time as private "GPU twins" with Triton's interpreter
 switched off while their ``@triton.jit`` decorators run, so the twin's kernels are real
@@ -284,6 +285,7 @@ class Result:
     sixteen_bit: bool = False  # a 16-bit operand anywhere in the signature
     error: str | None = None
     unguarded: bool = False
+    fma_dots: int = 0  # dots left on CUDA cores (no MMA layout in the TTGIR)
 
 
 _PTXAS_RE = re.compile(
@@ -404,6 +406,11 @@ def compile_launches(
         result.shared = compiled.metadata.shared
         result.dots = compiled.asm["ttir"].count("tt.dot ")
         ptx = compiled.asm["ptx"]
+        result.fma_dots = sum(
+            1
+            for line in compiled.asm["ttgir"].splitlines()
+            if "= tt.dot " in line and "#mma" not in line.rsplit("->", 1)[-1]
+        )
         result.mma = len(re.findall(r"\b(?:mma|wgmma\.mma_async)\.sync|\bwgmma\.mma_async", ptx))
         if progress is not None:
             progress(result)
@@ -428,8 +435,11 @@ def findings(result: Result) -> list[str]:
         out.append(f"{where}: {result.shared} B shared memory, over {limit} B")
     if result.sixteen_bit and result.spill_bytes:
         out.append(f"{where}: {result.spill_bytes} B of register spills on a 16-bit path")
-    if result.sixteen_bit and result.dots and not result.mma:
-        out.append(f"{where}: {result.dots} dots, none on tensor cores (no mma in the PTX)")
+    if result.sixteen_bit and result.dots and (result.fma_dots or not result.mma):
+        out.append(
+            f"{where}: {result.fma_dots or result.dots} of {result.dots} dots not on tensor"
+            " cores (no MMA layout in the TTGIR / no mma in the PTX)"
+        )
     return out
 
 
