@@ -112,7 +112,7 @@ def test_quick_matrix_compiles_clean(capability, triton_cache):
         results += gate.compile_launches(
             family, gate.capture(family, capability, gate.QUICK), capability
         )
-    assert len(results) >= 30
+    assert len(results) >= 15
     assert all(r.error is None for r in results), [r for r in results if r.error]
     problems = [f for r in results for f in gate.findings(r)]
     assert problems == [], "\n".join(problems)
