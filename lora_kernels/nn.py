@@ -412,7 +412,8 @@ class FusedLoraLinear(nn.Linear):
         recent lists are kept (the key is the ids themselves, so a cached tensor is never stale).
         """
         cache = self.__dict__.setdefault("_row_ids_cache", {})
-        key = (tuple(ids), device)
+        # A tensor made under inference_mode cannot be saved for a later backward: separate key.
+        key = (tuple(ids), device, torch.is_inference_mode_enabled())
         ids_t = cache.pop(key, None)
         if ids_t is None:
             ids_t = torch.tensor(ids, dtype=torch.int32, device=device)
