@@ -580,14 +580,15 @@ FULL = {
     },
 }
 
-# The CI subset (tests/test_triton_compile.py, about 40 compiles): the common training path
+# The CI subset (tests/test_triton_compile.py, about 60 compiles): the common training path
 # (fp32 adapters on a bf16 base: with the precision policy its dots are those of bf16 adapters),
-# decode and prefill M, odd K/N (no divisibility hints: the most register-hungry variants).
+# decode and prefill M, rank 16 and 64 (the largest the decode GEMM fuses, BLOCK_R 64), odd K/N
+# (no divisibility hints: the most register-hungry variants).
 QUICK = {
     "lora_linear": {
         "kn": [(4099, 32001)],
         "m": [16, 4096],
-        "r": [16],
+        "r": [16, 64],
         "dtypes": [("bf16", "fp32")],
         "bias": [True],
         "x_lora": [False],

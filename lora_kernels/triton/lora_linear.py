@@ -369,7 +369,9 @@ _GEMM_CONFIGS = {
 }
 
 
-def _gemm_candidates(m_bucket: int, x, a, b, split_lora_out: bool) -> list[triton.Config]:
+def _gemm_candidates(
+    m_bucket: int, x, a, b, split_lora_out: bool, *, fused_block_r: int = 0
+) -> list[triton.Config]:
     """The configs of a call's (M bucket, operand width), of a height M can use."""
     small = m_bucket <= _FUSED_SHRINK_MAX_M
     # The activations' width: fp32 adapters on a 16-bit layer are rounded to 16 bits for their
@@ -380,6 +382,11 @@ def _gemm_candidates(m_bucket: int, x, a, b, split_lora_out: bool) -> list[trito
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     if small:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or kept
+    if fused_block_r > 32:
+        # A [BLOCK_M, 64] S accumulator and a [BLOCK_K, 64] lora_a tile beside the main ones:
+        # the gate measured 16 B (sm_80) to 16 KB (16x32x256) of spills for every small-M tile
+        # but 16x64x128 there.
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 16 * 128] or kept
     return kept
 
 
@@ -390,6 +397,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
         named_args["a_ptr"],
         named_args["b_ptr"],
         kwargs.get("SPLIT_LORA_OUT", False),
+        fused_block_r=kwargs["BLOCK_R"] if kwargs["LORA_MODE"] == _LORA_FUSED_SHRINK.value else 0,
     )
     return [c for c in candidates if c in configs]
 
@@ -508,7 +516,8 @@ def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> No
     if _autotune_enabled():
         _lora_gemm_tuned[grid](*args, **flags)
         return
-    config = _gemm_candidates(m_bucket, x, a_t, b, out_lora is not None)[0]
+    fused_r = block_r if lora_mode == _LORA_FUSED_SHRINK.value else 0
+    config = _gemm_candidates(m_bucket, x, a_t, b, out_lora is not None, fused_block_r=fused_r)[0]
     meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     _lora_gemm_kernel[grid(meta)](*args, **flags, **meta)
 
