@@ -11,8 +11,11 @@ Switches (environment):
 
 - ``LORA_KERNELS_BUILD_CUDA=auto`` (default): build the extension if possible, else skip it
   with a message; ``1``: fail if it cannot be built; ``0``: never build it.
-- ``LORA_KERNELS_CUDA_ARCHS`` (default ``"80;90"``): compute capabilities, turned into
-  ``-gencode`` flags (``90a`` and a ``+PTX`` suffix are understood).
+- ``LORA_KERNELS_CUDA_ARCHS`` (default ``"80;90+PTX"``: machine code for sm_80 and sm_90 and
+  PTX that newer GPUs compile at load): compute capabilities, turned into ``-gencode`` flags
+  (``90a`` and a ``+PTX`` suffix are understood).
+- In ``auto`` mode an nvcc whose CUDA major version is not torch's skips the extension with a
+  message (torch's build would refuse it and fail the install).
 - ``MAX_JOBS`` (parallel compile jobs, read by torch's ninja build) and ``NVCC_THREADS``
   (nvcc's ``--threads``, to compile the architectures of one file in parallel).
 
@@ -75,6 +78,13 @@ def _cuda_extension():
         return None, None
     if CUDA_HOME is None:
         _skip(mode, "nvcc was not found (set CUDA_HOME)")
+        return None, None
+    # A CUDA major-version mismatch would fail the build itself (and so pip install).
+    build, reason = _JIT["cuda_build_decision"](
+        mode, torch.version.cuda, _JIT["nvcc_cuda_version"](CUDA_HOME)
+    )
+    if not build:
+        _skip(mode, reason)
         return None, None
     archs = os.environ.get("LORA_KERNELS_CUDA_ARCHS", _JIT["DEFAULT_ARCHS"])
     nvcc_flags = _JIT["NVCC_FLAGS"] + _JIT["gencode_flags"](archs) + _JIT["nvcc_thread_flags"]()

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run of at most 8 minutes, from the repository root:
 #
-#   1. env.json       nvidia-smi, device properties, versions (python3 is the one with torch)
-#   2. build          the CUDA extension, just in time, for the GPU present (lora_kernels.backends.cuda.build)
-#   3. tests          pytest -m gpu (tests/test_cuda.py and every other GPU-marked test)
-#   4. bench_cuda, bench_merge          the CUDA kernels' benchmarks
-#   5. Triton tests   test_triton_lora_linear, test_multi, test_merge, test_switching, test_cache
-#                     with TRITON_INTERPRET=0, the ones present
-#   6. bench_lora_linear, bench_multi, bench_switch, bench_serving   the other benchmarks
+#   1. install        pip install --no-build-isolation --no-deps -e . (the benchmarks import
+#                     lora_kernels; --no-deps keeps the machine's torch)
+#   2. env.json       nvidia-smi, device properties, versions, and the build toolchain: gcc,
+#                     Python headers, ninja, nvcc against torch's CUDA version
+#   3. Triton tests   test_triton_lora_linear, test_multi, test_merge, test_switching, test_cache
+#                     with TRITON_INTERPRET=0, the ones present (never run on a GPU before: first)
+#   4. build          the CUDA extension, just in time, for the GPU present
+#                     (lora_kernels.backends.cuda.build)
+#   5. tests          pytest -m gpu (tests/test_cuda.py and every other GPU-marked test)
+#   6. benchmarks     bench_cuda, bench_merge, bench_lora_linear, bench_multi, bench_serving
 #
 # Results go to $OUT, or to the directory given as $1 when OUT is unset: at most 8 files, no
 # subdirectories: gpu_check.log (every step's output), env.json, summary.json (each step's exit
 # code, seconds and status) and one JSON per benchmark. A failing step does not stop the run.
-# Every step has a timeout, cut short so that the whole run ends by the deadline; a step with
-# no time left is recorded as skipped. No network is needed.
+# Every step has a cap, and the caps add up to the deadline (470 s: 8 minutes less a margin),
+# so no step is cut for want of time; a step with no time left is recorded as skipped. No
+# network is needed.
+#
+# GPU_CHECK_DRY_RUN=1 checks the script itself on any machine (tests/test_gpu_check.py): every
+# step runs, but pytest only collects, benchmarks only print their --help, the install is a pip
+# --dry-run, and the build is not attempted.
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]
 set -uo pipefail
@@ -28,14 +36,21 @@ SCRATCH="$(mktemp -d)"
 : >"$LOG"
 
 DEADLINE=${GPU_CHECK_SECONDS:-470}  # 8 minutes, less a margin for the summary
+DRY_RUN=${GPU_CHECK_DRY_RUN:-0}
+PYTHON=${PYTHON:-python3}
 export TRITON_INTERPRET=0
+# The checkout itself, should the install step fail: every step still imports this lora_kernels.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export LORA_KERNELS_CACHE_DIR="${LORA_KERNELS_CACHE_DIR:-$SCRATCH/jit-cache}"
 
 PYTEST_ARGS=(-q -p no:cacheprovider -rfE --durations=10 --continue-on-collection-errors)
-if python3 -c "import pytest_timeout" 2>/dev/null; then
+if "$PYTHON" -c "import pytest_timeout" 2>/dev/null; then
   PYTEST_ARGS+=(--timeout=120)
+fi
+if [[ $DRY_RUN == 1 ]]; then
+  PYTEST_ARGS+=(--collect-only)
 fi
 
 # step NAME CAP_SECONDS COMMAND...: run with a timeout of min(CAP, time left), log, record.
@@ -49,7 +64,7 @@ step() {
     echo "=== $name: skipped (no time left)" >>"$LOG"
     return
   fi
-  echo "=== $name (timeout ${limit}s): $*" >>"$LOG"
+  echo "=== $name (cap ${cap}s, timeout ${limit}s): $*" >>"$LOG"
   local start=$SECONDS rc status
   timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
@@ -73,13 +88,24 @@ bench() {
     return
   fi
   mkdir -p "$SCRATCH/$name"
-  step "$name" "$cap" python3 "$script" --out "$SCRATCH/$name/$name.json" "$@"
+  if [[ $DRY_RUN == 1 ]]; then
+    step "$name" "$cap" "$PYTHON" "$script" --help
+    return
+  fi
+  step "$name" "$cap" "$PYTHON" "$script" --out "$SCRATCH/$name/$name.json" "$@"
   if [[ -f $SCRATCH/$name/$name.json ]]; then
     cp "$SCRATCH/$name/$name.json" "$OUT/$name.json"
   fi
 }
 
-step env 30 python3 - "$OUT/env.json" <<'EOF'
+# The caps below add up to DEADLINE (checked by tests/test_gpu_check.py).
+INSTALL_ARGS=(-m pip install --no-build-isolation --no-deps -e .)
+if [[ $DRY_RUN == 1 ]]; then
+  INSTALL_ARGS+=(--dry-run)
+fi
+step install 50 "$PYTHON" "${INSTALL_ARGS[@]}"
+
+step env 30 "$PYTHON" - "$OUT/env.json" <<'EOF'
 import datetime, json, platform, subprocess, sys
 
 
@@ -101,7 +127,17 @@ env = {
         "--format=csv",
     ]),
     "nvcc": run(["nvcc", "--version"]).splitlines()[-2:],
+    "gcc": run(["gcc", "--version"]).splitlines()[:1],
+    "ninja": run(["ninja", "--version"]),
 }
+# The extension's build needs Python's headers, ninja and an nvcc whose CUDA major version is
+# torch's (setup.py skips the extension otherwise, lora_kernels.backends.cuda.build reports it).
+import os, re, sysconfig
+
+include = sysconfig.get_paths().get("include") or ""
+env["python_headers"] = include if os.path.isfile(os.path.join(include, "Python.h")) else "missing"
+nvcc_release = re.search(r"release (\d+)\.(\d+)", " ".join(env["nvcc"]))
+env["nvcc_cuda"] = ".".join(nvcc_release.groups()) if nvcc_release else None
 try:
     import torch
 
@@ -118,6 +154,12 @@ try:
         }
 except Exception as exc:
     env["torch"] = f"error: {exc}"
+torch_cuda = env.get("torch_cuda")
+env["nvcc_matches_torch_cuda"] = (
+    None
+    if not (torch_cuda and env["nvcc_cuda"])
+    else torch_cuda.split(".")[0] == env["nvcc_cuda"].split(".")[0]
+)
 for mod in ("triton", "peft", "transformers", "pytest"):
     try:
         env[mod] = __import__(mod).__version__
@@ -127,34 +169,36 @@ json.dump(env, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(env, indent=2))
 EOF
 
-# build.py runs on its own here (not through the package's __init__), so that the build is
-# reported even if another part of the package fails to import on this machine.
-step build 240 python3 -c "
-import runpy
-status = runpy.run_path('lora_kernels/backends/cuda/build.py')['extension_status']()
-print('CUDA extension:', status)
-raise SystemExit(0 if status in ('aot', 'jit') else 1)
-"
-
-step tests_gpu 150 python3 -m pytest "${PYTEST_ARGS[@]}" -m gpu tests
-bench bench_cuda 90 --quick
-bench bench_merge 60 --quick
-
 triton_tests=()
 for f in tests/test_triton_lora_linear.py tests/test_multi.py tests/test_merge.py tests/test_switching.py tests/test_cache.py; do
   [[ -f $f ]] && triton_tests+=("$f")
 done
 if ((${#triton_tests[@]})); then
-  step tests_triton 150 python3 -m pytest "${PYTEST_ARGS[@]}" "${triton_tests[@]}"
+  step tests_triton 120 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" "${triton_tests[@]}"
 fi
 
-# Each within its cap by its own budget switch, so that it finishes and writes its JSON.
-bench bench_lora_linear 60 --budget-s 40
-bench bench_multi 60 --max-seconds 40
-bench bench_switch 60 --quick
-bench bench_serving 60 --quick
+# build.py runs on its own here (not through the package's __init__), so that the build is
+# reported even if another part of the package fails to import on this machine.
+if [[ $DRY_RUN == 1 ]]; then
+  step build 90 "$PYTHON" -c "import runpy; runpy.run_path('lora_kernels/backends/cuda/build.py')"
+else
+  step build 90 "$PYTHON" -c "
+import runpy
+status = runpy.run_path('lora_kernels/backends/cuda/build.py')['extension_status']()
+print('CUDA extension:', status)
+raise SystemExit(0 if status in ('aot', 'jit') else 1)
+"
+fi
 
-python3 - "$STEPS" "$OUT/summary.json" "$SECONDS" <<'EOF'
+step tests_gpu 60 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests
+# Each within its cap by its own budget switch, so that it finishes and writes its JSON.
+bench bench_cuda 30 --quick
+bench bench_merge 25 --quick
+bench bench_lora_linear 25 --budget-s 15
+bench bench_multi 25 --max-seconds 15
+bench bench_serving 15 --quick
+
+"$PYTHON" - "$STEPS" "$OUT/summary.json" "$SECONDS" "$DRY_RUN" <<'EOF'
 import json, sys
 
 steps = []
@@ -165,6 +209,7 @@ for line in open(sys.argv[1]):
 summary = {
     "ok": all(s["status"] in ("ok", "absent") for s in steps),
     "total_seconds": int(sys.argv[3]),
+    "dry_run": sys.argv[4] == "1",
     "steps": steps,
 }
 json.dump(summary, open(sys.argv[2], "w"), indent=2)

@@ -37,6 +37,9 @@ __all__ = ["FusedLoraLinear", "BASE_ADAPTER"]
 BASE_ADAPTER = "__base__"
 """The name that selects no adapter in ``adapter_names`` (PEFT's convention)."""
 
+# Distinct adapter_names lists whose id tensors a layer keeps (see FusedLoraLinear._row_ids).
+_ROW_IDS_CACHE_SIZE = 16
+
 
 @functools.cache
 def _conv1d_class():
@@ -533,7 +536,7 @@ class FusedLoraLinear(nn.Linear):
             names, lora_a, lora_b, scales, ranks = self._cached_stacks(used)
         index = {n: i for i, n in enumerate(names)}
         ids = [index.get(n, -1) for n in adapter_names]
-        ids_t = torch.tensor(ids, dtype=torch.int32, device=x.device)
+        ids_t = self._row_ids(ids, x.device)
         x3 = x if x.dim() <= 3 else x.reshape(x.shape[0], -1, x.shape[-1])
         x_lora = self._mixed_dropout(x3, names, ids) if self.training else None
         weight = self._dense_weight(x.dtype)
@@ -551,6 +554,24 @@ class FusedLoraLinear(nn.Linear):
         if x_lora is not None:
             y = y + F.linear(x3 - x_lora, weight)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _row_ids(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        """The int32 id tensor of a batch, built once per distinct id list and device.
+
+        Building it on every call is a blocking host-to-device copy, which also cannot be
+        captured in a CUDA graph; a cached tensor is reused by a replayed decode step. A few
+        recent lists are kept (the key is the ids themselves, so a cached tensor is never stale).
+        """
+        cache = self.__dict__.setdefault("_row_ids_cache", {})
+        # A tensor made under inference_mode cannot be saved for a later backward: separate key.
+        key = (tuple(ids), device, torch.is_inference_mode_enabled())
+        ids_t = cache.pop(key, None)
+        if ids_t is None:
+            ids_t = torch.tensor(ids, dtype=torch.int32, device=device)
+            while len(cache) >= _ROW_IDS_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+        cache[key] = ids_t  # most recent last
+        return ids_t
 
     def _mixed_dropout(self, x: torch.Tensor, names: list[str], ids: list[int]):
         """``x`` with each row (sequence) dropped out by its adapter's ``lora_dropout``, or None

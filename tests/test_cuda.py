@@ -622,3 +622,40 @@ def test_served_decode_step_replays_across_switches_and_ids(dtype):
             got = out_mixed.clone()
         with mixed_batch(model, names):  # by names, through the same state: the same slots
             assert torch.equal(got, step())
+
+
+# ---- Triton launches on the tensors' device (not the current one) ----------------------------
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_launches_run_on_the_tensors_device(monkeypatch):
+    """A layer on cuda:1 called while cuda:0 is current (device_map="auto") computes on cuda:1."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from lora_kernels.backends.triton.lora_linear import lora_linear_fwd
+    from lora_kernels.backends.triton.lora_multi import lora_linear_multi_fwd
+    from lora_kernels.backends.triton.merge import merge_
+
+    dev = torch.device("cuda", 1)
+    x = torch.randn(33, 64, device=dev, dtype=torch.bfloat16)
+    w = torch.randn(48, 64, device=dev, dtype=torch.bfloat16) / 8
+    a = torch.randn(8, 64, device=dev, dtype=torch.bfloat16) / 8
+    b = torch.randn(48, 8, device=dev, dtype=torch.bfloat16)
+    with torch.cuda.device(0):
+        y, _ = lora_linear_fwd(x, w, None, a, b, 0.5)
+        ids = torch.zeros(33, dtype=torch.int32, device=dev)
+        ym, _ = lora_linear_multi_fwd(
+            x, w, None, a[None], b[None], torch.full((1,), 0.5, device=dev), ids
+        )
+        w2 = w.clone()
+        merge_(w2, a, b, 0.5)
+    torch.cuda.synchronize(dev)
+    x64, w64, a64, b64 = (t.double() for t in (x, w, a, b))
+    ref64 = x64 @ w64.T + 0.5 * (x64 @ a64.T) @ b64.T
+    baseline = x @ w.T + 0.5 * (x @ a.T) @ b.T  # stock PyTorch in bf16
+    for name, got in (("lora_linear_fwd", y), ("lora_linear_multi_fwd", ym)):
+        assert got.device == dev
+        assert_close_to_ref(name, got, ref64, baseline)
+    merged64 = w64 + 0.5 * b64 @ a64
+    assert_close_to_ref(
+        "merge_", w2, merged64, (w.float() + 0.5 * b.float() @ a.float()).to(w.dtype)
+    )

@@ -26,9 +26,11 @@ def make(m_shape, k, n, r, dtype, bias=True, lora_dtype=None, device=DEVICE):
 
 
 def _torch_same_dtype(x, w, b, a, bb, scale):
-    """Stock PyTorch LoRA in the inputs' own dtype: the baseline for the tolerance rule."""
+    """Stock PyTorch LoRA in the activations' dtype: the baseline for the tolerance rule. fp32
+    adapters on a 16-bit base are rounded to the base's dtype for their products, as PEFT
+    computes them under autocast (the precision policy, README "Precision")."""
     y = x @ w.T + (b if b is not None else 0)
-    return y + scale * ((x.to(a.dtype) @ a.T) @ bb.T).to(y.dtype)
+    return y + scale * ((x @ a.to(x.dtype).T) @ bb.to(x.dtype).T).to(y.dtype)
 
 
 def _f64(*ts):

@@ -12,7 +12,7 @@ Switches (environment):
 - ``LORA_KERNELS_BUILD_CUDA=0``: never compile at run time (an ahead-of-time build still loads).
 - ``LORA_KERNELS_CUDA_ARCHS``: ``"80;90"``-style list of compute capabilities to build for
   (``90a``, ``100a`` and a ``+PTX`` suffix are understood). The JIT build defaults to the GPUs
-  it can see, ``setup.py`` to ``"80;90"``.
+  it can see, ``setup.py`` to ``"80;90+PTX"``.
 - ``MAX_JOBS`` (ninja's parallel jobs) and ``NVCC_THREADS`` (nvcc's ``--threads``).
 
 This module imports nothing heavy at import time: ``setup.py`` reads its flag lists without
@@ -33,14 +33,18 @@ __all__ = [
     "DEFAULT_ARCHS",
     "NVCC_FLAGS",
     "SOURCES",
+    "cuda_build_decision",
     "csrc_dir",
     "extension_status",
     "gencode_flags",
     "load_extension",
+    "nvcc_cuda_version",
     "nvcc_thread_flags",
 ]
 
-DEFAULT_ARCHS = "80;90"
+# Machine code for A100 and H100, plus PTX of the newest, which the driver of a newer GPU
+# (Blackwell and later) compiles on first load: without it the extension would not run there.
+DEFAULT_ARCHS = "80;90+PTX"
 # Translation units, relative to csrc/: the torch-free kernels and the torch binding.
 SOURCES = ("lora_linear.cu", "merge.cu", "binding.cpp")
 CXX_FLAGS = ["-O3"]
@@ -74,6 +78,48 @@ def gencode_flags(archs: str) -> list[str]:
     if not flags:
         raise ValueError(f"LORA_KERNELS_CUDA_ARCHS: no architecture in {archs!r}")
     return flags
+
+
+def nvcc_cuda_version(cuda_home: str | None) -> str | None:
+    """``"12.4"`` from ``<cuda_home>/bin/nvcc --version``, or None when it cannot be run."""
+    import re
+    import subprocess
+
+    if not cuda_home:
+        return None
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def cuda_build_decision(mode: str, torch_cuda: str | None, nvcc_cuda: str | None):
+    """``(build, reason)``: whether ``setup.py`` compiles the extension, and why not.
+
+    ``mode`` is ``LORA_KERNELS_BUILD_CUDA`` (``auto``, ``0``, ``1``). An nvcc whose CUDA major
+    version differs from torch's cannot build an extension for it (torch's build refuses): in
+    ``auto`` mode that skips the extension with the reason, so that ``pip install`` still
+    succeeds (the Triton and torch backends work without it); ``1`` makes the caller fail.
+    """
+    if mode == "0":
+        return False, "LORA_KERNELS_BUILD_CUDA=0"
+    if torch_cuda is None:
+        return False, "this torch has no CUDA"
+    if nvcc_cuda is None:
+        return False, "nvcc was not found or did not run (set CUDA_HOME)"
+    if torch_cuda.split(".")[0] != nvcc_cuda.split(".")[0]:
+        return False, (
+            f"nvcc is CUDA {nvcc_cuda} but torch was built with CUDA {torch_cuda}: install an "
+            f"nvcc of CUDA {torch_cuda.split('.')[0]}.x (or point CUDA_HOME at one)"
+        )
+    return True, None
 
 
 def nvcc_thread_flags() -> list[str]:

@@ -1,6 +1,7 @@
 """The torch backend of DoRA: the factored row norm, forward and backward with stock PyTorch ops.
 
-Same launcher signatures as ``lora_kernels/triton/dora.py``, so the op layer dispatches blindly::
+Same launcher signatures as ``lora_kernels/backends/triton/dora.py``, so the op layer dispatches
+blindly::
 
     norm = sqrt(||W_n||^2 + 2 s B_n . (W A^T)_n + s^2 B_n (A A^T) B_n^T)      [N] fp32
     g    = magnitude / norm                                                    (the caller)

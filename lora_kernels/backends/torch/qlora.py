@@ -1,10 +1,11 @@
 """The torch backend of the 4-bit-base (QLoRA) LoRA linear: dequantize, then the LoRA linear.
 
-Used on CPU (and for float64). Same launcher signatures as ``lora_kernels/triton/qlora.py``, so
-the op layer dispatches blindly. The 4-bit weight is dequantized to the input's dtype (what
-bitsandbytes' matmul multiplies by) and handed to the single-adapter torch launchers; the backward
-dequantizes it again rather than keeping a 16-bit copy alive between forward and backward, which
-would undo the memory QLoRA saves (bitsandbytes does the same).
+Used on CPU (and for float64). Same launcher signatures as
+``lora_kernels/backends/triton/qlora.py``, so the op layer dispatches blindly. The 4-bit weight is
+dequantized to the input's dtype (what bitsandbytes' matmul multiplies by) and handed to the
+single-adapter torch launchers; the backward dequantizes it again rather than keeping a 16-bit copy
+alive between forward and backward, which would undo the memory QLoRA saves (bitsandbytes does the
+same).
 
 Dequantization reads each packed byte once through a 256-entry table of value pairs
 ``(code[b >> 4], code[b & 0xF])``, each pair stored as one 8-byte word so that one

@@ -17,10 +17,11 @@ memory-hungry. A block holding a row that the adapter nearly cancels (the factor
 bits to cancellation; ``ILL_CONDITIONED``) makes a second pass summing ``(W + s B A)^2`` for its
 rows, without a host synchronisation.
 
-The forward is the fused LoRA GEMM of ``lora_kernels/triton/lora_linear.py`` for ``lin`` followed
-by ``_dora_scale_kernel`` (``y = g * lin + bias``, one elementwise pass); ``lin`` is kept for the
-magnitude's gradient. The backward runs ``_dora_dy_kernel`` (one pass over dy and lin: writes
-``dy * g`` and reduces ``dy * lin`` over rows into dm) and then the LoRA backward on ``dy * g``.
+The forward is the fused LoRA GEMM of ``lora_kernels/backends/triton/lora_linear.py`` for ``lin``
+followed by ``_dora_scale_kernel`` (``y = g * lin + bias``, one elementwise pass); ``lin`` is kept
+for the magnitude's gradient. The backward runs ``_dora_dy_kernel`` (one pass over dy and lin:
+writes ``dy * g`` and reduces ``dy * lin`` over rows into dm) and then the LoRA backward on ``dy *
+g``.
 
 With dropout (x_lora given) the LoRA backward runs on ``(g - 1) * dy`` and the rank-r terms of
 ``dy`` itself are added after, so the gradient of x_lora, ``(g - 1) dy W + s (g dy B) A``, is never
@@ -40,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..torch.dora import ILL_CONDITIONED
-from . import interpreting
+from . import interpreting, on_input_device
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
 
 __all__ = [
@@ -241,11 +242,13 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+@on_input_device
 def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     """``||W_n||^2`` per row ``[N]`` fp32: one reduction, run once per frozen weight."""
     return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
 
 
+@on_input_device
 def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
     """``||W + scale * B A||_row`` ``[N]`` fp32 in one pass over W (see the module docstring).
 
@@ -283,6 +286,7 @@ def _blocks_2d(interp: bool) -> tuple[int, int]:
     return (16, 32) if interp else (32, 128)
 
 
+@on_input_device
 def dora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora, g):
     """``(y, lin, s)``: DoRA's output, the unscaled ``lin`` (x's dtype) and ``s = x_in @ A^T``
     (fp32) for x [M, K] and g [N] fp32; the LoRA GEMM of ``triton/lora_linear.py`` gives lin."""
@@ -328,6 +332,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
     return out, dm
 
 
+@on_input_device
 def dora_linear_bwd(
     dy,
     x,

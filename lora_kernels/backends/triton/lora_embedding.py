@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreting, on_input_device
 
 __all__ = ["lora_embedding_fwd", "lora_embedding_bwd"]
 
@@ -219,6 +219,7 @@ def _rank_block(r: int) -> int:
     return max(2, triton.next_power_of_2(r))
 
 
+@on_input_device
 def lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids=None, padding_idx=-1):
     """``y [M, D]`` in weight's dtype and ``S [M, R]`` fp32 (see the module docstring). Inputs
     are trusted (``lora_kernels._checks`` validated them); any strides."""
@@ -246,6 +247,7 @@ def lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids=None, paddin
     return y, s
 
 
+@on_input_device
 def lora_embedding_bwd(
     dy,
     ids,

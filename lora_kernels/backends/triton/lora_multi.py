@@ -42,11 +42,15 @@ device-host synchronisation.) Padded rank slots past ``ranks[a]`` are skipped: n
 and the gradients there are zero. Nothing here synchronises with the host or sizes an output by
 the data (grids depend on M, N, K, R, L only), so a decode step can be captured in a CUDA graph.
 
-Precision: fp32 accumulators everywhere. A dot runs in its operands' dtype as PyTorch would:
-fp16/bf16 natively, fp32 with ``input_precision="ieee"`` (no TF32, torch's default); the fp32
-intermediates ``s`` and ``dy @ lora_b`` are rounded to the data's dtype right before their dot,
-unless the adapters are fp32 (then the LoRA products run in fp32). Under the Triton interpreter,
-bf16 dot operands are upcast to fp32 (``tl.dot`` on bf16 is wrong in triton 3.9's interpreter).
+Precision (the package's policy, README "Precision"): fp32 accumulators everywhere, and every
+dot on the activations' dtype. For fp16/bf16 activations each dot's operands are rounded to that
+dtype and multiplied on tensor cores: the base GEMM, and the LoRA products, whose fp32
+intermediates (``s``, ``dy @ lora_b``) and fp32 adapters (PEFT's default on a 16-bit base) are
+rounded right before their dot; this is what PEFT computes under autocast, and the tests compare
+against that (tests/test_multi.py). fp32 layers multiply in fp32 (``input_precision="ieee"``),
+or in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` says so, PyTorch's own rule. Under the
+Triton interpreter, bf16 dot operands are rounded to bf16 and then upcast to fp32 (``tl.dot`` on
+bf16 is wrong in triton 3.9's interpreter).
 No autotuning: configs come from a small table, so the first call of a CUDA graph capture
 launches exactly what the warm-up compiled.
 """
@@ -57,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreting, on_input_device
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -76,11 +80,22 @@ def choose_strategy(m: int, num_adapters: int) -> str:
     return "grouped"
 
 
-def _dot_dtype(*dtypes: torch.dtype):
-    """The dtype both operands of a dot are cast to (see Precision in the module docstring)."""
-    if torch.float32 in dtypes or (interpreting() and torch.bfloat16 in dtypes):
-        return tl.float32
-    return _TL_DTYPES[dtypes[0]]
+def _dot_dtype(act_dtype: torch.dtype, lora_dtype: torch.dtype):
+    """The dtype both operands of a dot are rounded to: the activations' (see Precision in the
+    module docstring). ``lora_dtype`` does not change it: fp32 adapters on a 16-bit base are
+    rounded to the base's dtype for their dots, as PEFT computes them under autocast."""
+    del lora_dtype
+    return _TL_DTYPES[act_dtype]
+
+
+def _dot_flags(act_dtype: torch.dtype) -> dict:
+    """Constexprs of ``_dot``: the interpreter's bf16 upcast, and TF32 for fp32 layers only
+    where ``torch.backends.cuda.matmul.allow_tf32`` allows it (PyTorch's own rule)."""
+    tf32 = act_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return {
+        "UPCAST_DOTS": interpreting() and act_dtype == torch.bfloat16,
+        "PRECISION": "tf32" if tf32 else "ieee",
+    }
 
 
 def _rank_block(r_max: int) -> int:
@@ -91,6 +106,18 @@ def _rank_block(r_max: int) -> int:
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with both operands rounded to DOT_DTYPE (a tensor-core dot for 16 bits);
+    UPCAST_DOTS (interpreter, bf16) then widens the rounded operands to fp32."""
+    a = a.to(DOT_DTYPE)
+    b = b.to(DOT_DTYPE)
+    if UPCAST_DOTS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -171,6 +198,8 @@ def _lora_shrink_grouped_kernel(
     # meta-parameters
     HAS_RANKS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -212,7 +241,7 @@ def _lora_shrink_grouped_kernel(
                 mask=(r_offs < r_lim)[None, :] & k_mask[:, None],
                 other=0.0,
             )
-            acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision="ieee")
+            acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
         tl.store(out_rows, acc, mask=mine[:, None] & r_in)
 
 
@@ -252,7 +281,8 @@ def _lora_multi_fused_kernel(
     HAS_RANKS: tl.constexpr,
     GROUPED: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
-    LORA_DOT_DTYPE: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -297,7 +327,7 @@ def _lora_multi_fused_kernel(
             mask=n_mask[None, :] & k_mask[:, None],
             other=0.0,
         )
-        acc = tl.dot(xt.to(DOT_DTYPE), wt.to(DOT_DTYPE), acc, input_precision="ieee")
+        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
@@ -327,8 +357,7 @@ def _lora_multi_fused_kernel(
                     mask=n_mask[None, :] & r_mask[:, None],
                     other=0.0,
                 )
-                st = (st * scale).to(LORA_DOT_DTYPE)
-                acc = tl.dot(st, bt.to(LORA_DOT_DTYPE), acc, input_precision="ieee")
+                acc = _dot(st * scale, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
     else:
         a_safe = tl.where(valid, aid, 0)
         scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
@@ -384,6 +413,8 @@ def _lora_segment_outer_kernel(
     HAS_RANKS: tl.constexpr,
     RANK_ON_P: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
@@ -423,7 +454,7 @@ def _lora_segment_outer_kernel(
             mask=pos_mask[:, None] & (q_offs < q_lim)[None, :],
             other=0.0,
         )
-        acc = tl.dot(tl.trans(pt.to(DOT_DTYPE)), qt.to(DOT_DTYPE), acc, input_precision="ieee")
+        acc = _dot(tl.trans(pt), qt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
     acc = acc * tl.load(scales_ptr + a)
     tl.store(
         out_ptr + a * stride_ol + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq,
@@ -471,6 +502,7 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
         x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
         HAS_RANKS=ranks is not None,
         DOT_DTYPE=_dot_dtype(x.dtype, w.dtype),
+        **_dot_flags(x.dtype),
         BLOCK_M=block_m,
         BLOCK_R=block_r,
         BLOCK_K=64,
@@ -511,8 +543,8 @@ def _fused(
         HAS_BIAS=bias is not None,
         HAS_RANKS=ranks is not None,
         GROUPED=grouped,
-        DOT_DTYPE=_dot_dtype(x.dtype, w.dtype),
-        LORA_DOT_DTYPE=_dot_dtype(x.dtype, b.dtype),
+        DOT_DTYPE=_dot_dtype(x.dtype, b.dtype),
+        **_dot_flags(x.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -540,6 +572,7 @@ def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype
         HAS_RANKS=ranks is not None,
         RANK_ON_P=rank_on_p,
         DOT_DTYPE=dot_dtype,
+        **_dot_flags(q.dtype if rank_on_p else p.dtype),  # the activations: x (dA), dy (dB)
         BLOCK_M=32,
         BLOCK_P=block_p,
         BLOCK_Q=block_q,
@@ -548,6 +581,7 @@ def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype
     return out
 
 
+@on_input_device
 def lora_linear_multi_fwd(
     x, weight, bias, lora_a, lora_b, scales, row_ids, ranks=None, *, strategy="auto"
 ):
@@ -572,6 +606,7 @@ def lora_linear_multi_fwd(
     return y, s
 
 
+@on_input_device
 def lora_linear_multi_bwd(
     dy,
     x,

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreting, on_input_device
 
 __all__ = ["merge_"]
 
@@ -47,6 +47,10 @@ __all__ = ["merge_"]
 # thread at 4 warps; a rank chunk of 64 keeps the lora_a and lora_b tiles at 24 KiB of shared
 # memory for 16-bit operands.
 _CUDA_META = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+# fp32 (or mixed) adapters keep 3xTF32 (a merge is rounded once into the weight, so it keeps fp32
+# accuracy), whose split operands need twice the registers: at 4 warps that tile spills on sm_80
+# (255 registers + 44 B, measured by the compile gate); 8 warps halve each thread's share.
+_CUDA_META_FP32 = {**_CUDA_META, "num_warps": 8}
 _CUDA_MAX_BLOCK_R = 64
 # Interpreter tile: small, so the tests' odd sizes straddle tile edges and ranks above 16 loop.
 _INTERP_META = {"BLOCK_N": 32, "BLOCK_K": 64}
@@ -134,6 +138,7 @@ def _merge_kernel(
         tl.store(w_ptrs, merged.to(w_ptr.dtype.element_ty), mask=mask_w)
 
 
+@on_input_device
 def merge_(
     weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -148,11 +153,11 @@ def merge_(
     if n == 0 or k == 0:
         return weight
     upcast = interpreting()
-    meta = dict(_INTERP_META if upcast else _CUDA_META)
+    fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
+    meta = dict(_INTERP_META if upcast else _CUDA_META_FP32 if fp32_operands else _CUDA_META)
     max_block_r = _INTERP_MAX_BLOCK_R if upcast else _CUDA_MAX_BLOCK_R
     # tl.dot needs every dimension >= 16: smaller ranks are padded (masked) up to 16.
     block_r = min(max(16, triton.next_power_of_2(r)), max_block_r)
-    fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
     _merge_kernel[grid](
         weight, lora_a, lora_b,

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ..torch import lora_linear as torch_lora_linear
-from . import interpreting
+from . import interpreting, on_input_device
 
 # ------------------------------------------------------------------------------------------------
 # kernels
@@ -328,6 +328,7 @@ def _launch(kernel_name, grid_fn, m, args, meta):
 # ------------------------------------------------------------------------------------------------
 
 
+@on_input_device
 def qlora_linear_fwd(
     x, qweight, absmax, code, absmax2, code2, offset, blocksize, blocksize2, n,
     bias, lora_a, lora_b, scale, x_lora=None,
@@ -367,6 +368,7 @@ def qlora_linear_fwd(
     return y, s
 
 
+@on_input_device
 def qlora_linear_bwd(
     dy, x, qweight, absmax, code, absmax2, code2, offset, blocksize, blocksize2,
     lora_a, lora_b, s, scale, x_lora=None, *, needs_dx=True, needs_da=True, needs_db=True,

@@ -1,0 +1,118 @@
+"""Ahead-of-time compile gate (CI subset): Triton kernels compiled for sm_80 and sm_90, no GPU.
+
+``lora_kernels.backends.triton.compile_gate`` drives the real launchers, captures their launches,
+specialises them with Triton's binder and compiles every surviving config with Triton's bundled
+ptxas. This file runs the ``QUICK`` matrix (the common training path: bf16 base with bf16 and
+fp32 adapters, decode and prefill M, odd K/N) in a Triton cache directory of its own; the whole
+matrix is ``python benchmarks/triton_compile_report.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lora_kernels.backends.triton import compile_gate as gate  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def triton_cache(tmp_path_factory):
+    """A Triton cache local to this test run, so every variant is really compiled here."""
+    old = os.environ.get("TRITON_CACHE_DIR")
+    path = tmp_path_factory.mktemp("triton_cache")
+    os.environ["TRITON_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = old
+
+
+def _variants(family, capability, matrix):
+    return {
+        (v.kernel.__name__, gate._describe_variant(v.kernel, v.specialization), v.config): v
+        for v in gate.capture(family, capability, matrix)
+    }
+
+
+def test_launches_are_specialised_like_triton():
+    """Divisibility-16 hints and ints equal to 1 as constants, from Triton's own binder."""
+    matrix = {
+        "lora_linear": {
+            "kn": [(4099, 4096)],
+            "m": [1],
+            "r": [16],
+            "dtypes": [("bf16", "bf16")],
+            "bias": [False],
+            "x_lora": [False],
+            "deterministic": [False],
+            "needs": [],
+        }
+    }
+    variants = gate.capture("lora_linear", 90, matrix)
+    gemm = [v for v in variants if v.kernel.__name__ == "_lora_gemm_kernel"]
+    assert gemm, "the forward launched no GEMM"
+    names = [p.name for p in gemm[0].kernel.params]
+    spec = dict(zip(names, gemm[0].specialization, strict=True))
+    assert spec["M"] == ("constexpr", 1)  # M == 1 is a constant, as on a GPU
+    assert spec["N"][0] == "i32" and spec["N"][1] == "D"  # 4096: divisible by 16
+    assert spec["K"][0] == "i32" and spec["K"][1] in (None, "")  # 4099: no hint
+    assert spec["x_ptr"][0] == "*bf16"
+    # The autotuned launch is expanded into every config the launcher's pruning keeps.
+    configs = {v.config for v in gemm}
+    assert len(configs) >= 2 and all(c.startswith("tuned:") for c in configs)
+
+
+def test_compiling_leaves_the_interpreter_working(triton_cache):
+    """The gate compiles in this interpreting process without breaking interpreted kernels."""
+    from lora_kernels.backends.triton.merge import merge_
+
+    [variant] = [
+        v
+        for v in gate.capture("merge", 80, gate.QUICK)
+        if "a:bf16" in gate._describe_variant(v.kernel, v.specialization)
+    ] or gate.capture("merge", 80, gate.QUICK)[:1]
+    [result] = gate.compile_launches("merge", [variant], 80)
+    assert result.error is None and result.registers > 0 and result.shared > 0
+    w = torch.randn(33, 70, dtype=torch.bfloat16)
+    a = torch.randn(5, 70)
+    b = torch.randn(33, 5)
+    expected = (w.double() + 0.5 * (b.double() @ a.double())).to(torch.bfloat16)
+    merge_(w, a, b, 0.5)
+    torch.testing.assert_close(w, expected, atol=0, rtol=0)
+
+
+def test_findings_reject_what_the_issue_names():
+    """The checks themselves: spills on 16-bit paths, shared memory, missing tensor cores."""
+    ok = gate.Result("f", "k", "v", "c", 80, ["case"], 100, 0, 1024, 1, 8, True)
+    assert gate.findings(ok) == []
+    spill = gate.Result("f", "k", "v", "c", 80, ["case"], 255, 64, 1024, 1, 8, True)
+    assert "spills" in gate.findings(spill)[0]
+    smem = gate.Result("f", "k", "v", "c", 80, ["case"], 100, 0, 160 * 1024, 1, 8, True)
+    assert "shared memory" in gate.findings(smem)[0]
+    no_mma = gate.Result("f", "k", "v", "c", 90, ["case"], 100, 0, 1024, 2, 0, True)
+    assert "tensor cores" in gate.findings(no_mma)[0]
+    one_fma = gate.Result("f", "k", "v", "c", 90, ["case"], 100, 0, 1024, 2, 8, True, fma_dots=1)
+    assert "1 of 2 dots not on tensor cores" in gate.findings(one_fma)[0]
+    fp32 = gate.Result("f", "k", "v", "c", 90, ["case"], 255, 64, 1024, 2, 0, False)
+    assert gate.findings(fp32) == []
+    error = gate.Result("f", "k", "v", "c", 90, ["case"], error="CompilationError: x")
+    assert "compile error" in gate.findings(error)[0]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_quick_matrix_compiles_clean(capability, triton_cache):
+    """Every variant of the CI subset compiles, within shared memory, spill-free, on MMA."""
+    results = []
+    for family in gate.LAUNCHER_MODULES:
+        results += gate.compile_launches(
+            family, gate.capture(family, capability, gate.QUICK), capability
+        )
+    assert len(results) >= 15
+    assert all(r.error is None for r in results), [r for r in results if r.error]
+    problems = [f for r in results for f in gate.findings(r)]
+    assert problems == [], "\n".join(problems)
