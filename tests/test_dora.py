@@ -37,14 +37,18 @@ def _f64(*ts):
     return [None if t is None else t.detach().double() for t in ts]
 
 
-def stock_dora(x, w, b, a, bb, m, scale, x_lora=None):
+def stock_dora(x, w, b, a, bb, m, scale, x_lora=None, round_lora=False):
     """DoRA in stock PyTorch in the inputs' own dtypes, PEFT's way (the dense [N, K] sum): the
-    baseline of the tolerance rule."""
+    baseline of the tolerance rule. ``round_lora``: fp32 adapters on a 16-bit base are rounded to
+    the base's dtype for the LoRA products, as the Triton kernels do (README "Precision"); the norm
+    stays in the adapters' precision, as the norm kernel computes it."""
     dense = w + scale * (bb @ a).to(w.dtype)
     norm = torch.linalg.vector_norm(dense, dim=1).detach()
     g = m / norm.to(m.dtype)
     xl = x if x_lora is None else x_lora
-    lin = xl @ w.T + scale * ((xl.to(a.dtype) @ a.T) @ bb.T).to(x.dtype)
+    lora_a, lora_b = (a.to(x.dtype), bb.to(x.dtype)) if round_lora else (a, bb)
+    lora = (xl.to(lora_a.dtype) @ lora_a.T) @ lora_b.T
+    lin = xl @ w.T + scale * lora.to(x.dtype)
     y = (g * lin).to(x.dtype)
     if b is not None:
         y = y + b
@@ -71,7 +75,8 @@ def check_dora(backend, m_shape, k, n, r, dtype, bias=True, lora_dtype=None, dro
     base = [t.detach().clone().requires_grad_(True) for t in leaves]
     xs, as_, bs, ms = base[:4]
     xls = base[4] if dropout else None
-    y_base = stock_dora(xs, w, b, as_, bs, ms, scale, xls)
+    round_lora = backend == "triton" and a.dtype != x.dtype
+    y_base = stock_dora(xs, w, b, as_, bs, ms, scale, xls, round_lora)
     y_base.backward(dy)
 
     assert y.dtype == x.dtype and y.shape == (*m_shape, n)

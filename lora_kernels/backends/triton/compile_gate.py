@@ -67,19 +67,39 @@ SMEM_HEADROOM = 8 * 1024
 # --------------------------------------------------------------------------------------------
 
 
+# Modules of device functions that launcher modules import (``from ._rounding import ...``):
+# a twin must see compiled-mode copies of them, not the interpreted ones this process made.
+SHARED_DEVICE_MODULES = ("lora_kernels.backends.triton._rounding",)
+
+
+def _exec_compiled(path: str, name: str):
+    """Execute the module at import path ``path`` afresh, as ``name``, with the interpreter off."""
+    spec = importlib.util.find_spec(path)
+    twin_spec = importlib.util.spec_from_file_location(name, spec.origin)
+    module = importlib.util.module_from_spec(twin_spec)
+    module.__package__ = path.rpartition(".")[0]
+    twin_spec.loader.exec_module(module)
+    return module
+
+
 def _load_twin(family: str, sms: int):
     """A private copy of the family's module whose kernels are compiled, not interpreted."""
     import triton
 
     path = LAUNCHER_MODULES[family]
-    spec = importlib.util.find_spec(path)
-    name = f"{path}__aot_twin_{sms}"
-    twin_spec = importlib.util.spec_from_file_location(name, spec.origin)
-    module = importlib.util.module_from_spec(twin_spec)
-    module.__package__ = path.rpartition(".")[0]
+    saved = {p: sys.modules.get(p) for p in SHARED_DEVICE_MODULES}
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = False
-        twin_spec.loader.exec_module(module)
+        try:
+            for p in SHARED_DEVICE_MODULES:
+                sys.modules[p] = _exec_compiled(p, p)
+            module = _exec_compiled(path, f"{path}__aot_twin_{sms}")
+        finally:
+            for p, m in saved.items():
+                if m is None:
+                    sys.modules.pop(p, None)
+                else:
+                    sys.modules[p] = m
     # The launchers take their CUDA paths, sized for the target's GPU. Their input checks, which
     # accept CPU tensors only under the interpreter, still do (the driven tensors are CPU ones).
     module.interpreting = _checks_only

@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, on_input_device
+from ._rounding import interpreted_round
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd"]
 
@@ -99,13 +100,14 @@ def _mma(a, b, acc, UPCAST_DOTS: tl.constexpr, ACT: tl.constexpr):
     A 16-bit layer rounds both operands to ACT (fp32 intermediates S and T, and fp32 adapters,
     included) and multiplies them on tensor cores with fp32 accumulation, as PEFT computes under
     autocast. An fp32 layer multiplies in 3xTF32 (about fp32 accuracy on tensor cores). Under the
-    interpreter, the rounded operands are upcast to fp32 (its bf16 dot is broken).
+    interpreter, the operands are rounded as a GPU rounds them and upcast to fp32 (its bf16 dot is
+    broken; ``_rounding.py``).
     One function rather than nested helpers, because the interpreter pays for every jit call.
     """
     if ACT == tl.float32:  # noqa: SIM300 - ACT is the constexpr parameter
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32x3")
     elif UPCAST_DOTS:
-        acc = tl.dot(a.to(ACT).to(tl.float32), b.to(ACT).to(tl.float32), acc)
+        acc = tl.dot(interpreted_round(a, ACT), interpreted_round(b, ACT), acc)
     else:
         acc = tl.dot(a.to(ACT), b.to(ACT), acc)
     return acc

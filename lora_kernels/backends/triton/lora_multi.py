@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, on_input_device
+from ._rounding import interpreted_round
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -112,12 +113,12 @@ def _rank_block(r_max: int) -> int:
 def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
     """``acc + a @ b`` with both operands rounded to DOT_DTYPE (a tensor-core dot for 16 bits);
     UPCAST_DOTS (interpreter, bf16) then widens the rounded operands to fp32."""
-    a = a.to(DOT_DTYPE)
-    b = b.to(DOT_DTYPE)
-    if UPCAST_DOTS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+    if UPCAST_DOTS:  # rounded as a GPU rounds, then widened (``_rounding.py``)
+        return tl.dot(
+            interpreted_round(a, DOT_DTYPE), interpreted_round(b, DOT_DTYPE), acc,
+            input_precision=PRECISION,
+        )  # fmt: skip
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
 
 @triton.jit

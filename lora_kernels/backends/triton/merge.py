@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, on_input_device
+from ._rounding import round_to_bf16
 
 __all__ = ["merge_"]
 
@@ -55,19 +56,6 @@ _CUDA_MAX_BLOCK_R = 64
 # Interpreter tile: small, so the tests' odd sizes straddle tile edges and ranks above 16 loop.
 _INTERP_META = {"BLOCK_N": 32, "BLOCK_K": 64}
 _INTERP_MAX_BLOCK_R = 16
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 -> bf16, round to nearest even, done on the bits (NaN stays a quiet NaN)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    # Adding 0x7FFF plus the lowest kept bit carries into the kept half exactly when the dropped
-    # half is above one half, or equal to it with an odd kept half; a carry out of the mantissa
-    # steps the exponent, and the largest finite values round up to inf, as they should.
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    quiet_nan = (bits >> 16) | 0x40
-    kept = tl.where(x != x, quiet_nan, rounded)
-    return kept.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -133,7 +121,7 @@ def _merge_kernel(
 
     merged = w_tile.to(tl.float32) + acc * scale
     if ROUND_BF16_BY_BITS:
-        tl.store(w_ptrs, _round_to_bf16(merged), mask=mask_w)
+        tl.store(w_ptrs, round_to_bf16(merged), mask=mask_w)
     else:
         tl.store(w_ptrs, merged.to(w_ptr.dtype.element_ty), mask=mask_w)
 
