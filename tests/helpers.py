@@ -13,6 +13,31 @@ from lora_kernels.nn import FusedLoraLinear
 from tests.tolerances import assert_close_to_ref
 
 
+class TinyBlocks(nn.Module):
+    """Two residual blocks of three linears (``q``, ``up``, ``down``) and a head; rows never mix
+    (so a mixed-adapter batch equals each adapter run alone, row for row)."""
+
+    def __init__(self, dim: int = 24, hidden: int = 40):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "q": nn.Linear(dim, dim),
+                    "up": nn.Linear(dim, hidden),
+                    "down": nn.Linear(hidden, dim),
+                }
+            )
+            for _ in range(2)
+        )
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            h = block["q"](x)
+            x = x + block["down"](torch.relu(block["up"](h)))
+        return self.head(x)
+
+
 def tiny_llama(seed: int = 0, layers: int = 2) -> nn.Module:
     """A LlamaForCausalLM small enough for the CPU: hidden 32, 2 layers, untied head."""
     import transformers

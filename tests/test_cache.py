@@ -17,6 +17,7 @@ from lora_kernels import reference as R
 from lora_kernels.cache import AdapterCache
 from lora_kernels.model import LoraConfig, get_lora_model
 from lora_kernels.switch import switch_adapter
+from tests.helpers import TinyBlocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DIM, HIDDEN = 24, 40
@@ -32,26 +33,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "q": nn.Linear(DIM, DIM),
-                    "up": nn.Linear(DIM, HIDDEN),
-                    "down": nn.Linear(HIDDEN, DIM),
-                }
-            )
-            for _ in range(2)
-        )
-        self.head = nn.Linear(DIM, 10)
-
-    def forward(self, x):
-        for block in self.blocks:
-            h = block["q"](x)
-            x = x + block["down"](torch.relu(block["up"](h)))
-        return self.head(x)
+def Tiny() -> nn.Module:  # noqa: N802 - reads as the model class it builds
+    return TinyBlocks(DIM, HIDDEN)
 
 
 def shapes():

@@ -24,6 +24,7 @@ from lora_kernels.cache import AdapterCache
 from lora_kernels.model import LoraConfig, get_lora_model, mixed_batch
 from lora_kernels.serving import adapter_slot_ids, serving_state
 from lora_kernels.switch import release_adapters, switch_adapter
+from tests.helpers import TinyBlocks
 from tests.tolerances import assert_close_to_ref
 
 DIM, HIDDEN = 24, 40
@@ -31,28 +32,8 @@ TARGETS = ["q", "up", "down"]
 ADAPTERS = (("x", 2, TARGETS), ("y", 8, TARGETS), ("z", 16, ["up"]))
 
 
-class Tiny(nn.Module):
-    """Two residual blocks of three linears and a head; rows never mix."""
-
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "q": nn.Linear(DIM, DIM),
-                    "up": nn.Linear(DIM, HIDDEN),
-                    "down": nn.Linear(HIDDEN, DIM),
-                }
-            )
-            for _ in range(2)
-        )
-        self.head = nn.Linear(DIM, 10)
-
-    def forward(self, x):
-        for block in self.blocks:
-            h = block["q"](x)
-            x = x + block["down"](torch.relu(block["up"](h)))
-        return self.head(x)
+def Tiny() -> nn.Module:  # noqa: N802 - reads as the model class it builds
+    return TinyBlocks(DIM, HIDDEN)
 
 
 def random_adapter(model, r, targets):
