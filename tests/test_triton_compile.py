@@ -2,8 +2,9 @@
 
 ``lora_kernels.backends.triton.compile_gate`` drives the real launchers, captures their launches,
 specialises them with Triton's binder and compiles every surviving config with Triton's bundled
-ptxas. This file runs the ``QUICK`` matrix (the common training path: bf16 base with bf16 and
-fp32 adapters, decode and prefill M, odd K/N) in a Triton cache directory of its own; the whole
+ptxas. This file runs the ``QUICK`` matrix (the common training path: bf16 base with fp32
+adapters, decode and prefill M, odd K/N; every family: LoRA, multi-adapter, merge, DoRA, QLoRA,
+embedding) in a Triton cache directory of its own; the whole
 matrix is ``python benchmarks/triton_compile_report.py``.
 """
 
@@ -67,6 +68,30 @@ def test_launches_are_specialised_like_triton():
     assert len(configs) >= 2 and all(c.startswith("tuned:") for c in configs)
 
 
+def test_odd_shapes_take_the_narrow_multi_adapter_tiles():
+    """Without divisibility hints (K = 4099) the fused multi-adapter kernel takes BLOCK_K 32 and
+    a 16-wide rank chunk: the aligned tiles spilled 600-1,400 B there (capture only)."""
+
+    def fused_configs(k, n, strategy):
+        matrix = {
+            "lora_multi": {
+                "kn": [(k, n)], "m": [4096], "r": [128], "adapters": 2,
+                "dtypes": [("bf16", "fp32")], "id_dtypes": [torch.int64],
+                "strategies": [strategy], "ranks": [True],
+            }
+        }  # fmt: skip
+        return {
+            v.config
+            for v in gate.capture("lora_multi", 90, matrix)
+            if v.kernel.__name__ == "_lora_multi_fused_kernel"
+        }
+
+    assert fused_configs(4096, 4096, "gather") == {"fixed:M16-N64-K128-R32-w4s4"}
+    assert fused_configs(4099, 32001, "gather") == {"fixed:M16-N64-K32-R16-w4s3"}
+    assert fused_configs(4096, 4096, "grouped") == {"fixed:M128-N128-K32-R32-w8s3"}
+    assert fused_configs(4099, 32001, "grouped") == {"fixed:M64-N128-K32-R16-w8s3"}
+
+
 def test_compiling_leaves_the_interpreter_working(triton_cache):
     """The gate compiles in this interpreting process without breaking interpreted kernels."""
     from lora_kernels.backends.triton.merge import merge_
@@ -113,6 +138,7 @@ def test_quick_matrix_compiles_clean(capability, triton_cache):
             family, gate.capture(family, capability, gate.QUICK), capability
         )
     assert len(results) >= 15
+    assert {r.family for r in results} == set(gate.LAUNCHER_MODULES)  # every family drove launches
     assert all(r.error is None for r in results), [r for r in results if r.error]
     problems = [f for r in results for f in gate.findings(r)]
     assert problems == [], "\n".join(problems)

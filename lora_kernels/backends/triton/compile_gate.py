@@ -50,6 +50,9 @@ LAUNCHER_MODULES = {
     "lora_linear": "lora_kernels.backends.triton.lora_linear",
     "lora_multi": "lora_kernels.backends.triton.lora_multi",
     "merge": "lora_kernels.backends.triton.merge",
+    "dora": "lora_kernels.backends.triton.dora",
+    "qlora": "lora_kernels.backends.triton.qlora",
+    "lora_embedding": "lora_kernels.backends.triton.lora_embedding",
 }
 
 # Per-block shared memory a kernel may use (opt-in maximum) and the SM count of the reference
@@ -105,6 +108,8 @@ def _load_twin(family: str, sms: int):
     module.interpreting = _checks_only
     if hasattr(module, "_target_programs"):
         module._target_programs = lambda device: 2 * sms
+    if hasattr(module, "_sm_count"):
+        module._sm_count = lambda device_index: sms
     if hasattr(module, "_autotune_enabled"):
         module._autotune_enabled = lambda: True
     return module
@@ -239,7 +244,9 @@ class _Capture:
         self.launches = 0
         self.case = ""
         self.guard_depth = 0
-        for value in vars(module).values():
+        values = list(vars(module).values())
+        values += [v for d in values if isinstance(d, dict) for v in d.values()]  # tables
+        for value in values:
             if isinstance(value, Autotuner):
                 value.run = self._autotuned(value)
             elif isinstance(value, JITFunction):
@@ -558,7 +565,112 @@ def drive_merge(twin, cap: _Capture, matrix: dict) -> None:
                 twin.merge_(w, _t(r, k, dtype=_DT[adt]), _t(n, r, dtype=_DT[adt]), 2.0)
 
 
-DRIVERS = {"lora_linear": drive_lora_linear, "lora_multi": drive_lora_multi, "merge": drive_merge}
+def drive_dora(twin, cap: _Capture, matrix: dict) -> None:
+    # DoRA's own kernels (weight norm, output scale, dy pass); its LoRA GEMMs are lora_linear's
+    # launches, driven by that family: stubbed here with outputs of the right shapes.
+    def lora_fwd(x, weight, bias, a, b, scale, x_lora=None):
+        m = x.shape[0]
+        return _t(m, weight.shape[0], dtype=x.dtype), torch.empty((m, a.shape[0]))
+
+    def lora_bwd(dy, x, weight, a, b, s, scale, x_lora=None, **needs):
+        return _t(*x.shape, dtype=x.dtype), None, torch.empty_like(a), torch.empty_like(b)
+
+    twin.lora_linear_fwd, twin.lora_linear_bwd = lora_fwd, lora_bwd
+    for k, n in matrix["kn"]:
+        for r in matrix["r"]:
+            for dt, adt in matrix["dtypes"]:
+                xd, ad = _DT[dt], _DT[adt]
+                w, a, b = _t(n, k, dtype=xd), _t(r, k, dtype=ad), _t(n, r, dtype=ad)
+                for has_wsq in (True, False):
+                    cap.case = f"norm K{k} N{n} r{r} {dt}/{adt} wsq{int(has_wsq)}"
+                    twin.dora_weight_norm(w, a, b, 2.0, torch.ones(n) if has_wsq else None)
+                g = torch.ones(n)
+                for m in matrix["m"]:
+                    x = _t(m, k, dtype=xd)
+                    # the dropout input adds stock GEMMs over the whole weight: small M only
+                    for xl_on in [on for on in matrix["x_lora"] if not on or m <= 16]:
+                        xl = _t(m, k, dtype=xd) if xl_on else None
+                        tag = f"M{m} K{k} N{n} r{r} {dt}/{adt} xl{int(xl_on)}"
+                        cap.case = "fwd " + tag
+                        twin.dora_linear_fwd(x, w, _t(n, dtype=xd), a, b, 2.0, xl, g)
+                        for det in matrix["deterministic"]:
+                            cap.case = f"bwd det{int(det)} " + tag
+                            prev = torch.are_deterministic_algorithms_enabled()
+                            torch.use_deterministic_algorithms(det)
+                            try:
+                                twin.dora_linear_bwd(
+                                    _t(m, n, dtype=xd), x, w, a, b,
+                                    torch.empty((m, r)), _t(m, n, dtype=xd), g, torch.ones(n),
+                                    2.0, xl, needs_dx=not xl_on, needs_da=not xl_on,
+                                    needs_db=not xl_on,
+                                )  # fmt: skip
+                            finally:
+                                torch.use_deterministic_algorithms(prev)
+
+
+def drive_qlora(twin, cap: _Capture, matrix: dict) -> None:
+    for k, n in matrix["kn"]:
+        for nested in matrix["nested"]:
+            blocks = -(-n * k // 64)
+            quant = (
+                _t(-(-n * k // 2), 1, dtype=torch.uint8),
+                _t(blocks, dtype=torch.uint8 if nested else torch.float32),
+                _t(16, dtype=torch.float32),
+                _t(-(-blocks // 256), dtype=torch.float32) if nested else None,
+                _t(256, dtype=torch.float32) if nested else None,
+                _t(1, dtype=torch.float32) if nested else None,
+                64,
+                256,
+            )
+            for m in matrix["m"]:
+                for r in matrix["r"]:
+                    for dt, adt in matrix["dtypes"]:
+                        xd, ad = _DT[dt], _DT[adt]
+                        for xl_on in matrix["x_lora"]:
+                            x = _t(m, k, dtype=xd)
+                            a, b = _t(r, k, dtype=ad), _t(n, r, dtype=ad)
+                            xl = _t(m, k, dtype=xd) if xl_on else None
+                            tag = f"M{m} K{k} N{n} r{r} {dt}/{adt} nested{int(nested)}"
+                            tag += f" xl{int(xl_on)}"
+                            cap.case = "fwd " + tag
+                            twin.qlora_linear_fwd(x, *quant, n, _t(n, dtype=xd), a, b, 2.0, xl)
+                            cap.case = "bwd " + tag
+                            twin.qlora_linear_bwd(
+                                _t(m, n, dtype=xd), x, *quant, a, b, torch.empty((m, r)), 2.0,
+                                xl, needs_dx=True, needs_da=False, needs_db=False,
+                            )  # fmt: skip
+
+
+def drive_lora_embedding(twin, cap: _Capture, matrix: dict) -> None:
+    num = matrix["adapters"]
+    for v, d in matrix["vd"]:
+        for m in matrix["m"]:
+            for r in matrix["r"]:
+                for dt, adt in matrix["dtypes"]:
+                    for mixed in matrix["row_ids"]:
+                        ids = torch.zeros(m, dtype=torch.int64)
+                        row_ids = torch.zeros(m, dtype=torch.int64) if mixed else None
+                        w = _t(v, d, dtype=_DT[dt])
+                        a, b = _t(num, r, v, dtype=_DT[adt]), _t(num, d, r, dtype=_DT[adt])
+                        scales = [2.0] * num
+                        tag = f"M{m} V{v} D{d} r{r} {dt}/{adt} mixed{int(mixed)}"
+                        cap.case = "fwd " + tag
+                        twin.lora_embedding_fwd(ids, w, a, b, scales, row_ids, 0)
+                        cap.case = "bwd " + tag
+                        twin.lora_embedding_bwd(
+                            _t(m, d, dtype=_DT[dt]), ids, w, a, b, scales, row_ids,
+                            torch.empty((m, r)), 0,
+                        )  # fmt: skip
+
+
+DRIVERS = {
+    "lora_linear": drive_lora_linear,
+    "lora_multi": drive_lora_multi,
+    "merge": drive_merge,
+    "dora": drive_dora,
+    "qlora": drive_qlora,
+    "lora_embedding": drive_lora_embedding,
+}
 
 _DTYPES_ALL = [
     ("fp16", "fp16"),
@@ -598,6 +710,30 @@ FULL = {
         "r": [16, 128],
         "dtypes": _DTYPES_ALL,
     },
+    "dora": {
+        "kn": [(4096, 14336), (4099, 32001)],
+        "m": [1, 4096],
+        "r": [16, 128],
+        "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
+        "x_lora": [False, True],
+        "deterministic": [False, True],
+    },
+    "qlora": {
+        "kn": [(4096, 14336), (4099, 32001)],
+        "m": [1, 4096],
+        "r": [16, 128],
+        "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
+        "nested": [True],
+        "x_lora": [False],
+    },
+    "lora_embedding": {
+        "vd": [(32000, 4096), (32001, 4099)],
+        "m": [1, 4096],
+        "r": [16, 128],
+        "adapters": 2,
+        "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
+        "row_ids": [False, True],
+    },
 }
 
 # The CI subset (tests/test_triton_compile.py, about 60 compiles): the common training path
@@ -629,6 +765,30 @@ QUICK = {
         "kn": [(4096, 4096)],
         "r": [16],
         "dtypes": [("bf16", "fp32")],
+    },
+    "dora": {
+        "kn": [(4099, 32001)],
+        "m": [4096],
+        "r": [16],
+        "dtypes": [("bf16", "fp32")],
+        "x_lora": [False],
+        "deterministic": [False],
+    },
+    "qlora": {
+        "kn": [(4099, 32001)],
+        "m": [1, 4096],
+        "r": [16],
+        "dtypes": [("bf16", "fp32")],
+        "nested": [True],
+        "x_lora": [False],
+    },
+    "lora_embedding": {
+        "vd": [(32001, 4099)],
+        "m": [4096],
+        "r": [16],
+        "adapters": 2,
+        "dtypes": [("bf16", "fp32")],
+        "row_ids": [True],
     },
 }
 

@@ -268,7 +268,8 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
         return norm
     interp = interpreting()
     block_n = 16 if interp else 64
-    block_k = 32 if interp else (64 if block_r <= 64 else 32)
+    # BLOCK_K 64 spilled 264 B on sm_80 (odd K, ||W||^2 in the same pass; compile gate)
+    block_k = 32
     _dora_norm_kernel[(triton.cdiv(n, block_n),)](
         weight, lora_a, lora_b, gram, wsq, norm,
         n, k, r,
@@ -318,7 +319,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
     block_m, block_n = _blocks_2d(interp)
     n_blocks = triton.cdiv(n, block_n)
     splits = 1
-    if not interp and not torch.are_deterministic_algorithms_enabled() and dy.is_cuda:
+    if not interp and not torch.are_deterministic_algorithms_enabled():
         sms = _sm_count(dy.device.index if dy.device.index is not None else 0)
         splits = max(1, min(triton.cdiv(m, block_m), (4 * sms) // n_blocks))
     rows = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m

@@ -15,8 +15,9 @@ is written on its own. The work is a gather (memory-bound), and the rank loop re
 ``[BLOCK_D]`` (per row when rows use different adapters), so no ``tl.dot`` shape constraint (16)
 applies and the same code serves one adapter and a mixed batch.
 
-The backward is one kernel per block of rows: it streams dy over D once, building both
-``T = dy @ B`` ([BLOCK_M, R], in registers) and this block's ``dy^T S`` partial of dB (added with
+The backward is one kernel per block of rows and slice of the rank: it streams dy over D once
+per slice, building both ``T = dy @ B`` ([BLOCK_M, BLOCK_R], in registers) and this block's
+``dy^T S`` partial of dB (added with
 fp32 atomics, one adapter at a time), then scatters ``scale * T`` into A's columns of the block's
 ids with atomics (ids repeat: the atomics add them up). A's gradient is therefore sparse in its
 columns, as ``F.embedding``'s is. Every sum is fp32 and each gradient is rounded once.
@@ -33,8 +34,15 @@ from . import interpreting, on_input_device
 __all__ = ["lora_embedding_fwd", "lora_embedding_bwd"]
 
 _INTERP_BLOCKS = (16, 16)  # (BLOCK_M, BLOCK_D) under the interpreter: few, cheap programs
-_CUDA_BLOCKS = (32, 128)
-_CUDA_BWD_BLOCKS = (16, 32)  # the backward keeps [BLOCK_M, BLOCK_D, BLOCK_R] products live
+# The forward's [BLOCK_M, BLOCK_D] gather of B (a pointer per element with mixed adapters):
+# 32 x 128 spilled 80 B on sm_90 (compile gate); 16 x 128 does not.
+_CUDA_BLOCKS = (16, 128)
+# The backward keeps [BLOCK_M, BLOCK_D, BLOCK_R] products and B's gathered pointers live; its
+# grid splits the rank into BLOCK_R slices (dy is read once per slice). 16 x 32 x r (whole
+# rank) spilled 900 B at rank 16; 16 x 8 x 16 is spill-free at every rank.
+_CUDA_BWD_BLOCKS = (16, 8)
+_CUDA_BWD_MAX_R = 16
+_INTERP_BWD_MAX_R = 8  # small enough that the tests' ranks take several slices
 
 
 @triton.jit
@@ -147,7 +155,7 @@ def _lora_embedding_bwd_kernel(
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_r = offs_r < R
     ids = tl.load(ids_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -275,7 +283,8 @@ def lora_embedding_bwd(
         db_t = db32 if db32 is not None else s
         da_strides = (da_t.stride(0), da_t.stride(1), da_t.stride(2)) if needs_da else (0, 0, 0)
         db_strides = (db_t.stride(0), db_t.stride(1), db_t.stride(2)) if needs_db else (0, 0, 0)
-        _lora_embedding_bwd_kernel[(triton.cdiv(m, block_m),)](
+        block_r = min(_rank_block(r), _INTERP_BWD_MAX_R if interpreting() else _CUDA_BWD_MAX_R)
+        _lora_embedding_bwd_kernel[(triton.cdiv(m, block_m), triton.cdiv(r, block_r))](
             dy, ids, row_ids if row_ids is not None else ids, lora_b, s, scales_t, da_t, db_t,
             m, d, r, num, padding_idx,
             dy.stride(0), dy.stride(1),
@@ -287,7 +296,7 @@ def lora_embedding_bwd(
             NEEDS_DB=needs_db,
             BLOCK_M=block_m,
             BLOCK_D=block_d,
-            BLOCK_R=_rank_block(r),
+            BLOCK_R=block_r,
         )  # fmt: skip
     da = da32.to(lora_a.dtype) if needs_da else None
     db = db32.to(lora_b.dtype) if needs_db else None

@@ -99,6 +99,34 @@ def _dot_flags(act_dtype: torch.dtype) -> dict:
     }
 
 
+def _divisible(*values: int) -> bool:
+    """Every size and stride a multiple of 16: what Triton's divisibility hint needs to vectorise
+    a tile's loads (and pipeline them through shared memory). Without it (K = 4099, rank 7)
+    every element is loaded and addressed on its own, and the tiles that fit in registers on
+    aligned shapes spill (the compile gate measured 600-1,400 B); such calls take the narrower
+    ``_ODD_*`` configs."""
+    return all(v % 16 == 0 for v in values if v != 1)
+
+
+# Fused-kernel tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed by strategy,
+# and for grouped by M >= 2048. The compile gate holds each to zero spills on sm_80 and sm_90
+# for 16-bit layers and fp32 adapters on them, aligned and odd shapes, rank 16 to 128.
+_FUSED_CONFIGS = {
+    "gather": (16, 64, 128, 4, 4),
+    "grouped": (64, 128, 64, 8, 3),
+    "grouped_tall": (128, 128, 32, 8, 3),
+}
+_ODD_FUSED_CONFIGS = {
+    "gather": (16, 64, 32, 4, 3),
+    "grouped": (64, 128, 32, 8, 3),
+    "grouped_tall": (64, 128, 32, 8, 3),
+}
+
+# Rank chunk of the grouped expand: its [BLOCK_M, R] and [R, BLOCK_N] tiles sit beside the big
+# accumulator; 64 spilled 16-1,400 B at rank 128 (both targets), 32 does not.
+_EXPAND_MAX_R = 32
+
+
 def _rank_block(r_max: int) -> int:
     """Rank slots per step: a power of two, >= 16 for ``tl.dot``, at most 64 (ranks loop on)."""
     return max(16, min(triton.next_power_of_2(r_max), 64))
@@ -481,8 +509,11 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
     if m == 0 or r_max == 0:
         return out
     ranks_arg = ranks if ranks is not None else row_ids
+    aligned = _divisible(k, r_max, x.stride(0), *w_strides)
     if strategy == "gather":
         block_r = min(triton.next_power_of_2(r_max), 64)
+        # a [BLOCK_R, BLOCK_K] adapter tile per program: at most 4,096 elements unaligned
+        block_k = 128 if aligned and block_r <= 32 else 64 if block_r <= 32 or aligned else 32
         grid = (m, triton.cdiv(r_max, block_r))
         _lora_shrink_gather_kernel[grid](
             x, w, row_ids, ranks_arg, out,
@@ -490,7 +521,7 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
             x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
             HAS_RANKS=ranks is not None,
             BLOCK_R=block_r,
-            BLOCK_K=128,
+            BLOCK_K=block_k,
         )  # fmt: skip
         return out
     sorted_ids, order = sorted_rows
@@ -506,7 +537,7 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
         **_dot_flags(x.dtype),
         BLOCK_M=block_m,
         BLOCK_R=block_r,
-        BLOCK_K=64,
+        BLOCK_K=64 if aligned else 32,
         num_warps=4,
     )  # fmt: skip
     return out
@@ -524,14 +555,11 @@ def _fused(
     if m == 0 or n == 0:
         return out
     grouped = strategy == "grouped"
-    if grouped:
-        ids, order = sorted_rows
-        block_m, block_n, block_k, warps, stages = 64, 128, 64, 8, 3
-        if m >= 2048:
-            block_m = 128
-    else:
-        ids, order = row_ids, row_ids
-        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+    ids, order = sorted_rows if grouped else (row_ids, row_ids)
+    key = ("grouped_tall" if m >= 2048 else "grouped") if grouped else "gather"
+    aligned = _divisible(k, n, x.stride(0), *w_strides, s.stride(0), *b_strides, out.stride(0))
+    table = _FUSED_CONFIGS if aligned else _ODD_FUSED_CONFIGS
+    block_m, block_n, block_k, warps, stages = table[key]
     if x.dtype == torch.float32:
         block_k, stages = 32, 2  # fp32 tiles are twice the bytes: keep shared memory in budget
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
@@ -549,7 +577,7 @@ def _fused(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_R=_rank_block(r_max),
+        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned else 16),
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,

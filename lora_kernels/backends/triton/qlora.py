@@ -33,15 +33,18 @@ at the end (or stored as dx_lora when PEFT's dropout feeds the LoRA branch anoth
 
 Triton 3.9's interpreter returns garbage for ``tl.dot`` on bf16 operands and truncates fp32 to
 bf16, so under the interpreter (and only there) ``INTERPRET`` upcasts dot operands to fp32 and
-rounds bf16 conversions to nearest even on the bits, as a GPU converts. fp32 layers use
-``"ieee"`` dots (PyTorch's default fp32 matmul is not TF32 either). The nested absmax is
+rounds bf16 conversions to nearest even on the bits, as a GPU converts.
+
+Precision (the package's policy, README "Precision"): every dot multiplies in the activations'
+dtype with fp32 accumulation. On a 16-bit layer the LoRA operands (fp32 adapters, PEFT's QLoRA
+default, and the fp32 ``S`` and ``dy @ lora_b``) are rounded to that dtype right before their
+tensor-core dot, as PEFT computes them under autocast; fp32 layers use ``"ieee"`` dots, or TF32
+where ``torch.backends.cuda.matmul.allow_tf32`` allows it. The nested absmax is
 decoded with fp contraction off, so ``code2 * absmax2 + offset`` rounds twice as bitsandbytes'
 does.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -83,7 +86,7 @@ def _dequant_tile(
 def _cast(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """``v.to(dtype)``, rounding to nearest even: the interpreter truncates fp32 to bf16, so there
     the rounding is done on the bits first (a GPU rounds to nearest even itself)."""
-    if INTERPRET and dtype == tl.bfloat16:
+    if INTERPRET and dtype == tl.bfloat16 and v.dtype == tl.float32:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         v = bits.to(tl.float32, bitcast=True)
@@ -112,7 +115,7 @@ def _qlora_fwd_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_XL: tl.constexpr, INTERPRET: tl.constexpr,
-    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0).to(tl.int64)
@@ -124,7 +127,6 @@ def _qlora_fwd_kernel(
     n_ok = offs_n < N
     r_ok = offs_r < R
     x_dtype = x_ptr.dtype.element_ty
-    l_dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -154,14 +156,15 @@ def _qlora_fwd_kernel(
             mask=k_ok[:, None] & r_ok[None, :],
             other=0.0,
         )  # [BLOCK_K, BLOCK_R]
-        s_acc = _dot(xl_tile.to(l_dtype), a_tile, s_acc, INTERPRET, LORA_PRECISION)
+        s_acc = _dot(xl_tile, _cast(a_tile, x_dtype, INTERPRET), s_acc, INTERPRET, PRECISION)
 
     b_tile = tl.load(
         b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
         mask=r_ok[:, None] & n_ok[None, :],
         other=0.0,
     )  # [BLOCK_R, BLOCK_N]
-    acc = _dot(_cast(s_acc * scale, l_dtype, INTERPRET), b_tile, acc, INTERPRET, LORA_PRECISION)
+    s_dot = _cast(s_acc * scale, x_dtype, INTERPRET)
+    acc = _dot(s_dot, _cast(b_tile, x_dtype, INTERPRET), acc, INTERPRET, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -192,7 +195,7 @@ def _qlora_dx_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     SPLIT_LORA: tl.constexpr, INTERPRET: tl.constexpr,
-    PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0).to(tl.int64)
@@ -204,7 +207,6 @@ def _qlora_dx_kernel(
     k_ok = offs_k < K
     r_ok = offs_r < R
     dy_dtype = dy_ptr.dtype.element_ty
-    l_dtype = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     u_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -227,25 +229,28 @@ def _qlora_dx_kernel(
             mask=n_ok[:, None] & r_ok[None, :],
             other=0.0,
         )  # [BLOCK_N, BLOCK_R]
-        u_acc = _dot(dy_tile.to(l_dtype), b_tile, u_acc, INTERPRET, LORA_PRECISION)
+        u_acc = _dot(dy_tile, _cast(b_tile, dy_dtype, INTERPRET), u_acc, INTERPRET, PRECISION)
 
-    a_tile = tl.load(
-        a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-        mask=r_ok[:, None] & k_ok[None, :],
-        other=0.0,
+    a_tile = _cast(
+        tl.load(
+            a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+            mask=r_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        ),
+        dy_dtype,
+        INTERPRET,
     )  # [BLOCK_R, BLOCK_K]
+    u = _cast(u_acc * scale, dy_dtype, INTERPRET)
     out_mask = m_ok[:, None] & k_ok[None, :]
     if SPLIT_LORA:
-        lora = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        u = _cast(u_acc * scale, l_dtype, INTERPRET)
-        lora = _dot(u, a_tile, lora, INTERPRET, LORA_PRECISION)
+        lora = _dot(u, a_tile, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), INTERPRET, PRECISION)
         tl.store(
             dxl_ptr + offs_m[:, None] * stride_dxlm + offs_k[None, :] * stride_dxlk,
             _cast(lora, dxl_ptr.dtype.element_ty, INTERPRET),
             mask=out_mask,
         )
     else:
-        acc = _dot(_cast(u_acc * scale, l_dtype, INTERPRET), a_tile, acc, INTERPRET, LORA_PRECISION)
+        acc = _dot(u, a_tile, acc, INTERPRET, PRECISION)
     tl.store(
         dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
         _cast(acc, dx_ptr.dtype.element_ty, INTERPRET),
@@ -262,46 +267,51 @@ def _qlora_dx_kernel(
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 
 
-def _configs(decode: bool) -> list[triton.Config]:
-    """Tile shapes to try on a GPU. Decode (M <= 16) streams the weight: narrow N tiles give
-    enough programs to cover the SMs without split-K; prefill wants big square tiles. The
-    per-element block maxima are staged in shared memory by the pipeliner like any operand: the
-    prefill list keeps to shapes whose sm_90 builds stay under 227 KiB (compiled, not measured);
-    the autotuner drops any config a device cannot launch."""
-    if decode:
-        shapes = [
-            (16, 32, 128, 4, 3),
-            (16, 64, 128, 4, 3),
-            (16, 32, 256, 4, 3),
-            (16, 64, 64, 4, 4),
-        ]
-    else:
-        shapes = [
-            (128, 128, 64, 8, 2),
-            (128, 64, 64, 4, 3),
-            (64, 128, 64, 4, 3),
-            (64, 64, 64, 4, 3),
-        ]
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, wide rank).
+# Decode (M <= 16) streams the weight: narrow tiles give enough programs to cover the SMs
+# without split-K; prefill wants bigger tiles. Dequantizing a tile gathers per element (packed
+# byte, code entry, block maximum, each with its own address), so the dequantized tile must stay
+# small: the compile gate (tests/test_triton_compile.py, benchmarks/triton_compile_report.py)
+# measured 0.5-7 KB of spills and up to 256 KiB of shared memory for 64-128-deep K tiles and
+# 64 x 128 W tiles, on both targets; every tile below is spill-free on sm_80 and sm_90 for
+# 16-bit layers (fp32 adapters included), aligned and odd K/N. A rank over 32 (an fp32
+# [BLOCK_M, BLOCK_R] LoRA accumulator beside the main one) takes the "wide" lists.
+_CONFIGS = {
+    ("fwd", True, False): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
+    ("fwd", True, True): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
+    ("fwd", False, False): [(64, 32, 32, 4, 3), (128, 64, 32, 8, 2)],
+    ("fwd", False, True): [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2)],
+    ("dx", True, False): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2), (16, 64, 32, 4, 2)],
+    ("dx", True, True): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2), (16, 64, 32, 4, 2)],
+    ("dx", False, False): [(64, 32, 32, 4, 3), (128, 64, 32, 8, 2)],
+    ("dx", False, True): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
+}
+_WIDE_RANK = 32
+
+
+def _configs(kernel_name: str, decode: bool, wide: bool) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
+        for m, n, k, w, s in _CONFIGS[(kernel_name, decode, wide)]
     ]
 
 
-# Decode and prefill tune apart (two autotuners), each keyed by the problem size.
+# One autotuner per (kernel, decode, wide rank), each keyed by the problem size.
 _KEY = ["N", "K", "BLOCK_R", "NESTED"]
+_TUNED = {
+    key: triton.autotune(configs=_configs(*key), key=_KEY)(
+        _qlora_fwd_kernel if key[0] == "fwd" else _qlora_dx_kernel
+    )
+    for key in _CONFIGS
+}
 
 
-@functools.cache
-def _tuned(kernel_name: str, decode: bool):
-    kernel = {"fwd": _qlora_fwd_kernel, "dx": _qlora_dx_kernel}[kernel_name]
-    return triton.autotune(configs=_configs(decode), key=_KEY)(kernel)
-
-
-def _precisions(x_dtype: torch.dtype, l_dtype: torch.dtype) -> tuple[str, str]:
-    base = "ieee" if x_dtype == torch.float32 else "tf32"
-    lora = "ieee" if l_dtype == torch.float32 else "tf32"
-    return base, lora
+def _precision(x_dtype: torch.dtype) -> str:
+    """``input_precision`` of every dot: 16-bit dots are tensor-core dots whatever it says; fp32
+    layers multiply in IEEE fp32, or TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows
+    it (PyTorch's own rule)."""
+    tf32 = x_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if tf32 else "ieee"
 
 
 def _quant_args(qweight, absmax, code, absmax2, code2, offset):
@@ -315,12 +325,12 @@ def _launch(kernel_name, grid_fn, m, args, meta):
     meta = dict(meta)
     # Two roundings in the nested absmax decode, as bitsandbytes: no fused multiply-add.
     meta["enable_fp_fusion"] = False
-    if interpreting() or not torch.cuda.is_available():
+    if interpreting():
         kernel = {"fwd": _qlora_fwd_kernel, "dx": _qlora_dx_kernel}[kernel_name]
         meta.update(_INTERPRET_META)
         kernel[grid_fn(meta)](*args, **meta)
         return
-    _tuned(kernel_name, m <= 16)[grid_fn](*args, **meta)
+    _TUNED[(kernel_name, m <= 16, meta["BLOCK_R"] > _WIDE_RANK)][grid_fn](*args, **meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,7 +351,6 @@ def qlora_linear_fwd(
         return y, s
     quant, nested = _quant_args(qweight, absmax, code, absmax2, code2, offset)
     xl = x if x_lora is None else x_lora
-    precision, lora_precision = _precisions(x.dtype, lora_a.dtype)
     args = (
         x, xl, *quant, x if bias is None else bias, lora_a, lora_b, y, s,
         m, n, k, r,
@@ -356,8 +365,7 @@ def qlora_linear_fwd(
         "HAS_BIAS": bias is not None,
         "HAS_XL": x_lora is not None,
         "INTERPRET": interpreting(),
-        "PRECISION": precision,
-        "LORA_PRECISION": lora_precision,
+        "PRECISION": _precision(x.dtype),
         "BLOCK_R": max(16, triton.next_power_of_2(r)),
     }
 
@@ -390,7 +398,6 @@ def qlora_linear_bwd(
         dx_lora = x.new_empty((m, k)) if x_lora is not None else dx
         if m > 0:
             quant, nested = _quant_args(qweight, absmax, code, absmax2, code2, offset)
-            precision, lora_precision = _precisions(x.dtype, lora_a.dtype)
             args = (
                 dy, *quant, lora_a, lora_b, dx, dx_lora,
                 m, n, k, r,
@@ -405,8 +412,7 @@ def qlora_linear_bwd(
                 "NESTED": nested,
                 "SPLIT_LORA": x_lora is not None,
                 "INTERPRET": interpreting(),
-                "PRECISION": precision,
-                "LORA_PRECISION": lora_precision,
+                "PRECISION": _precision(x.dtype),
                 "BLOCK_R": max(16, triton.next_power_of_2(r)),
             }
 
