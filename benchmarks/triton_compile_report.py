@@ -9,6 +9,9 @@ Exit status 1 when the gate rejects any variant.
 
     python benchmarks/triton_compile_report.py [--matrix full|quick] [--targets 80,90]
 
+On a machine with several cores, one process per target and then ``--combine`` (the JSON files
+of those runs) writes the same table in about half the time.
+
 Uses a fresh Triton cache directory unless TRITON_CACHE_DIR is set (the ptxas log that gives
 registers and spills is re-derived from the cached PTX on a cache hit).
 """
@@ -26,13 +29,65 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _write_md(stem: Path, summary: dict, rows: list[dict]) -> None:
+    lines = [
+        f"# Triton ahead-of-time compile report ({summary['matrix']} matrix)",
+        "",
+        f"{summary['variants']} kernel x config x target variants compiled with triton"
+        f" {summary['triton']}'s bundled ptxas in {summary['seconds']} s of compile time (no"
+        f" GPU); {summary['spilling']} spill (the gate allows spills on fp32 layers only),"
+        f" {summary['rejected']} rejected by the gate"
+        f"{'' if summary['complete'] else ' (run in progress)'}. Command:"
+        f" `python benchmarks/triton_compile_report.py --matrix {summary['matrix']}`.",
+        "",
+        "| kernel | variant | config | target | registers | spill B | shared B | mma | gate |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["kernel"], r["variant"], r["config"], r["target"])):
+        verdict = "; ".join(f.split(": ", 1)[-1] for f in row["findings"]) or "ok"
+        lines.append(
+            f"| {row['kernel']} | {row['variant']} | {row['config']} | {row['target']} |"
+            f" {row['registers']} | {row['spill_bytes']} | {row['shared_bytes']} |"
+            f" {row['mma']} | {verdict} |"
+        )
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def _combine(args) -> int:
+    """One table from the JSON files of partial runs (e.g. one per target)."""
+    parts = [json.loads(Path(f).read_text()) for f in args.combine]
+    rows = [row for part in parts for row in part["rows"]]
+    first = parts[0]["summary"]
+    summary = {
+        **first,
+        "targets": sorted({t for part in parts for t in part["summary"]["targets"]}),
+        "variants": len(rows),
+        "rejected": sum(1 for row in rows if row["findings"]),
+        "spilling": sum(1 for row in rows if row["spill_bytes"]),
+        "seconds": sum(part["summary"]["seconds"] for part in parts),
+        "complete": all(part["summary"]["complete"] for part in parts),
+    }
+    stem = (
+        Path(args.out)
+        if args.out
+        else ROOT / "benchmarks" / "results" / (f"triton_compile_{first['matrix']}")
+    )
+    stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))
+    _write_md(stem, summary, rows)
+    print(json.dumps(summary))
+    return 1 if summary["rejected"] else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrix", choices=("full", "quick"), default="full")
     parser.add_argument("--targets", default="80,90")
     parser.add_argument("--families", default="", help="comma-separated; default all")
     parser.add_argument("--out", default="", help="output stem (default benchmarks/results/...)")
+    parser.add_argument("--combine", nargs="+", default=[], help="JSON files of partial runs")
     args = parser.parse_args()
+    if args.combine:
+        return _combine(args)
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cache = None
@@ -101,28 +156,8 @@ def main() -> int:
         stem.with_suffix(".json").write_text(
             json.dumps({"summary": summary, "rows": rows}, indent=1)
         )
-        lines = [
-            f"# Triton ahead-of-time compile report ({args.matrix} matrix)",
-            "",
-            f"{len(rows)} kernel x config x target variants compiled with triton"
-            f" {triton.__version__}'s bundled ptxas in {seconds:.0f} s (no GPU);"
-            f" {len(spilling)} spill, {len(bad)} rejected by the gate"
-            f"{'' if complete else ' (run in progress)'}. Command:"
-            f" `python benchmarks/triton_compile_report.py --matrix {args.matrix}`.",
-            "",
-            "| kernel | variant | config | target | registers | spill B | shared B | mma | gate |",
-            "|---|---|---|---|---:|---:|---:|---:|---|",
-        ]
-        for row in sorted(
-            rows, key=lambda r: (r["kernel"], r["variant"], r["config"], r["target"])
-        ):
-            verdict = "; ".join(f.split(": ", 1)[-1] for f in row["findings"]) or "ok"
-            lines.append(
-                f"| {row['kernel']} | {row['variant']} | {row['config']} | {row['target']} |"
-                f" {row['registers']} | {row['spill_bytes']} | {row['shared_bytes']} |"
-                f" {row['mma']} | {verdict} |"
-            )
-        stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        _write_md(stem, summary, rows)
+
         return summary, bad
 
     for capability in targets:

@@ -548,59 +548,6 @@ def test_rows_the_adapter_cancels_fall_back_to_the_dense_sum(backend):
     assert (factored - ref).abs().max() > 100 * (got - ref).abs().max()  # the fallback mattered
 
 
-def _compile_sm90(every_variant: bool = False) -> None:
-    """Compile the DoRA kernels to Hopper cubins (needs no GPU); raises on the first failure.
-
-    The test compiles the norm kernel only (the one with dots; about a minute on a busy 2-core
-    machine); ``every_variant=True`` adds the elementwise kernels and more tile shapes."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    from lora_kernels.backends.triton import dora as kernels
-
-    variants = [
-        (kernels._dora_norm_kernel, "bf16", {"HAS_WSQ": True, "BLOCK_N": 64, "BLOCK_K": 64,
-                                             "BLOCK_R": 16}),
-        (kernels._dora_norm_kernel, "fp32", {"HAS_WSQ": False, "BLOCK_N": 64, "BLOCK_K": 32,
-                                             "BLOCK_R": 128}),
-        (kernels._dora_scale_kernel, "bf16", {"HAS_BIAS": True, "BLOCK_M": 32, "BLOCK_N": 128}),
-        (kernels._dora_dy_kernel, "fp16", {"G_SHIFT": 1, "HAS_DM": True, "ATOMIC_DM": True,
-                                          "BLOCK_M": 32, "BLOCK_N": 128}),
-    ]  # fmt: skip
-    if not every_variant:
-        variants = variants[:1]
-    fp32_ptrs = {"gram_ptr", "wsq_ptr", "norm_ptr", "g_ptr", "dm_ptr"}
-    for fn, dt, consts in variants:
-        if fn is kernels._dora_norm_kernel:
-            consts = {**consts, "DOT_PRECISION": "tf32x3"}
-        signature = {}
-        for name in fn.arg_names:
-            if name in consts:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*fp32" if name in fp32_ptrs else f"*{dt}"
-            else:
-                signature[name] = "fp32" if name in ("scale", "ILL_CONDITIONED") else "i32"
-        source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={})
-        assert compiled.asm["cubin"], (fn.__name__, dt, consts)
-
-
-@pytest.mark.skipif(not HAS_TRITON or DEVICE == "cuda", reason="compile check for CPU machines")
-def test_triton_kernels_compile_for_sm90():
-    import os
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    code = "import tests.test_dora as t; t._compile_sm90()"
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-
-
 def test_dora_refused_where_it_has_no_fused_path():
     """DoRA runs on nn.Linear weights; a Conv1D layer (``fan_in_fan_out``) refuses it up front,
     and get_lora_model refuses a DoRA config that targets one, before the model changes."""

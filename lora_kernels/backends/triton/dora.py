@@ -83,8 +83,10 @@ def _dora_norm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    GRAM_COLS: tl.constexpr,
 ):
-    """``norm`` for BLOCK_N rows; without HAS_WSQ also stores their ``||W_n||^2`` in wsq."""
+    """``norm`` for BLOCK_N rows; without HAS_WSQ also stores their ``||W_n||^2`` in wsq. The
+    Gram matrix is read GRAM_COLS columns at a time (all of it at once spilled at rank 128)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -108,10 +110,17 @@ def _dora_norm_kernel(
 
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
-    gram = tl.load(gram_ptr + offs_r[:, None] * BLOCK_R + offs_r[None, :])
-    bg = tl.dot(b, gram, input_precision=DOT_PRECISION)
     cross = tl.sum(b * p, axis=1)
-    quad = tl.sum(bg * b, axis=1)
+    quad = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, BLOCK_R, GRAM_COLS):
+        cols = c0 + tl.arange(0, GRAM_COLS)
+        gram = tl.load(gram_ptr + offs_r[:, None] * BLOCK_R + cols[None, :])  # [BLOCK_R, C]
+        b_cols = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + cols[None, :] * stride_br,
+            mask=mask_n[:, None] & (cols < R)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        quad += tl.sum(tl.dot(b, gram, input_precision=DOT_PRECISION) * b_cols, axis=1)
     if HAS_WSQ:
         wsq = tl.load(wsq_ptr + offs_n, mask=mask_n, other=0.0)
     else:
@@ -242,6 +251,16 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+# Norm kernel tiles (BLOCK_N, BLOCK_K, num_warps) by rank above 64: its epilogue holds the
+# [BLOCK_R, BLOCK_R] Gram matrix and B's rows beside the [BLOCK_N, BLOCK_R] accumulator. The
+# compile gate measured, at rank 128 with 64-row tiles, 2-80 KB of spills; BLOCK_K 64 spilled
+# 264 B even at rank 16 (odd K, ||W||^2 in the same pass).
+_NORM_TILES = {False: (64, 32, 4), True: (16, 32, 8)}
+_GRAM_COLS = 32
+# dy-pass tiles (BLOCK_M, BLOCK_N, num_warps)
+_DY_TILES = (32, 128, 4)
+
+
 @on_input_device
 def weight_sq_norm(weight: torch.Tensor) -> torch.Tensor:
     """``||W_n||^2`` per row ``[N]`` fp32: one reduction, run once per frozen weight."""
@@ -267,9 +286,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
     if n == 0:
         return norm
     interp = interpreting()
-    block_n = 16 if interp else 64
-    # BLOCK_K 64 spilled 264 B on sm_80 (odd K, ||W||^2 in the same pass; compile gate)
-    block_k = 32
+    block_n, block_k, warps = (16, 32, 4) if interp else _NORM_TILES[block_r > 64]
     _dora_norm_kernel[(triton.cdiv(n, block_n),)](
         weight, lora_a, lora_b, gram, wsq, norm,
         n, k, r,
@@ -278,7 +295,8 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
         float(scale), ILL_CONDITIONED,
         HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if interp else "tf32x3",
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-        num_warps=4,
+        GRAM_COLS=min(block_r, 16 if interp else _GRAM_COLS),
+        num_warps=warps,
     )  # fmt: skip
     return norm
 
@@ -316,7 +334,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
     if m == 0 or n == 0:
         return out, dm
     interp = interpreting()
-    block_m, block_n = _blocks_2d(interp)
+    block_m, block_n, warps = (*_blocks_2d(interp), 4) if interp else _DY_TILES
     n_blocks = triton.cdiv(n, block_n)
     splits = 1
     if not interp and not torch.are_deterministic_algorithms_enabled():
@@ -329,6 +347,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
         m, n, rows,
         dy.stride(0), dy.stride(1), lin.stride(0), lin.stride(1), out.stride(0), out.stride(1),
         G_SHIFT=shift, HAS_DM=needs_dm, ATOMIC_DM=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps,
     )  # fmt: skip
     return out, dm
 
