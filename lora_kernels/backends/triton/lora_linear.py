@@ -350,11 +350,13 @@ def _cfg(block_m, block_n, block_k, warps, stages):
 # What it measured and these lists answer: on odd K/N (no divisibility hints, e.g. 4099 x 32001)
 # the precomputed-S epilogue spilled 1,240 B at 64x128x64 with 4 warps and 184 B at 128x128x64
 # (sm_90), and a 128x256 tile 300-2,900 B on both targets; the 64-deep K tiles of 4 warps and the
-# 128x256 tile are gone, 8 warps or BLOCK_K 32 are spill-free there.
+# 128x256 tile are gone, 8 warps or BLOCK_K 32 are spill-free there. The whole matrix then found
+# the 16x32x256 decode tile spilling 8-24 B on sm_90 in the precomputed-S epilogue of dx (weight
+# read transposed): 16x64x64 takes its place.
 _GEMM_CONFIGS = {
     (True, False): [
         _cfg(16, 64, 128, 4, 4),
-        _cfg(16, 32, 256, 4, 3),
+        _cfg(16, 64, 64, 4, 4),
         _cfg(32, 64, 128, 4, 4),
         _cfg(64, 64, 64, 4, 4),
     ],
@@ -383,8 +385,8 @@ def _gemm_candidates(
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or kept
     if fused_block_r > 32:
         # A [BLOCK_M, 64] S accumulator and a [BLOCK_K, 64] lora_a tile beside the main ones:
-        # the gate measured 16 B (sm_80) to 16 KB (16x32x256) of spills for every small-M tile
-        # but 16x64x128 there.
+        # the gate measured 16 B (sm_80) to 16 KB of spills for every small-M tile but 16x64x128
+        # there.
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 16 * 128] or kept
     return kept
 

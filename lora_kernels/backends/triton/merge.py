@@ -44,15 +44,14 @@ from ._rounding import round_to_bf16
 __all__ = ["merge_"]
 
 
-# GPU tile: a bf16 [64, 128] weight tile is 16 KiB and its fp32 accumulator 64 registers per
-# thread at 4 warps; a rank chunk of 64 keeps the lora_a and lora_b tiles at 24 KiB of shared
-# memory for 16-bit operands.
-_CUDA_META = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2}
+# GPU tile: a [64, 64] weight tile and rank chunks of 32. The whole compile matrix
+# (benchmarks/triton_compile_report.py) measured [64, 128] tiles with 64-rank chunks spilling
+# 392-1,532 B on odd K/N and at rank 128 (both targets); these are spill-free there.
+_CUDA_META = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 # fp32 (or mixed) adapters keep 3xTF32 (a merge is rounded once into the weight, so it keeps fp32
-# accuracy), whose split operands need twice the registers: at 4 warps that tile spills on sm_80
-# (255 registers + 44 B, measured by the compile gate); 8 warps halve each thread's share.
-_CUDA_META_FP32 = {**_CUDA_META, "num_warps": 8}
-_CUDA_MAX_BLOCK_R = 64
+# accuracy), whose split operands need twice the registers: 8 warps and a 32-deep K tile.
+_CUDA_META_FP32 = {**_CUDA_META, "BLOCK_K": 32, "num_warps": 8}
+_CUDA_MAX_BLOCK_R = 32
 # Interpreter tile: small, so the tests' odd sizes straddle tile edges and ranks above 16 loop.
 _INTERP_META = {"BLOCK_N": 32, "BLOCK_K": 64}
 _INTERP_MAX_BLOCK_R = 16
