@@ -30,12 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_md(stem: Path, summary: dict, rows: list[dict]) -> None:
+    runs = summary.get("runs", 1)
     lines = [
         f"# Triton ahead-of-time compile report ({summary['matrix']} matrix)",
         "",
         f"{summary['variants']} kernel x config x target variants compiled with triton"
-        f" {summary['triton']}'s bundled ptxas in {summary['seconds']} s of compile time (no"
-        f" GPU); {summary['spilling']} spill (the gate allows spills on fp32 layers only),"
+        f" {summary['triton']}'s bundled ptxas in {summary['seconds']} s of compile time"
+        f"{f' over {runs} runs' if runs > 1 else ''} (no GPU); {summary['spilling']} spill"
+        " (the gate allows spills on fp32 layers only),"
         f" {summary['rejected']} rejected by the gate"
         f"{'' if summary['complete'] else ' (run in progress)'}. Command:"
         f" `python benchmarks/triton_compile_report.py --matrix {summary['matrix']}`.",
@@ -66,6 +68,7 @@ def _combine(args) -> int:
         "spilling": sum(1 for row in rows if row["spill_bytes"]),
         "seconds": sum(part["summary"]["seconds"] for part in parts),
         "complete": all(part["summary"]["complete"] for part in parts),
+        "runs": len(parts),
     }
     stem = (
         Path(args.out)

@@ -19,7 +19,7 @@ is ever written as its own tensor. The forward calls it with ``w = weight``; the
 for dx with ``w = weight.T`` and ``lora_b = lora_a.T`` (only strides change). The LoRA term comes
 in one of two ways, chosen by shape:
 
-* fused shrink (M <= 64 and r <= 64): S accumulates in the same K-loop as the base product, from
+* fused shrink (M <= 64 and r <= 32): S accumulates in the same K-loop as the base product, from
   the x tile already in registers and a [BLOCK_K, r] slice of lora_a; one launch in all. Every
   N-block program recomputes the same S, which costs r / BLOCK_N extra MMA work and re-reads
   lora_a (r * K, L2-resident) per program: free while the GEMM is bound by streaming the weight,
@@ -85,7 +85,10 @@ _LORA_FROM_S: tl.constexpr = tl.constexpr(2)
 
 # Largest M and rank for which the GEMM recomputes S in its own K-loop (see the module docstring).
 _FUSED_SHRINK_MAX_M = 64
-_FUSED_SHRINK_MAX_R = 64
+# A [BLOCK_M, 64] S accumulator and a [BLOCK_K, 64] lora_a tile beside the main ones spilled
+# 216-260 B in every small-M tile on one target or the other (compile gate, whole matrix): ranks
+# 33-64 take the precomputed-S path, whose epilogue walks r in chunks of 32.
+_FUSED_SHRINK_MAX_R = 32
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,9 +373,7 @@ _GEMM_CONFIGS = {
 }
 
 
-def _gemm_candidates(
-    m_bucket: int, x, a, b, split_lora_out: bool, *, fused_block_r: int = 0
-) -> list[triton.Config]:
+def _gemm_candidates(m_bucket: int, x, a, b, split_lora_out: bool) -> list[triton.Config]:
     """The configs of a call's (M bucket, operand width), of a height M can use."""
     small = m_bucket <= _FUSED_SHRINK_MAX_M
     # The activations' width: fp32 adapters on a 16-bit layer are rounded to 16 bits for their
@@ -383,11 +384,6 @@ def _gemm_candidates(
         kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 128]
     if small:
         kept = [c for c in kept if c.kwargs["BLOCK_M"] <= max(16, m_bucket)] or kept
-    if fused_block_r > 32:
-        # A [BLOCK_M, 64] S accumulator and a [BLOCK_K, 64] lora_a tile beside the main ones:
-        # the gate measured 16 B (sm_80) to 16 KB of spills for every small-M tile but 16x64x128
-        # there.
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] <= 16 * 128] or kept
     return kept
 
 
@@ -398,7 +394,6 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
         named_args["a_ptr"],
         named_args["b_ptr"],
         kwargs.get("SPLIT_LORA_OUT", False),
-        fused_block_r=kwargs["BLOCK_R"] if kwargs["LORA_MODE"] == _LORA_FUSED_SHRINK.value else 0,
     )
     return [c for c in candidates if c in configs]
 
@@ -517,8 +512,7 @@ def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> No
     if _autotune_enabled():
         _lora_gemm_tuned[grid](*args, **flags)
         return
-    fused_r = block_r if lora_mode == _LORA_FUSED_SHRINK.value else 0
-    config = _gemm_candidates(m_bucket, x, a_t, b, out_lora is not None, fused_block_r=fused_r)[0]
+    config = _gemm_candidates(m_bucket, x, a_t, b, out_lora is not None)[0]
     meta = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     _lora_gemm_kernel[grid(meta)](*args, **flags, **meta)
 
