@@ -512,8 +512,9 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
     aligned = _divisible(k, r_max, x.stride(0), *w_strides)
     if strategy == "gather":
         block_r = min(triton.next_power_of_2(r_max), 64)
-        # a [BLOCK_R, BLOCK_K] adapter tile per program: at most 4,096 elements unaligned
-        block_k = 128 if aligned and block_r <= 32 else 64 if block_r <= 32 or aligned else 32
+        # one [BLOCK_R, BLOCK_K] adapter tile per program: at most 4,096 elements (2,048 on odd
+        # shapes, whose loads are not vectorised; rank 128 spilled with 64 x 128 there)
+        block_k = min(128, 4096 // block_r) if aligned else min(64, 2048 // block_r)
         grid = (m, triton.cdiv(r_max, block_r))
         _lora_shrink_gather_kernel[grid](
             x, w, row_ids, ranks_arg, out,

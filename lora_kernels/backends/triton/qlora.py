@@ -52,6 +52,7 @@ import triton.language as tl
 
 from ..torch import lora_linear as torch_lora_linear
 from . import interpreting, on_input_device
+from ._rounding import round_to_bf16
 
 # ------------------------------------------------------------------------------------------------
 # kernels
@@ -85,11 +86,9 @@ def _dequant_tile(
 @triton.jit
 def _cast(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     """``v.to(dtype)``, rounding to nearest even: the interpreter truncates fp32 to bf16, so there
-    the rounding is done on the bits first (a GPU rounds to nearest even itself)."""
+    the rounding is done on the bits (``_rounding.py``; a GPU rounds to nearest even itself)."""
     if INTERPRET and dtype == tl.bfloat16 and v.dtype == tl.float32:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
+        return round_to_bf16(v)
     return v.to(dtype)
 
 
@@ -267,7 +266,8 @@ def _qlora_dx_kernel(
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 
 
-# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, wide rank).
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, wide rank); decode
+# tiles serve every rank.
 # Decode (M <= 16) streams the weight: narrow tiles give enough programs to cover the SMs
 # without split-K; prefill wants bigger tiles. Dequantizing a tile gathers per element (packed
 # byte, code entry, block maximum, each with its own address), so the dequantized tile must stay
@@ -278,11 +278,9 @@ _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 # [BLOCK_M, BLOCK_R] LoRA accumulator beside the main one) takes the "wide" lists.
 _CONFIGS = {
     ("fwd", True, False): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
-    ("fwd", True, True): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
     ("fwd", False, False): [(64, 32, 32, 4, 3), (128, 64, 32, 8, 2)],
     ("fwd", False, True): [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2)],
     ("dx", True, False): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2), (16, 64, 32, 4, 2)],
-    ("dx", True, True): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2), (16, 64, 32, 4, 2)],
     ("dx", False, False): [(64, 32, 32, 4, 3), (64, 64, 32, 8, 2)],
     ("dx", False, True): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
 }
@@ -330,7 +328,9 @@ def _launch(kernel_name, grid_fn, m, args, meta):
         meta.update(_INTERPRET_META)
         kernel[grid_fn(meta)](*args, **meta)
         return
-    _TUNED[(kernel_name, m <= 16, meta["BLOCK_R"] > _WIDE_RANK)][grid_fn](*args, **meta)
+    decode = m <= 16
+    wide = not decode and meta["BLOCK_R"] > _WIDE_RANK
+    _TUNED[(kernel_name, decode, wide)][grid_fn](*args, **meta)
 
 
 # ------------------------------------------------------------------------------------------------
