@@ -134,23 +134,29 @@ def test_compulsory_names_without_an_operand_get_a_row():
     assert rep.compulsory == 864
 
 
-def test_sampling_scales_uniform_programs_exactly():
-    x = torch.randn(64 * 128)
+@pytest.mark.parametrize("n", [64 * 128, 64 * 128 - 5])
+def test_sampling_counts_uniform_programs_exactly(n):
+    x = torch.randn(n)
     _, full = _copy(x)
     y, sampled = _copy(x, sample=8)
     assert sampled.launches[0].counted == 8 and sampled.launches[0].programs == 64
     assert not torch.equal(x, y)  # a sampled launch computes only its sampled programs
     a = full.report({"x": x}).operands["x"]
     b = sampled.report({"x": x}).operands["x"]
+    # the first and last programs (the ragged one) count once, the uniform interior is scaled
     assert (a.loaded, a.load_sectors) == (b.loaded, b.load_sectors)
 
 
 def test_sampling_runs_the_first_and_last_programs():
-    assert traffic._program_indices((10, 1, 1), 3) == [(0, 0, 0), (4, 0, 0), (9, 0, 0)]
-    assert traffic._program_indices((2, 3, 1), None) == [
+    assert traffic._program_indices((10, 1, 1), 4) == [
+        (0, 0, 0, 1.0), (1, 0, 0, 4.0), (8, 0, 0, 4.0), (9, 0, 0, 1.0),
+    ]  # fmt: skip
+    assert [p[:3] for p in traffic._program_indices((2, 3, 1), None)] == [
         (0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0), (1, 1, 0), (1, 2, 0),
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="sample"), traffic.count(sample=1):
+    picked = traffic._program_indices((5, 7, 3), 9)
+    assert len(picked) == 9 and sum(w for *_, w in picked) == pytest.approx(5 * 7 * 3)
+    with pytest.raises(ValueError, match="sample"), traffic.count(sample=2):
         pass
 
 
