@@ -297,10 +297,16 @@ def test_the_report_script_writes_its_table_and_metadata(tmp_path):
             "decode": True,
         }
     ]
-    assert script.main(["--out", str(tmp_path / "t"), "--sample", "3"]) == 0
+    frozen = tmp_path / "before.json"
+    out = ["--out", str(tmp_path / "t"), "--sample", "3"]
+    assert script.main([*out, "--before", "none", "--freeze", str(frozen)]) == 0
+    assert "| before |" not in (tmp_path / "t.md").read_text()
+    assert script.main([*out, "--before", str(frozen)]) == 0
     data = json.loads((tmp_path / "t.json").read_text())
+    assert data["rows"][0]["before"]["report"]["ratio"] == data["rows"][0]["report"]["ratio"]
     assert {"commit", "machine", "torch", "triton", "python"} <= set(data["meta"])
     (row,) = data["rows"]
     assert row["report"]["ratio"] > 1 and row["tile_implied"] >= row["report"]["compulsory"]
     md = (tmp_path / "t.md").read_text()
     assert "## lora_linear" in md and "| M=1 K=64 N=96 r=8 | lora_gemm 16x64x128" in md
+    assert "| before |" in md
