@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, on_input_device
+from ._args import vector_stride
 from ._rounding import interpreted_round
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd"]
@@ -156,6 +157,7 @@ def _lora_gemm_kernel(
     stride_on,
     stride_olm,
     stride_oln,
+    stride_bias,
     # scalars
     scale,
     # meta-parameters
@@ -221,11 +223,12 @@ def _lora_gemm_kernel(
                 s_acc = _mma(x_tile, a_tile, s_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
 
-    # A split LoRA term gets its own accumulator; otherwise it lands in the base one.
-    lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if SPLIT_LORA_OUT else acc
+    # S @ b.T in its own accumulator, scaled once it is complete: PEFT multiplies by the scale
+    # after lora_B, and S * scale rounded to 16 bits for the dot could overflow where S does not.
+    lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if LORA_MODE == _LORA_FUSED_SHRINK:
         mask_r = offs_r < R
         if pid_n == 0:
@@ -233,7 +236,7 @@ def _lora_gemm_kernel(
             tl.store(s_ptrs, s_acc, mask=mask_m[:, None] & mask_r[None, :])
         b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
         b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora_acc = _mma(s_acc * scale, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
+        lora_acc = _mma(s_acc, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
     elif LORA_MODE == _LORA_FROM_S:
         for r0 in range(0, R, BLOCK_R):
             mask_r = (r0 + offs_r) < R
@@ -241,14 +244,15 @@ def _lora_gemm_kernel(
             s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
             b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora_acc = _mma(s_tile * scale, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
+            lora_acc = _mma(s_tile, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
 
+    lora_acc = lora_acc * scale
     mask_out = mask_m[:, None] & mask_n[None, :]
     if SPLIT_LORA_OUT:
         ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
         tl.store(ol_ptrs, lora_acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
     else:
-        acc = lora_acc
+        acc += lora_acc
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
@@ -489,7 +493,7 @@ def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> No
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         xl_t.stride(0), xl_t.stride(1), a_t.stride(0), a_t.stride(1),
         s_t.stride(0), s_t.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), ol_t.stride(0), ol_t.stride(1),
+        out.stride(0), out.stride(1), ol_t.stride(0), ol_t.stride(1), vector_stride(bias),
         float(scale),
     )  # fmt: skip
     flags = {

@@ -62,6 +62,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, on_input_device
+from ._args import index_vector, vector_stride
 from ._rounding import interpreted_round
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -150,6 +151,16 @@ def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISIO
 
 
 @triton.jit
+def _rounded(a, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """``a`` rounded to DOT_DTYPE and widened to fp32: the operand a tensor-core dot would see,
+    for the products the gather kernels form on CUDA cores (each then exact in fp32, so gather
+    and grouped differ only in the order of their fp32 sums)."""
+    if UPCAST_DOTS:
+        return interpreted_round(a, DOT_DTYPE)
+    return a.to(DOT_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _lora_shrink_gather_kernel(
     # pointers
     x_ptr,
@@ -171,12 +182,15 @@ def _lora_shrink_gather_kernel(
     stride_or,
     # meta-parameters
     HAS_RANKS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out[m, r] = sum_k x[m, k] * w[ids[m], r, k]: one row per program (a batched mat-vec)."""
+    """out[m, r] = sum_k x[m, k] * w[ids[m], r, k]: one row per program (a batched mat-vec),
+    both operands rounded to DOT_DTYPE as the grouped kernel's dot rounds them."""
     row = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1).to(tl.int64)
     r_offs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     a = tl.load(ids_ptr + row).to(tl.int64)
     valid = (a >= 0) & (a < L)
@@ -189,8 +203,9 @@ def _lora_shrink_gather_kernel(
     k_end = tl.where(pid_r * BLOCK_R < r_lim, K, 0)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     w_row = w_ptr + a * stride_wl + r_offs[:, None] * stride_wr
+    k_range = tl.arange(0, BLOCK_K).to(tl.int64)  # int64 offsets: see _lora_multi_fused_kernel
     for k0 in range(0, k_end, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
+        k_offs = k0 + k_range
         k_mask = k_offs < K
         xk = tl.load(x_ptr + row * stride_xm + k_offs * stride_xk, mask=k_mask, other=0.0)
         w = tl.load(
@@ -198,7 +213,8 @@ def _lora_shrink_gather_kernel(
             mask=(r_offs < r_lim)[:, None] & k_mask[None, :],
             other=0.0,
         )
-        acc += tl.sum(w.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
+        xr = _rounded(xk, DOT_DTYPE, UPCAST_DOTS)
+        acc += tl.sum(_rounded(w, DOT_DTYPE, UPCAST_DOTS) * xr[None, :], axis=1)
     tl.store(out_ptr + row * stride_om + r_offs * stride_or, acc, mask=r_offs < R)
 
 
@@ -235,7 +251,7 @@ def _lora_shrink_grouped_kernel(
 ):
     """out[m, r] = sum_k x[m, k] * w[ids[m], r, k] on a tile of rows sorted by adapter."""
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1).to(tl.int64)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_range = pos < M
     rows = tl.load(order_ptr + pos, mask=in_range, other=0).to(tl.int64)
@@ -247,10 +263,11 @@ def _lora_shrink_grouped_kernel(
     r_in = (r_offs < R)[None, :]
     zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     tl.store(out_rows, zeros, mask=no_adapter[:, None] & r_in)
-    # ids are sorted, so the adapters of this tile form the contiguous range [a_lo, a_hi]
-    a_lo = tl.min(tl.where(valid, aid, L))
-    a_hi = tl.max(tl.where(valid, aid, -1))
-    for a in range(a_lo, a_hi + 1):
+    k_range = tl.arange(0, BLOCK_K).to(tl.int64)  # int64 offsets: see _lora_multi_fused_kernel
+    # one trip per adapter present in the tile (ids are sorted, but a tile holding slots 0 and
+    # 1000 must not walk the slots in between): each step jumps to the next larger id present
+    a = tl.min(tl.where(valid, aid, L))
+    while a < L:
         mine = valid & (aid == a)
         r_lim = R
         if HAS_RANKS:
@@ -258,7 +275,7 @@ def _lora_shrink_grouped_kernel(
         k_end = tl.where(pid_r * BLOCK_R < r_lim, K, 0)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
-            k_offs = k0 + tl.arange(0, BLOCK_K)
+            k_offs = k0 + k_range
             k_mask = k_offs < K
             xt = tl.load(
                 x_ptr + rows[:, None] * stride_xm + k_offs[None, :] * stride_xk,
@@ -272,6 +289,7 @@ def _lora_shrink_grouped_kernel(
             )
             acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
         tl.store(out_rows, acc, mask=mine[:, None] & r_in)
+        a = tl.min(tl.where(valid & (aid > a), aid, L))
 
 
 @triton.jit
@@ -305,6 +323,7 @@ def _lora_multi_fused_kernel(
     stride_br,
     stride_ym,
     stride_yn,
+    stride_bias,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_RANKS: tl.constexpr,
@@ -322,6 +341,13 @@ def _lora_multi_fused_kernel(
 
     ``GROUPED``: tile rows are ``order[pos]`` and ``ids`` are sorted (ids[pos] is the id of row
     order[pos]); otherwise rows are ``pos`` themselves. ``s`` and ``y`` are indexed by row.
+
+    Every element offset is formed in int64 (``k_range``, ``r_range``, and the row and column
+    indices, which come from int64 program ids): the backward reads the weight transposed
+    (``stride_wk`` = the weight's row length), and ``k * stride_wk`` in int32 wraps once the
+    weight has 2**31 elements (N = 139264, K = 16384). ``scales[a]`` multiplies ``s @ b.T``
+    after the dot, as PEFT scales after lora_B: ``s`` rounded to 16 bits before the dot is
+    ``s``, never ``s * scale``, which can overflow fp16 where PEFT does not.
     """
     # program id -> tile, in groups of GROUP_M row tiles so that neighbours share W in L2
     pid = tl.program_id(0)
@@ -340,11 +366,12 @@ def _lora_multi_fused_kernel(
     valid = in_range & (aid >= 0) & (aid < L)
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < N
+    k_range = tl.arange(0, BLOCK_K).to(tl.int64)
 
     # base GEMM
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
+        k_offs = k0 + k_range
         k_mask = k_offs < K
         xt = tl.load(
             x_ptr + rows[:, None] * stride_xm + k_offs[None, :] * stride_xk,
@@ -358,20 +385,26 @@ def _lora_multi_fused_kernel(
         )
         acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + n_offs * stride_bias, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
 
     # LoRA expand, added to the fp32 accumulator before the single rounding
+    a_safe = tl.where(valid, aid, 0)
+    scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
     if GROUPED:
-        a_lo = tl.min(tl.where(valid, aid, L))
-        a_hi = tl.max(tl.where(valid, aid, -1))
-        for a in range(a_lo, a_hi + 1):
+        # each row's s @ b[a].T, its own adapter's only (rows of others are masked to zero),
+        # scaled per row once all adapters of the tile are in
+        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        r_range = tl.arange(0, BLOCK_R).to(tl.int64)
+        # one trip per adapter present in the tile, as in the grouped shrink
+        a = tl.min(tl.where(valid, aid, L))
+        while a < L:
             mine = valid & (aid == a)
             r_lim = R
             if HAS_RANKS:
                 r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
-            scale = tl.load(scales_ptr + a)
             for r0 in range(0, r_lim, BLOCK_R):
-                r_offs = r0 + tl.arange(0, BLOCK_R)
+                r_offs = r0 + r_range
                 r_mask = r_offs < r_lim
                 st = tl.load(
                     s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
@@ -386,17 +419,18 @@ def _lora_multi_fused_kernel(
                     mask=n_mask[None, :] & r_mask[:, None],
                     other=0.0,
                 )
-                acc = _dot(st * scale, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+                lora = _dot(st, bt, lora, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+            a = tl.min(tl.where(valid & (aid > a), aid, L))
+        acc += scale[:, None] * lora
     else:
-        a_safe = tl.where(valid, aid, 0)
-        scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
         r_lim = tl.where(valid, R, 0)
         if HAS_RANKS:
             r_lim = tl.minimum(tl.load(ranks_ptr + a_safe, mask=valid, other=0), r_lim)
         b_rows = b_ptr + a_safe[:, None, None] * stride_bl + n_offs[None, :, None] * stride_bn
         # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers
+        r_range = tl.arange(0, 8).to(tl.int64)
         for r0 in range(0, tl.max(r_lim), 8):
-            r_offs = r0 + tl.arange(0, 8)
+            r_offs = r0 + r_range
             r_ok = r_offs[None, :] < r_lim[:, None]
             st = tl.load(
                 s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
@@ -408,7 +442,10 @@ def _lora_multi_fused_kernel(
                 mask=r_ok[:, None, :] & n_mask[None, :, None],
                 other=0.0,
             )
-            acc += scale[:, None] * tl.sum(st[:, None, :] * bt.to(tl.float32), axis=2)
+            # operands rounded as the grouped dot rounds them; the scale comes after the sum
+            st = _rounded(st, DOT_DTYPE, UPCAST_DOTS)
+            bt = _rounded(bt, DOT_DTYPE, UPCAST_DOTS)
+            acc += scale[:, None] * tl.sum(st[:, None, :] * bt, axis=2)
 
     tl.store(
         y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn,
@@ -521,6 +558,8 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
             k, r_max, num_adapters,
             x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
             HAS_RANKS=ranks is not None,
+            DOT_DTYPE=_dot_dtype(x.dtype, w.dtype),
+            UPCAST_DOTS=_dot_flags(x.dtype)["UPCAST_DOTS"],
             BLOCK_R=block_r,
             BLOCK_K=block_k,
         )  # fmt: skip
@@ -569,7 +608,7 @@ def _fused(
         ranks if ranks is not None else row_ids, out,
         m, n, k, r_max, num_adapters,
         x.stride(0), x.stride(1), *w_strides, s.stride(0), s.stride(1), *b_strides,
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), vector_stride(bias),
         HAS_BIAS=bias is not None,
         HAS_RANKS=ranks is not None,
         GROUPED=grouped,
@@ -617,8 +656,10 @@ def lora_linear_multi_fwd(
 ):
     """``(y [M, N] in x.dtype, s [M, r_max] float32)``; ``s`` rows with no adapter are zeros.
 
-    ``strategy`` is ``"gather"``, ``"grouped"`` or ``"auto"`` (``choose_strategy``).
+    ``strategy`` is ``"gather"``, ``"grouped"`` or ``"auto"`` (``choose_strategy``). Every
+    argument may have any strides (``_args``).
     """
+    scales, row_ids, ranks = (index_vector(t) for t in (scales, row_ids, ranks))
     m = x.shape[0]
     num_adapters, r_max, _ = lora_a.shape
     n = weight.shape[0]
@@ -658,6 +699,7 @@ def lora_linear_multi_bwd(
     Each adapter's gradient sums exactly the rows that used it (zeros for an adapter no row used,
     and for the padded slots past ``ranks``); rows with no adapter get ``dy @ weight`` only.
     """
+    scales, row_ids, ranks = (index_vector(t) for t in (scales, row_ids, ranks))
     m, k = x.shape
     num_adapters, r_max, _ = lora_a.shape
     if strategy == "auto":
