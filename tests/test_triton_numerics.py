@@ -213,3 +213,58 @@ def test_a_rows_result_does_not_depend_on_its_batch(dtype, lora_dtype):
     y_bound = _ulp(y_all[0]) + float(scales[aid]) * (b_r.abs() @ _ulp(s16))
     y_diff = (y_one[0].double() - y_all[0].double()).abs()
     assert (y_diff <= y_bound).all(), (y_diff / y_bound).max()
+
+
+# --------------------------------------------------------------------------------------------
+# dA / dB: a popular adapter's rows split among programs
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_popular_adapters_rows_are_split(monkeypatch):
+    """On a GPU, 32k rows of one adapter are reduced by programs of at most 1,024 rows each;
+    deterministic mode keeps one program per adapter (no atomics)."""
+    monkeypatch.setattr(_triton_multi, "interpreting", lambda: False)
+    splits = _triton_multi.segment_splits(32768, deterministic=False)
+    assert -(-32768 // splits) <= 1024
+    assert _triton_multi.segment_splits(32768, deterministic=True) == 1
+    assert _triton_multi.segment_splits(16, deterministic=False) == 1
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_split_reduction_matches_the_reference(deterministic):
+    """One adapter with 150 of 160 rows (5 splits under the interpreter), one with the rest,
+    one with none: dA and dB within the tolerance rule, zeros for the unused adapter."""
+    m, k, n, r, num_adapters = 160, 24, 20, 8, 3
+    x = torch.randn(m, k, dtype=torch.float16)
+    w = (torch.randn(n, k) / k**0.5).half()
+    a = (torch.randn(num_adapters, r, k) / k**0.5).half()
+    b = (torch.randn(num_adapters, n, r) / r**0.5).half()
+    ids = torch.full((m,), 2)
+    ids[torch.randperm(m)[:10]] = 0
+    scales = torch.tensor([0.5, 1.0, 2.0])
+    dy = torch.randn(m, n, dtype=torch.float16)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        assert _triton_multi.segment_splits(m, deterministic) == (1 if deterministic else 5)
+        _, s = _triton_multi.lora_linear_multi_fwd(x, w, None, a, b, scales, ids, None)
+        _, da, db = _triton_multi.lora_linear_multi_bwd(
+            dy, x, w, a, b, scales, ids, s, None, needs_dx=False
+        )
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+    def grads(xx, aa, bb, dyy, sc):
+        ga, gb = torch.zeros_like(aa), torch.zeros_like(bb)
+        for i in range(num_adapters):
+            rows = ids == i
+            t = dyy[rows] @ bb[i]
+            ga[i] = sc[i] * t.T @ xx[rows]
+            gb[i] = sc[i] * dyy[rows].T @ (xx[rows] @ aa[i].T)
+        return ga, gb
+
+    da64, db64 = grads(x.double(), a.double(), b.double(), dy.double(), scales.double())
+    da16, db16 = grads(x, a, b, dy, scales.half())
+    assert_close_to_ref("dA", da, da64, da16)
+    assert_close_to_ref("dB", db, db64, db16)
+    assert not da[1].any() and not db[1].any()

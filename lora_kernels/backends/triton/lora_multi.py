@@ -16,7 +16,10 @@ computes the base GEMM tile ``x W^T + bias`` and adds the LoRA *expand* term ``s
 the fp32 accumulator before the single rounding to the output: ``y`` is written once, never
 read back. The backward reuses both kernels (the shrink of ``dy`` against ``lora_b``, and the
 fused kernel with ``weight`` and ``lora_a`` read transposed for ``dx``) plus a segmented
-reduction for ``dA`` and ``dB`` over each adapter's rows.
+reduction for ``dA`` and ``dB`` over each adapter's rows. That reduction gives each adapter
+several programs, each over a slice of its rows, added with fp32 atomics (``segment_splits``,
+sized by M alone): one adapter holding every row of a 32k-row batch is 32 programs of 1k rows,
+not one of 32k. Under ``torch.use_deterministic_algorithms(True)`` one program per adapter.
 
 Two strategies, chosen from the shape alone (``choose_strategy``; no look at the ids):
 
@@ -27,8 +30,10 @@ Two strategies, chosen from the shape alone (``choose_strategy``; no look at the
 * ``grouped`` (SGMV-like, prefill: many rows per adapter). The rows are sorted by adapter on the
   device (``torch.sort``, stable); tiles of consecutive sorted rows then hold one adapter, or a
   few at segment edges, and the LoRA products are tensor-core dots per adapter present in the
-  tile (a loop over the tile's contiguous id range, rows of other adapters masked). Tiles are
-  never padded per adapter, so the base GEMM runs on full tiles whatever the popularity.
+  tile (rows of other adapters masked). The loop visits the ids present only, each step jumping
+  to the next larger id in the tile: a tile holding slots 0 and 1000 of a serving stack makes two
+  trips and reads two adapters, not 1001. Tiles are never padded per adapter, so the base GEMM
+  runs on full tiles whatever the popularity.
 
 ``gather`` is used when ``M <= 64``, or ``M <= 1024`` with fewer than 8 rows per adapter on
 average (``M < 8 L``): there a grouped tile would span many adapters and repeat its dots for each.
@@ -47,10 +52,16 @@ dot on the activations' dtype. For fp16/bf16 activations each dot's operands are
 dtype and multiplied on tensor cores: the base GEMM, and the LoRA products, whose fp32
 intermediates (``s``, ``dy @ lora_b``) and fp32 adapters (PEFT's default on a 16-bit base) are
 rounded right before their dot; this is what PEFT computes under autocast, and the tests compare
-against that (tests/test_multi.py). fp32 layers multiply in fp32 (``input_precision="ieee"``),
-or in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` says so, PyTorch's own rule. Under the
-Triton interpreter, bf16 dot operands are rounded to bf16 and then upcast to fp32 (``tl.dot`` on
-bf16 is wrong in triton 3.9's interpreter).
+against that (tests/test_multi.py). Each scale multiplies ``s @ B^T`` after its dot (PEFT scales
+after lora_B): ``s * scale`` rounded to fp16 could overflow where ``s`` does not. The gather
+kernels' CUDA-core products use the same rounded operands as grouped's dots, so the two
+strategies differ only in the order of their fp32 sums and a row's result does not depend on the
+batch around it beyond that (tests/test_triton_numerics.py states and checks the bound).
+fp32 layers multiply in fp32 (``input_precision="ieee"``), or in TF32 when
+``torch.backends.cuda.matmul.allow_tf32`` says so, PyTorch's own rule. Under the Triton
+interpreter, bf16 dot operands are rounded to bf16 and then upcast to fp32 (``tl.dot`` on bf16
+is wrong in triton 3.9's interpreter). Element offsets are int64 (a transposed weight of 2**31
+elements would wrap int32 offsets).
 No autotuning: configs come from a small table, so the first call of a CUDA graph capture
 launches exactly what the warm-up compiled.
 """
@@ -122,6 +133,13 @@ _ODD_FUSED_CONFIGS = {
     "grouped": (64, 128, 32, 8, 3),
     "grouped_tall": (64, 128, 32, 8, 3),
 }
+
+# dA/dB reduction: rows one program reduces before the adapter's rows are split among several
+# (their fp32 partial sums added with atomics), and the most programs one adapter gets.
+_SEGMENT_ROWS_PER_SPLIT = 1024
+_SEGMENT_MAX_SPLITS = 32
+# Under the interpreter: few rows, so that the tests' batches reach the split (atomic) path.
+_INTERP_SEGMENT_ROWS_PER_SPLIT = 32
 
 # Rank chunk of the grouped expand: its [BLOCK_M, R] and [R, BLOCK_N] tiles sit beside the big
 # accumulator; 64 spilled 16-1,400 B at rank 128 (both targets), 32 does not.
@@ -368,34 +386,19 @@ def _lora_multi_fused_kernel(
     n_mask = n_offs < N
     k_range = tl.arange(0, BLOCK_K).to(tl.int64)
 
-    # base GEMM
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_offs = k0 + k_range
-        k_mask = k_offs < K
-        xt = tl.load(
-            x_ptr + rows[:, None] * stride_xm + k_offs[None, :] * stride_xk,
-            mask=in_range[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        wt = tl.load(
-            w_ptr + n_offs[None, :] * stride_wn + k_offs[:, None] * stride_wk,
-            mask=n_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
-        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + n_offs * stride_bias, mask=n_mask, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-
-    # LoRA expand, added to the fp32 accumulator before the single rounding
+    # The grouped LoRA term first, straight into the accumulator, then scaled per row (each row
+    # holds its own adapter's s @ b.T only: rows of other adapters are masked to zero); the base
+    # GEMM then adds to it. One [BLOCK_M, BLOCK_N] accumulator live at a time, no second one for
+    # the term to be scaled after its dot (scaling s first could overflow fp16).
     a_safe = tl.where(valid, aid, 0)
     scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GROUPED:
-        # each row's s @ b[a].T, its own adapter's only (rows of others are masked to zero),
-        # scaled per row once all adapters of the tile are in
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        r_range = tl.arange(0, BLOCK_R).to(tl.int64)
+        # rank offsets stay int32 (r < 256: r * stride fits for a stride below 2**23; int64
+        # ones spilled 24 B in dx at odd shapes on sm_80), the pointers advance by chunk
+        r_range = tl.arange(0, BLOCK_R)
+        s_rows = s_ptr + rows[:, None] * stride_sm + r_range[None, :] * stride_sr
+        b_cols = b_ptr + n_offs[None, :] * stride_bn + r_range[:, None] * stride_br
         # one trip per adapter present in the tile, as in the grouped shrink
         a = tl.min(tl.where(valid, aid, L))
         while a < L:
@@ -403,26 +406,35 @@ def _lora_multi_fused_kernel(
             r_lim = R
             if HAS_RANKS:
                 r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
+            s_ptrs = s_rows
+            b_ptrs = b_cols + a * stride_bl
             for r0 in range(0, r_lim, BLOCK_R):
-                r_offs = r0 + r_range
-                r_mask = r_offs < r_lim
-                st = tl.load(
-                    s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
-                    mask=mine[:, None] & r_mask[None, :],
-                    other=0.0,
-                )
-                bt = tl.load(
-                    b_ptr
-                    + a * stride_bl
-                    + n_offs[None, :] * stride_bn
-                    + r_offs[:, None] * stride_br,
-                    mask=n_mask[None, :] & r_mask[:, None],
-                    other=0.0,
-                )
-                lora = _dot(st, bt, lora, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+                r_mask = (r0 + r_range) < r_lim
+                st = tl.load(s_ptrs, mask=mine[:, None] & r_mask[None, :], other=0.0)
+                bt = tl.load(b_ptrs, mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+                acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+                s_ptrs += BLOCK_R * stride_sr
+                b_ptrs += BLOCK_R * stride_br
             a = tl.min(tl.where(valid & (aid > a), aid, L))
-        acc += scale[:, None] * lora
-    else:
+        acc = acc * scale[:, None]
+
+    # base GEMM; the tile pointers advance by BLOCK_K * stride (in range while a stride is
+    # below 2**26), their int64 offsets are formed once
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + k_range[None, :] * stride_xk
+    w_ptrs = w_ptr + n_offs[None, :] * stride_wn + k_range[:, None] * stride_wk
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + k_range) < K
+        xt = tl.load(x_ptrs, mask=in_range[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n_offs * stride_bias, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    # the gather LoRA term (CUDA cores), added before the single rounding
+    if not GROUPED:
         r_lim = tl.where(valid, R, 0)
         if HAS_RANKS:
             r_lim = tl.minimum(tl.load(ranks_ptr + a_safe, mask=valid, other=0), r_lim)
@@ -467,6 +479,7 @@ def _lora_segment_outer_kernel(
     # sizes
     P,
     Q,
+    SPLITS,  # programs per adapter, each over its own slice of the adapter's rows
     # strides
     stride_pm,
     stride_pp,
@@ -477,6 +490,7 @@ def _lora_segment_outer_kernel(
     stride_oq,
     # meta-parameters
     HAS_RANKS: tl.constexpr,
+    ATOMIC_OUT: tl.constexpr,
     RANK_ON_P: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
@@ -489,12 +503,20 @@ def _lora_segment_outer_kernel(
 
     dA is (p, q) = (dy @ lora_b, x) with the rank on p; dB is (dy, s) with the rank on q. Slots
     past the adapter's rank, and adapters no row used, get zeros.
+
+    SPLITS programs share each adapter, each reducing an equal slice of its rows, so that one
+    popular adapter is not one long loop; ATOMIC_OUT (SPLITS > 1) then adds their fp32 partial
+    sums into a zeroed fp32 ``out``.
     """
-    a = tl.program_id(0).to(tl.int64)
+    a = tl.program_id(0).to(tl.int64) // SPLITS
+    split = tl.program_id(0).to(tl.int64) % SPLITS
     p_offs = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     q_offs = tl.program_id(2).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    start = tl.load(bounds_ptr + a)
-    end = tl.load(bounds_ptr + a + 1)
+    seg_start = tl.load(bounds_ptr + a)
+    seg_end = tl.load(bounds_ptr + a + 1)
+    chunk = tl.cdiv(seg_end - seg_start, SPLITS)
+    start = tl.minimum(seg_start + split * chunk, seg_end)
+    end = tl.minimum(start + chunk, seg_end)
     p_lim = P
     q_lim = Q
     if HAS_RANKS:
@@ -522,11 +544,14 @@ def _lora_segment_outer_kernel(
         )
         acc = _dot(tl.trans(pt), qt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
     acc = acc * tl.load(scales_ptr + a)
-    tl.store(
-        out_ptr + a * stride_ol + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=(p_offs < P)[:, None] & (q_offs < Q)[None, :],
-    )
+    out_ptrs = out_ptr + a * stride_ol + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq
+    out_mask = (p_offs < P)[:, None] & (q_offs < Q)[None, :]
+    if ATOMIC_OUT:
+        # a split with no rows adds nothing (the buffer starts at zero)
+        nonempty = (q_offs * 0 + (end - start)) > 0
+        tl.atomic_add(out_ptrs, acc, mask=out_mask & nonempty[None, :], sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,6 +650,18 @@ def _fused(
     return out
 
 
+def segment_splits(m: int, deterministic: bool) -> int:
+    """Programs per adapter in the dA/dB reduction of an ``m``-row batch: enough that no program
+    walks more than about ``_SEGMENT_ROWS_PER_SPLIT`` rows of one adapter even when every row
+    has the same one (at most ``_SEGMENT_MAX_SPLITS``). Fixed by ``m``, never by the ids (no
+    host synchronisation); splits of adapters with fewer rows find theirs empty and return.
+    Deterministic mode keeps one program per adapter (no atomics)."""
+    if deterministic:
+        return 1
+    rows = _INTERP_SEGMENT_ROWS_PER_SPLIT if interpreting() else _SEGMENT_ROWS_PER_SPLIT
+    return max(1, min(_SEGMENT_MAX_SPLITS, triton.cdiv(m, rows)))
+
+
 def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype):
     """``out[a] = scales[a] * p[rows_a].T @ q[rows_a]`` for every adapter a (see the kernel)."""
     num_adapters, size_p, size_q = out.shape
@@ -632,13 +669,18 @@ def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype
         return out
     block_p = _rank_block(size_p) if rank_on_p else 64
     block_q = 64 if rank_on_p else _rank_block(size_q)
-    grid = (num_adapters, triton.cdiv(size_p, block_p), triton.cdiv(size_q, block_q))
+    splits = segment_splits(p.shape[0], torch.are_deterministic_algorithms_enabled())
+    target = out
+    if splits > 1:
+        target = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    grid = (num_adapters * splits, triton.cdiv(size_p, block_p), triton.cdiv(size_q, block_q))
     _lora_segment_outer_kernel[grid](
-        p, q, order, bounds, scales, ranks if ranks is not None else bounds, out,
-        size_p, size_q,
+        p, q, order, bounds, scales, ranks if ranks is not None else bounds, target,
+        size_p, size_q, splits,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+        target.stride(0), target.stride(1), target.stride(2),
         HAS_RANKS=ranks is not None,
+        ATOMIC_OUT=splits > 1,
         RANK_ON_P=rank_on_p,
         DOT_DTYPE=dot_dtype,
         **_dot_flags(q.dtype if rank_on_p else p.dtype),  # the activations: x (dA), dy (dB)
@@ -647,6 +689,8 @@ def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype
         BLOCK_Q=block_q,
         num_warps=4,
     )  # fmt: skip
+    if target is not out:
+        out.copy_(target)
     return out
 
 
