@@ -20,7 +20,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from lora_kernels.backends.triton import compile_gate as gate  # noqa: E402
+from tools import compile_gate as gate  # noqa: E402
 
 # One SSA definition of the TTIR: its name (``%x`` or ``%x:3``), its op and the rest of the line.
 _DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)?\s*=\s*([\w.]+)(.*)$")

@@ -19,15 +19,24 @@ is ever written as its own tensor. The forward calls it with ``w = weight``; the
 for dx with ``w = weight.T`` and ``lora_b = lora_a.T`` (only strides change). The LoRA term comes
 in one of two ways, chosen by shape:
 
-* fused shrink (M <= 64 and r <= 32): S accumulates in the same K-loop as the base product, from
-  the x tile already in registers and a [BLOCK_K, r] slice of lora_a; one launch in all. Every
-  N-block program recomputes the same S, which costs r / BLOCK_N extra MMA work and re-reads
-  lora_a (r * K, L2-resident) per program: free while the GEMM is bound by streaming the weight,
-  which is the case for decode-sized M. The programs of the first N-block column store S.
-* precomputed S (larger M or r): a skinny launch computes S first, then the GEMM epilogue reads
-  its [BLOCK_M, r] rows. Once the GEMM is compute bound the recomputation would cost up to
-  r / BLOCK_N of it, whereas S on its own is r / N of the GEMM's work. Large ranks also do not fit
-  an [BLOCK_M, r] accumulator next to the main one, so the epilogue walks r in BLOCK_R chunks.
+* fused shrink (M <= 64, r <= 32 and at most two N blocks): S accumulates in the same K-loop as
+  the base product, from the x tile already in registers and a [BLOCK_K, r] slice of lora_a; one
+  launch in all. Every N-block program recomputes the same S and re-reads lora_a (r * K) for it:
+  r / BLOCK_N more bytes than the weight stream, which bounds a decode step. The traffic count
+  (``tools/traffic_cases.py``, CUDA tiles, K = N = 4096, fp16, r = 16, 16x64x128 tile) measured
+  1.259x the compulsory bytes at M = 1, lora_a read 64 times; so only narrow layers (N up to
+  two blocks, where one launch saved matters more than a second read of lora_a) keep it. The
+  programs of the first N-block column store S.
+* precomputed S (every other shape): a skinny launch computes S first, reading x and lora_a
+  once, then the GEMM epilogue reads its [BLOCK_M, r] rows (fp32, r * 4 bytes a row, per N
+  block). Same count at M = 1: 1.016x (the weight once; x re-read per N block is 1.5 %); at
+  M = 16, 1.484x with the fused shrink, 1.250x this way: there the rest of the excess is x
+  (16 rows, 128 KB) re-read by each of the 64 N blocks, which only wider N tiles cut (fewer
+  programs: 32 CTAs at N = 4096 for a 132-SM GPU), with a split over K to keep the grid full;
+  not done yet. Once the GEMM is compute bound the
+  recomputation would cost up to r / BLOCK_N of it, whereas S on its own is r / N of the GEMM's
+  work. Large ranks also do not fit an [BLOCK_M, r] accumulator next to the main one, so the
+  epilogue walks r in BLOCK_R chunks.
 
 ``_lora_skinny_kernel`` computes the small products, ``out[P, R] = scale * L[P, Q] @ Z[Q, R]``
 with R <= 256 and a long reduction over Q: S (L = x_lora, Z = lora_a.T), dB (L = dy.T, Z = S) and
@@ -90,6 +99,10 @@ _FUSED_SHRINK_MAX_M = 64
 # 216-260 B in every small-M tile on one target or the other (compile gate, whole matrix): ranks
 # 33-64 take the precomputed-S path, whose epilogue walks r in chunks of 32.
 _FUSED_SHRINK_MAX_R = 32
+# ... and for at most this many N blocks of the small-M tiles' width: each of them reads lora_a
+# once more (r / BLOCK_N of the weight's bytes).
+_FUSED_SHRINK_MAX_N_BLOCKS = 2
+_SMALL_M_BLOCK_N = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,9 +455,11 @@ def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _use_fused_shrink(m: int, r: int) -> bool:
-    """Recompute S inside the GEMM's K-loop (one launch) rather than in its own launch."""
-    return m <= _FUSED_SHRINK_MAX_M and r <= _FUSED_SHRINK_MAX_R
+def _use_fused_shrink(m: int, r: int, n: int) -> bool:
+    """Recompute S inside the GEMM's K-loop (one launch) rather than in its own launch: only
+    where few N blocks would re-read lora_a for it (the module docstring has the counts)."""
+    narrow = n <= _FUSED_SHRINK_MAX_N_BLOCKS * _SMALL_M_BLOCK_N
+    return m <= _FUSED_SHRINK_MAX_M and r <= _FUSED_SHRINK_MAX_R and narrow
 
 
 @functools.cache
@@ -614,7 +629,7 @@ def lora_linear_fwd(
     s = torch.empty((m, r), dtype=torch.float32, device=x.device)
     if m == 0:
         return y, s
-    if n > 0 and _use_fused_shrink(m, r):
+    if n > 0 and _use_fused_shrink(m, r, n):
         _launch_gemm(x, weight, bias, x_lora, lora_a, s, lora_b, y, None, scale,
                      _LORA_FUSED_SHRINK.value)  # fmt: skip
         return y, s

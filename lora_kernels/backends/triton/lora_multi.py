@@ -35,6 +35,15 @@ Two strategies, chosen from the shape alone (``choose_strategy``; no look at the
   trips and reads two adapters, not 1001. Tiles are never padded per adapter, so the base GEMM
   runs on full tiles whatever the popularity.
 
+Memory traffic of a gather decode step (``tools/traffic_cases.py multi``, CUDA tiles, K = N =
+4096, fp16, r = 16, M = 16, moved / compulsory bytes in 32-byte sectors): 1.310 / 1.294 / 1.278
+for 1 / 8 / 16 distinct adapters, 3.78 at M = 64 with 64 distinct. The excess is x re-read by
+each of the 64 N blocks of the 16x64 fused tile (65x x, 8.5 MB at M = 16: the same bound as the
+single-adapter GEMM's, see lora_linear.py), then lora_b read in rank chunks of 8 (16 of a
+sector's 32 bytes: 2x) and, when rows share an adapter, lora_a once per row in the shrink (16x
+for one adapter). Wider N tiles with a split over K, and a per-adapter shrink, are the known
+ways down to the 1.2 target; not done yet.
+
 ``gather`` is used when ``M <= 64``, or ``M <= 1024`` with fewer than 8 rows per adapter on
 average (``M < 8 L``): there a grouped tile would span many adapters and repeat its dots for each.
 These thresholds and the block sizes are first guesses for a Hopper GPU, to be tuned there.
@@ -220,14 +229,18 @@ def _lora_shrink_gather_kernel(
     # rows with no adapter, and rank blocks past this adapter's rank, skip the loop: s = 0
     k_end = tl.where(pid_r * BLOCK_R < r_lim, K, 0)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    w_row = w_ptr + a * stride_wl + r_offs[:, None] * stride_wr
-    k_range = tl.arange(0, BLOCK_K).to(tl.int64)  # int64 offsets: see _lora_multi_fused_kernel
+    # addresses = a scalar int64 base (row, adapter, rank block, K step) plus int32 offsets
+    # within the tile (see _lora_multi_fused_kernel)
+    k_range = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    w_block = w_ptr + a * stride_wl + (pid_r * BLOCK_R) * stride_wr
+    w_tile = tl.arange(0, BLOCK_R)[:, None] * stride_wr + k_range[None, :] * stride_wk
     for k0 in range(0, k_end, BLOCK_K):
-        k_offs = k0 + k_range
-        k_mask = k_offs < K
-        xk = tl.load(x_ptr + row * stride_xm + k_offs * stride_xk, mask=k_mask, other=0.0)
+        k_step = tl.cast(k0, tl.int64)
+        k_mask = (k0 + k_range) < K
+        xk = tl.load(x_row + k_step * stride_xk + k_range * stride_xk, mask=k_mask, other=0.0)
         w = tl.load(
-            w_row + k_offs[None, :] * stride_wk,
+            w_block + k_step * stride_wk + w_tile,
             mask=(r_offs < r_lim)[:, None] & k_mask[None, :],
             other=0.0,
         )
@@ -281,7 +294,13 @@ def _lora_shrink_grouped_kernel(
     r_in = (r_offs < R)[None, :]
     zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     tl.store(out_rows, zeros, mask=no_adapter[:, None] & r_in)
-    k_range = tl.arange(0, BLOCK_K).to(tl.int64)  # int64 offsets: see _lora_multi_fused_kernel
+    # addresses = int64 row pointers or a scalar int64 base (adapter, rank block, K step) plus
+    # int32 offsets within the tile: int64 tile offsets, or pointer tiles carried through the
+    # loops, spilled up to 1.5 KB at rank 100 on sm_90 (see _lora_multi_fused_kernel)
+    k_range = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    x_tile = k_range[None, :] * stride_xk
+    w_tile = tl.arange(0, BLOCK_R)[None, :] * stride_wr + k_range[:, None] * stride_wk
     # one trip per adapter present in the tile (ids are sorted, but a tile holding slots 0 and
     # 1000 must not walk the slots in between): each step jumps to the next larger id present
     a = tl.min(tl.where(valid, aid, L))
@@ -292,16 +311,17 @@ def _lora_shrink_grouped_kernel(
             r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
         k_end = tl.where(pid_r * BLOCK_R < r_lim, K, 0)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        w_block = w_ptr + a * stride_wl + (pid_r * BLOCK_R) * stride_wr
         for k0 in range(0, k_end, BLOCK_K):
-            k_offs = k0 + k_range
-            k_mask = k_offs < K
+            k_step = tl.cast(k0, tl.int64)
+            k_mask = (k0 + k_range) < K
             xt = tl.load(
-                x_ptr + rows[:, None] * stride_xm + k_offs[None, :] * stride_xk,
+                x_rows + k_step * stride_xk + x_tile,
                 mask=mine[:, None] & k_mask[None, :],
                 other=0.0,
             )
             wt = tl.load(
-                w_ptr + a * stride_wl + r_offs[None, :] * stride_wr + k_offs[:, None] * stride_wk,
+                w_block + k_step * stride_wk + w_tile,
                 mask=(r_offs < r_lim)[None, :] & k_mask[:, None],
                 other=0.0,
             )
