@@ -42,6 +42,7 @@ import triton.language as tl
 
 from ..torch.dora import ILL_CONDITIONED
 from . import interpreting, on_input_device
+from ._args import unit_stride
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
 
 __all__ = [
@@ -282,7 +283,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
     gram[:r, :r] = a32 @ a32.T
     norm = torch.empty(n, dtype=torch.float32, device=weight.device)
     has_wsq = w_sq is not None
-    wsq = w_sq.float().contiguous() if has_wsq else torch.empty_like(norm)
+    wsq = unit_stride(w_sq.float()) if has_wsq else torch.empty_like(norm)
     if n == 0:
         return norm
     interp = interpreting()
@@ -314,6 +315,7 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora, g):
     m, n = lin.shape
     y = torch.empty_like(lin)
     if m and n:
+        g, bias = unit_stride(g), unit_stride(bias)
         block_m, block_n = _blocks_2d(interpreting())
         _dora_scale_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
             lin, g, bias, y,
@@ -333,6 +335,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
     dm = torch.zeros(n, dtype=torch.float32, device=dy.device) if needs_dm else None
     if m == 0 or n == 0:
         return out, dm
+    g, norm = unit_stride(g), unit_stride(norm)
     interp = interpreting()
     block_m, block_n, warps = (*_blocks_2d(interp), 4) if interp else _DY_TILES
     n_blocks = triton.cdiv(n, block_n)

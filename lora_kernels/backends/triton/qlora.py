@@ -52,6 +52,7 @@ import triton.language as tl
 
 from ..torch import lora_linear as torch_lora_linear
 from . import interpreting, on_input_device
+from ._args import unit_stride
 from ._rounding import round_to_bf16
 
 # ------------------------------------------------------------------------------------------------
@@ -313,10 +314,12 @@ def _precision(x_dtype: torch.dtype) -> str:
 
 
 def _quant_args(qweight, absmax, code, absmax2, code2, offset):
+    """The format's tensors as the kernels index them: flat, unit stride."""
     nested = absmax2 is not None
     if not nested:  # unused pointers: any tensor of the right device will do
         absmax2, code2, offset = absmax, code, absmax
-    return (qweight.reshape(-1).view(torch.uint8), absmax, code, absmax2, code2, offset), nested
+    flat = (unit_stride(t) for t in (absmax, code, absmax2, code2, offset))
+    return (unit_stride(qweight).view(torch.uint8), *flat), nested
 
 
 def _launch(kernel_name, grid_fn, m, args, meta):
@@ -350,6 +353,7 @@ def qlora_linear_fwd(
     if m == 0:
         return y, s
     quant, nested = _quant_args(qweight, absmax, code, absmax2, code2, offset)
+    bias = unit_stride(bias)
     xl = x if x_lora is None else x_lora
     args = (
         x, xl, *quant, x if bias is None else bias, lora_a, lora_b, y, s,
