@@ -50,7 +50,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch import lora_linear as torch_lora_linear
 from . import interpreting, on_input_device
 from ._args import unit_stride
 from ._rounding import round_to_bf16
@@ -390,13 +389,15 @@ def qlora_linear_bwd(
     r = lora_a.shape[0]
     dx = dx_lora = da = db = None
     if needs_da or needs_db:
-        # dA and dB are rank-sized GEMMs (r * K and N * r outputs): stock PyTorch, the weight is
-        # not involved (a placeholder of the right shape stands in for it).
-        placeholder = x.new_empty((1, 1)).expand(n, k)
-        _, _, da, db = torch_lora_linear.lora_linear_bwd(
-            dy, x, placeholder, lora_a, lora_b, s, scale, x_lora,
-            needs_dx=False, needs_da=needs_da, needs_db=needs_db,
-        )  # fmt: skip
+        # dA and dB are rank-sized GEMMs (r * K and N * r outputs) that never touch the weight:
+        # stock PyTorch GEMMs in the adapters' dtype, scale applied once to the [M, r] factor.
+        ldt = lora_a.dtype
+        dyl = dy.to(ldt)
+        if needs_da:
+            xl = x if x_lora is None else x_lora
+            da = torch.mm(torch.mm(dyl, lora_b).mul_(scale).T, xl.to(ldt))
+        if needs_db:
+            db = torch.mm(dyl.T, s.to(ldt)).mul_(scale)
     if needs_dx:
         dx = x.new_empty((m, k))
         dx_lora = x.new_empty((m, k)) if x_lora is not None else dx
