@@ -40,8 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch.dora import ILL_CONDITIONED
+from ...reference import ILL_CONDITIONED
 from . import interpreting, on_input_device
+from ._args import unit_stride
+from ._rounding import round_to_bf16
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
 
 __all__ = [
@@ -130,7 +132,7 @@ def _dora_norm_kernel(
     bad = (sq < terms * ILL_CONDITIONED) & mask_n
     if tl.max(bad.to(tl.int32), axis=0) > 0:
         # The adapter nearly cancels a row of W: a second pass over this block's rows sums the
-        # squares of W + s B A itself (rare; see ILL_CONDITIONED in _torch_dora.py).
+        # squares of W + s B A itself (rare; see ILL_CONDITIONED in reference.py).
         dsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
@@ -282,7 +284,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
     gram[:r, :r] = a32 @ a32.T
     norm = torch.empty(n, dtype=torch.float32, device=weight.device)
     has_wsq = w_sq is not None
-    wsq = w_sq.float().contiguous() if has_wsq else torch.empty_like(norm)
+    wsq = unit_stride(w_sq.float()) if has_wsq else torch.empty_like(norm)
     if n == 0:
         return norm
     interp = interpreting()
@@ -314,6 +316,7 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora, g):
     m, n = lin.shape
     y = torch.empty_like(lin)
     if m and n:
+        g, bias = unit_stride(g), unit_stride(bias)
         block_m, block_n = _blocks_2d(interpreting())
         _dora_scale_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
             lin, g, bias, y,
@@ -333,6 +336,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
     dm = torch.zeros(n, dtype=torch.float32, device=dy.device) if needs_dm else None
     if m == 0 or n == 0:
         return out, dm
+    g, norm = unit_stride(g), unit_stride(norm)
     interp = interpreting()
     block_m, block_n, warps = (*_blocks_2d(interp), 4) if interp else _DY_TILES
     n_blocks = triton.cdiv(n, block_n)
@@ -404,15 +408,119 @@ def dora_linear_bwd(
     return dx, dx_lora, da, db, dm
 
 
+# Merge tiles: those of the LoRA merge (``merge.py``, spill-free there at every rank): a [64, 64]
+# weight tile and rank chunks of 32; fp32 or mixed adapters keep 3xTF32 with a 32-deep K tile on
+# 8 warps. The interpreter's tile is smaller than the tests' odd sizes.
+_MERGE_META = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+_MERGE_META_FP32 = {**_MERGE_META, "BLOCK_K": 32, "num_warps": 8}
+_MERGE_MAX_R = 32
+_INTERP_MERGE_META = {"BLOCK_N": 16, "BLOCK_K": 32}
+_INTERP_MERGE_MAX_R = 16
+
+
+@triton.jit
+def _dora_merge_kernel(
+    # pointers
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    g_ptr,
+    # sizes
+    N,
+    K,
+    R,
+    # strides
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    # scalars
+    scale,
+    # meta-parameters
+    UNMERGE: tl.constexpr,
+    FP32_OPERANDS: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    ROUND_BF16_BY_BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One [BLOCK_N, BLOCK_K] tile of W, in place: ``g * (W + scale * B A)`` (merge) or
+    ``W / g - scale * B A`` (unmerge), formed in fp32 and rounded once."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask_w = mask_n[:, None] & mask_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w = tl.load(w_ptrs, mask=mask_w, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = (r0 + offs_r) < R
+        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + (r0 + offs_r)[None, :] * stride_br
+        a_ptrs = a_ptr + (r0 + offs_r)[:, None] * stride_ar + offs_k[None, :] * stride_ak
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST_DOTS:
+            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        elif FP32_OPERANDS:
+            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(b, a, acc)
+    out = w / g[:, None] - scale * acc if UNMERGE else (w + scale * acc) * g[:, None]
+    if ROUND_BF16_BY_BITS:
+        tl.store(w_ptrs, round_to_bf16(out), mask=mask_w)
+    else:
+        tl.store(w_ptrs, out.to(w_ptr.dtype.element_ty), mask=mask_w)
+
+
+def _dora_merge(weight, lora_a, lora_b, scale, g, unmerge: bool):
+    n, k = weight.shape
+    r = lora_a.shape[0]
+    if n == 0 or k == 0:
+        return weight
+    upcast = interpreting()
+    fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
+    meta = dict(
+        _INTERP_MERGE_META if upcast else _MERGE_META_FP32 if fp32_operands else _MERGE_META
+    )
+    block_r = min(
+        max(16, triton.next_power_of_2(r)), _INTERP_MERGE_MAX_R if upcast else _MERGE_MAX_R
+    )
+    g = unit_stride(g)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+    _dora_merge_kernel[grid](
+        weight, lora_a, lora_b, g,
+        n, k, r,
+        weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1),
+        float(scale),
+        UNMERGE=unmerge,
+        FP32_OPERANDS=fp32_operands,
+        UPCAST_DOTS=upcast,
+        ROUND_BF16_BY_BITS=upcast and weight.dtype == torch.bfloat16,
+        BLOCK_R=block_r,
+        **meta,
+    )  # fmt: skip
+    return weight
+
+
+@on_input_device
 def dora_merge_(weight, lora_a, lora_b, scale, g):
-    """``weight = g[:, None] * (weight + scale * B A)`` in place (torch row blocks in fp32)."""
-    from ..torch.dora import dora_merge_ as merge
+    """``weight = g[:, None] * (weight + scale * B A)`` in place: one pass over W, fp32 sums,
+    each element rounded once; weight [N, K] and the adapters in any strides, g [N] fp32."""
+    return _dora_merge(weight, lora_a, lora_b, scale, g, unmerge=False)
 
-    return merge(weight, lora_a, lora_b, scale, g)
 
-
+@on_input_device
 def dora_unmerge_(weight, lora_a, lora_b, scale, g):
-    """``weight = weight / g[:, None] - scale * B A`` in place (torch row blocks in fp32)."""
-    from ..torch.dora import dora_unmerge_ as unmerge
-
-    return unmerge(weight, lora_a, lora_b, scale, g)
+    """``weight = weight / g[:, None] - scale * B A`` in place (the inverse of
+    :func:`dora_merge_` for the same g), fp32, rounded once."""
+    return _dora_merge(weight, lora_a, lora_b, scale, g, unmerge=True)
