@@ -8,6 +8,11 @@ bytes, shared memory, tensor-core instructions, what the gate rejects) and the s
 Exit status 1 when the gate rejects any variant.
 
     python benchmarks/triton_compile_report.py [--matrix full|quick] [--targets 80,90]
+        [--set AXIS=JSON ...] [--out STEM]
+
+``--set`` replaces one axis in every family that has it, e.g. the odd ranks alone without
+compiling the rest of the whole matrix again: ``--set 'r=[7, 40, 100, 200]'``
+``--set 'dtypes=[["bf16", "fp32"]]' --set 'kn=[[4099, 32001]]'``.
 
 On a machine with several cores, one process per target and then ``--combine`` (the JSON files
 of those runs) writes the same table in about half the time.
@@ -31,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _write_md(stem: Path, summary: dict, rows: list[dict]) -> None:
     runs = summary.get("runs", 1)
+    settings = "".join(f" --set '{s}'" for s in summary.get("set", []))
     lines = [
         f"# Triton ahead-of-time compile report ({summary['matrix']} matrix)",
         "",
@@ -40,7 +46,8 @@ def _write_md(stem: Path, summary: dict, rows: list[dict]) -> None:
         " (the gate allows spills on fp32 layers only),"
         f" {summary['rejected']} rejected by the gate"
         f"{'' if summary['complete'] else ' (run in progress)'}. Command:"
-        f" `python benchmarks/triton_compile_report.py --matrix {summary['matrix']}`.",
+        f" `python benchmarks/triton_compile_report.py --matrix {summary['matrix']}"
+        f"{settings}`.",
         "",
         "| kernel | variant | config | target | registers | spill B | shared B | mma | gate |",
         "|---|---|---|---|---:|---:|---:|---:|---|",
@@ -86,9 +93,12 @@ def main() -> int:
     parser.add_argument("--matrix", choices=("full", "quick"), default="full")
     parser.add_argument("--targets", default="80,90")
     parser.add_argument("--families", default="", help="comma-separated; default all")
+    parser.add_argument("--set", action="append", default=[], help="AXIS=JSON, e.g. r=[7, 40]")
     parser.add_argument("--out", default="", help="output stem (default benchmarks/results/...)")
     parser.add_argument("--combine", nargs="+", default=[], help="JSON files of partial runs")
     args = parser.parse_args()
+    if args.set and not args.out:
+        parser.error("--set narrows the matrix: name its table with --out")
     if args.combine:
         return _combine(args)
 
@@ -101,6 +111,9 @@ def main() -> int:
     from tools import compile_gate as gate
 
     matrix = gate.FULL if args.matrix == "full" else gate.QUICK
+    for setting in args.set:
+        axis, values = setting.split("=", 1)
+        matrix = gate.with_axis(matrix, axis, json.loads(values))
     families = [f for f in args.families.split(",") if f] or None
     targets = [int(t) for t in args.targets.split(",")]
     start = time.time()
@@ -148,6 +161,7 @@ def main() -> int:
 
         summary = {
             "matrix": args.matrix,
+            "set": args.set,
             "targets": [f"sm_{t}" for t in targets],
             "variants": len(rows),
             "rejected": len(bad),

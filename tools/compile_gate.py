@@ -680,6 +680,11 @@ _DTYPES_ALL = [
     ("bf16", "fp32"),
 ]
 
+# Ranks that are not powers of two, in every family's rank axis of the whole matrix: R and the
+# strides it sets (lora_b's rows, S's rows) get no divisibility hint, and the rank tiles are
+# padded (7 -> 16, 40 -> 64, 100 -> 128, 200 -> 256, then capped per kernel).
+ODD_RANKS = [7, 40, 100, 200]
+
 # The whole matrix (benchmarks/triton_compile_report.py, about 1,000 compiles, most of an hour
 # on one CI core): aligned and odd K/N, M 1/16/64/4096, small and large rank, the common training
 # path (fp32 adapters on bf16), fp16 and fp32 layers, deterministic and not, full and dB-only
@@ -688,7 +693,7 @@ FULL = {
     "lora_linear": {
         "kn": [(4096, 14336), (4099, 32001)],
         "m": [1, 16, 64, 4096],
-        "r": [16, 64, 128],
+        "r": [16, 64, 128, *ODD_RANKS],
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "bias": [True],
         "x_lora": [False],
@@ -698,7 +703,7 @@ FULL = {
     "lora_multi": {
         "kn": [(4096, 4096), (4099, 32001)],
         "m": [1, 4096],
-        "r": [16, 128],
+        "r": [16, 128, *ODD_RANKS],
         "adapters": 4,
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "id_dtypes": [torch.int64],
@@ -707,13 +712,13 @@ FULL = {
     },
     "merge": {
         "kn": [(4096, 4096), (4099, 32001)],
-        "r": [16, 128],
+        "r": [16, 128, *ODD_RANKS],
         "dtypes": _DTYPES_ALL,
     },
     "dora": {
         "kn": [(4096, 14336), (4099, 32001)],
         "m": [1, 4096],
-        "r": [16, 128],
+        "r": [16, 128, *ODD_RANKS],
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "x_lora": [False, True],
         "deterministic": [False, True],
@@ -721,7 +726,7 @@ FULL = {
     "qlora": {
         "kn": [(4096, 14336), (4099, 32001)],
         "m": [1, 4096],
-        "r": [16, 128],
+        "r": [16, 128, *ODD_RANKS],
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "nested": [True],
         "x_lora": [False],
@@ -729,7 +734,7 @@ FULL = {
     "lora_embedding": {
         "vd": [(32000, 4096), (32001, 4099)],
         "m": [1, 4096],
-        "r": [16, 128],
+        "r": [16, 128, *ODD_RANKS],
         "adapters": 2,
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "row_ids": [False, True],
@@ -791,6 +796,15 @@ QUICK = {
         "row_ids": [True],
     },
 }
+
+
+def with_axis(matrix: dict, axis: str, values: list) -> dict:
+    """``matrix`` with ``axis`` replaced by ``values`` in every family that has it (e.g. the rank
+    axis ``"r"`` by ``ODD_RANKS``)."""
+    return {
+        family: {**axes, axis: list(values)} if axis in axes else axes
+        for family, axes in matrix.items()
+    }
 
 
 def capture(family: str, capability: int, matrix: dict) -> list[Launch]:
