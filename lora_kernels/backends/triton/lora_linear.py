@@ -211,7 +211,26 @@ def _lora_gemm_kernel(
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    mask_out = mask_m[:, None] & mask_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The LoRA term is scale * (S @ b.T), scaled once its dot is complete: PEFT multiplies by the
+    # scale after lora_B, and S * scale rounded to 16 bits for the dot could overflow where S
+    # does not. A precomputed S is expanded first, straight into the accumulator the K-loop then
+    # adds to: no second [BLOCK_M, BLOCK_N] accumulator live beside the main one (it spilled
+    # 312 B in the 128x128 tile on sm_80); a split LoRA term is stored and the accumulator reset.
+    if LORA_MODE == _LORA_FROM_S:
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = (r0 + offs_r) < R
+            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
+            s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
+            b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = _mma(s_tile, b_tile, acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
+        acc = acc * scale
+        if SPLIT_LORA_OUT:
+            ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
+            tl.store(ol_ptrs, acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if LORA_MODE == _LORA_FUSED_SHRINK:
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
         s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -239,9 +258,8 @@ def _lora_gemm_kernel(
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
 
-    # S @ b.T in its own accumulator, scaled once it is complete: PEFT multiplies by the scale
-    # after lora_B, and S * scale rounded to 16 bits for the dot could overflow where S does not.
-    lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # A fused S is complete only after the K-loop: its term takes an accumulator of its own
+    # (the small-M tiles that fuse it have room: 8 registers a thread at 16x64 with 4 warps).
     if LORA_MODE == _LORA_FUSED_SHRINK:
         mask_r = offs_r < R
         if pid_n == 0:
@@ -249,23 +267,13 @@ def _lora_gemm_kernel(
             tl.store(s_ptrs, s_acc, mask=mask_m[:, None] & mask_r[None, :])
         b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
         b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora_acc = _mma(s_acc, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
-    elif LORA_MODE == _LORA_FROM_S:
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = (r0 + offs_r) < R
-            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
-            s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
-            b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora_acc = _mma(s_tile, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
-
-    lora_acc = lora_acc * scale
-    mask_out = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_LORA_OUT:
-        ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
-        tl.store(ol_ptrs, lora_acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
-    else:
-        acc += lora_acc
+        lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lora_acc = _mma(s_acc, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty) * scale
+        if SPLIT_LORA_OUT:
+            ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
+            tl.store(ol_ptrs, lora_acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
+        else:
+            acc += lora_acc
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
