@@ -316,6 +316,40 @@ def test_autotune_switch_takes_the_first_config(m, monkeypatch):
     assert_close_to_ref("y", y, ref, _stock(t, w))
 
 
+@pytest.mark.skipif(not interpreting(), reason="counts the interpreter's atomics")
+def test_decode_shrink_in_deterministic_mode_uses_no_atomics(monkeypatch):
+    """The decode path's shrink splits K over programs that add partial S with atomics; under
+    ``torch.use_deterministic_algorithms(True)`` one program per row block sums all of K."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    original = builder.create_atomic_rmw
+    lanes = []
+
+    def counting(op, ptr, val, mask, sem, scope):
+        lanes.append(int(mask.data.sum()))
+        return original(op, ptr, val, mask, sem, scope)
+
+    monkeypatch.setattr(builder, "create_atomic_rmw", counting)
+    t = _inputs(3, 21, 200, 5, torch.float32, True, ("nf4", 64, True))
+    w = _ref_dequant(t["q"], t["st"], torch.float32)
+    d = lambda v: v.double()  # noqa: E731
+    ref = reference.qlora_linear(d(t["x"]), d(w), d(t["bias"]), d(t["a"]), d(t["b"]), SCALE)
+    args = (t["x"], t["q"], t["st"], t["bias"], t["a"], t["b"], SCALE)
+    y = lk.qlora_linear(*args, backend="triton")
+    assert sum(lanes) > 0  # K = 200 takes several splits
+    assert_close_to_ref("y", y, ref, _stock(t, w))
+    lanes.clear()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y_det = lk.qlora_linear(*args, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert lanes == []
+    assert_close_to_ref("y", y_det, ref, _stock(t, w))
+
+
 def test_float64_gradcheck_torch_backend():
     q, st = _quantize(6, 10, nested=True)
     x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
