@@ -16,7 +16,7 @@ import torch
 
 import lora_kernels as lk
 from lora_kernels.backends.triton import HAS_TRITON, interpreting
-from lora_kernels.qlora import Quant4bit
+from lora_kernels.functional import Quant4bit
 from tests.tolerances import assert_close_to_ref
 
 pytestmark = pytest.mark.skipif(

@@ -125,7 +125,7 @@ def _lora_embedding_fwd_kernel(
     ids, aid, active, scale = _row_ids(
         ids_ptr, row_ids_ptr, scales_ptr, scale0, offs_m, M, V, L, HAS_ROW_IDS
     )
-    mask_m = (offs_m < M) & (ids >= 0)  # rows with a token id out of range stay zero
+    mask_m = (offs_m < M) & (ids >= 0)  # rows with a token id out of range read nothing
     ids = tl.maximum(ids, 0)
     mask_d = offs_d < D
     mask = mask_m[:, None] & mask_d[None, :]
@@ -147,7 +147,10 @@ def _lora_embedding_fwd_kernel(
         if pid_d == 0:
             tl.store(s_ptr + offs_m * stride_sm + k * stride_sr, s_k, mask=offs_m < M)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    # Rows with a token id out of range loaded nothing: their zeros are stored too.
+    tl.store(
+        out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & mask_d[None, :]
+    )
 
 
 @triton.jit

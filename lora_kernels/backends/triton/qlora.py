@@ -31,17 +31,19 @@ bytes (each operand read once, each output written once), counted by ``tools/tra
 32-byte sectors with the CUDA tile configs, M = 1, fp16, r = 16, double quantization, blocksize
 64 (``python -m tools.traffic_cases qlora --m 1 --k K --n N --r 16 --quant Q --sample 8``)::
 
-    K x N            quant   before (fused fwd, 16x32x32)   after (shrink + decode, 16x32x64)
-    4096 x 4096      NF4     7.20                           1.149
-    4096 x 4096      FP4     7.20                           1.149
-    4096 x 14336     NF4     7.20                           1.151
-    4096 x 14336     FP4     7.20                           1.151
-    14336 x 4096     NF4     7.19                           1.152
+    M   K x N          quant   before (fused fwd, 16x32x32)   after (shrink + decode, 16x32x64)
+    1   4096 x 4096    NF4     7.199                          1.149
+    1   4096 x 4096    FP4     7.199                          1.149
+    1   4096 x 14336   NF4     7.282                          1.151
+    1   4096 x 14336   FP4     7.282                          1.151
+    1   14336 x 4096   NF4     7.446                          1.152
+    16  4096 x 4096    NF4     8.732                          2.871
 
-What remains above 1 is x re-read by every N tile (1/32 of a byte per weight element with 32-row
-tiles: 64-row tiles halve it but fill half the SMs at N = 4096), and the 1 KB code2 table that
-each program gathers from once per chunk. Odd K (a byte straddling two rows) and prefill take
-``_qlora_fwd_kernel``.
+What remains above 1 at M = 1 is x re-read by every N tile (1/32 of a byte per weight element
+with 32-row tiles; 64-row tiles halve it but fill half the SMs at N = 4096) and the 1 KB code2
+table that each program gathers from once per chunk. At M = 16 the x re-reads (16 rows per N
+tile, from L2: x is 128 KB) are most of the excess; the 64-row tile of the autotuner's list
+halves them. Odd K (a byte straddling two rows) and prefill take ``_qlora_fwd_kernel``.
 
 ``_qlora_fwd_kernel``: one launch, one pass over K. Each program owns a [BLOCK_M, BLOCK_N] tile of
 y; in its K-loop it loads the x tile once, dequantizes the matching [BLOCK_N, BLOCK_K] tile of W
@@ -74,12 +76,11 @@ does.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ... import envs
 from . import interpreting, on_input_device
 from ._args import unit_stride
 from ._rounding import round_to_bf16
@@ -527,8 +528,7 @@ def _qlora_decode_kernel(
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 
 
-# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, wide rank); decode
-# tiles serve every rank.
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, wide rank).
 # Decode (M <= 16) streams the weight: narrow tiles give enough programs to cover the SMs
 # without split-K; prefill wants bigger tiles. Dequantizing a tile gathers per element (packed
 # byte, code entry, block maximum, each with its own address), so the dequantized tile must stay
@@ -536,12 +536,15 @@ _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 # measured 0.5-7 KB of spills and up to 256 KiB of shared memory for 64-128-deep K tiles and
 # 64 x 128 W tiles, on both targets; every tile below is spill-free on sm_80 and sm_90 for
 # 16-bit layers (fp32 adapters included), aligned and odd K/N. A rank over 32 (an fp32
-# [BLOCK_M, BLOCK_R] LoRA accumulator beside the main one) takes the "wide" lists.
+# [BLOCK_M, BLOCK_R] LoRA accumulator beside the main one) takes the "wide" lists: at decode the
+# 16 x 64 x 32 dx tile spilled 12 B on sm_90 at rank 64.
 _CONFIGS = {
     ("fwd", True, False): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
+    ("fwd", True, True): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
     ("fwd", False, False): [(64, 32, 32, 4, 3), (128, 64, 32, 8, 2)],
     ("fwd", False, True): [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2)],
     ("dx", True, False): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2), (16, 64, 32, 4, 2)],
+    ("dx", True, True): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2)],
     ("dx", False, False): [(64, 32, 32, 4, 3), (64, 64, 32, 8, 2)],
     ("dx", False, True): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
 }
@@ -560,7 +563,9 @@ def _configs(kernel_name: str, decode: bool, wide: bool) -> list[triton.Config]:
 # row). 32-row tiles give N / 32 programs (128 at N = 4096, enough for the SMs at the memory
 # floor) while every program re-reads x, 1 / 32 of a byte per weight element; 64 rows halve that
 # but leave half the SMs idle at N = 4096.
-_DECODE_CONFIGS = [(16, 32, 4, 3), (16, 64, 4, 3)]
+# The compile gate measured the 16 x 64 tile on 4 warps spilling 856 B (sm_80) and 136 B (sm_90);
+# on 8 warps, and 16 x 32 on 4, are spill-free.
+_DECODE_CONFIGS = [(16, 32, 4, 3), (16, 64, 8, 3)]
 _DECODE_MAX_BLOCK_K = 64
 _CHUNK_BLOCKS = 32  # block maxima per row decoded at a time: one sector of uint8 absmax
 _INTERPRET_CHUNK_BLOCKS = 2  # small, so the tests' odd sizes take several chunks
@@ -574,7 +579,7 @@ _INTERPRET_SHRINK = {"BLOCK_M": 16, "BLOCK_K": 32, "K_PER_SPLIT": 64}
 def _autotune_enabled() -> bool:
     """``LORA_KERNELS_TRITON_AUTOTUNE=0`` takes each call's first config untimed (as the LoRA
     GEMM does)."""
-    return os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+    return envs.triton_autotune()
 
 
 def _tuning_bench(kernel_call, quantiles):
@@ -641,7 +646,7 @@ def _launch(kernel_name, grid_fn, m, args, meta):
         kernel[grid_fn(meta)](*args, **meta)
         return
     decode = m <= 16
-    wide = not decode and meta["BLOCK_R"] > _WIDE_RANK
+    wide = meta["BLOCK_R"] > _WIDE_RANK
     tuned = _TUNED[(kernel_name, decode, wide)]
     if _autotune_enabled():
         tuned[grid_fn](*args, **meta)
