@@ -1,4 +1,4 @@
-"""The lora-kernels command: info and bench (demo has its own test in test_model.py)."""
+"""The lora-kernels command: info and bench (the demo: test_demo.py)."""
 
 from __future__ import annotations
 

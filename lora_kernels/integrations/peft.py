@@ -45,17 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from peft.tuners.lora.dora import DoraLinearLayer as _DoraLinearLayer
-    from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant
-    from peft.tuners.tuners_utils import BaseTunerLayer
-except ImportError as e:  # pragma: no cover - exercised only without peft installed
-    raise ImportError(
-        "lora_kernels.integrations.peft needs the peft package: pip install 'lora_kernels[peft]'"
-    ) from e
-
+from .._versions import require
 from ..functional import (
     dora_linear,
     lora_embedding,
@@ -66,6 +56,15 @@ from ..functional import (
 from ..layers.base import BASE_ADAPTER, conv1d_class
 from ..layers.dora import cached_weight_sq_norm
 from ..layers.embedding import adapter_tensor, stack_embedding_adapters
+
+# before PEFT's imports: an old PEFT fails them for want of a newer module, not of PEFT
+require("peft", "lora_kernels.integrations.peft")
+
+from peft.tuners.lora.dora import DoraLinearLayer as _DoraLinearLayer  # noqa: E402
+from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
+from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
 __all__ = [
     "FUSED_CLASSES",
