@@ -13,9 +13,10 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels import reference as R
 from lora_kernels.backends.triton import HAS_TRITON
+from tests.optional import optional
 from tests.tolerances import assert_close_to_ref
 
-peft = pytest.importorskip("peft")
+peft = optional("peft")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -34,9 +34,10 @@ from tests.helpers import (
     tiny_llama,
     token_ids,
 )
+from tests.optional import optional
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = optional("peft")
+transformers = optional("transformers")
 
 
 # ------------------------------------------------------------------------------------------
