@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora_kernels.bench import in_units, time_call
+from lora_kernels.bench import in_units, time_call, timing_rows, write_results
 
 RANK = 16
 ALPHA = 32
@@ -223,8 +222,11 @@ def main(argv=None) -> int:
     def write():
         meta["seconds"] = round(time.perf_counter() - start, 1)
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+            details = {"meta": meta, "rows": rows}
+            write_results(
+                args.out, "bench_lora_linear", timing_rows(rows), device=device, details=details
+            )
 
     # Most important first, so that a spent budget cuts the least useful rows. Each shape's line
     # is printed and the JSON rewritten as soon as it is measured: a run cut short keeps them.

@@ -361,6 +361,9 @@ def environment(device: torch.device | str = "cpu") -> dict[str, str]:
     }
 
 
+_TIME_KEYS = {f"{k}_{u}" for k in ("median", "p20", "p80") for u in ("s", "ms", "us")}
+
+
 def _seconds(entry: dict) -> dict[str, float] | None:
     for unit, factor in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if f"median_{unit}" in entry:
@@ -379,6 +382,17 @@ def timing_rows(details: object, path: tuple[str, ...] = ()) -> list[dict]:
     rows: list[dict] = []
     if isinstance(details, dict):
         t = _seconds(details)
+        if t is not None and "provider" in details:  # a flat row already: keep its columns
+            scalars = {k: v for k, v in details.items() if isinstance(v, int | float | str)}
+            case = details.get("case") or _label(
+                {
+                    k: v
+                    for k, v in scalars.items()
+                    if k not in ("provider", "n") and k not in _TIME_KEYS
+                }
+            )
+            rows.append({**scalars, "case": case or "-", **t})
+            return rows
         if t is not None and path:
             case = "/".join(path[:-1]) or "-"
             rows.append({"case": case, "provider": path[-1], **t, "n": details.get("n", "")})
