@@ -8,6 +8,7 @@ away from its JSON still says where it was measured.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from lora_kernels.bench import environment
@@ -80,7 +81,7 @@ def save(fig, path: str | Path, title: str, *, device="cpu") -> Path:
     import matplotlib.pyplot as plt
 
     env = environment(device)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 13))), fontsize=9)
     footer = f"{env['machine']} | commit {env['commit'][:12]} | {env['date']}"
     fig.text(0.01, 0.005, footer, fontsize=6, color="gray")
     fig.tight_layout(rect=(0, 0.03, 1, 1))

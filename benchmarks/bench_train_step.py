@@ -192,7 +192,11 @@ def main(argv=None) -> int:
     if args.out:
         details = {"setup": shape, "args": vars(args)}
         paths = write_results(
-            args.out, "train_step", timing_rows(rows), device=device, details=details
+            args.out,
+            "train_step",
+            [{**r, "case": shape} for r in timing_rows(rows)],
+            device=device,
+            details=details,
         )
         print(f"wrote {paths[0]} and {paths[1]}")
     return 0

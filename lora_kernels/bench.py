@@ -383,7 +383,11 @@ def timing_rows(details: object, path: tuple[str, ...] = ()) -> list[dict]:
     if isinstance(details, dict):
         t = _seconds(details)
         if t is not None and "provider" in details:  # a flat row already: keep its columns
-            scalars = {k: v for k, v in details.items() if isinstance(v, int | float | str)}
+            scalars = {
+                k: v
+                for k, v in details.items()
+                if isinstance(v, int | float | str) and k not in _TIME_KEYS
+            }
             case = details.get("case") or _label(
                 {
                     k: v
