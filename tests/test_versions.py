@@ -94,3 +94,20 @@ def test_installed_versions_meet_the_minimums():
     for dist in MINIMUM:
         if _versions.installed_version(dist) is not None:
             require(dist, "this environment")
+
+
+def test_one_version_source_and_the_license_file():
+    """pyproject reads the version from ``lora_kernels.__version__`` (no second copy), and the
+    LICENSE file is the Apache-2.0 text its ``license`` field names."""
+    import lora_kernels
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "pyproject.toml").read_text()
+    project = text.split("\n[project]\n", 1)[1].split("\n[", 1)[0]
+    assert 'dynamic = ["version"]' in project and not re.search(r"^version\s*=", project, re.M)
+    assert 'version = { attr = "lora_kernels.__version__" }' in text
+    assert re.fullmatch(r"\d+\.\d+\.\d+", lora_kernels.__version__)
+    assert 'license = "Apache-2.0"' in text
+    license_text = (root / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
