@@ -49,8 +49,14 @@ def bars(ax, labels, values, *, xlabel: str, spread=None, highlight=(), log: boo
             [hi - v for v, (_, hi) in zip(values, spread, strict=True)],
         ]
     ax.barh(labels, values, color=colors, xerr=xerr, capsize=3 if xerr else 0)
-    for y, v in enumerate(values):
-        ax.annotate(f" {v:.3g}", (v, y), va="center", fontsize=7)
+    ends = (
+        values
+        if spread is None
+        else [max(v, hi) for v, (_, hi) in zip(values, spread, strict=True)]
+    )
+    for y, (v, end) in enumerate(zip(values, ends, strict=True)):
+        ax.annotate(f"{v:.3g}", (end, y), xytext=(4, 0), textcoords="offset points", va="center",
+                    fontsize=7)  # fmt: skip
     if log:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
