@@ -55,7 +55,7 @@ def bars(ax, labels, values, *, xlabel: str, spread=None, highlight=(), log: boo
         else [max(v, hi) for v, (_, hi) in zip(values, spread, strict=True)]
     )
     for y, (v, end) in enumerate(zip(values, ends, strict=True)):
-        ax.annotate(f"{v:.3g}", (end, y), xytext=(4, 0), textcoords="offset points", va="center",
+        ax.annotate(f"{v:.4g}", (end, y), xytext=(4, 0), textcoords="offset points", va="center",
                     fontsize=7)  # fmt: skip
     if log:
         ax.set_xscale("log")
@@ -82,13 +82,14 @@ def lines(ax, x, series: dict, *, xlabel: str, ylabel: str, logx=False, logy=Fal
         ax.legend(fontsize=7)
 
 
-def save(fig, path: str | Path, title: str, *, device="cpu") -> Path:
-    """Title, the machine/commit footer, tight layout; write ``path`` (PNG) and close."""
+def save(fig, path: str | Path, title: str, *, device="cpu", footer: str | None = None) -> Path:
+    """Title, the machine/commit footer (or ``footer``: where a replotted result came from),
+    tight layout; write ``path`` (PNG) and close."""
     import matplotlib.pyplot as plt
 
     env = environment(device)
     fig.suptitle("\n".join(textwrap.wrap(title, int(fig.get_figwidth() * 13))), fontsize=9)
-    footer = f"{env['machine']} | commit {env['commit'][:12]} | {env['date']}"
+    footer = footer or f"{env['machine']} | commit {env['commit'][:12]} | {env['date']}"
     fig.text(0.01, 0.005, footer, fontsize=6, color="gray")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path = Path(path)

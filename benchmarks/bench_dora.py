@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import subprocess
@@ -135,7 +136,7 @@ def peak_in_subprocess(name: str, argv: list[str]) -> int | None:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def plot(result: dict, path: Path, device) -> bool:
+def plot(result: dict, path: Path, device, footer: str | None = None) -> bool:
     names = list(result["providers"])
     times = [result["providers"][n]["fwd+bwd"]["median_s"] * 1e3 for n in names]
     peaks = [(result["providers"][n].get("peak_bytes") or 0) / 2**20 for n in names]
@@ -168,7 +169,7 @@ def plot(result: dict, path: Path, device) -> bool:
         highlight=("PEFT DoRA",),
     )
     ax2.axvline(result["nk_fp32_bytes"] / 2**20, color="gray", ls="--", lw=1)
-    _plot.save(fig, path, title, device=device)
+    _plot.save(fig, path, title, device=device, footer=footer)
     return True
 
 
@@ -184,9 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10 rounds")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--replot", type=Path, help="only redraw the PNG of this result JSON")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.replot:
+        doc = json.loads(args.replot.read_text())
+        result = doc.get("details", doc)  # the shared schema, or a file written before it
+        footer = f"replotted from {args.replot.name}; measured on {result['device']}"
+        png = args.replot.with_suffix(".png")
+        if not plot(result, png, device, footer):
+            raise SystemExit("--replot needs matplotlib: pip install 'lora_kernels[bench]'")
+        print(f"wrote {png}")
+        return 0
     if args.memory_of:
         print(measure_peak(args.memory_of, args, device, dtype))
         return 0
