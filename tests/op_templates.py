@@ -54,9 +54,6 @@ class OpFamily:
     make: Callable[[str, torch.dtype], OpCase]
     backends: tuple[str, ...]
 
-    def __str__(self) -> str:  # the pytest id
-        return self.name
-
 
 def _to64(value):
     if isinstance(value, torch.Tensor) and value.is_floating_point():

@@ -138,7 +138,7 @@ FAMILIES = [
     OpFamily("dora_linear", dora_linear_case, BACKENDS),
 ]
 CASES = [(f, b) for f in FAMILIES for b in f.backends]
-IDS = [f"{f}-{b}" for f, b in CASES]
+IDS = [f"{f.name}-{b}" for f, b in CASES]
 
 
 @pytest.mark.parametrize(("family", "backend"), CASES, ids=IDS)
