@@ -1,12 +1,15 @@
 """One helper that turns a kernel family's parts into its registered ops and eager entry point.
 
-A differentiable family (``lora_linear``, ``lora_multi``, and any new one) gives:
+Every differentiable family (``lora_linear``, ``lora_multi``, ``lora_embedding``, ``dora``,
+``qlora``, and any new one) gives:
 
 * ``fwd`` and ``bwd``: the op bodies, annotated so ``torch.library`` infers the schemas. Both end
-  in ``backend: str`` and call the backend's launchers; ``bwd`` returns empty tensors for the
-  gradients that are not needed (an op cannot return None);
+  in ``backend: str`` and call the backend's launchers; ``fwd`` returns the output first, then
+  what the backward keeps (not differentiable); ``bwd`` returns empty tensors for the gradients
+  that are not needed (an op cannot return None);
 * their fake impls (shapes only, ``torch._check`` for what the compiler may assume);
-* ``launch_bwd(*bwd_args)``: the backward launchers called directly, None where not needed;
+* ``launch_fwd(*fwd_args)`` and ``launch_bwd(*bwd_args)``: the launchers called directly (what
+  the op bodies call), the backward's None where a gradient is not needed;
 * ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)``, as ``register_autograd``
   takes them. The backward calls ``ctx.run_bwd(*bwd_args)``: the backward op under
   ``torch.compile`` (opaque to the compiler), the launchers directly in eager mode.
