@@ -83,19 +83,27 @@ def define_family(
 
     fwd_op.register_autograd(backward, setup_context=op_setup_context)
 
-    class EagerTwin(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            output = launch_fwd(*args)
-            setup_context(ctx, args, output)
-            ctx.run_bwd = launch_bwd
-            return output
+    def twin_forward(ctx, *args):
+        output = launch_fwd(*args)
+        setup_context(ctx, args, output)
+        ctx.run_bwd = launch_bwd
+        return output
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+    def twin_backward(ctx, *grads):
+        return backward(ctx, *grads)
 
-    EagerTwin.__name__ = EagerTwin.__qualname__ = f"{name}_eager"
+    # Made by ``type`` so that the class has the family's name when autograd derives its graph
+    # node from it: ``{name}_eagerBackward`` in profiles and ``grad_fn``, one name per family.
+    eager_twin = type(
+        f"{name}_eager",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(twin_forward),
+            "backward": staticmethod(twin_backward),
+            "__module__": __name__,
+            "__qualname__": f"{name}_eager",
+        },
+    )
 
     def entry(*args) -> Tensor:
         if torch.compiler.is_compiling():
@@ -103,10 +111,10 @@ def define_family(
         tensors = [a for a in args if isinstance(a, Tensor)]
         if not needs_autograd(*tensors) or (stock_autograd_on_torch and args[-1] == "torch"):
             return launch_fwd(*args)[0]
-        return EagerTwin.apply(*args)[0]
+        return eager_twin.apply(*args)[0]
 
     entry.__name__ = f"{name}_2d"
     entry.fwd_op = fwd_op
     entry.bwd_op = bwd_op
-    entry.eager = EagerTwin
+    entry.eager = eager_twin
     return entry
