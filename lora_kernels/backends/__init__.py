@@ -47,6 +47,7 @@ from .triton import HAS_TRITON, interpreting
 BACKENDS = ("cuda", "triton", "torch")
 
 logger = logging.getLogger(__name__)
+_DEBUG = logging.DEBUG
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,7 +428,7 @@ class Dispatch(NamedTuple):
 
 
 _LAST = threading.local()
-_LOGGED: set[Dispatch] = set()
+_LOGGED: set[tuple[str, str, str, str]] = set()
 
 
 def last_dispatch() -> Dispatch | None:
@@ -435,12 +436,23 @@ def last_dispatch() -> Dispatch | None:
     or None before the first. Under ``torch.compile`` the ops run their launchers when the graph
     runs, so it names those too; the backward of CUDA tensors runs in autograd's own device
     threads, and is recorded there."""
-    return getattr(_LAST, "dispatch", None)
+    picked = getattr(_LAST, "dispatch", None)
+    return None if picked is None else Dispatch(*picked)
 
 
-@functools.cache
-def _record(family: str, name: str, backend: str, requested: str) -> Dispatch:
-    return Dispatch(family, name, backend, requested)
+def _log_once(picked: tuple[str, str, str, str]) -> None:
+    if picked in _LOGGED:
+        return
+    _LOGGED.add(picked)
+    family, name, backend, requested = picked
+    where = IMPLEMENTATIONS[(family, backend)]
+    if backend == requested:
+        logger.debug("%s.%s runs on %s (%s)", family, name, backend, where)
+    else:
+        why = _cuda_handover_reason(family, name)
+        logger.debug(
+            "%s.%s asked of %s runs on %s (%s): %s", family, name, requested, backend, where, why
+        )
 
 
 @functools.cache
@@ -493,22 +505,8 @@ def launcher(backend: str, family: str, name: str, *args, **kwargs) -> Callable:
     if backend == "cuda":
         backend = serving_backend(backend, family, name, *args, **kwargs)
     fn = getattr(backend_module(backend, family), name)
-    record = _record(family, name, backend, requested)
-    _LAST.dispatch = record
-    if record not in _LOGGED and logger.isEnabledFor(logging.DEBUG):
-        _LOGGED.add(record)
-        where = IMPLEMENTATIONS[(family, backend)]
-        if backend == requested:
-            logger.debug("%s.%s runs on %s (%s)", family, name, backend, where)
-        else:
-            why = _cuda_handover_reason(family, name)
-            logger.debug(
-                "%s.%s asked of %s runs on %s (%s): %s",
-                family,
-                name,
-                requested,
-                backend,
-                where,
-                why,
-            )
+    # A plain tuple: every kernel call passes here, a Dispatch is built only when asked for.
+    _LAST.dispatch = picked = (family, name, backend, requested)
+    if logger.isEnabledFor(_DEBUG):
+        _log_once(picked)
     return fn
