@@ -50,7 +50,6 @@ try:
     from peft.tuners.lora.dora import DoraLinearLayer as _DoraLinearLayer
     from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding
     from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    from peft.tuners.lora.layer import LoraLayer as _PeftLoraLayer
     from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant
     from peft.tuners.tuners_utils import BaseTunerLayer
 except ImportError as e:  # pragma: no cover - exercised only without peft installed
@@ -505,10 +504,12 @@ def _4bit_verdict(qlora, layer) -> tuple[bool, str]:
 
 
 def _other_reason(qlora, module: nn.Module) -> str:
+    from peft.tuners.lora.layer import LoraLayer  # every LoRA layer class of PEFT's
+
     cls = type(module)
     if cls in FUSED_CLASSES or (qlora is not None and cls is qlora.PeftLoraLinear4bit):
         return "not fused (yet): fuse() swaps its class"
-    if isinstance(module, _PeftLoraLayer):
+    if isinstance(module, LoraLayer):
         return f"no fused kernel for PEFT's lora.{cls.__name__}"
     parts = cls.__module__.split(".")
     tuner = parts[2] if parts[:2] == ["peft", "tuners"] and len(parts) > 2 else cls.__module__
