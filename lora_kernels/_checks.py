@@ -266,167 +266,6 @@ def check_merge_inputs(fn: str, weight, lora_a, lora_b, scale) -> float:
     return check_scale(fn, "scale", scale)
 
 
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def _check_ids(fn: str, ids, num_embeddings: int, device) -> None:
-    check_tensor(fn, "ids", ids)
-    check_dtype(fn, "ids", ids, INDEX_DTYPES)
-    if ids.device != device:
-        raise ValueError(
-            f"{fn}: expected ids on device {device} (where weight is), got {ids.device}"
-        )
-    _check_id_values(fn, ids, num_embeddings)
-
-
-def _check_id_values(fn: str, ids, num_embeddings: int) -> None:
-    """Ids in range, on CPU tensors in eager mode (on CUDA it would synchronise)."""
-    if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        low, high = torch.aminmax(ids)
-        low, high = int(low), int(high)
-        if low < 0 or high >= num_embeddings:
-            raise ValueError(
-                f"{fn}: expected ids in [0, {num_embeddings}) (weight has {num_embeddings} rows), "
-                f"got values in [{low}, {high}]"
-            )
-
-
-def _check_padding_idx(fn: str, padding_idx, num_embeddings: int) -> int:
-    """``nn.Embedding``'s rule: None, or an index in [-V, V) (negative counts from the end);
-    returned as a row index, -1 meaning none."""
-    if padding_idx is None:
-        return -1
-    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
-        raise TypeError(f"{fn}: expected padding_idx to be None or an int, got {padding_idx!r}")
-    if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(
-            f"{fn}: expected padding_idx in [-{num_embeddings}, {num_embeddings}), "
-            f"got {padding_idx}"
-        )
-    return padding_idx % num_embeddings
-
-
-def _check_embedding_table(fn: str, weight) -> tuple[int, int]:
-    check_tensor(fn, "weight", weight)
-    check_float(fn, "weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"{fn}: expected weight of shape [V, D], got {fmt_shape(weight.shape)}")
-    return weight.shape[0], weight.shape[1]
-
-
-def _embedding_well_formed(ids, weight, lora_a, lora_b, scale, padding_idx) -> bool:
-    """The common, valid single-adapter embedding call in a few comparisons (the checks below
-    are the spec; this only skips them when all is well, as ``_well_formed`` does for linear)."""
-    try:
-        v, d = weight.shape
-        r = lora_a.shape[0]
-        dev = weight.device
-        return (
-            type(scale) is float
-            and math.isfinite(scale)
-            and ids.dtype in INDEX_DTYPES
-            and weight.dtype in FLOAT_DTYPES
-            and lora_a.shape == (r, v)
-            and lora_b.shape == (d, r)
-            and r >= 1
-            and lora_a.dtype in (weight.dtype, torch.float32)
-            and lora_b.dtype == lora_a.dtype
-            and ids.device == dev
-            and lora_a.device == dev
-            and lora_b.device == dev
-            and (padding_idx is None or (type(padding_idx) is int and 0 <= padding_idx < v))
-            and isinstance(ids, torch.Tensor)
-            and isinstance(lora_a, torch.Tensor)
-            and isinstance(lora_b, torch.Tensor)
-        )
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
-def check_lora_embedding_inputs(fn, ids, weight, lora_a, lora_b, scale, padding_idx):
-    """Validate ``ids [...]``, ``weight [V, D]``, ``lora_a [r, V]`` (PEFT ``lora_embedding_A``),
-    ``lora_b [D, r]`` (``lora_embedding_B``); returns ``(scale, padding_idx)`` (-1: none)."""
-    if _embedding_well_formed(ids, weight, lora_a, lora_b, scale, padding_idx):
-        _check_id_values(fn, ids, weight.shape[0])
-        return scale, -1 if padding_idx is None else padding_idx
-    v, d = _check_embedding_table(fn, weight)
-    _check_ids(fn, ids, v, weight.device)
-    check_tensor(fn, "lora_a", lora_a)
-    check_tensor(fn, "lora_b", lora_b)
-    if lora_a.dim() != 2 or lora_a.shape[0] < 1:
-        raise ValueError(
-            f"{fn}: expected lora_a of shape [r, {v}] with r >= 1, got {fmt_shape(lora_a.shape)}"
-        )
-    r = lora_a.shape[0]
-    check_shape(fn, "lora_a", lora_a, [r, v])
-    check_shape(fn, "lora_b", lora_b, [d, r])
-    check_dtype(fn, "lora_a", lora_a, [weight.dtype, torch.float32])
-    check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-        if t.device != weight.device:
-            raise ValueError(
-                f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
-            )
-    return check_scale(fn, "scale", scale), _check_padding_idx(fn, padding_idx, v)
-
-
-def check_lora_embedding_multi_inputs(
-    fn, ids, weight, lora_a, lora_b, scales, adapter_ids, padding_idx
-):
-    """Validate the multi-adapter embedding inputs: ``ids [M]`` with ``adapter_ids [M]`` or
-    ``ids [B, T]`` with ``adapter_ids [B]``, ``lora_a [L, r_max, V]``, ``lora_b [L, D, r_max]``,
-    ``scales`` (L floats); returns ``(scales as a list, padding_idx)``."""
-    v, d = _check_embedding_table(fn, weight)
-    _check_ids(fn, ids, v, weight.device)
-    if ids.dim() not in (1, 2):
-        raise ValueError(f"{fn}: expected ids of shape [M] or [B, T], got {fmt_shape(ids.shape)}")
-    check_tensor(fn, "lora_a", lora_a)
-    check_tensor(fn, "lora_b", lora_b)
-    if lora_a.dim() != 3 or lora_a.shape[0] < 1 or lora_a.shape[1] < 1:
-        raise ValueError(
-            f"{fn}: expected lora_a of shape [L, r_max, {v}] with L >= 1 and r_max >= 1, "
-            f"got {fmt_shape(lora_a.shape)}"
-        )
-    num, r = lora_a.shape[:2]
-    check_shape(fn, "lora_a", lora_a, [num, r, v])
-    check_shape(fn, "lora_b", lora_b, [num, d, r])
-    check_dtype(fn, "lora_a", lora_a, [weight.dtype, torch.float32])
-    check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-        if t.device != weight.device:
-            raise ValueError(
-                f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
-            )
-    if isinstance(scales, torch.Tensor):
-        scales = scales.detach().tolist()
-    if not isinstance(scales, (list, tuple)) or len(scales) != num:
-        raise ValueError(
-            f"{fn}: expected scales to hold {num} floats (one per adapter), got {scales!r}"
-        )
-    scales = [check_scale(fn, f"scales[{i}]", s) for i, s in enumerate(scales)]
-    check_tensor(fn, "adapter_ids", adapter_ids)
-    check_dtype(fn, "adapter_ids", adapter_ids, INDEX_DTYPES)
-    per = "row" if ids.dim() == 1 else "sequence"
-    if adapter_ids.dim() != 1 or adapter_ids.shape[0] != ids.shape[0]:
-        raise ValueError(
-            f"{fn}: expected adapter_ids of shape [{ids.shape[0]}] (one id per {per} of ids "
-            f"{fmt_shape(ids.shape)}), got {fmt_shape(adapter_ids.shape)}"
-        )
-    if adapter_ids.device != weight.device:
-        raise ValueError(
-            f"{fn}: expected adapter_ids on device {weight.device}, got {adapter_ids.device}"
-        )
-    if adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = ((adapter_ids < -1) | (adapter_ids >= num)).nonzero().flatten()
-        if bad.numel():
-            shown = bad[:8].tolist()
-            raise ValueError(
-                f"{fn}: expected adapter_ids in [-1, {num}) (-1: no adapter), got "
-                f"{adapter_ids[shown].tolist()} at {per}s {shown}"
-            )
-    return scales, _check_padding_idx(fn, padding_idx, v)
-
-
 # --------------------------------------------------------------------------------------------
 # DoRA: the magnitude and the cached norms, [N] vectors beside the LoRA inputs
 # --------------------------------------------------------------------------------------------
@@ -617,3 +456,164 @@ def check_qlora_linear_inputs(fn: str, x, qweight, q, bias, lora_a, lora_b, scal
     # the right shape, dtype and device (a stride-0 view: no memory).
     stand_in = x.new_empty((1, 1)).expand(n, k)
     return check_lora_linear_inputs(fn, x, stand_in, bias, lora_a, lora_b, scale, x_lora)
+
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_ids(fn: str, ids, num_embeddings: int, device) -> None:
+    check_tensor(fn, "ids", ids)
+    check_dtype(fn, "ids", ids, INDEX_DTYPES)
+    if ids.device != device:
+        raise ValueError(
+            f"{fn}: expected ids on device {device} (where weight is), got {ids.device}"
+        )
+    _check_id_values(fn, ids, num_embeddings)
+
+
+def _check_id_values(fn: str, ids, num_embeddings: int) -> None:
+    """Ids in range, on CPU tensors in eager mode (on CUDA it would synchronise)."""
+    if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = torch.aminmax(ids)
+        low, high = int(low), int(high)
+        if low < 0 or high >= num_embeddings:
+            raise ValueError(
+                f"{fn}: expected ids in [0, {num_embeddings}) (weight has {num_embeddings} rows), "
+                f"got values in [{low}, {high}]"
+            )
+
+
+def _check_padding_idx(fn: str, padding_idx, num_embeddings: int) -> int:
+    """``nn.Embedding``'s rule: None, or an index in [-V, V) (negative counts from the end);
+    returned as a row index, -1 meaning none."""
+    if padding_idx is None:
+        return -1
+    if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+        raise TypeError(f"{fn}: expected padding_idx to be None or an int, got {padding_idx!r}")
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(
+            f"{fn}: expected padding_idx in [-{num_embeddings}, {num_embeddings}), "
+            f"got {padding_idx}"
+        )
+    return padding_idx % num_embeddings
+
+
+def _check_embedding_table(fn: str, weight) -> tuple[int, int]:
+    check_tensor(fn, "weight", weight)
+    check_float(fn, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: expected weight of shape [V, D], got {fmt_shape(weight.shape)}")
+    return weight.shape[0], weight.shape[1]
+
+
+def _embedding_well_formed(ids, weight, lora_a, lora_b, scale, padding_idx) -> bool:
+    """The common, valid single-adapter embedding call in a few comparisons (the checks below
+    are the spec; this only skips them when all is well, as ``_well_formed`` does for linear)."""
+    try:
+        v, d = weight.shape
+        r = lora_a.shape[0]
+        dev = weight.device
+        return (
+            type(scale) is float
+            and math.isfinite(scale)
+            and ids.dtype in INDEX_DTYPES
+            and weight.dtype in FLOAT_DTYPES
+            and lora_a.shape == (r, v)
+            and lora_b.shape == (d, r)
+            and r >= 1
+            and lora_a.dtype in (weight.dtype, torch.float32)
+            and lora_b.dtype == lora_a.dtype
+            and ids.device == dev
+            and lora_a.device == dev
+            and lora_b.device == dev
+            and (padding_idx is None or (type(padding_idx) is int and 0 <= padding_idx < v))
+            and isinstance(ids, torch.Tensor)
+            and isinstance(lora_a, torch.Tensor)
+            and isinstance(lora_b, torch.Tensor)
+        )
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def check_lora_embedding_inputs(fn, ids, weight, lora_a, lora_b, scale, padding_idx):
+    """Validate ``ids [...]``, ``weight [V, D]``, ``lora_a [r, V]`` (PEFT ``lora_embedding_A``),
+    ``lora_b [D, r]`` (``lora_embedding_B``); returns ``(scale, padding_idx)`` (-1: none)."""
+    if _embedding_well_formed(ids, weight, lora_a, lora_b, scale, padding_idx):
+        _check_id_values(fn, ids, weight.shape[0])
+        return scale, -1 if padding_idx is None else padding_idx
+    v, d = _check_embedding_table(fn, weight)
+    _check_ids(fn, ids, v, weight.device)
+    check_tensor(fn, "lora_a", lora_a)
+    check_tensor(fn, "lora_b", lora_b)
+    if lora_a.dim() != 2 or lora_a.shape[0] < 1:
+        raise ValueError(
+            f"{fn}: expected lora_a of shape [r, {v}] with r >= 1, got {fmt_shape(lora_a.shape)}"
+        )
+    r = lora_a.shape[0]
+    check_shape(fn, "lora_a", lora_a, [r, v])
+    check_shape(fn, "lora_b", lora_b, [d, r])
+    check_dtype(fn, "lora_a", lora_a, [weight.dtype, torch.float32])
+    check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.device != weight.device:
+            raise ValueError(
+                f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
+            )
+    return check_scale(fn, "scale", scale), _check_padding_idx(fn, padding_idx, v)
+
+
+def check_lora_embedding_multi_inputs(
+    fn, ids, weight, lora_a, lora_b, scales, adapter_ids, padding_idx
+):
+    """Validate the multi-adapter embedding inputs: ``ids [M]`` with ``adapter_ids [M]`` or
+    ``ids [B, T]`` with ``adapter_ids [B]``, ``lora_a [L, r_max, V]``, ``lora_b [L, D, r_max]``,
+    ``scales`` (L floats); returns ``(scales as a list, padding_idx)``."""
+    v, d = _check_embedding_table(fn, weight)
+    _check_ids(fn, ids, v, weight.device)
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"{fn}: expected ids of shape [M] or [B, T], got {fmt_shape(ids.shape)}")
+    check_tensor(fn, "lora_a", lora_a)
+    check_tensor(fn, "lora_b", lora_b)
+    if lora_a.dim() != 3 or lora_a.shape[0] < 1 or lora_a.shape[1] < 1:
+        raise ValueError(
+            f"{fn}: expected lora_a of shape [L, r_max, {v}] with L >= 1 and r_max >= 1, "
+            f"got {fmt_shape(lora_a.shape)}"
+        )
+    num, r = lora_a.shape[:2]
+    check_shape(fn, "lora_a", lora_a, [num, r, v])
+    check_shape(fn, "lora_b", lora_b, [num, d, r])
+    check_dtype(fn, "lora_a", lora_a, [weight.dtype, torch.float32])
+    check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
+    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if t.device != weight.device:
+            raise ValueError(
+                f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
+            )
+    if isinstance(scales, torch.Tensor):
+        scales = scales.detach().tolist()
+    if not isinstance(scales, (list, tuple)) or len(scales) != num:
+        raise ValueError(
+            f"{fn}: expected scales to hold {num} floats (one per adapter), got {scales!r}"
+        )
+    scales = [check_scale(fn, f"scales[{i}]", s) for i, s in enumerate(scales)]
+    check_tensor(fn, "adapter_ids", adapter_ids)
+    check_dtype(fn, "adapter_ids", adapter_ids, INDEX_DTYPES)
+    per = "row" if ids.dim() == 1 else "sequence"
+    if adapter_ids.dim() != 1 or adapter_ids.shape[0] != ids.shape[0]:
+        raise ValueError(
+            f"{fn}: expected adapter_ids of shape [{ids.shape[0]}] (one id per {per} of ids "
+            f"{fmt_shape(ids.shape)}), got {fmt_shape(adapter_ids.shape)}"
+        )
+    if adapter_ids.device != weight.device:
+        raise ValueError(
+            f"{fn}: expected adapter_ids on device {weight.device}, got {adapter_ids.device}"
+        )
+    if adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = ((adapter_ids < -1) | (adapter_ids >= num)).nonzero().flatten()
+        if bad.numel():
+            shown = bad[:8].tolist()
+            raise ValueError(
+                f"{fn}: expected adapter_ids in [-1, {num}) (-1: no adapter), got "
+                f"{adapter_ids[shown].tolist()} at {per}s {shown}"
+            )
+    return scales, _check_padding_idx(fn, padding_idx, v)

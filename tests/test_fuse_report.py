@@ -87,6 +87,8 @@ def _input_for(layer: nn.Module) -> torch.Tensor:
 def _assert_verdicts_hold(model, report) -> None:
     for name, entry in report["layers"].items():
         layer = model.get_submodule(name)
+        if entry["runs_on"] == "per call":
+            continue
         got = _dispatched(layer, _input_for(layer))
         if entry["runs_on"] == "peft":
             assert got is None, (name, entry, got)
@@ -211,3 +213,20 @@ def test_4bit_layers_are_reported():
                    "DoraLinearVariant: a variant the kernels do not compute"),
     }  # fmt: skip
     _assert_verdicts_hold(model, report)
+
+
+def test_a_fused_class_without_a_verdict_is_reported_as_deciding_per_call(monkeypatch):
+    from lora_kernels.integrations import peft as lk_peft
+
+    class FusedLater(lk_peft.FusedPeftLinear):
+        """Stands for a fused class added to FUSED_CLASSES without a verdict in _VERDICTS."""
+
+    monkeypatch.setitem(lk_peft._PEFT_CLASS, FusedLater, peft.tuners.lora.layer.Linear)
+    model = fuse(_mixed_model())
+    model.base_model.model.lin.__class__ = FusedLater
+    entry = fuse_report(model)["layers"]["base_model.model.lin"]
+    assert entry == {
+        "peft_class": "peft.tuners.lora.layer.Linear",
+        "runs_on": "per call",
+        "why": "fused: its forward decides on each call",
+    }

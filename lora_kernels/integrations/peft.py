@@ -25,8 +25,7 @@ parameters, state_dict keys, ``repr`` (``lora.Linear(...)``), ``get_layer_status
 targets, no LoRA layer at all) it fuses what the table lists and leaves every other layer exactly
 as PEFT made it; layers PEFT creates later (``add_adapter``, ``load_adapter``,
 ``inject_adapter_in_model``) are fused by the next ``fuse`` call. :func:`fuse_report` says what is
-fused and, per layer, whether its next call runs on the kernels or on PEFT's code, and why;
-``fuse`` logs a summary at DEBUG level and never warns.
+fused and what runs on PEFT's code; ``fuse`` logs it at DEBUG level and never warns.
 ``unfuse`` restores PEFT's classes.
 
 A DoRA adapter (PEFT's ``DoraLinearVariant``) runs in one ``lora_kernels.dora_linear`` call under
@@ -384,7 +383,9 @@ def fuse(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
 def _peft_class(module: nn.Module) -> str:
     """The class of ``module`` as PEFT made it: its own, or the one our fused subclass of it
     stands in for."""
-    cls = next(c for c in type(module).__mro__ if not c.__module__.startswith(__package__))
+    cls = _PEFT_CLASS.get(type(module)) or next(
+        c for c in type(module).__mro__ if not c.__module__.startswith(__package__)
+    )
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -516,14 +517,19 @@ def _other_reason(qlora, module: nn.Module) -> str:
     return f"{tuner} layer (not LoRA): PEFT's code"
 
 
+# fused class -> the verdict of its next plain call: (runs on the kernels, why)
+_VERDICTS = {FusedPeftLinear: _linear_verdict, FusedPeftEmbedding: _embedding_verdict}
+
+
 def fuse_report(peft_model: nn.Module) -> dict:
     """What runs where: the PEFT tuner layers of ``peft_model`` whose class :func:`fuse` swapped
     and those it left to PEFT's code, and per layer what its next plain call runs and why.
 
     Returns ``{"fused": [name], "left": {name: PEFT class}, "layers": {name: {"peft_class": ...,
-    "runs_on": "lora_kernels" or "peft", "why": ...}}}``. ``"why"`` names the kernel and the
-    adapter (``"dora_linear, adapter 'default'"``) or the reason PEFT's code runs (``"adapter
-    'b' has lora_bias"``, ``"no fused kernel for PEFT's lora.Conv2d"``). The verdict is the one
+    "runs_on": "lora_kernels" or "peft", "why": ...}}}`` (``"per call"`` for a fused class with
+    no verdict in ``_VERDICTS``). ``"why"`` names the kernel and the adapter (``"dora_linear,
+    adapter 'default'"``) or the reason PEFT's code runs (``"adapter 'b' has lora_bias"``, ``"no
+    fused kernel for PEFT's lora.Conv2d"``). The verdict is the one
     the fused layer's ``forward`` reaches, asked with an input in the base weight's dtype and
     device and no extra arguments; a call with other dtypes, extra keyword arguments, autocast
     (4-bit) or an ``adapter_names`` batch is decided when it is made (see the module docstring).
@@ -535,22 +541,19 @@ def fuse_report(peft_model: nn.Module) -> dict:
     for name, module in peft_model.named_modules():
         if type(module) in _PEFT_CLASS or isinstance(module, fused_4bit):
             fused.append(name)
-            if isinstance(module, FusedPeftLinear):
-                on_kernels, why = _linear_verdict(module)
-            elif isinstance(module, FusedPeftEmbedding):
-                on_kernels, why = _embedding_verdict(module)
-            else:
+            if isinstance(module, fused_4bit):
                 on_kernels, why = _4bit_verdict(qlora, module)
+            elif type(module) in _VERDICTS:
+                on_kernels, why = _VERDICTS[type(module)](module)
+            else:  # a fused class with no verdict of its own: its forward decides each call
+                on_kernels, why = None, "fused: its forward decides on each call"
         elif isinstance(module, BaseTunerLayer):
             left[name] = _peft_class(module)
             on_kernels, why = False, _other_reason(qlora, module)
         else:
             continue
-        layers[name] = {
-            "peft_class": _peft_class(module),
-            "runs_on": "lora_kernels" if on_kernels else "peft",
-            "why": why,
-        }
+        runs_on = "per call" if on_kernels is None else "lora_kernels" if on_kernels else "peft"
+        layers[name] = {"peft_class": _peft_class(module), "runs_on": runs_on, "why": why}
     return {"fused": fused, "left": left, "layers": layers}
 
 
