@@ -137,9 +137,11 @@ _FUSED_CONFIGS = {
     "grouped": (64, 128, 64, 8, 3),
     "grouped_tall": (128, 128, 32, 8, 3),
 }
+# Odd shapes, grouped: two stages, as a rank that is not a multiple of 16 (rank 7: no hint on R
+# or on S's and lora_b's rank strides) spilled 80 B with three (dx at M = 1, sm_90).
 _ODD_FUSED_CONFIGS = {
     "gather": (16, 64, 32, 4, 3),
-    "grouped": (64, 128, 32, 8, 3),
+    "grouped": (64, 128, 32, 8, 2),
     "grouped_tall": (64, 128, 32, 8, 3),
 }
 
@@ -611,7 +613,8 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
         return out
     sorted_ids, order = sorted_rows
     block_m = 64 if m >= 64 else 16
-    block_r = _rank_block(r_max)
+    # odd shapes: 32 rank slots per step; 64 spilled 480-600 B at rank 40 (sm_90)
+    block_r = _rank_block(r_max) if aligned else min(_rank_block(r_max), 32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(r_max, block_r))
     _lora_shrink_grouped_kernel[grid](
         x, w, sorted_ids, order, ranks_arg, out,
