@@ -20,7 +20,10 @@ launches (this report is about the forward, i.e. decode and prefill).
     TRITON_INTERPRET=1 python benchmarks/traffic_report.py            # every row (~20 min, 2 cores)
     TRITON_INTERPRET=1 python benchmarks/traffic_report.py --only qlora --decode-only
 
-Writes ``benchmarks/results/traffic_report.{md,json}`` (or ``--out STEM``) after every row.
+Writes ``benchmarks/results/traffic_report.{md,json}`` (or ``--out STEM``) after every row. Each
+row is shown beside the same row of ``--before`` (default: ``traffic_before.json`` there, the
+numbers before issue 24's decode work; ``--before none`` for none); ``--freeze PATH`` writes this
+run's rows, compacted (ratios and per-operand bytes), as such a baseline.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -47,6 +51,9 @@ import triton  # noqa: E402
 from tools import traffic, traffic_cases  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "traffic_report"
+# The ratios before issue 24's decode work (a compact copy of a run's JSON, see --freeze):
+# every later run shows its rows beside these.
+DEFAULT_BEFORE = ROOT / "benchmarks" / "results" / "traffic_before.json"
 BIG = [(4096, 4096), (4096, 14336)]
 
 
@@ -217,6 +224,40 @@ def _meta(args, seconds: float) -> dict:
     }
 
 
+def _row_key(row: dict) -> tuple:
+    return (row["family"], row["call"], json.dumps(row["shape"], sort_keys=True))
+
+
+def _compact(row: dict) -> dict:
+    """A row reduced to what a later run compares with: ratios and per-operand bytes."""
+    rep = row["report"]
+    keep = ("moved", "raw", "compulsory", "ratio", "raw_ratio")
+    return {
+        **{k: row[k] for k in ("family", "call", "shape", "decode", "tile_implied")},
+        "report": {
+            **{k: rep[k] for k in keep},
+            "operands": {
+                name: {k: o[k] for k in ("moved", "raw", "compulsory", "ratio")}
+                for name, o in rep["operands"].items()
+            },
+        },
+    }
+
+
+def load_before(path: Path | None) -> tuple[dict, dict | None]:
+    """``({row key: row}, meta)`` of a baseline JSON (a full or a frozen run), or empty."""
+    if path is None or not path.exists():
+        return {}, None
+    data = json.loads(path.read_text())
+    return {_row_key(r): r for r in data["rows"]}, data["meta"]
+
+
+def _ratio_text(after: float, before: dict | None) -> str:
+    if before is None or abs(before["report"]["ratio"] - after) < 5e-4:
+        return f"{after:.3f}"
+    return f"{after:.3f} (was {before['report']['ratio']:.3f})"
+
+
 def _markdown(meta: dict, results: list[dict]) -> str:
     lines = [
         "# Memory traffic per kernel (moved / compulsory bytes, 32-byte sectors)",
@@ -227,7 +268,12 @@ def _markdown(meta: dict, results: list[dict]) -> str:
         f"{meta['model']['sample_programs_per_launch'] or 'all'} programs per launch counted.",
         "",
         f"Commit `{meta['commit']}`{' (dirty)' if meta['dirty'] else ''}, {meta['date']}, "
-        f"{meta['machine']}, torch {meta['torch']}, triton {meta['triton']}.",
+        f"{meta['machine']}, torch {meta['torch']}, triton {meta['triton']}."
+        + (
+            f" Compared with `{meta['before']['path']}` (commit `{meta['before']['commit']}`)."
+            if meta.get("before")
+            else ""
+        ),
         "",
         "## Headline: decode, K = N = 4096 (embedding V = 32000, D = 4096), r = 16",
         "",
@@ -244,31 +290,42 @@ def _markdown(meta: dict, results: list[dict]) -> str:
         if s.get("double_quant") is False or s.get("adapters", 1) != 1:
             continue
         key = (res["family"], res["call"], s.get("distinct"))
-        heads.setdefault(key, {})[s["M"]] = res["report"]["ratio"]
+        heads.setdefault(key, {})[s["M"]] = res
     for (family, call, distinct), by_m in heads.items():
         label = family + (f" ({distinct} distinct)" if distinct else "")
-        cells = " | ".join(f"{by_m[m]:.3f}" if m in by_m else "-" for m in (1, 16, 64))
+        cells = " | ".join(
+            _ratio_text(by_m[m]["report"]["ratio"], by_m[m].get("before")) if m in by_m else "-"
+            for m in (1, 16, 64)
+        )
         lines.append(f"| {label} | `{call}` | {cells} |")
     lines.append("")
     families: dict[str, list[dict]] = {}
     for res in results:
         families.setdefault(res["family"], []).append(res)
+    any_before = any(res.get("before") for res in results)
     for family, group in families.items():
         lines += [
             f"## {family}",
             "",
             "| shape | tiles | compulsory MiB | moved MiB | moved / compulsory "
-            "| raw / compulsory | moved / tile-implied | largest excess |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+            + ("| before " if any_before else "")
+            + "| raw / compulsory | moved / tile-implied | largest excess |",
+            "| --- | --- | ---: | ---: | ---: "
+            + ("| ---: " if any_before else "")
+            + "| ---: | ---: | --- |",
         ]
         for res in group:
             rep = res["report"]
             implied = res.get("tile_implied")
             implied_text = f"{rep['moved'] / implied:.3f}" if implied else "-"
+            before = res.get("before")
+            before_text = ""
+            if any_before:
+                before_text = f"| {before['report']['ratio']:.3f} " if before else "| - "
             lines.append(
                 f"| {_shape_text(res['shape'])} | {_tiles_text(rep['launches'])} "
                 f"| {rep['compulsory'] / 2**20:.2f} | {rep['moved'] / 2**20:.2f} "
-                f"| **{rep['ratio']:.3f}** | {rep['raw_ratio']:.3f} | {implied_text} "
+                f"| **{rep['ratio']:.3f}** {before_text}| {rep['raw_ratio']:.3f} | {implied_text} "
                 f"| {_excess_text(rep)} |"
             )
         lines.append("")
@@ -285,12 +342,19 @@ def _markdown(meta: dict, results: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    # A sampled launch leaves parts of its outputs unwritten, and a later launch reading them
+    # computes on garbage (numpy warns of overflow, invalid values): counts do not depend on it.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="path stem (.md, .json)")
     parser.add_argument("--sample", type=int, default=8, help="programs per launch (0: all)")
     parser.add_argument("--only", action="append", help="family prefix (repeatable)")
     parser.add_argument("--decode-only", action="store_true")
+    parser.add_argument("--before", default=str(DEFAULT_BEFORE), help="baseline JSON, or none")
+    parser.add_argument("--freeze", type=Path, help="also write this run as a compact baseline")
     args = parser.parse_args(argv)
+    before_path = None if args.before == "none" else Path(args.before)
+    before_rows, before_meta = load_before(before_path)
     if not traffic._interpreting_triton():
         parser.error("set TRITON_INTERPRET=1 (counting runs under the Triton interpreter)")
     todo = [
@@ -308,6 +372,7 @@ def main(argv=None) -> int:
         res["report"] = rep.as_dict()
         res["tile_implied"] = tile_implied(res["report"], row["shape"])
         res["seconds"] = round(time.time() - t0, 1)
+        res["before"] = before_rows.get(_row_key(res))
         results.append(res)
         print(
             f"[{i}/{len(todo)}] {row['family']} {_shape_text(row['shape'])}: "
@@ -315,13 +380,25 @@ def main(argv=None) -> int:
             flush=True,
         )
         meta = _meta(args, time.time() - start)
+        if before_meta is not None:
+            meta["before"] = {"path": _rel(before_path), "commit": before_meta.get("commit")}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(
             json.dumps({"meta": meta, "rows": results}, indent=1) + "\n"
         )
         args.out.with_suffix(".md").write_text(_markdown(meta, results))
-    print(_markdown(_meta(args, time.time() - start), results))
+    if args.freeze:
+        frozen = {"meta": meta, "rows": [_compact(r) for r in results]}
+        args.freeze.write_text(json.dumps(frozen, indent=1) + "\n")
+    print(args.out.with_suffix(".md").read_text())
     return 0
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -272,3 +272,41 @@ def test_every_family_can_be_counted(name, case, main):
     assert rep.ratio >= 1.0
     assert rep.as_dict()["ratio"] == pytest.approx(rep.ratio, abs=1e-4)
     assert "| **total** |" in rep.table()
+
+
+def test_the_report_script_writes_its_table_and_metadata(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "traffic_report.py"
+    spec = importlib.util.spec_from_file_location("traffic_report", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert {r["family"] for r in script.rows()} >= {
+        "lora_linear", "multi_gather", "multi_grouped", "qlora_nf4", "qlora_fp4", "embedding",
+        "dora", "dora_norm", "merge",
+    }  # fmt: skip
+    # one small row through the whole script (a table and its JSON)
+    script.rows = lambda: [
+        {
+            "family": "lora_linear",
+            "call": "lora_linear_fwd",
+            "shape": {"M": 1, "K": 64, "N": 96, "r": 8},
+            "run": lambda s: traffic_cases.lora_linear(1, 64, 96, 8, sample=s),
+            "decode": True,
+        }
+    ]
+    frozen = tmp_path / "before.json"
+    out = ["--out", str(tmp_path / "t"), "--sample", "3"]
+    assert script.main([*out, "--before", "none", "--freeze", str(frozen)]) == 0
+    assert "| before |" not in (tmp_path / "t.md").read_text()
+    assert script.main([*out, "--before", str(frozen)]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["rows"][0]["before"]["report"]["ratio"] == data["rows"][0]["report"]["ratio"]
+    assert {"commit", "machine", "torch", "triton", "python"} <= set(data["meta"])
+    (row,) = data["rows"]
+    assert row["report"]["ratio"] > 1 and row["tile_implied"] >= row["report"]["compulsory"]
+    md = (tmp_path / "t.md").read_text()
+    assert "## lora_linear" in md and "| M=1 K=64 N=96 r=8 | lora_gemm 16x64x128" in md
+    assert "| before |" in md

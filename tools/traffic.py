@@ -42,6 +42,11 @@ block, in every loaded ``lora_kernels.backends.triton.*`` module:
   ``LORA_KERNELS_TRITON_AUTOTUNE=0``; a GPU's timing may pick another, which ``config=i``
   counts).
 
+A launcher stays visible to this switch when it decides interpreter-vs-CUDA tiles with the
+``interpreting`` its module imports from ``lora_kernels.backends.triton`` and takes the SM count
+from a module-level ``_sm_count(device_index)``; a test on ``device.type`` (CPU tensors here)
+hides its CUDA branch, as ``_target_programs`` would without its patch.
+
 Sampling: the interpreter runs programs one by one (a 4096 x 4096 QLoRA decode takes minutes,
 a prefill GEMM hours), so ``count(sample=P)`` runs at most P programs of each launch: the first
 and the last program of the grid, counted once each, and P - 2 programs evenly spaced between
