@@ -2,9 +2,12 @@
 
 * Dequantization: ``reference.dequantize_4bit``, ``lora_kernels.dequantize_4bit`` (torch path)
   and the Triton kernels' in-tile dequantization (read back through ``x = I``, ``scale = 0``,
-  which makes the GEMM exact) equal bitsandbytes' ``dequantize_4bit``, the oracle, value for value
-  (``torch.equal``: bitsandbytes' CPU kernel writes FP4's zero code as -0.0 where the table it
-  hands out holds +0.0; every other value is bit for bit the same).
+  which makes the GEMM exact) equal bitsandbytes' generic implementation
+  (``bitsandbytes.backends.default.ops``), the oracle, value for value (``torch.equal``: FP4's
+  zero code may come back as -0.0). bitsandbytes' native CPU dequantization is not the oracle:
+  on AVX-512 CPUs it takes another path that disagrees with the generic one (e.g. blocks that
+  span rows), so a test that used it would depend on the machine; where the native result
+  differs it is reported as a warning, never asserted.
 * Forward and gradients of both backends against ``reference.qlora_linear`` in fp64 under the
   rule of ``tests/tolerances.py`` (baseline: stock PyTorch in the inputs' dtype on the same
   dequantized weight, which is what bitsandbytes + PEFT compute).
@@ -21,6 +24,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 
@@ -31,6 +35,7 @@ import pytest  # noqa: E402
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
+from bitsandbytes.backends.default import ops as bnb_generic  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -77,6 +82,33 @@ def _ref_dequant(q, st, dtype):
 # ------------------------------------------------------------------------------------------------
 
 
+def _bnb_dequant(q, st, dtype=None):
+    """bitsandbytes' generic dequantization of ``(q, st)`` to ``dtype`` (default: the original
+    weight's), the same on every CPU and GPU; where ``bnbF.dequantize_4bit`` (the native kernel
+    this machine dispatches to) disagrees, say so in a warning: a fact about bitsandbytes."""
+    dtype = dtype or st.dtype
+    absmax = st.absmax
+    if st.nested:
+        s2 = st.state2
+        absmax = bnb_generic._dequantize_blockwise_compute(
+            absmax.reshape(-1), s2.absmax, s2.code, s2.blocksize, torch.float32
+        )
+        absmax = absmax + st.offset
+    out = bnb_generic._dequantize_4bit_compute(
+        q.view(torch.uint8).reshape(-1), absmax.float(), st.code, st.blocksize, st.shape, dtype
+    )
+    native = bnbF.dequantize_4bit(q, st).to(dtype)
+    if not torch.equal(native, out):
+        diff = (native.double() - out.double()).abs().max().item()
+        warnings.warn(
+            f"bitsandbytes' native dequantize_4bit differs from its generic implementation by "
+            f"up to {diff:.3g} (shape {tuple(st.shape)}, blocksize {st.blocksize}, "
+            f"{st.quant_type}, nested={st.nested}, {dtype})",
+            stacklevel=2,
+        )
+    return out
+
+
 @pytest.fixture
 def _eager_oracle():
     """bitsandbytes' generic dequantization (odd K) is wrapped in torch.compile: one compile per
@@ -92,7 +124,7 @@ def _eager_oracle():
 @pytest.mark.parametrize("shape", [(33, 64), (64, 130), (7, 133), (1, 1)])
 def test_dequantize_equals_bitsandbytes(quant_type, blocksize, nested, shape):
     q, st = _quantize(*shape, quant_type=quant_type, blocksize=blocksize, nested=nested)
-    oracle = bnbF.dequantize_4bit(q, st)  # fp32
+    oracle = _bnb_dequant(q, st)  # fp32
     assert torch.equal(_ref_dequant(q, st, torch.float32), oracle)
     assert torch.equal(lk.dequantize_4bit(q, st), oracle)
     for dtype in (torch.bfloat16, torch.float16):
@@ -101,13 +133,15 @@ def test_dequantize_equals_bitsandbytes(quant_type, blocksize, nested, shape):
         assert torch.equal(_ref_dequant(q, st, dtype), oracle.to(dtype))
 
 
+@pytest.mark.usefixtures("_eager_oracle")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dequantize_from_16bit_weights(dtype):
     """quant_state.dtype is the original weight's; the oracle dequantizes to it."""
     q, st = _quantize(40, 96, dtype=dtype, nested=True)
-    assert torch.equal(lk.dequantize_4bit(q, st), bnbF.dequantize_4bit(q, st))
+    assert torch.equal(lk.dequantize_4bit(q, st), _bnb_dequant(q, st))
 
 
+@pytest.mark.usefixtures("_eager_oracle")
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
 @pytest.mark.parametrize(
     ("quant_type", "dtype", "blocksize", "nested", "shape"),
@@ -127,7 +161,7 @@ def test_triton_dequantizes_in_kernel_bit_exact(quant_type, dtype, blocksize, ne
     a = torch.randn(4, k, dtype=dtype, device=DEVICE)
     b = torch.randn(n, 4, dtype=dtype, device=DEVICE)
     y = lk.qlora_linear(x, q, st, None, a, b, 0.0, backend="triton")
-    assert torch.equal(y, bnbF.dequantize_4bit(q, st).to(dtype).T)
+    assert torch.equal(y, _bnb_dequant(q, st, torch.float32).to(dtype).T)
 
 
 # ------------------------------------------------------------------------------------------------
