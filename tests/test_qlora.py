@@ -35,8 +35,8 @@ import pytest  # noqa: E402
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402
-from bitsandbytes.backends.default import ops as bnb_generic  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from bitsandbytes.backends.default import ops as bnb_generic  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lora_kernels as lk  # noqa: E402
@@ -500,25 +500,25 @@ def test_get_lora_model_matches_peft_qlora(compute_dtype):
     assert type(merged.q_proj) is bnb.nn.Linear4bit
 
 
-def _count_kernel_calls(monkeypatch, module):
+def _count_kernel_calls(monkeypatch, module, name="qlora_linear"):
     """Count the fused kernel's calls from ``module`` (so a silent fallback to PEFT fails)."""
     calls = {"n": 0}
-    kernel = module.qlora_linear
+    kernel = getattr(module, name)
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(module, "qlora_linear", counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_fuse_matches_peft_qlora_training(compute_dtype, monkeypatch):
-    from lora_kernels.integrations import _peft_qlora
+    from lora_kernels.integrations import peft_qlora
     from lora_kernels.integrations.peft import fuse, unfuse
 
-    calls = _count_kernel_calls(monkeypatch, _peft_qlora)
+    calls = _count_kernel_calls(monkeypatch, peft_qlora)
 
     model = _peft_model(_Block(compute_dtype=compute_dtype), r=4, lora_alpha=8)
     ref = copy.deepcopy(model)
@@ -546,13 +546,20 @@ def test_fuse_matches_peft_qlora_training(compute_dtype, monkeypatch):
         for opt in opts:
             opt.step()
     assert calls["n"] == 3 * 2  # every forward of both layers ran the fused kernel
-    # what the kernel does not compute stays PEFT's: adapter_names batches (inference only)
+    # adapter_names batches run on the kernels too (dequantize + lora_linear_multi), never on
+    # bitsandbytes' CPU GEMM; the reference is kept off that GEMM's AVX-512 repacking (which
+    # needs N divisible by 32), so it computes the same on every CPU
+    mixed = _count_kernel_calls(monkeypatch, peft_qlora, "mixed_linear_forward")
+    for m in ref.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
     model.eval()
     ref.eval()
     with torch.no_grad():
         names = ["default", "__base__"] * 3
         torch.testing.assert_close(model(x, adapter_names=names), ref(x, adapter_names=names),
                                    **tol)  # fmt: skip
+    assert mixed["n"] == 2
     unfuse(model)
     assert type(q_proj).__name__ == "Linear4bit"
 
@@ -560,10 +567,10 @@ def test_fuse_matches_peft_qlora_training(compute_dtype, monkeypatch):
 def test_fuse_tiny_llama_quantized_with_bitsandbytes(monkeypatch):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    from lora_kernels.integrations import _peft_qlora
+    from lora_kernels.integrations import peft_qlora
     from lora_kernels.integrations.peft import fuse
 
-    calls = _count_kernel_calls(monkeypatch, _peft_qlora)
+    calls = _count_kernel_calls(monkeypatch, peft_qlora)
 
     cfg = transformers.LlamaConfig(
         vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -31,8 +31,30 @@ __all__ = [
 INIT_MODES = (True, False, "gaussian")
 """``init_lora_weights`` values every layer takes (PEFT's names)."""
 
-# Distinct adapter_names lists whose id tensors a layer keeps (see LoraLayer._row_ids).
+# Distinct host lists (ids, ranks, scales) whose tensors a layer keeps (cached_host_tensor).
 _ROW_IDS_CACHE_SIZE = 16
+
+
+def cached_host_tensor(
+    owner: object, values: list, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``torch.tensor(values, dtype, device)``, built once per distinct values, dtype and device
+    and kept on ``owner`` (a layer): ids, ranks and scales of a mixed batch.
+
+    Building them on every call is a blocking host-to-device copy, which also cannot be captured
+    in a CUDA graph; a cached tensor is reused by a replayed decode step. A few recent lists are
+    kept (the key is the values themselves, so a cached tensor is never stale).
+    """
+    cache = owner.__dict__.setdefault("_row_ids_cache", {})
+    # A tensor made under inference_mode cannot be saved for a later backward: separate key.
+    key = (tuple(values), dtype, device, torch.is_inference_mode_enabled())
+    t = cache.pop(key, None)
+    if t is None:
+        t = torch.tensor(values, dtype=dtype, device=device)
+        while len(cache) >= _ROW_IDS_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+    cache[key] = t  # most recent last
+    return t
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -266,22 +288,9 @@ class LoraLayer:
         return list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
 
     def _row_ids(self, ids: list[int], device: torch.device) -> torch.Tensor:
-        """The int32 id tensor of a batch, built once per distinct id list and device.
-
-        Building it on every call is a blocking host-to-device copy, which also cannot be
-        captured in a CUDA graph; a cached tensor is reused by a replayed decode step. A few
-        recent lists are kept (the key is the ids themselves, so a cached tensor is never stale).
-        """
-        cache = self.__dict__.setdefault("_row_ids_cache", {})
-        # A tensor made under inference_mode cannot be saved for a later backward: separate key.
-        key = (tuple(ids), device, torch.is_inference_mode_enabled())
-        ids_t = cache.pop(key, None)
-        if ids_t is None:
-            ids_t = torch.tensor(ids, dtype=torch.int32, device=device)
-            while len(cache) >= _ROW_IDS_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-        cache[key] = ids_t  # most recent last
-        return ids_t
+        """The int32 id tensor of a batch, built once per distinct id list and device (see
+        :func:`cached_host_tensor`)."""
+        return cached_host_tensor(self, ids, torch.int32, device)
 
     def _adapters_repr(self, extra=lambda name: "") -> str:
         return ", ".join(
