@@ -91,3 +91,55 @@ def test_get_lora_model_takes_peft_lora_config():
         lk.get_lora_model(theirs, peft.IA3Config(target_modules=["0"]), "c")
     assert theirs[0].adapter_names == ["default"]
     assert all(torch.equal(before[k], v) for k, v in theirs.state_dict().items())
+
+
+def test_unmerged_switch_without_cache_is_one_write_after_the_first(monkeypatch):
+    """After one switch that visits every layer, an unmerged switch without a cache sets the
+    model's state only (no layer's set_adapter runs) and gives the per-layer switch's outputs;
+    a layer that changes by itself makes the next switch visit every layer again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 5))
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["0", "2", "4"],
+                                           init_lora_weights=False))  # fmt: skip
+    lk.get_lora_model(model, lk.LoraConfig(r=3, target_modules=["2"], init_lora_weights=False),
+                      "b")  # fmt: skip
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 6)
+
+    def per_layer(name):  # the old route: every layer's own set_adapter
+        for m in twin.modules():
+            if isinstance(m, lk.FusedLoraLinear):
+                m.set_adapter(name if name in m.lora_A else None)
+        return twin(x)
+
+    lk.switch_adapter(model, "default")
+    visits = []
+    real = lk.FusedLoraLinear.set_adapter
+    ours = {id(m) for m in model.modules()}
+
+    def counted(self, n):
+        if id(self) in ours:
+            visits.append(n)
+        return real(self, n)
+
+    monkeypatch.setattr(lk.FusedLoraLinear, "set_adapter", counted)
+    for name in ("b", None, "default", "b", "__base__", "b"):
+        lk.switch_adapter(model, name)
+        want = None if name == "__base__" else name
+        assert [m.active_adapter for m in model if isinstance(m, lk.FusedLoraLinear)] == [
+            want if want in m.lora_A else None for m in twin if isinstance(m, lk.FusedLoraLinear)
+        ]
+        torch.testing.assert_close(model(x), per_layer(want), rtol=0, atol=0)
+    assert visits == []
+    with pytest.raises(ValueError, match="no layer of the model has adapter 'zz'"):
+        lk.switch_adapter(model, "zz")
+    assert model[2].active_adapter == "b"  # refused: unchanged
+    model[0].set_adapter(None)  # a layer changes by itself
+    visits.clear()
+    lk.switch_adapter(model, "default")
+    assert len(visits) == 3 and model[0].active_adapter == "default"
+    model[0].delete_adapter("default")  # the adapter set changed: visited again, then flat
+    lk.switch_adapter(model, "b")
+    visits.clear()
+    lk.switch_adapter(model, "default")
+    assert visits == [] and model[0].active_adapter is None and model[2].active_adapter == "default"

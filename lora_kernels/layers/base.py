@@ -23,6 +23,7 @@ __all__ = [
     "BASE_ADAPTER",
     "INIT_MODES",
     "LoraLayer",
+    "SharedActive",
     "conv1d_class",
     "lora_scaling",
     "weight_state",
@@ -82,6 +83,25 @@ def weight_state(module) -> tuple:
     return (w.data_ptr(), w.device, w.dtype, w._version)
 
 
+class SharedActive:
+    """One model's active adapter, read by each of its layers that follows it: an unmerged
+    ``switch_adapter(model, name)`` without a cache is one write here, whatever the number of
+    layers (a layer without adapter ``name`` runs its base, as a per-layer switch would set).
+
+    ``names``: the adapters such a switch may select (the layers' own, when the state was set
+    up); ``synced``: every layer of the model follows this state and none is merged. Any change
+    a layer makes by itself clears ``synced``; ``switch_adapter`` then visits every layer and
+    sets the state up again.
+    """
+
+    __slots__ = ("name", "names", "synced")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.names: frozenset[str] = frozenset()
+        self.synced = False
+
+
 class LoraLayer:
     """The adapter bookkeeping of a LoRA layer; mixed in before the torch base module.
 
@@ -114,6 +134,36 @@ class LoraLayer:
     def active_adapter(self) -> str | None:
         """The adapter the forward applies (None: base layer only)."""
         return self._active_adapter
+
+    @property
+    def _active_adapter(self) -> str | None:
+        # The layer's own choice, or, while it follows its model's SharedActive, the model's
+        # adapter if this layer has it (what a per-layer switch would have set).
+        d = self.__dict__
+        shared = d.get("_shared_active")
+        if shared is None:
+            return d.get("_own_active")
+        name = shared.name
+        return name if name in self.r else None
+
+    @_active_adapter.setter
+    def _active_adapter(self, name: str | None) -> None:
+        # Any choice the layer makes by itself (set_adapter, merge, delete, serving) ends its
+        # following of the model: the model's next switch must visit every layer again.
+        d = self.__dict__
+        shared = d.pop("_shared_active", None)
+        if shared is not None:
+            shared.synced = False
+        d["_own_active"] = name
+
+    def _follow(self, shared: SharedActive) -> None:
+        """Read the active adapter from ``shared`` from now on (``switch_adapter`` calls it)."""
+        self.__dict__["_shared_active"] = shared
+
+    def _unsync_shared(self) -> None:
+        shared = self.__dict__.get("_shared_active")
+        if shared is not None:
+            shared.synced = False
 
     @property
     def adapter_names(self) -> list[str]:
@@ -159,6 +209,7 @@ class LoraLayer:
     def _register_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
         """Record adapter ``name``'s rank and scaling (its tensors are already in the tables);
         the first adapter becomes the active one."""
+        self._unsync_shared()  # the model's set of adapter names changed
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.use_rslora[name] = bool(use_rslora)
@@ -182,6 +233,7 @@ class LoraLayer:
         """Remove adapter ``name``; if it was active, the first remaining one becomes active."""
         self._check_known("delete_adapter", name)
         self._leave_serving()
+        self._unsync_shared()
         if name in self.merged_adapters:
             raise RuntimeError(
                 f"{self.layer_name}.delete_adapter: adapter {name!r} is merged into the "
