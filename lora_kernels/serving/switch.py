@@ -314,7 +314,7 @@ def _share_active(model: nn.Module, layers, state: _SwitchState, name: str | Non
         shared = model.__dict__[_ACTIVE_ATTR] = SharedActive()
     shared.name = name
     # adapters installed from a cache need cache= (the plan says so): not switchable here
-    shared.names = frozenset(_all_adapters(layers)) - set(state.installed)
+    shared.names = frozenset(n for m in layers.values() for n in m.r) - set(state.installed)
     for layer in layers.values():
         layer._follow(shared)
     shared.synced = True
