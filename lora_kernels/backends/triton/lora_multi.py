@@ -414,11 +414,12 @@ def _lora_multi_fused_kernel(
     scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GROUPED:
-        # rank offsets stay int32 (r < 256: r * stride fits for a stride below 2**23; int64
-        # ones spilled 24 B in dx at odd shapes on sm_80), the pointers advance by chunk
+        # addresses = int64 row / column pointers and a scalar int64 rank step, plus int32
+        # offsets within the rank chunk: int64 chunk offsets spilled 24 B in dx, pointer tiles
+        # carried through the loops 120-168 B at ranks 7 and 100 (odd shapes, sm_80)
         r_range = tl.arange(0, BLOCK_R)
-        s_rows = s_ptr + rows[:, None] * stride_sm + r_range[None, :] * stride_sr
-        b_cols = b_ptr + n_offs[None, :] * stride_bn + r_range[:, None] * stride_br
+        s_rows = s_ptr + rows[:, None] * stride_sm
+        b_cols = b_ptr + n_offs[None, :] * stride_bn
         # one trip per adapter present in the tile, as in the grouped shrink
         a = tl.min(tl.where(valid, aid, L))
         while a < L:
@@ -426,15 +427,21 @@ def _lora_multi_fused_kernel(
             r_lim = R
             if HAS_RANKS:
                 r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
-            s_ptrs = s_rows
-            b_ptrs = b_cols + a * stride_bl
+            b_adapter = b_cols + a * stride_bl
             for r0 in range(0, r_lim, BLOCK_R):
+                r_step = tl.cast(r0, tl.int64)
                 r_mask = (r0 + r_range) < r_lim
-                st = tl.load(s_ptrs, mask=mine[:, None] & r_mask[None, :], other=0.0)
-                bt = tl.load(b_ptrs, mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+                st = tl.load(
+                    s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
+                    mask=mine[:, None] & r_mask[None, :],
+                    other=0.0,
+                )
+                bt = tl.load(
+                    b_adapter + r_step * stride_br + r_range[:, None] * stride_br,
+                    mask=n_mask[None, :] & r_mask[:, None],
+                    other=0.0,
+                )
                 acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-                s_ptrs += BLOCK_R * stride_sr
-                b_ptrs += BLOCK_R * stride_br
             a = tl.min(tl.where(valid & (aid > a), aid, L))
         acc = acc * scale[:, None]
 
@@ -459,18 +466,20 @@ def _lora_multi_fused_kernel(
         if HAS_RANKS:
             r_lim = tl.minimum(tl.load(ranks_ptr + a_safe, mask=valid, other=0), r_lim)
         b_rows = b_ptr + a_safe[:, None, None] * stride_bl + n_offs[None, :, None] * stride_bn
-        # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers
-        r_range = tl.arange(0, 8).to(tl.int64)
+        # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers; int32
+        # offsets within the chunk, the chunk's start an int64 scalar (as in the shrinks)
+        r_range = tl.arange(0, 8)
+        s_rows = s_ptr + rows[:, None] * stride_sm
         for r0 in range(0, tl.max(r_lim), 8):
-            r_offs = r0 + r_range
-            r_ok = r_offs[None, :] < r_lim[:, None]
+            r_step = tl.cast(r0, tl.int64)
+            r_ok = (r0 + r_range)[None, :] < r_lim[:, None]
             st = tl.load(
-                s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
+                s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
                 mask=r_ok,
                 other=0.0,
             )
             bt = tl.load(
-                b_rows + r_offs[None, None, :] * stride_br,
+                b_rows + r_step * stride_br + r_range[None, None, :] * stride_br,
                 mask=r_ok[:, None, :] & n_mask[None, :, None],
                 other=0.0,
             )
