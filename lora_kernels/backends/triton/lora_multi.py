@@ -300,7 +300,10 @@ def _lora_shrink_grouped_kernel(
     k_range = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_xm
     x_tile = k_range[None, :] * stride_xk
-    w_tile = tl.arange(0, BLOCK_R)[None, :] * stride_wr + k_range[:, None] * stride_wk
+    # kept as two vectors, so that the [BLOCK_K, BLOCK_R] offsets are formed per step rather
+    # than held through the loop (held, they spilled 48 B at rank 128 on sm_80)
+    w_k = k_range[:, None] * stride_wk
+    w_r = tl.arange(0, BLOCK_R)[None, :] * stride_wr
     # one trip per adapter present in the tile (ids are sorted, but a tile holding slots 0 and
     # 1000 must not walk the slots in between): each step jumps to the next larger id present
     a = tl.min(tl.where(valid, aid, L))
@@ -321,7 +324,7 @@ def _lora_shrink_grouped_kernel(
                 other=0.0,
             )
             wt = tl.load(
-                w_block + k_step * stride_wk + w_tile,
+                (w_block + k_step * stride_wk + w_k) + w_r,
                 mask=(r_offs < r_lim)[None, :] & k_mask[:, None],
                 other=0.0,
             )
