@@ -151,7 +151,9 @@ _SEGMENT_MAX_SPLITS = 32
 _INTERP_SEGMENT_ROWS_PER_SPLIT = 32
 
 # Rank chunk of the grouped expand: its [BLOCK_M, R] and [R, BLOCK_N] tiles sit beside the big
-# accumulator; 64 spilled 16-1,400 B at rank 128 (both targets), 32 does not.
+# accumulator; 64 spilled 16-1,400 B at rank 128 (both targets), 32 does not, but in the 128-row
+# tile (the expand runs before the K-loop, its pointers beside the accumulator) 32 spilled 40 B
+# on sm_90 at rank 128: that tile takes 16.
 _EXPAND_MAX_R = 32
 
 
@@ -674,7 +676,7 @@ def _fused(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned else 16),
+        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned and key != "grouped_tall" else 16),
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,
