@@ -625,7 +625,9 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
         return out
     sorted_ids, order = sorted_rows
     block_m = 64 if m >= 64 else 16
-    block_r = _rank_block(r_max)
+    # 32-rank blocks on odd shapes (their loads are not vectorised): 64 spilled 16 B at rank
+    # 128 on sm_80 once the loop visits only the ids present
+    block_r = _rank_block(r_max) if aligned else min(_rank_block(r_max), 32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(r_max, block_r))
     _lora_shrink_grouped_kernel[grid](
         x, w, sorted_ids, order, ranks_arg, out,
