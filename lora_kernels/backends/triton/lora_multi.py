@@ -153,7 +153,9 @@ _SEGMENT_MAX_SPLITS = 32
 _INTERP_SEGMENT_ROWS_PER_SPLIT = 32
 
 # Rank chunk of the grouped expand: its [BLOCK_M, R] and [R, BLOCK_N] tiles sit beside the big
-# accumulator; 64 spilled 16-1,400 B at rank 128 (both targets), 32 does not.
+# accumulator; 64 spilled 16-1,400 B at rank 128 (both targets), 32 does not, but in the 128-row
+# tile (the expand runs before the K-loop, its pointers beside the accumulator) 32 spilled 40 B
+# on sm_90 at rank 128: that tile takes 16.
 _EXPAND_MAX_R = 32
 
 
@@ -302,7 +304,10 @@ def _lora_shrink_grouped_kernel(
     k_range = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_xm
     x_tile = k_range[None, :] * stride_xk
-    w_tile = tl.arange(0, BLOCK_R)[None, :] * stride_wr + k_range[:, None] * stride_wk
+    # kept as two vectors, so that the [BLOCK_K, BLOCK_R] offsets are formed per step rather
+    # than held through the loop (held, they spilled 48 B at rank 128 on sm_80)
+    w_k = k_range[:, None] * stride_wk
+    w_r = tl.arange(0, BLOCK_R)[None, :] * stride_wr
     # one trip per adapter present in the tile (ids are sorted, but a tile holding slots 0 and
     # 1000 must not walk the slots in between): each step jumps to the next larger id present
     a = tl.min(tl.where(valid, aid, L))
@@ -323,7 +328,7 @@ def _lora_shrink_grouped_kernel(
                 other=0.0,
             )
             wt = tl.load(
-                w_block + k_step * stride_wk + w_tile,
+                (w_block + k_step * stride_wk + w_k) + w_r,
                 mask=(r_offs < r_lim)[None, :] & k_mask[:, None],
                 other=0.0,
             )
@@ -416,11 +421,12 @@ def _lora_multi_fused_kernel(
     scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if GROUPED:
-        # rank offsets stay int32 (r < 256: r * stride fits for a stride below 2**23; int64
-        # ones spilled 24 B in dx at odd shapes on sm_80), the pointers advance by chunk
+        # addresses = int64 row / column pointers and a scalar int64 rank step, plus int32
+        # offsets within the rank chunk: int64 chunk offsets spilled 24 B in dx, pointer tiles
+        # carried through the loops 120-168 B at ranks 7 and 100 (odd shapes, sm_80)
         r_range = tl.arange(0, BLOCK_R)
-        s_rows = s_ptr + rows[:, None] * stride_sm + r_range[None, :] * stride_sr
-        b_cols = b_ptr + n_offs[None, :] * stride_bn + r_range[:, None] * stride_br
+        s_rows = s_ptr + rows[:, None] * stride_sm
+        b_cols = b_ptr + n_offs[None, :] * stride_bn
         # one trip per adapter present in the tile, as in the grouped shrink
         a = tl.min(tl.where(valid, aid, L))
         while a < L:
@@ -428,15 +434,21 @@ def _lora_multi_fused_kernel(
             r_lim = R
             if HAS_RANKS:
                 r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
-            s_ptrs = s_rows
-            b_ptrs = b_cols + a * stride_bl
+            b_adapter = b_cols + a * stride_bl
             for r0 in range(0, r_lim, BLOCK_R):
+                r_step = tl.cast(r0, tl.int64)
                 r_mask = (r0 + r_range) < r_lim
-                st = tl.load(s_ptrs, mask=mine[:, None] & r_mask[None, :], other=0.0)
-                bt = tl.load(b_ptrs, mask=n_mask[None, :] & r_mask[:, None], other=0.0)
+                st = tl.load(
+                    s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
+                    mask=mine[:, None] & r_mask[None, :],
+                    other=0.0,
+                )
+                bt = tl.load(
+                    b_adapter + r_step * stride_br + r_range[:, None] * stride_br,
+                    mask=n_mask[None, :] & r_mask[:, None],
+                    other=0.0,
+                )
                 acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-                s_ptrs += BLOCK_R * stride_sr
-                b_ptrs += BLOCK_R * stride_br
             a = tl.min(tl.where(valid & (aid > a), aid, L))
         acc = acc * scale[:, None]
 
@@ -461,18 +473,20 @@ def _lora_multi_fused_kernel(
         if HAS_RANKS:
             r_lim = tl.minimum(tl.load(ranks_ptr + a_safe, mask=valid, other=0), r_lim)
         b_rows = b_ptr + a_safe[:, None, None] * stride_bl + n_offs[None, :, None] * stride_bn
-        # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers
-        r_range = tl.arange(0, 8).to(tl.int64)
+        # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers; int32
+        # offsets within the chunk, the chunk's start an int64 scalar (as in the shrinks)
+        r_range = tl.arange(0, 8)
+        s_rows = s_ptr + rows[:, None] * stride_sm
         for r0 in range(0, tl.max(r_lim), 8):
-            r_offs = r0 + r_range
-            r_ok = r_offs[None, :] < r_lim[:, None]
+            r_step = tl.cast(r0, tl.int64)
+            r_ok = (r0 + r_range)[None, :] < r_lim[:, None]
             st = tl.load(
-                s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
+                s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
                 mask=r_ok,
                 other=0.0,
             )
             bt = tl.load(
-                b_rows + r_offs[None, None, :] * stride_br,
+                b_rows + r_step * stride_br + r_range[None, None, :] * stride_br,
                 mask=r_ok[:, None, :] & n_mask[None, :, None],
                 other=0.0,
             )
@@ -613,7 +627,8 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
         return out
     sorted_ids, order = sorted_rows
     block_m = 64 if m >= 64 else 16
-    # odd shapes: 32 rank slots per step; 64 spilled 480-600 B at rank 40 (sm_90)
+    # 32-rank blocks on odd shapes (their loads are not vectorised): 64 spilled 16 B at rank
+    # 128 on sm_80 once the loop visits only the ids present, 480-600 B at rank 40 (sm_90)
     block_r = _rank_block(r_max) if aligned else min(_rank_block(r_max), 32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(r_max, block_r))
     _lora_shrink_grouped_kernel[grid](
@@ -665,7 +680,7 @@ def _fused(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned else 16),
+        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned and key != "grouped_tall" else 16),
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,
