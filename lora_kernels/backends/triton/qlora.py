@@ -43,7 +43,7 @@ What remains above 1 at M = 1 is x re-read by every N tile (1/32 of a byte per w
 with 32-row tiles; 64-row tiles halve it but fill half the SMs at N = 4096) and the 1 KB code2
 table that each program gathers from once per chunk. At M = 16 the x re-reads (16 rows per N
 tile, from L2: x is 128 KB) are most of the excess; the 64-row tile of the autotuner's list
-halves them. Odd K (a byte straddling two rows) and prefill take ``_qlora_fwd_kernel``.
+halves them (1.075 at M = 1, 1.936 at M = 16, on half as many programs). Odd K (a byte straddling two rows) and prefill take ``_qlora_fwd_kernel``.
 
 ``_qlora_fwd_kernel``: one launch, one pass over K. Each program owns a [BLOCK_M, BLOCK_N] tile of
 y; in its K-loop it loads the x tile once, dequantizes the matching [BLOCK_N, BLOCK_K] tile of W
