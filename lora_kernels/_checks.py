@@ -15,6 +15,33 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+_SCALES_CACHE_SIZE = 64
+_scales_cache: dict[tuple, torch.Tensor] = {}
+
+
+def reads_values(device: torch.device) -> bool:
+    """Whether a check may read tensor values on the host: on CPU in eager mode only (on CUDA a
+    read synchronises with the device; under ``torch.compile`` it breaks the graph). The
+    kernels treat out-of-range ids as "no adapter", so skipping the read is safe."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _scales_tensor(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a ``[L]`` tensor on ``device``, made once per distinct list (a few recent
+    ones kept): a list of scales copied to the device on every call would be a blocking copy in
+    every decode step, and one a CUDA graph cannot capture. Under ``torch.compile`` the tensor
+    is a constant of the graph: made there, never looked up."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (tuple(values), dtype, device, torch.is_inference_mode_enabled())
+    t = _scales_cache.pop(key, None)
+    if t is None:
+        t = torch.tensor(values, dtype=dtype, device=device)
+        while len(_scales_cache) >= _SCALES_CACHE_SIZE:
+            _scales_cache.pop(next(iter(_scales_cache)))
+    _scales_cache[key] = t  # most recent last
+    return t
+
 
 def fmt_shape(shape: Sequence[int | str]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
@@ -185,7 +212,7 @@ def check_lora_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter
     check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
     check_device(fn, "lora_a", lora_a, x.device)
     check_device(fn, "lora_b", lora_b, x.device)
-    check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    check_values = reads_values(x.device)
 
     scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(scales, torch.Tensor):
@@ -194,11 +221,8 @@ def check_lora_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter
         check_device(fn, "scales", scales, x.device)
         scales = scales.detach()
     elif isinstance(scales, (list, tuple)):
-        scales = torch.tensor(
-            [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)],
-            dtype=scale_dtype,
-            device=x.device,
-        )
+        values = [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)]
+        scales = _scales_tensor(values, scale_dtype, x.device)
     else:
         raise TypeError(
             f"{fn}: expected scales to be a tensor or a list of floats, got {type(scales).__name__}"
@@ -266,6 +290,198 @@ def check_merge_inputs(fn: str, weight, lora_a, lora_b, scale) -> float:
     return check_scale(fn, "scale", scale)
 
 
+# --------------------------------------------------------------------------------------------
+# DoRA: the magnitude and the cached norms, [N] vectors beside the LoRA inputs
+# --------------------------------------------------------------------------------------------
+
+
+def check_vector(fn: str, name: str, t, n: int, dtypes, device) -> None:
+    """``t`` is a tensor of shape ``[n]``, one of ``dtypes``, on ``device``."""
+    check_tensor(fn, name, t)
+    check_shape(fn, name, t, [n])
+    check_dtype(fn, name, t, dtypes)
+    if t.device != device:
+        raise ValueError(f"{fn}: expected {name} on device {device}, got {t.device}")
+
+
+def norm_dtypes(weight: torch.Tensor) -> tuple[torch.dtype, ...]:
+    """The dtype of DoRA's row norms of ``weight``: fp32, fp64 for an fp64 weight."""
+    return (torch.float64,) if weight.dtype == torch.float64 else (torch.float32,)
+
+
+def check_dora_weight(fn: str, weight) -> None:
+    """``weight [N, K]`` of a floating dtype, the operand of ``weight_sq_norm``."""
+    check_tensor(fn, "weight", weight)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"{fn}: expected weight of shape [N, K] and a floating dtype, got "
+            f"{list(weight.shape)} {weight.dtype}"
+        )
+
+
+def check_dora_norm_inputs(fn: str, weight, lora_a, lora_b, scale, weight_sq_norm) -> float:
+    """``weight [N, K]``, ``lora_a [r, K]``, ``lora_b [N, r]`` and a cached ``weight_sq_norm [N]``
+    (or None); returns ``scale``."""
+    scale = check_merge_inputs(fn, weight, lora_a, lora_b, scale)
+    if weight_sq_norm is not None:
+        n = weight.shape[0]
+        check_vector(fn, "weight_sq_norm", weight_sq_norm, n, norm_dtypes(weight), weight.device)
+    return scale
+
+
+def check_dora_linear_inputs(
+    fn: str,
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    magnitude,
+    scale,
+    x_lora=None,
+    weight_sq_norm=None,
+    weight_norm=None,
+) -> float:
+    """The LoRA linear's inputs plus ``magnitude [N]`` (x's dtype, float32 or lora_a's) and the
+    cached norms ``[N]`` (fp32, fp64 for fp64; or None); returns ``scale``."""
+    scale = check_lora_linear_inputs(fn, x, weight, bias, lora_a, lora_b, scale, x_lora)
+    n = weight.shape[0]
+    check_vector(fn, "magnitude", magnitude, n, (x.dtype, torch.float32, lora_a.dtype), x.device)
+    for name, t in (("weight_sq_norm", weight_sq_norm), ("weight_norm", weight_norm)):
+        if t is not None:
+            check_vector(fn, name, t, n, norm_dtypes(weight), x.device)
+    return scale
+
+
+def check_dora_merge_inputs(
+    fn: str, weight, lora_a, lora_b, magnitude, scale, weight_norm
+) -> float:
+    """The merge's inputs plus ``magnitude [N]`` and, to unmerge, the ``weight_norm [N]`` the merge
+    returned (None to merge); returns ``scale``."""
+    scale = check_merge_inputs(fn, weight, lora_a, lora_b, scale)
+    n = weight.shape[0]
+    allowed = (weight.dtype, torch.float32, lora_a.dtype)
+    check_vector(fn, "magnitude", magnitude, n, allowed, weight.device)
+    if weight_norm is not None:
+        check_vector(fn, "weight_norm", weight_norm, n, norm_dtypes(weight), weight.device)
+    return scale
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA: bitsandbytes' 4-bit storage (packed bytes + quant_state), read by attribute
+# --------------------------------------------------------------------------------------------
+
+
+def check_quant_state(fn: str, quant_state: object) -> None:
+    """``quant_state`` reads as bitsandbytes' ``QuantState`` of a 2-D NF4/FP4 weight in the
+    standard packing (its fields are checked by :func:`check_quant4bit` once gathered)."""
+    fields = ("absmax", "code", "blocksize", "shape")
+    missing = [a for a in fields if not hasattr(quant_state, a)]
+    if quant_state is None or missing:
+        raise TypeError(
+            f"{fn}: expected quant_state to be bitsandbytes' QuantState (the quantized "
+            f"weight's .quant_state) or a lora_kernels Quant4bit, got "
+            f"{type(quant_state).__name__}"
+            + (f" (no {', '.join(missing)})" if quant_state is not None else "")
+        )
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            f"{fn}: quant_state is in bitsandbytes' AVX512 CPU packing "
+            "(packing_format_for_cpu); convert it back with "
+            "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse first"
+        )
+    quant_type = getattr(quant_state, "quant_type", None)
+    if quant_type not in (None, "nf4", "fp4"):
+        raise ValueError(
+            f"{fn}: expected quant_state.quant_type 'nf4' or 'fp4', got {quant_type!r}"
+        )
+    shape = quant_state.shape
+    if shape is None or len(shape) != 2:
+        raise ValueError(
+            f"{fn}: expected quant_state.shape of a 2-D weight [out_features, in_features], "
+            f"got {shape!r}"
+        )
+
+
+def check_quant4bit(fn: str, q) -> None:
+    """The fields of a ``Quant4bit`` (``functional.qlora``): block sizes, table and block maxima
+    of the sizes the weight's shape implies, dtypes as bitsandbytes stores them."""
+    for name, value in (("blocksize", q.blocksize), ("blocksize2", q.blocksize2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{fn}: expected quant_state.{name} to be a positive int, got {value!r}"
+            )
+    n, k = q.shape
+    if n < 1 or k < 1:
+        raise ValueError(f"{fn}: expected a non-empty 4-bit weight, got shape {fmt_shape(q.shape)}")
+    blocks = math.ceil(n * k / q.blocksize)
+    check_tensor(fn, "quant_state.code", q.code)
+    check_shape(fn, "quant_state.code", q.code, [16])
+    check_dtype(fn, "quant_state.code", q.code, [torch.float32])
+    check_tensor(fn, "quant_state.absmax", q.absmax)
+    check_shape(fn, "quant_state.absmax", q.absmax, [blocks])
+    if q.absmax2 is not None:
+        check_dtype(fn, "quant_state.absmax (double-quantized)", q.absmax, [torch.uint8])
+        check_tensor(fn, "quant_state.state2.absmax", q.absmax2)
+        check_shape(fn, "quant_state.state2.absmax", q.absmax2, [math.ceil(blocks / q.blocksize2)])
+        check_dtype(fn, "quant_state.state2.absmax", q.absmax2, [torch.float32])
+        check_tensor(fn, "quant_state.state2.code", q.code2)
+        check_shape(fn, "quant_state.state2.code", q.code2, [256])
+        check_dtype(fn, "quant_state.state2.code", q.code2, [torch.float32])
+        check_tensor(fn, "quant_state.offset", q.offset)
+        if q.offset.numel() != 1 or q.offset.dtype != torch.float32:
+            raise ValueError(
+                f"{fn}: expected quant_state.offset to be one float32 value, got "
+                f"{fmt_shape(q.offset.shape)} {q.offset.dtype}"
+            )
+    else:
+        check_dtype(fn, "quant_state.absmax", q.absmax, [torch.float32])
+
+
+def check_qweight(fn: str, qweight: object, q, device: torch.device) -> None:
+    """``qweight`` holds the packed bytes of ``q``'s weight, contiguous, on ``device`` with every
+    tensor of ``q``."""
+    check_tensor(fn, "qweight", qweight)
+    n, k = q.shape
+    want = (n * k + 1) // 2
+    got = qweight.numel() * qweight.element_size()
+    if got != want or not qweight.is_contiguous():
+        raise ValueError(
+            f"{fn}: expected qweight to hold the {want} packed bytes of a 4-bit "
+            f"[{n}, {k}] weight (contiguous), got {fmt_shape(qweight.shape)} {qweight.dtype} "
+            f"({got} bytes{'' if qweight.is_contiguous() else ', not contiguous'}); "
+            "does quant_state belong to this weight?"
+        )
+    check_device(fn, "qweight", qweight, device)
+    for name, t in (
+        ("quant_state.absmax", q.absmax),
+        ("quant_state.code", q.code),
+        ("quant_state.state2.absmax", q.absmax2),
+        ("quant_state.state2.code", q.code2),
+        ("quant_state.offset", q.offset),
+    ):
+        if t is not None:
+            check_device(fn, name, t, device)
+
+
+def check_qlora_linear_inputs(fn: str, x, qweight, q, bias, lora_a, lora_b, scale, x_lora) -> float:
+    """``x [..., K]`` for ``q``'s 4-bit weight ``[N, K]``, its packed bytes, and the LoRA inputs as
+    the dense linear takes them; returns ``scale``."""
+    check_tensor(fn, "x", x)
+    check_float(fn, "x", x)
+    n, k = q.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"{fn}: expected x of shape [..., {k}] (in_features of the 4-bit weight, "
+            f"quant_state.shape = {fmt_shape(q.shape)}), got {fmt_shape(x.shape)}"
+        )
+    check_qweight(fn, qweight, q, x.device)
+    # The LoRA arguments are checked as the dense op checks them, against a stand-in weight of
+    # the right shape, dtype and device (a stride-0 view: no memory).
+    stand_in = x.new_empty((1, 1)).expand(n, k)
+    return check_lora_linear_inputs(fn, x, stand_in, bias, lora_a, lora_b, scale, x_lora)
+
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -281,7 +497,7 @@ def _check_ids(fn: str, ids, num_embeddings: int, device) -> None:
 
 def _check_id_values(fn: str, ids, num_embeddings: int) -> None:
     """Ids in range, on CPU tensors in eager mode (on CUDA it would synchronise)."""
-    if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if ids.numel() and reads_values(ids.device):
         low, high = torch.aminmax(ids)
         low, high = int(low), int(high)
         if low < 0 or high >= num_embeddings:
@@ -398,6 +614,8 @@ def check_lora_embedding_multi_inputs(
                 f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
             )
     if isinstance(scales, torch.Tensor):
+        # the op takes host floats: a CUDA tensor is read back here (a synchronisation), so the
+        # layers pass their scalings as a list
         scales = scales.detach().tolist()
     if not isinstance(scales, (list, tuple)) or len(scales) != num:
         raise ValueError(
@@ -416,7 +634,7 @@ def check_lora_embedding_multi_inputs(
         raise ValueError(
             f"{fn}: expected adapter_ids on device {weight.device}, got {adapter_ids.device}"
         )
-    if adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if reads_values(adapter_ids.device):
         bad = ((adapter_ids < -1) | (adapter_ids >= num)).nonzero().flatten()
         if bad.numel():
             shown = bad[:8].tolist()

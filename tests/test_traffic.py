@@ -134,23 +134,29 @@ def test_compulsory_names_without_an_operand_get_a_row():
     assert rep.compulsory == 864
 
 
-def test_sampling_scales_uniform_programs_exactly():
-    x = torch.randn(64 * 128)
+@pytest.mark.parametrize("n", [64 * 128, 64 * 128 - 5])
+def test_sampling_counts_uniform_programs_exactly(n):
+    x = torch.randn(n)
     _, full = _copy(x)
     y, sampled = _copy(x, sample=8)
     assert sampled.launches[0].counted == 8 and sampled.launches[0].programs == 64
     assert not torch.equal(x, y)  # a sampled launch computes only its sampled programs
     a = full.report({"x": x}).operands["x"]
     b = sampled.report({"x": x}).operands["x"]
+    # the first and last programs (the ragged one) count once, the uniform interior is scaled
     assert (a.loaded, a.load_sectors) == (b.loaded, b.load_sectors)
 
 
 def test_sampling_runs_the_first_and_last_programs():
-    assert traffic._program_indices((10, 1, 1), 3) == [(0, 0, 0), (4, 0, 0), (9, 0, 0)]
-    assert traffic._program_indices((2, 3, 1), None) == [
+    assert traffic._program_indices((10, 1, 1), 4) == [
+        (0, 0, 0, 1.0), (1, 0, 0, 4.0), (8, 0, 0, 4.0), (9, 0, 0, 1.0),
+    ]  # fmt: skip
+    assert [p[:3] for p in traffic._program_indices((2, 3, 1), None)] == [
         (0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0), (1, 1, 0), (1, 2, 0),
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="sample"), traffic.count(sample=1):
+    picked = traffic._program_indices((5, 7, 3), 9)
+    assert len(picked) == 9 and sum(w for *_, w in picked) == pytest.approx(5 * 7 * 3)
+    with pytest.raises(ValueError, match="sample"), traffic.count(sample=2):
         pass
 
 
@@ -266,3 +272,41 @@ def test_every_family_can_be_counted(name, case, main):
     assert rep.ratio >= 1.0
     assert rep.as_dict()["ratio"] == pytest.approx(rep.ratio, abs=1e-4)
     assert "| **total** |" in rep.table()
+
+
+def test_the_report_script_writes_its_table_and_metadata(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "traffic_report.py"
+    spec = importlib.util.spec_from_file_location("traffic_report", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert {r["family"] for r in script.rows()} >= {
+        "lora_linear", "multi_gather", "multi_grouped", "qlora_nf4", "qlora_fp4", "embedding",
+        "dora", "dora_norm", "merge",
+    }  # fmt: skip
+    # one small row through the whole script (a table and its JSON)
+    script.rows = lambda: [
+        {
+            "family": "lora_linear",
+            "call": "lora_linear_fwd",
+            "shape": {"M": 1, "K": 64, "N": 96, "r": 8},
+            "run": lambda s: traffic_cases.lora_linear(1, 64, 96, 8, sample=s),
+            "decode": True,
+        }
+    ]
+    frozen = tmp_path / "before.json"
+    out = ["--out", str(tmp_path / "t"), "--sample", "3"]
+    assert script.main([*out, "--before", "none", "--freeze", str(frozen)]) == 0
+    assert "| before |" not in (tmp_path / "t.md").read_text()
+    assert script.main([*out, "--before", str(frozen)]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["rows"][0]["before"]["report"]["ratio"] == data["rows"][0]["report"]["ratio"]
+    assert {"commit", "machine", "torch", "triton", "python"} <= set(data["meta"])
+    (row,) = data["rows"]
+    assert row["report"]["ratio"] > 1 and row["tile_implied"] >= row["report"]["compulsory"]
+    md = (tmp_path / "t.md").read_text()
+    assert "## lora_linear" in md and "| M=1 K=64 N=96 r=8 | lora_gemm 16x64x128" in md
+    assert "| before |" in md

@@ -42,12 +42,19 @@ block, in every loaded ``lora_kernels.backends.triton.*`` module:
   ``LORA_KERNELS_TRITON_AUTOTUNE=0``; a GPU's timing may pick another, which ``config=i``
   counts).
 
-Sampling: the interpreter runs programs one by one, so a prefill launch (thousands of programs,
-each a long K-loop) takes long. ``count(sample=P)`` runs at most P programs of each launch,
-evenly spaced over its grid (first and last included), and scales their counts by
-``programs / P``: exact where programs move the same bytes (the interior tiles of a GEMM), an
-estimate at ragged edges. The outputs of a sampled launch are not computed: use it for traffic
-only.
+A launcher stays visible to this switch when it decides interpreter-vs-CUDA tiles with the
+``interpreting`` its module imports from ``lora_kernels.backends.triton`` and takes the SM count
+from a module-level ``_sm_count(device_index)``; a test on ``device.type`` (CPU tensors here)
+hides its CUDA branch, as ``_target_programs`` would without its patch.
+
+Sampling: the interpreter runs programs one by one (a 4096 x 4096 QLoRA decode takes minutes,
+a prefill GEMM hours), so ``count(sample=P)`` runs at most P programs of each launch: the first
+and the last program of the grid, counted once each, and P - 2 programs evenly spaced between
+them, each standing for ``(programs - 2) / (P - 2)`` programs. Exact where the interior programs
+move the same bytes (every tile of a GEMM whose sizes divide by the tiles but the first, which
+may store extra outputs such as S, and the last, which holds the ragged edge), an estimate where
+addresses depend on data (4-bit codes, adapter ids). The outputs of a sampled launch are not
+computed: use it for traffic only.
 
 Usage::
 
@@ -121,7 +128,7 @@ class Launch:
     """One kernel launch: its grid, constexprs and per-storage counts.
 
     ``counts[ptr]`` is a float array [3 kinds, 2]: (raw bytes, sectors) for load, store,
-    atomic, already scaled by ``programs / counted`` when sampled.
+    atomic, each program's counts weighted by the programs it stands for when sampled.
     """
 
     kernel: str
@@ -187,7 +194,7 @@ class Counter:
         self._keep: dict[int, torch.UntypedStorage] = {}
         self._launch: Launch | None = None
         self._regions: _Regions | None = None
-        self._program_counts: dict[int, np.ndarray] | None = None
+        self._weight = 1.0  # programs the running one stands for (sampling)
 
     # -- called by the patched interpreter --------------------------------------------------
 
@@ -213,13 +220,8 @@ class Counter:
         self._regions = _Regions(extents)
 
     def _end(self) -> None:
-        launch = self._launch
-        if launch is not None:
-            scale = launch.programs / max(1, launch.counted)
-            if scale != 1.0:
-                for arr in launch.counts.values():
-                    arr *= scale
-            self.launches.append(launch)
+        if self._launch is not None:
+            self.launches.append(self._launch)
         self._launch = None
         self._regions = None
 
@@ -241,8 +243,8 @@ class Counter:
             arr = counts.get(ptr)
             if arr is None:
                 arr = counts[ptr] = np.zeros((3, 2), dtype=np.float64)
-            arr[kind, 0] += sub.size * itemsize
-            arr[kind, 1] += _sectors(sub, itemsize)
+            arr[kind, 0] += self._weight * sub.size * itemsize
+            arr[kind, 1] += self._weight * _sectors(sub, itemsize)
 
     # -- results ------------------------------------------------------------------------------
 
@@ -419,14 +421,17 @@ def _fmt_ratio(value: float) -> str:
 _ACTIVE: list[Counter] = []
 
 
-def _program_indices(grid: tuple[int, int, int], sample: int | None) -> list[tuple[int, ...]]:
+def _program_indices(grid: tuple[int, int, int], sample: int | None) -> list[tuple]:
+    """``[(x, y, z, weight)]``: the programs to run and how many programs each stands for."""
     gx, gy, gz = grid
     total = gx * gy * gz
     if sample is None or total <= sample:
-        linear = range(total)
+        picked = [(i, 1.0) for i in range(total)]
     else:
-        linear = sorted({round(i * (total - 1) / (sample - 1)) for i in range(sample)})
-    return [(i // (gy * gz), (i // gz) % gy, i % gz) for i in linear]
+        inner = sorted({1 + round(i * (total - 3) / (sample - 3)) for i in range(sample - 2)})
+        weight = (total - 2) / len(inner)
+        picked = [(0, 1.0), *((i, weight) for i in inner), (total - 1, 1.0)]
+    return [(i // (gy * gz), (i // gz) % gy, i % gz, w) for i, w in picked]
 
 
 def _grid_executor_call(sample):
@@ -454,7 +459,8 @@ def _grid_executor_call(sample):
             counter._begin(self.fn.__name__, grid, len(programs), raw, self.constexprs)
             interp.interpreter_builder.set_grid_dim(*grid)
             try:
-                for x, y, z in programs:
+                for x, y, z, weight in programs:
+                    counter._weight = weight
                     interp.interpreter_builder.set_grid_idx(x, y, z)
                     self.fn(**args)
             except Exception as e:
@@ -579,16 +585,17 @@ def count(
 
     ``cuda_configs``: the launchers pick their CUDA tiles (module docstring), as a GPU with
     ``sms`` SMs would, taking the ``config``-th candidate of each autotuned launch.
-    ``sample``: run at most that many programs per launch and scale (outputs are then not
-    computed). Yields a :class:`Counter`; call its ``report`` after (or inside) the block.
+    ``sample``: run at most that many programs per launch (>= 3: the first, the last and
+    some between) and weight them (outputs are then not computed). Yields a
+    :class:`Counter`; call its ``report`` after (or inside) the block.
     """
     interp = _interpreter()
     if not _interpreting_triton():
         raise RuntimeError("tools.traffic.count needs TRITON_INTERPRET=1 before triton is imported")
     if _ACTIVE:
         raise RuntimeError("tools.traffic.count blocks do not nest")
-    if sample is not None and sample < 2:
-        raise ValueError(f"sample must be None or >= 2 programs, got {sample}")
+    if sample is not None and sample < 3:
+        raise ValueError(f"sample must be None or >= 3 programs, got {sample}")
     counter = Counter()
     patches = [
         (interp.GridExecutor, "__call__", _grid_executor_call(sample)),
