@@ -296,15 +296,18 @@ def _create_backend():
 
 
 def _add_cli_choice() -> None:
-    """Add ``"lora_kernels"`` to the ``--lora-backend`` choices (SGLang lists them in its
-    argument table, ``sglang.srt.arg_groups.fields.lora``, read when the parser is built)."""
+    """Add ``"lora_kernels"`` to the ``--lora-backend`` choices. SGLang lists them in its argument
+    table (``sglang.srt.arg_groups.fields.lora.Lora``), and ``ServerArgs``, from whose fields the
+    parser is built, holds its own copy of that field's metadata: both lists get the name."""
     from sglang.srt.arg_groups.fields.lora import Lora
+    from sglang.srt.server_args import ServerArgs
 
-    hint = typing.get_type_hints(Lora, include_extras=True)["lora_backend"]
-    for meta in getattr(hint, "__metadata__", ()):
-        choices = getattr(meta, "choices", None)
-        if isinstance(choices, list) and BACKEND_NAME not in choices:
-            choices.append(BACKEND_NAME)
+    for table in (Lora, ServerArgs):
+        hint = typing.get_type_hints(table, include_extras=True).get("lora_backend")
+        for meta in getattr(hint, "__metadata__", ()):
+            choices = getattr(meta, "choices", None)
+            if isinstance(choices, list) and BACKEND_NAME not in choices:
+                choices.append(BACKEND_NAME)
 
 
 def register() -> None:
