@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._constants import KERNEL_DTYPES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -38,7 +38,6 @@ adapter terms, runs).
 from __future__ import annotations
 
 import logging
-import os
 import typing
 from typing import Any
 
@@ -46,6 +45,7 @@ import torch
 from sglang.srt.lora.backend.base_backend import BaseLoRABackend
 from sglang.srt.lora.utils import LoRABatchInfo, generate_sequence_lengths
 
+from .. import envs
 from ..ops.lora_delta import lora_expand_, lora_shrink_
 
 __all__ = ["BACKEND_NAME", "LoraKernelsLoRABackend", "enabled", "register"]
@@ -57,9 +57,10 @@ ENV_SWITCH = "LORA_KERNELS_SGLANG"
 
 
 def enabled() -> bool:
-    """Whether the plugin registers the backend: ``LORA_KERNELS_SGLANG`` unset or not one of
-    ``0``, ``false``, ``off``, ``no``."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    """Whether the plugin is on: ``LORA_KERNELS_SGLANG`` unset or not one of ``0``,
+    ``false``, ``off``, ``no``
+    (``lora_kernels.envs`` reads it, with every variable of the package)."""
+    return envs.sglang_plugin()
 
 
 def _offsets(output_offset_cpu) -> list[int]:

@@ -37,12 +37,12 @@ package's MoE kernels and raise ``NotImplementedError``: serve MoE models with L
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
+from .. import envs
 from ..ops.lora_delta import lora_expand_, lora_shrink_
 
 __all__ = ["QUALNAME", "LoraKernelsPunicaWrapper", "enabled", "register"]
@@ -54,9 +54,10 @@ ENV_SWITCH = "LORA_KERNELS_VLLM"
 
 
 def enabled() -> bool:
-    """Whether the plugin takes over vLLM's punica wrapper: ``LORA_KERNELS_VLLM`` unset or not one
-    of ``0``, ``false``, ``off``, ``no``."""
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    """Whether the plugin is on: ``LORA_KERNELS_VLLM`` unset or not one of ``0``,
+    ``false``, ``off``, ``no``
+    (``lora_kernels.envs`` reads it, with every variable of the package)."""
+    return envs.vllm_plugin()
 
 
 def _stack(w: torch.Tensor) -> torch.Tensor:
