@@ -19,6 +19,8 @@ variable                        default   meaning
                                           config untimed (reproducible, no tuning runs)
 ``LORA_KERNELS_VLLM``           ``1``     ``0``: the vLLM plugin leaves vLLM's own punica
                                           wrapper in place (docs/serving-engines.md)
+``LORA_KERNELS_VLLM_FUSED``     ``0``     ``1``: vLLM's unquantized, unsharded linear LoRA
+                                          layers run base GEMM and adapters in one kernel
 ``LORA_KERNELS_SGLANG``         ``1``     ``0``: the SGLang plugin does not register the
                                           ``lora_kernels`` LoRA backend
 =============================== ========= ====================================================
@@ -37,6 +39,7 @@ DOCS = {
     "LORA_KERNELS_CACHE_DIR": "directory of just-in-time CUDA builds",
     "LORA_KERNELS_TRITON_AUTOTUNE": "0: Triton launches take their first config untimed",
     "LORA_KERNELS_VLLM": "0: the vLLM plugin keeps vLLM's own punica wrapper",
+    "LORA_KERNELS_VLLM_FUSED": "1: vLLM linear LoRA layers run base + LoRA in one kernel",
     "LORA_KERNELS_SGLANG": "0: the SGLang plugin does not register its LoRA backend",
 }
 
@@ -86,6 +89,11 @@ def _switch(name: str) -> bool:
 def vllm_plugin() -> bool:
     """``LORA_KERNELS_VLLM``: whether the vLLM plugin installs our punica wrapper."""
     return _switch("LORA_KERNELS_VLLM")
+
+
+def vllm_fused() -> bool:
+    """``LORA_KERNELS_VLLM_FUSED=1``: the vLLM plugin also fuses base GEMM and LoRA (opt-in)."""
+    return _get("LORA_KERNELS_VLLM_FUSED", "0").lower() in ("1", "true", "on", "yes")
 
 
 def sglang_plugin() -> bool:

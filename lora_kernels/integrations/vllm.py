@@ -29,6 +29,15 @@ plugin (``vllm.platform_plugins``) would have to replace the whole platform to c
 ``LORA_KERNELS_VLLM=0`` turns the plugin off (vLLM's own wrapper then runs), as does vLLM's
 ``VLLM_PLUGINS`` list when it leaves out ``lora_kernels``.
 
+Opt-in, ``LORA_KERNELS_VLLM_FUSED=1``: the base GEMM and the adapter terms of vLLM's linear LoRA
+layers in one kernel (``lora_kernels.lora_linear_multi``, the package's core op: ``y`` is written
+once, never read back). vLLM's layers compute their base output in
+``BaseLinearLayerWithLoRA._apply_sync`` and hand it to the wrapper; :func:`register` then
+replaces that one method (no class is copied) with :func:`fused_apply_sync`, which fuses where it
+computes exactly what vLLM would (an unquantized base, one tensor-parallel rank, our wrapper, 2-D
+activations whose dtype is the weight's) and calls vLLM's own method everywhere else. A layer of
+several output slices (qkv, gate_up) runs one fused launch per slice on its rows of the weight.
+
 The fused-MoE methods (``add_lora_fused_moe``, ``add_lora_w13``, ``add_lora_w2``) wait for the
 package's MoE kernels and raise ``NotImplementedError``: serve MoE models with LoRA with
 ``LORA_KERNELS_VLLM=0``.
@@ -43,9 +52,10 @@ import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
 from .. import envs
+from ..functional import lora_linear_multi
 from ..ops.lora_delta import lora_expand_, lora_shrink_
 
-__all__ = ["QUALNAME", "LoraKernelsPunicaWrapper", "enabled", "register"]
+__all__ = ["QUALNAME", "LoraKernelsPunicaWrapper", "enabled", "fused_apply_sync", "register"]
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +271,65 @@ class LoraKernelsPunicaWrapper(PunicaWrapperBase):
         self._no_moe("add_lora_w2")
 
 
+_stock_apply_sync = None  # vLLM's BaseLinearLayerWithLoRA._apply_sync, once register() fuses
+
+
+def _fusable(layer, x: torch.Tensor) -> bool:
+    """Whether one fused launch per slice computes exactly what ``_apply_sync`` computes."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    base = layer.base_layer
+    weight = getattr(base, "weight", None)
+    return (
+        isinstance(layer.punica_wrapper, LoraKernelsPunicaWrapper)
+        and layer.tp_size == 1
+        and isinstance(getattr(base, "quant_method", None), UnquantizedLinearMethod)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and x.dim() == 2
+        and x.dtype == weight.dtype
+        and sum(layer.output_slices) == weight.shape[0]
+        and layer.lora_a_stacked[0].dtype in (x.dtype, torch.float32)
+    )
+
+
+def fused_apply_sync(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``BaseLinearLayerWithLoRA._apply_sync`` in one kernel per output slice s::
+
+        y[:, s] = x @ W[s].T + bias[s] + (x @ lora_a[s][a, 0].T) @ lora_b[s][a, 0].T
+
+    (vLLM's stacks carry the scaling in lora_b; ``a`` is each token's slot, -1: base only).
+    Layers this cannot serve exactly (quantized, tensor-parallel, 3-D inputs) take vLLM's own
+    method."""
+    if not _fusable(self, x):
+        return _stock_apply_sync(self, x, bias)
+    wrapper = self.punica_wrapper
+    weight = self.base_layer.weight
+    ids = wrapper._token_ids(x.shape[0])
+    scales = wrapper._scale_tensor(self.lora_a_stacked[0].shape[0], 1.0, x.device)
+    outs, offset = [], 0
+    for lora_a, lora_b, width in zip(
+        self.lora_a_stacked, self.lora_b_stacked, self.output_slices, strict=True
+    ):
+        rows = slice(offset, offset + width)
+        b = None if bias is None else bias[rows]
+        outs.append(
+            lora_linear_multi(x, weight[rows], b, _stack(lora_a), _stack(lora_b), scales, ids)
+        )
+        offset += width
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+def _install_fused_path() -> None:
+    global _stock_apply_sync
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    if BaseLinearLayerWithLoRA._apply_sync is not fused_apply_sync:
+        _stock_apply_sync = BaseLinearLayerWithLoRA._apply_sync
+        BaseLinearLayerWithLoRA._apply_sync = fused_apply_sync
+        logger.info("lora_kernels: vLLM's linear LoRA layers fuse base GEMM and LoRA")
+
+
 def _punica_wrapper_qualname(cls) -> str:
     return QUALNAME
 
@@ -271,7 +340,8 @@ def register() -> None:
 
     vLLM may call it more than once per process; every call after the first changes nothing. Off
     when ``LORA_KERNELS_VLLM=0``, and on platforms other than CUDA and CPU (ROCm, XPU, TPU keep
-    their wrapper: the kernels are not tested there).
+    their wrapper: the kernels are not tested there). ``LORA_KERNELS_VLLM_FUSED=1`` also installs
+    :func:`fused_apply_sync`.
     """
     if not enabled():
         logger.info("lora_kernels: %s=0, vLLM keeps its own punica wrapper", ENV_SWITCH)
@@ -285,3 +355,5 @@ def register() -> None:
     if platform_cls.get_punica_wrapper() != QUALNAME:
         platform_cls.get_punica_wrapper = classmethod(_punica_wrapper_qualname)
         logger.info("lora_kernels: vLLM's LoRA layers run on %s", QUALNAME)
+    if envs.vllm_fused():
+        _install_fused_path()

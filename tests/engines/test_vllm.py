@@ -254,3 +254,55 @@ def test_off_switch(platform_cls, monkeypatch, value):
     monkeypatch.setenv("LORA_KERNELS_VLLM", value)
     lk_vllm.register()
     assert platform_cls.get_punica_wrapper().endswith("PunicaWrapperCPU")
+
+
+def _lora_layer(widths, dtype, wrapper):
+    """A vLLM linear LoRA layer as its LoRA model manager leaves it (weights set, mapping set),
+    built around a plain base layer: constructing vLLM's parallel layers needs a distributed
+    context, and ``_apply_sync`` reads only these attributes."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    base = torch.nn.Module()
+    base.weight = torch.nn.Parameter(torch.randn(sum(widths), K, dtype=dtype), False)
+    base.bias = torch.nn.Parameter(torch.randn(sum(widths), dtype=dtype), False)
+    base.quant_method = UnquantizedLinearMethod()
+    base.cpu_linear = torch.nn.functional.linear  # what vLLM's CPU weight loading installs
+    layer = BaseLinearLayerWithLoRA.__new__(BaseLinearLayerWithLoRA)
+    torch.nn.Module.__init__(layer)
+    layer.base_layer = base
+    layer.tp_size, layer.n_slices, layer.output_slices = 1, len(widths), tuple(widths)
+    layer.lora_a_stacked = tuple(_stack(R, K, dtype) for _ in widths)
+    layer.lora_b_stacked = tuple(_stack(n, R, dtype) for n in widths)
+    for t in (*layer.lora_a_stacked, *layer.lora_b_stacked):
+        t[1] = 0.0  # the base path multiplies every slot's weights: no NaN here
+    layer.punica_wrapper = wrapper
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("slices", SLICES)
+def test_fused_base_and_lora_path(dtype, case, slices, monkeypatch, platform_cls):
+    """LORA_KERNELS_VLLM_FUSED=1: one kernel per slice for base + LoRA, against vLLM's own
+    _apply_sync (base GEMM, then PunicaWrapperCPU) on the same layer."""
+    from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+    stock = BaseLinearLayerWithLoRA._apply_sync
+    monkeypatch.setenv("LORA_KERNELS_VLLM_FUSED", "1")
+    monkeypatch.setattr(BaseLinearLayerWithLoRA, "_apply_sync", stock)
+    lk_vllm.register()
+    assert BaseLinearLayerWithLoRA._apply_sync is lk_vllm.fused_apply_sync
+    (ours, theirs), mapping = _pair(*CASES[case])
+    widths = SLICES[slices]
+    layer = _lora_layer(widths, dtype, ours)
+    x = torch.randn(len(mapping.index_mapping), K, dtype=dtype)
+    assert lk_vllm._fusable(layer, x)  # the fused launches run, not the fallback
+    fused = layer._apply_sync(x, layer.base_layer.bias)
+    layer.punica_wrapper = theirs  # not our wrapper: vLLM's own method runs
+    assert not lk_vllm._fusable(layer, x)
+    reference = layer._apply_sync(x, layer.base_layer.bias)
+    base = x.double() @ layer.base_layer.weight.double().T + layer.base_layer.bias.double()
+    slots = _slots(mapping.index_mapping)
+    ref = _ref_linear(base, x, slots, layer.lora_a_stacked, layer.lora_b_stacked, 1.0, widths)
+    _both_close("fused _apply_sync", fused, reference, ref)
