@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from lora_kernels.backends import available_backends
+from lora_kernels.backends.triton import interpreting
 from lora_kernels.ops.lora_delta import lora_expand_, lora_shrink_
 from tests.tolerances import assert_close_to_ref
 
-BACKENDS = [b for b in ("torch", "triton") if b in available_backends()]
+# CPU tensors: Triton under its interpreter; on a GPU the CUDA tests below run Triton
+BACKENDS = ["torch"] + (["triton"] if interpreting() and "triton" in available_backends() else [])
 
 
 def _ids(m: int, num_adapters: int) -> torch.Tensor:
@@ -98,3 +100,58 @@ def test_bad_inputs_name_the_argument():
             torch.randn(2, 5, 3),
             torch.zeros(4, dtype=torch.long),
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 70, 300])  # gather, gather (many adapters), grouped
+def test_triton_on_cuda(dtype, m):
+    num_adapters, r, k, n = 3, 16, 256, 192
+    dev = "cuda"
+    x = torch.randn(m, k, dtype=dtype, device=dev)
+    lora_a = torch.randn(num_adapters, r, k, dtype=dtype, device=dev) / k**0.5
+    lora_b = torch.randn(num_adapters, n, r, dtype=dtype, device=dev)
+    ids = _ids(m, num_adapters).to(dev)
+    scales = torch.rand(num_adapters, device=dev) + 0.5
+    s = torch.empty(m, r, device=dev)
+    lora_shrink_(s, x, lora_a, ids, scales, backend="triton")
+    ref_s = _shrink64(x.cpu(), lora_a.cpu(), ids.cpu(), scales.cpu(), None)
+    assert_close_to_ref("cuda shrink", s.cpu(), ref_s, ref_s.float())
+    y = torch.randn(m, n, dtype=dtype, device=dev)
+    before = y.clone()
+    lora_expand_(y, s, lora_b, ids, backend="triton")
+    ref = _expand64(before.cpu(), s.cpu(), lora_b.cpu(), ids.cpu(), None, True)
+    assert_close_to_ref("cuda expand", y.cpu(), ref, ref.to(dtype))
+
+
+@pytest.mark.gpu
+def test_decode_step_captures_in_a_cuda_graph():
+    """Shrink then expand, captured once and replayed with other ids: no host sync, no
+    allocation that depends on the ids."""
+    num_adapters, r, k, n, m = 4, 16, 128, 64, 8
+    dev = "cuda"
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+    lora_a = torch.randn(num_adapters, r, k, dtype=torch.bfloat16, device=dev) / k**0.5
+    lora_b = torch.randn(num_adapters, n, r, dtype=torch.bfloat16, device=dev)
+    scales = torch.ones(num_adapters, device=dev)
+    ids = torch.zeros(m, dtype=torch.long, device=dev)
+    s = torch.empty(m, r, device=dev)
+    y = torch.zeros(m, n, dtype=torch.bfloat16, device=dev)
+
+    def step():
+        lora_shrink_(s, x, lora_a, ids, scales, backend="triton")
+        lora_expand_(y, s, lora_b, ids, add_inputs=False, backend="triton")
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    new_ids = torch.tensor([3, -1, 0, 2, 2, 1, -1, 0], device=dev)
+    ids.copy_(new_ids)
+    y.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_s = _shrink64(x.cpu(), lora_a.cpu(), new_ids.cpu(), scales.cpu(), None)
+    ref = _expand64(torch.zeros(m, n), ref_s.float(), lora_b.cpu(), new_ids.cpu(), None, False)
+    assert_close_to_ref("graph replay", y.cpu(), ref, ref.to(torch.bfloat16))
