@@ -155,3 +155,40 @@ def test_decode_step_captures_in_a_cuda_graph():
     ref_s = _shrink64(x.cpu(), lora_a.cpu(), new_ids.cpu(), scales.cpu(), None)
     ref = _expand64(torch.zeros(m, n), ref_s.float(), lora_b.cpu(), new_ids.cpu(), None, False)
     assert_close_to_ref("graph replay", y.cpu(), ref, ref.to(torch.bfloat16))
+
+
+def _small():
+    m, num_adapters, r, k, n = 5, 3, 4, 16, 12
+    x = torch.randn(m, k)
+    lora_a = torch.randn(num_adapters, r, k)
+    lora_b = torch.randn(num_adapters, n, r)
+    ids = torch.tensor([0, -1, 2, 1, 2])
+    return x, lora_a, lora_b, ids, torch.rand(num_adapters) + 0.5
+
+
+def test_opcheck():
+    x, lora_a, lora_b, ids, scales = _small()
+    out = torch.empty(x.shape[0], lora_a.shape[1])
+    torch.library.opcheck(
+        torch.ops.lora_kernels.lora_shrink_, (out, x, lora_a, ids, scales, None, "torch")
+    )
+    y = torch.randn(x.shape[0], lora_b.shape[1])
+    torch.library.opcheck(
+        torch.ops.lora_kernels.lora_expand_, (y, out.normal_(), lora_b, ids, None, True, "torch")
+    )
+
+
+def test_compiles_fullgraph():
+    """vLLM compiles its models with fullgraph=True: the two ops must trace without a break."""
+    x, lora_a, lora_b, ids, scales = _small()
+
+    def delta(y, x):
+        s = torch.empty(x.shape[0], lora_a.shape[1])
+        lora_shrink_(s, x, lora_a, ids, scales)
+        lora_expand_(y, s, lora_b, ids)
+        return y
+
+    y0 = torch.randn(x.shape[0], lora_b.shape[1])
+    eager = delta(y0.clone(), x)
+    compiled = torch.compile(delta, fullgraph=True, backend="aot_eager")(y0.clone(), x)
+    torch.testing.assert_close(compiled, eager)
