@@ -17,6 +17,33 @@ from ._constants import KERNEL_DTYPES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+_SCALES_CACHE_SIZE = 64
+_scales_cache: dict[tuple, torch.Tensor] = {}
+
+
+def reads_values(device: torch.device) -> bool:
+    """Whether a check may read tensor values on the host: on CPU in eager mode only (on CUDA a
+    read synchronises with the device; under ``torch.compile`` it breaks the graph). The
+    kernels treat out-of-range ids as "no adapter", so skipping the read is safe."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _scales_tensor(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a ``[L]`` tensor on ``device``, made once per distinct list (a few recent
+    ones kept): a list of scales copied to the device on every call would be a blocking copy in
+    every decode step, and one a CUDA graph cannot capture. Under ``torch.compile`` the tensor
+    is a constant of the graph: made there, never looked up."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (tuple(values), dtype, device, torch.is_inference_mode_enabled())
+    t = _scales_cache.pop(key, None)
+    if t is None:
+        t = torch.tensor(values, dtype=dtype, device=device)
+        while len(_scales_cache) >= _SCALES_CACHE_SIZE:
+            _scales_cache.pop(next(iter(_scales_cache)))
+    _scales_cache[key] = t  # most recent last
+    return t
+
 
 def fmt_shape(shape: Sequence[int | str]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
@@ -187,7 +214,7 @@ def check_lora_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter
     check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
     check_device(fn, "lora_a", lora_a, x.device)
     check_device(fn, "lora_b", lora_b, x.device)
-    check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    check_values = reads_values(x.device)
 
     scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(scales, torch.Tensor):
@@ -196,11 +223,8 @@ def check_lora_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter
         check_device(fn, "scales", scales, x.device)
         scales = scales.detach()
     elif isinstance(scales, (list, tuple)):
-        scales = torch.tensor(
-            [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)],
-            dtype=scale_dtype,
-            device=x.device,
-        )
+        values = [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)]
+        scales = _scales_tensor(values, scale_dtype, x.device)
     else:
         raise TypeError(
             f"{fn}: expected scales to be a tensor or a list of floats, got {type(scales).__name__}"
@@ -475,7 +499,7 @@ def _check_ids(fn: str, ids, num_embeddings: int, device) -> None:
 
 def _check_id_values(fn: str, ids, num_embeddings: int) -> None:
     """Ids in range, on CPU tensors in eager mode (on CUDA it would synchronise)."""
-    if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if ids.numel() and reads_values(ids.device):
         low, high = torch.aminmax(ids)
         low, high = int(low), int(high)
         if low < 0 or high >= num_embeddings:
@@ -592,6 +616,8 @@ def check_lora_embedding_multi_inputs(
                 f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
             )
     if isinstance(scales, torch.Tensor):
+        # the op takes host floats: a CUDA tensor is read back here (a synchronisation), so the
+        # layers pass their scalings as a list
         scales = scales.detach().tolist()
     if not isinstance(scales, (list, tuple)) or len(scales) != num:
         raise ValueError(
@@ -610,7 +636,7 @@ def check_lora_embedding_multi_inputs(
         raise ValueError(
             f"{fn}: expected adapter_ids on device {weight.device}, got {adapter_ids.device}"
         )
-    if adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if reads_values(adapter_ids.device):
         bad = ((adapter_ids < -1) | (adapter_ids >= num)).nonzero().flatten()
         if bad.numel():
             shown = bad[:8].tolist()

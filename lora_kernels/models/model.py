@@ -39,7 +39,7 @@ from torch import nn
 
 from ..layers import BASE_ADAPTER, FusedLoraEmbedding, FusedLoraLinear
 from ..serving import state as serving
-from .config import LoraConfig
+from .config import LoraConfig, as_lora_config
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import ALL_LINEAR, plan_targets
 
@@ -115,6 +115,7 @@ def get_lora_model(
     Returns:
         ``model`` itself, with ``model.lora_configs[adapter_name] == config``.
     """
+    config = as_lora_config("get_lora_model", config)
     targets, resolved, mts_names = plan_targets(model, config, adapter_name)
     config = copy.deepcopy(config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
