@@ -84,6 +84,38 @@ def test_expand_into_a_column_slice(backend, dtype, m, add_inputs):
     assert torch.equal(y[none], before[none])
 
 
+@pytest.mark.parametrize("op", ["shrink", "expand"])
+def test_torch_backend_off_the_cpu_never_reads_the_ids(op, monkeypatch):
+    """The id-blind path (what the torch backend runs on CUDA) gives the same result; the
+    grouped path it replaces is made to fail if it runs."""
+    from lora_kernels.backends.torch import lora_delta as torch_delta
+
+    monkeypatch.setattr(torch_delta, "_reads_ids", lambda device: False)
+    monkeypatch.setattr(torch_delta, "_plan", None)
+    m, num_adapters, r, k, n = 9, 3, 8, 20, 11
+    ids = _ids(m, num_adapters)
+    ranks = torch.tensor([8, 3, 5], dtype=torch.int32)
+    if op == "shrink":
+        x = torch.randn(m, k)
+        lora_a = torch.randn(num_adapters, r, k)
+        lora_a[0] = float("nan")  # rows of no adapter gather slot 0: it must not leak
+        ids[ids == 0] = 1
+        scales = torch.rand(num_adapters) + 0.5
+        out = torch.empty(m, r)
+        lora_shrink_(out, x, lora_a, ids, scales, ranks, backend="torch")
+        ref = _shrink64(x, lora_a, ids, scales, ranks)
+        assert_close_to_ref("dense shrink", out, ref, ref.float())
+    else:
+        y = torch.randn(m, n)
+        s = torch.randn(m, r)
+        lora_b = torch.randn(num_adapters, n, r)
+        before = y.clone()
+        lora_expand_(y, s, lora_b, ids, ranks, add_inputs=False, backend="torch")
+        ref = _expand64(before, s, lora_b, ids, ranks, False)
+        assert_close_to_ref("dense expand", y, ref, ref.float())
+        assert torch.equal(y[ids < 0], before[ids < 0])
+
+
 def test_bad_inputs_name_the_argument():
     x = torch.randn(4, 8)
     lora_a = torch.randn(2, 3, 8)
