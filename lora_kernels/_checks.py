@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._constants import KERNEL_DTYPES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _SCALES_CACHE_SIZE = 64
@@ -643,3 +645,66 @@ def check_lora_embedding_multi_inputs(
                 f"{adapter_ids[shown].tolist()} at {per}s {shown}"
             )
     return scales, _check_padding_idx(fn, padding_idx, v)
+
+
+def _check_rows(fn: str, row_ids, m: int, device, ranks, num_adapters: int) -> None:
+    """The ``row_ids [M]`` and ``ranks [L]`` of the ``lora_delta`` ops (an id outside ``[0, L)``
+    means no adapter there, so ids are not read: checking them would synchronise on CUDA)."""
+    check_tensor(fn, "row_ids", row_ids)
+    check_dtype(fn, "row_ids", row_ids, [torch.int32, torch.int64])
+    check_shape(fn, "row_ids", row_ids, [m])
+    check_device(fn, "row_ids", row_ids, device)
+    if ranks is not None:
+        check_tensor(fn, "ranks", ranks)
+        check_dtype(fn, "ranks", ranks, [torch.int32])
+        check_shape(fn, "ranks", ranks, [num_adapters])
+        check_device(fn, "ranks", ranks, device)
+
+
+def check_lora_shrink_inputs(fn: str, out, x, lora_a, row_ids, scales, ranks) -> None:
+    """``out [M, R]``, ``x [M, K]``, ``lora_a [L, R, K]``, ``scales [L]`` float32."""
+    check_tensor(fn, "x", x)
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: expected x of shape [M, K], got {fmt_shape(x.shape)}")
+    m, k = x.shape
+    check_tensor(fn, "lora_a", lora_a)
+    if lora_a.dim() != 3:
+        raise ValueError(
+            f"{fn}: expected lora_a of shape [L, R, {k}], got {fmt_shape(lora_a.shape)}"
+        )
+    num_adapters, r = lora_a.shape[:2]
+    check_shape(fn, "lora_a", lora_a, [num_adapters, r, k])
+    check_tensor(fn, "out", out)
+    check_shape(fn, "out", out, [m, r])
+    check_dtype(fn, "x", x, KERNEL_DTYPES)
+    check_dtype(fn, "lora_a", lora_a, KERNEL_DTYPES)
+    check_dtype(fn, "out", out, FLOAT_DTYPES)
+    check_tensor(fn, "scales", scales)
+    check_dtype(fn, "scales", scales, [torch.float32])
+    check_shape(fn, "scales", scales, [num_adapters])
+    for name, t in (("lora_a", lora_a), ("out", out), ("scales", scales)):
+        check_device(fn, name, t, x.device)
+    _check_rows(fn, row_ids, m, x.device, ranks, num_adapters)
+
+
+def check_lora_expand_inputs(fn: str, y, s, lora_b, row_ids, ranks) -> None:
+    """``y [M, N]``, ``s [M, R]``, ``lora_b [L, N, R]``."""
+    check_tensor(fn, "y", y)
+    if y.dim() != 2:
+        raise ValueError(f"{fn}: expected y of shape [M, N], got {fmt_shape(y.shape)}")
+    m, n = y.shape
+    check_tensor(fn, "lora_b", lora_b)
+    if lora_b.dim() != 3:
+        raise ValueError(
+            f"{fn}: expected lora_b of shape [L, {n}, R], got {fmt_shape(lora_b.shape)}"
+        )
+    num_adapters, _, r = lora_b.shape
+    check_shape(fn, "lora_b", lora_b, [num_adapters, n, r])
+    check_tensor(fn, "s", s)
+    check_shape(fn, "s", s, [m, r])
+    check_dtype(fn, "y", y, KERNEL_DTYPES)
+    check_dtype(fn, "lora_b", lora_b, KERNEL_DTYPES)
+    check_dtype(fn, "s", s, [torch.float32, y.dtype])
+    for name, t in (("lora_b", lora_b), ("s", s)):
+        check_device(fn, name, t, y.device)
+    _check_rows(fn, row_ids, m, y.device, ranks, num_adapters)

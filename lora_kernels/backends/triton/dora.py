@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ...reference import ILL_CONDITIONED
 from . import interpreting, on_input_device
-from ._args import unit_stride
+from ._args import vector_stride
 from ._rounding import round_to_bf16
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
 
@@ -76,6 +76,7 @@ def _dora_norm_kernel(
     stride_ak,
     stride_bn,
     stride_br,
+    stride_wsq,
     # scalars
     scale,
     ILL_CONDITIONED,
@@ -124,9 +125,9 @@ def _dora_norm_kernel(
         ).to(tl.float32)
         quad += tl.sum(tl.dot(b, gram, input_precision=DOT_PRECISION) * b_cols, axis=1)
     if HAS_WSQ:
-        wsq = tl.load(wsq_ptr + offs_n, mask=mask_n, other=0.0)
+        wsq = tl.load(wsq_ptr + offs_n * stride_wsq, mask=mask_n, other=0.0)
     else:
-        tl.store(wsq_ptr + offs_n, wsq, mask=mask_n)
+        tl.store(wsq_ptr + offs_n * stride_wsq, wsq, mask=mask_n)
     sq = wsq + (2.0 * scale) * cross + (scale * scale) * quad
     terms = wsq + (2.0 * tl.abs(scale)) * tl.abs(cross) + (scale * scale) * tl.abs(quad)
     bad = (sq < terms * ILL_CONDITIONED) & mask_n
@@ -162,6 +163,8 @@ def _dora_scale_kernel(
     stride_ln,
     stride_ym,
     stride_yn,
+    stride_g,
+    stride_bias,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -175,10 +178,11 @@ def _dora_scale_kernel(
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     lin = tl.load(lin_ptr + offs_m[:, None] * stride_lm + offs_n[None, :] * stride_ln, mask=mask)
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n * stride_g, mask=mask_n, other=0.0)
     y = lin.to(tl.float32) * g[None, :]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+        y += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -203,6 +207,8 @@ def _dora_dy_kernel(
     stride_ln,
     stride_om,
     stride_on,
+    stride_g,
+    stride_norm,
     # meta-parameters
     G_SHIFT: tl.constexpr,
     HAS_DM: tl.constexpr,
@@ -216,7 +222,7 @@ def _dora_dy_kernel(
     pid_m = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) - G_SHIFT
+    g = tl.load(g_ptr + offs_n * stride_g, mask=mask_n, other=0.0) - G_SHIFT
     dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = pid_m * rows_per_split
     m_end = min(m_start + rows_per_split, M)
@@ -232,7 +238,7 @@ def _dora_dy_kernel(
             lin = tl.load(lin_ptrs, mask=mask, other=0.0).to(tl.float32)
             dm += tl.sum(dy * lin, axis=0)
     if HAS_DM:
-        dm = dm / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0)
+        dm = dm / tl.load(norm_ptr + offs_n * stride_norm, mask=mask_n, other=1.0)
         if ATOMIC_DM:
             tl.atomic_add(dm_ptr + offs_n, dm, mask=mask_n, sem="relaxed")
         else:
@@ -284,7 +290,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
     gram[:r, :r] = a32 @ a32.T
     norm = torch.empty(n, dtype=torch.float32, device=weight.device)
     has_wsq = w_sq is not None
-    wsq = unit_stride(w_sq.float()) if has_wsq else torch.empty_like(norm)
+    wsq = w_sq.float() if has_wsq else torch.empty_like(norm)
     if n == 0:
         return norm
     interp = interpreting()
@@ -293,7 +299,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
         weight, lora_a, lora_b, gram, wsq, norm,
         n, k, r,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
+        lora_b.stride(0), lora_b.stride(1), vector_stride(wsq),
         float(scale), ILL_CONDITIONED,
         HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if interp else "tf32x3",
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
@@ -316,12 +322,12 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora, g):
     m, n = lin.shape
     y = torch.empty_like(lin)
     if m and n:
-        g, bias = unit_stride(g), unit_stride(bias)
         block_m, block_n = _blocks_2d(interpreting())
         _dora_scale_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
             lin, g, bias, y,
             m, n,
             lin.stride(0), lin.stride(1), y.stride(0), y.stride(1),
+            vector_stride(g), vector_stride(bias),
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         )  # fmt: skip
     if x_lora is not None:
@@ -336,7 +342,6 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
     dm = torch.zeros(n, dtype=torch.float32, device=dy.device) if needs_dm else None
     if m == 0 or n == 0:
         return out, dm
-    g, norm = unit_stride(g), unit_stride(norm)
     interp = interpreting()
     block_m, block_n, warps = (*_blocks_2d(interp), 4) if interp else _DY_TILES
     n_blocks = triton.cdiv(n, block_n)
@@ -350,6 +355,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
         dy, lin, g, norm, out, dm,
         m, n, rows,
         dy.stride(0), dy.stride(1), lin.stride(0), lin.stride(1), out.stride(0), out.stride(1),
+        vector_stride(g), vector_stride(norm),
         G_SHIFT=shift, HAS_DM=needs_dm, ATOMIC_DM=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps,
     )  # fmt: skip
@@ -436,6 +442,7 @@ def _dora_merge_kernel(
     stride_ak,
     stride_bn,
     stride_br,
+    stride_g,
     # scalars
     scale,
     # meta-parameters
@@ -459,7 +466,7 @@ def _dora_merge_kernel(
     mask_w = mask_n[:, None] & mask_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w = tl.load(w_ptrs, mask=mask_w, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+    g = tl.load(g_ptr + offs_n * stride_g, mask=mask_n, other=1.0).to(tl.float32)
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -494,13 +501,12 @@ def _dora_merge(weight, lora_a, lora_b, scale, g, unmerge: bool):
     block_r = min(
         max(16, triton.next_power_of_2(r)), _INTERP_MERGE_MAX_R if upcast else _MERGE_MAX_R
     )
-    g = unit_stride(g)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
     _dora_merge_kernel[grid](
         weight, lora_a, lora_b, g,
         n, k, r,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
+        lora_b.stride(0), lora_b.stride(1), vector_stride(g),
         float(scale),
         UNMERGE=unmerge,
         FP32_OPERANDS=fp32_operands,

@@ -32,7 +32,7 @@ gives a zero row, no S and no gradient; an adapter id outside ``[0, L)`` acts as
 row only), as in the multi-adapter linear kernels. Neither is ever used as an address.
 
 Arguments: the table, the adapters, dy and the outputs are read through their strides; the id
-vectors are made unit-stride by the launcher (``_args.unit_stride``: a decode slice
+vectors are made contiguous by the launcher (``_args.index_vector``: a decode slice
 ``input_ids[:, -1:]`` or a column of an id table is copied, a few bytes). One adapter's scale is a
 kernel scalar; a mixed batch's scales are a device table built once per distinct list and reused,
 so no step copies from the host.
@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, on_input_device
-from ._args import unit_stride
+from ._args import index_vector
 
 __all__ = ["lora_embedding_fwd", "lora_embedding_bwd"]
 
@@ -323,7 +323,7 @@ def lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids=None, paddin
     s = torch.empty((m, r), dtype=torch.float32, device=weight.device)
     if m == 0:
         return y, s
-    ids, row_ids = unit_stride(ids), unit_stride(row_ids)
+    ids, row_ids = index_vector(ids), index_vector(row_ids)
     scales_t, scale0 = _scale_args(scales, row_ids, weight.device)
     block_m, block_d = _INTERP_BLOCKS if interpreting() else _CUDA_BLOCKS
     grid = (triton.cdiv(m, block_m), max(1, triton.cdiv(d, block_d)))
@@ -384,7 +384,7 @@ def lora_embedding_bwd(
     da32 = torch.zeros((num, r, v), dtype=torch.float32, device=dev) if needs_da else None
     db32 = torch.zeros((num, d, r), dtype=torch.float32, device=dev) if needs_db else None
     if m and (needs_da or needs_db):
-        ids, row_ids = unit_stride(ids), unit_stride(row_ids)
+        ids, row_ids = index_vector(ids), index_vector(row_ids)
         scales_t, scale0 = _scale_args(scales, row_ids, dev)
         deterministic = torch.are_deterministic_algorithms_enabled()
         t = torch.empty((m, r), dtype=torch.float32, device=dev) if deterministic else s

@@ -43,7 +43,8 @@ What remains above 1 at M = 1 is x re-read by every N tile (1/32 of a byte per w
 with 32-row tiles; 64-row tiles halve it but fill half the SMs at N = 4096) and the 1 KB code2
 table that each program gathers from once per chunk. At M = 16 the x re-reads (16 rows per N
 tile, from L2: x is 128 KB) are most of the excess; the 64-row tile of the autotuner's list
-halves them. Odd K (a byte straddling two rows) and prefill take ``_qlora_fwd_kernel``.
+halves them (1.075 at M = 1, 1.936 at M = 16, on half as many programs). Odd K (a byte
+straddling two rows) and prefill take ``_qlora_fwd_kernel``.
 
 ``_qlora_fwd_kernel``: one launch, one pass over K. Each program owns a [BLOCK_M, BLOCK_N] tile of
 y; in its K-loop it loads the x tile once, dequantizes the matching [BLOCK_N, BLOCK_K] tile of W
@@ -82,7 +83,7 @@ import triton.language as tl
 
 from ... import envs
 from . import interpreting, on_input_device
-from ._args import unit_stride
+from ._args import index_vector, vector_stride
 from ._rounding import round_to_bf16
 
 # ------------------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def _qlora_fwd_kernel(
     M, N, K, R, m_bucket,
     # strides
     stride_xm, stride_xk, stride_xlm, stride_xlk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_ym, stride_yn, stride_sm, stride_sr,
+    stride_ym, stride_yn, stride_sm, stride_sr, stride_bias,
     # scalars
     scale,
     # meta-parameters
@@ -196,7 +197,9 @@ def _qlora_fwd_kernel(
     s_dot = _cast(s_acc * scale, x_dtype, INTERPRET)
     acc = _dot(s_dot, _cast(b_tile, x_dtype, INTERPRET), acc, INTERPRET, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[
+            None, :
+        ]
     tl.store(
         y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
         _cast(acc, y_ptr.dtype.element_ty, INTERPRET),
@@ -365,6 +368,7 @@ def _qlora_decode_kernel(
     M, N, K, R, m_bucket,
     # strides
     stride_xm, stride_xk, stride_bn, stride_br, stride_sm, stride_sr, stride_ym, stride_yn,
+    stride_bias,
     # scalars
     scale,
     # meta-parameters
@@ -511,7 +515,9 @@ def _qlora_decode_kernel(
     s_dot = _cast(s_tile * scale, x_dtype, INTERPRET)
     acc = _dot(s_dot, _cast(b_tile, x_dtype, INTERPRET), acc, INTERPRET, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[
+            None, :
+        ]
     tl.store(
         y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
         _cast(acc, y_ptr.dtype.element_ty, INTERPRET),
@@ -637,8 +643,8 @@ def _quant_args(qweight, absmax, code, absmax2, code2, offset):
     nested = absmax2 is not None
     if not nested:  # unused pointers: any tensor of the right device will do
         absmax2, code2, offset = absmax, code, absmax
-    flat = (unit_stride(t) for t in (absmax, code, absmax2, code2, offset))
-    return (unit_stride(qweight).view(torch.uint8), *flat), nested
+    flat = (index_vector(t.reshape(-1)) for t in (absmax, code, absmax2, code2, offset))
+    return (qweight.reshape(-1).view(torch.uint8), *flat), nested
 
 
 def _launch(kernel_name, grid_fn, m, args, meta):
@@ -705,7 +711,7 @@ def _decode_fwd(x, quant, bias, lora_b, s, y, scale, meta):
         x, *quant, x if bias is None else bias, lora_b, s, y,
         m, n, k, r, _m_bucket(m),
         x.stride(0), x.stride(1), lora_b.stride(0), lora_b.stride(1),
-        s.stride(0), s.stride(1), y.stride(0), y.stride(1),
+        s.stride(0), s.stride(1), y.stride(0), y.stride(1), vector_stride(bias),
         float(scale),
     )  # fmt: skip
 
@@ -740,13 +746,13 @@ def qlora_linear_fwd(
     if m == 0:
         return y, s
     quant, nested = _quant_args(qweight, absmax, code, absmax2, code2, offset)
-    bias = unit_stride(bias)
     xl = x if x_lora is None else x_lora
     args = (
         x, xl, *quant, x if bias is None else bias, lora_a, lora_b, y, s,
         m, n, k, r, _m_bucket(m),
         x.stride(0), x.stride(1), xl.stride(0), xl.stride(1), lora_a.stride(0), lora_a.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), s.stride(0), s.stride(1),
+        vector_stride(bias),
         float(scale),
     )  # fmt: skip
     meta = {
