@@ -137,11 +137,9 @@ _FUSED_CONFIGS = {
     "grouped": (64, 128, 64, 8, 3),
     "grouped_tall": (128, 128, 32, 8, 3),
 }
-# Odd shapes, grouped: two stages, as a rank that is not a multiple of 16 (rank 7: no hint on R
-# or on S's and lora_b's rank strides) spilled 80 B with three (dx at M = 1, sm_90).
 _ODD_FUSED_CONFIGS = {
     "gather": (16, 64, 32, 4, 3),
-    "grouped": (64, 128, 32, 8, 2),
+    "grouped": (64, 128, 32, 8, 3),
     "grouped_tall": (64, 128, 32, 8, 3),
 }
 
