@@ -694,8 +694,9 @@ _DTYPES_ALL = [
 # padded (7 -> 16, 40 -> 64, 100 -> 128, 200 -> 256, then capped per kernel).
 ODD_RANKS = [7, 40, 100, 200]
 
-# The whole matrix (benchmarks/triton_compile_report.py, about 1,000 compiles, most of an hour
-# on one CI core): aligned and odd K/N, M 1/16/64/4096, small and large rank, the common training
+# The whole matrix (benchmarks/triton_compile_report.py; 1,425 variants before the odd ranks,
+# which add about 890 per target, 1,780 in all: a few hours on one core): aligned and odd K/N,
+# M 1/16/64/4096, small, large and odd ranks, the common training
 # path (fp32 adapters on bf16), fp16 and fp32 layers, deterministic and not, full and dB-only
 # backward; merge over every dtype pair. Not the full product of every axis (hours).
 FULL = {
@@ -754,7 +755,8 @@ FULL = {
 # The CI subset (tests/test_triton_compile.py, about 60 compiles): the common training path
 # (fp32 adapters on a bf16 base: with the precision policy its dots are those of bf16 adapters),
 # decode and prefill M, rank 16 and 64 (the largest the decode GEMM fuses, BLOCK_R 64), odd K/N
-# (no divisibility hints: the most register-hungry variants).
+# (no divisibility hints: the most register-hungry variants). No odd rank: the subset is at its
+# budget (108 variants, about 150 s on two cores), and rank 40 in every family makes it 184.
 QUICK = {
     "lora_linear": {
         "kn": [(4099, 32001)],
