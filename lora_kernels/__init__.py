@@ -29,6 +29,7 @@ from .model import (
     set_adapter,
     trainable_parameters,
 )
+from .moe import moe_lora, peft_expert_factors, peft_expert_weights
 from .nn import FusedLoraLinear
 from .nn_4bit import FusedLoraLinear4bit
 from .nn_embedding import FusedLoraEmbedding
@@ -67,4 +68,7 @@ __all__ = [
     "unmerge_dora_",
     "dequantize_4bit",
     "qlora_linear",
+    "moe_lora",
+    "peft_expert_factors",
+    "peft_expert_weights",
 ]
