@@ -517,7 +517,7 @@ def check_moe_lora_inputs(
     given = next((f for f in factors if f is not None), None)
     multi = adapter_ids is not None
     lead = ["L"] if multi else []
-    if multi and given is not None and isinstance(given, torch.Tensor) and given.dim() >= 1:
+    if multi and isinstance(given, torch.Tensor) and given.dim() == 4:
         lead = [given.shape[0]]
     _check_moe_factor_pair(
         fn, ("lora_a_gate_up", "lora_b_gate_up"), a_gu, b_gu, lead, num_experts, hidden, n_gu, x

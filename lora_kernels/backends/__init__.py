@@ -1,7 +1,7 @@
 """Backends: which one computes a call, and the launcher that runs it.
 
 Every backend is a folder (``torch/``, ``triton/``, ``cuda/``) with one module per kernel family
-(``lora_linear``, ``lora_multi``, ``merge``, ``lora_embedding``, ``moe``); the modules of one family share
+(``lora_linear``, ``lora_multi``, ``merge``, ``lora_embedding``); the modules of one family share
 the launcher signatures written down below as ``Protocol`` classes, so dispatch is by module name:
 ``lora_kernels.backends.<backend>.<family>``. Launchers trust their inputs: every check runs once,
 before dispatch, in ``lora_kernels._checks`` (the C++ binding keeps its own checks for raw

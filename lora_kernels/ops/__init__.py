@@ -15,4 +15,10 @@ from .lora_multi import lora_linear_multi_2d
 from .merge import merge_lora_
 from .moe import moe_lora_2d
 
-__all__ = ["lora_embedding_1d", "lora_linear_2d", "lora_linear_multi_2d", "merge_lora_", "moe_lora_2d"]
+__all__ = [
+    "lora_embedding_1d",
+    "lora_linear_2d",
+    "lora_linear_multi_2d",
+    "merge_lora_",
+    "moe_lora_2d",
+]

@@ -75,7 +75,7 @@ def moe_plan(top_k_ids, token_ids, num_experts: int, num_adapters: int, k: int):
 
 
 def activation_fwd(g: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
-    """``h = act(g)`` in fp32 (fp64 for fp64) from ``g [n, 2I]``; see ``reference.moe_activation``."""
+    """``h = act(g)`` in fp32 (fp64 for fp64) from ``g [n, 2I]`` (``reference.moe_activation``)."""
     g = g.to(_acc(g))
     if activation == "silu":
         gate, up = g.chunk(2, dim=-1)
@@ -269,16 +269,12 @@ def moe_lora_bwd(
         he = None
         if lora_d:
             he = activation_fwd(ge, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
-        dh = _project_bwd(
-            dyo[lo:hi], he, w_d, a_d, b_d, sc, segments, e, s_d, da_d, db_d, need_dg
-        )
+        dh = _project_bwd(dyo[lo:hi], he, w_d, a_d, b_d, sc, segments, e, s_d, da_d, db_d, need_dg)
         if not need_dg:
             continue
         dg = activation_bwd(ge, dh, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
         xe = None if xs is None else xs[lo:hi]
-        dxe = _project_bwd(
-            dg, xe, w_gu, a_gu, b_gu, sc, segments, e, s_gu, da_gu, db_gu, needs_dx
-        )
+        dxe = _project_bwd(dg, xe, w_gu, a_gu, b_gu, sc, segments, e, s_gu, da_gu, db_gu, needs_dx)
         if needs_dx:
             dxs[lo:hi] = dxe
     dx = None
