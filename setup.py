@@ -7,7 +7,7 @@ The metadata lives in pyproject.toml; this file adds two things:
 - ``lora_kernels._C`` is compiled ahead of time when torch has CUDA (``torch.version.cuda``) and
   nvcc is found. A GPU is not needed and never looked for: build machines often have none.
 
-Switches (environment):
+Switches (environment; ``lora_kernels/envs.py`` parses the ``LORA_KERNELS_*`` ones):
 
 - ``LORA_KERNELS_BUILD_CUDA=auto`` (default): build the extension if possible, else skip it
   with a message; ``1``: fail if it cannot be built; ``0``: never build it.
@@ -26,7 +26,6 @@ CUDA, without isolation: ``pip install --no-build-isolation .``.
 
 from __future__ import annotations
 
-import os
 import runpy
 import shutil
 from pathlib import Path
@@ -58,9 +57,10 @@ def _skip(mode: str, reason: str) -> None:
 
 def _cuda_extension():
     """(extension, build_ext command) for lora_kernels._C, or (None, None)."""
-    mode = os.environ.get("LORA_KERNELS_BUILD_CUDA", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        raise RuntimeError(f"LORA_KERNELS_BUILD_CUDA: expected auto, 0 or 1, got {mode!r}")
+    try:
+        mode = _JIT["envs"].build_cuda()
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from None
     if mode == "0":
         return None, None
     try:
@@ -86,7 +86,7 @@ def _cuda_extension():
     if not build:
         _skip(mode, reason)
         return None, None
-    archs = os.environ.get("LORA_KERNELS_CUDA_ARCHS", _JIT["DEFAULT_ARCHS"])
+    archs = _JIT["envs"].cuda_archs() or _JIT["DEFAULT_ARCHS"]
     nvcc_flags = _JIT["NVCC_FLAGS"] + _JIT["gencode_flags"](archs) + _JIT["nvcc_thread_flags"]()
     extension = CUDAExtension(
         name="lora_kernels._C",

@@ -46,7 +46,7 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels.bench import device_name, in_units, time_call, time_side_by_side
-from lora_kernels.config import lora_scaling
+from lora_kernels.models.config import lora_scaling
 
 POPULARITIES = ["distinct", "uniform", "zipf", "identical", "skewed", "all_base"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

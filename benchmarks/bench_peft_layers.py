@@ -38,8 +38,8 @@ from transformers.pytorch_utils import Conv1D
 
 from lora_kernels.bench import device_name, time_side_by_side
 from lora_kernels.integrations.peft import fuse
-from lora_kernels.nn import FusedLoraLinear
-from lora_kernels.nn_embedding import FusedLoraEmbedding
+from lora_kernels.layers.embedding import FusedLoraEmbedding
+from lora_kernels.layers.linear import FusedLoraLinear
 
 RESULTS = Path(__file__).resolve().parent / "results"
 R = 16

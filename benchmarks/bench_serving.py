@@ -41,10 +41,10 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels.bench import device_name, time_calls, time_side_by_side
-from lora_kernels.cache import AdapterCache
-from lora_kernels.model import LoraConfig, get_lora_model, mixed_batch
-from lora_kernels.serving import adapter_slot_ids, serving_state
-from lora_kernels.switch import switch_adapter
+from lora_kernels.models.model import LoraConfig, get_lora_model, mixed_batch
+from lora_kernels.serving.cache import AdapterCache
+from lora_kernels.serving.state import adapter_slot_ids, serving_state
+from lora_kernels.serving.switch import switch_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STACK_TARGETS = r"layers\.\d+"

@@ -51,9 +51,9 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels.bench import time_calls
-from lora_kernels.cache import AdapterCache
-from lora_kernels.exact_merge import exact_merge_, exact_unmerge_
-from lora_kernels.switch import release_adapters, switch_adapter
+from lora_kernels.serving.cache import AdapterCache
+from lora_kernels.serving.exact_merge import exact_merge_, exact_unmerge_
+from lora_kernels.serving.switch import release_adapters, switch_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -123,7 +123,7 @@ def write_adapters(model: nn.Module, root: Path) -> dict[str, Path]:
 
 def write_finetuned(model: nn.Module, adapter_dir: Path, root: Path) -> Path:
     """The base with one adapter merged, as transformers saves a fine-tuned model."""
-    from lora_kernels.checkpoint import read_peft_adapter, split_peft_key
+    from lora_kernels.models.checkpoint import read_peft_adapter, split_peft_key
 
     config, tensors = read_peft_adapter(adapter_dir)
     scale = config["lora_alpha"] / config["r"]

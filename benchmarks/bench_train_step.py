@@ -31,7 +31,7 @@ import sys
 import torch
 
 from lora_kernels.bench import device_name, time_side_by_side
-from lora_kernels.model import LoraConfig, get_lora_model
+from lora_kernels.models.model import LoraConfig, get_lora_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,7 +1,7 @@
 """Compile every Triton kernel x config for sm_80 and sm_90 and write the table of resources.
 
 Drives the real launchers over the whole shape matrix of
-``lora_kernels.backends.triton.compile_gate`` (``--matrix quick`` for the CI subset), compiles each
+``tools.compile_gate`` (``--matrix quick`` for the CI subset), compiles each
 distinct variant with Triton's bundled ptxas (no GPU needed), and writes
 ``benchmarks/results/triton_compile_<matrix>.md`` (kernel, variant, config, target, registers, spill
 bytes, shared memory, tensor-core instructions, what the gate rejects) and the same rows as JSON.
@@ -98,7 +98,7 @@ def main() -> int:
         cache = tempfile.TemporaryDirectory(prefix="lora_kernels_aot_")
         os.environ["TRITON_CACHE_DIR"] = cache.name
     sys.path.insert(0, str(ROOT))
-    from lora_kernels.backends.triton import compile_gate as gate
+    from tools import compile_gate as gate
 
     matrix = gate.FULL if args.matrix == "full" else gate.QUICK
     families = [f for f in args.families.split(",") if f] or None

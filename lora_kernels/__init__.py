@@ -7,20 +7,28 @@ from a RAM cache, and PEFT-compatible checkpoints. See the README for the tour.
 """
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
-from .cache import AdapterCache
-from .checkpoint import load_adapter, save_adapter
-from .dora import dora_linear, dora_weight_norm, merge_dora_, unmerge_dora_  # DoRA ops
 from .functional import (
     available_backends,
+    dequantize_4bit,
+    dora_linear,
+    dora_weight_norm,
     lora_embedding,
     lora_embedding_multi,
     lora_linear,
     lora_linear_multi,
+    merge_dora_,
     merge_lora_,
+    moe_lora,
+    peft_expert_factors,
+    peft_expert_weights,
+    qlora_linear,
+    unmerge_dora_,
     unmerge_lora_,
 )
-from .model import (
-    LoraConfig,
+from .layers import FusedLoraEmbedding, FusedLoraExperts, FusedLoraLinear, FusedLoraLinear4bit
+from .models.checkpoint import load_adapter, save_adapter
+from .models.config import LoraConfig
+from .models.model import (
     delete_adapter,
     get_lora_model,
     merge_and_unload,
@@ -29,18 +37,15 @@ from .model import (
     set_adapter,
     trainable_parameters,
 )
-from .moe import moe_lora, peft_expert_factors, peft_expert_weights
-from .nn import FusedLoraLinear
-from .nn_4bit import FusedLoraLinear4bit
-from .nn_embedding import FusedLoraEmbedding
-from .qlora import dequantize_4bit, qlora_linear  # registers the 4-bit ops; no bitsandbytes import
-from .switch import release_adapters, switch_adapter
+from .serving.cache import AdapterCache
+from .serving.switch import release_adapters, switch_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterCache",
     "FusedLoraEmbedding",
+    "FusedLoraExperts",
     "FusedLoraLinear",
     "FusedLoraLinear4bit",
     "LoraConfig",

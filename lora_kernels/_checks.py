@@ -14,10 +14,6 @@ from collections.abc import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# What the Triton and CUDA kernels take (float64 runs on the torch backend only).
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# The largest LoRA rank the kernels serve (Triton's rank blocks, csrc's kMaxRank).
-MAX_RANK = 256
 
 
 def fmt_shape(shape: Sequence[int | str]) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .nn import FusedLoraLinear
+from .layers import FusedLoraLinear
 
 __all__ = [
     "bench_layers",

@@ -25,7 +25,7 @@ def _version(dist: str) -> str:
 
 
 def info() -> dict:
-    from . import __version__
+    from . import __version__, envs
     from .backends import available_backends
 
     try:
@@ -51,6 +51,7 @@ def info() -> dict:
         "cuda_extension": ext,
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
         "devices": devices,
+        **{name: value or "(unset)" for name, value in envs.describe().items()},
     }
 
 

@@ -34,8 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_adapter, save_adapter
-from .model import (
+from .models.checkpoint import load_adapter, save_adapter
+from .models.model import (
     LoraConfig,
     get_lora_model,
     mixed_batch,

@@ -9,7 +9,7 @@ import copy
 import torch
 from torch import nn
 
-from lora_kernels.nn import FusedLoraLinear
+from lora_kernels.layers.linear import FusedLoraLinear
 from tests.tolerances import assert_close_to_ref
 
 

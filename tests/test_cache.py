@@ -14,9 +14,9 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import reference as R
-from lora_kernels.cache import AdapterCache
-from lora_kernels.model import LoraConfig, get_lora_model
-from lora_kernels.switch import switch_adapter
+from lora_kernels.models.model import LoraConfig, get_lora_model
+from lora_kernels.serving.cache import AdapterCache
+from lora_kernels.serving.switch import switch_adapter
 from tests.helpers import TinyBlocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,9 +10,14 @@ import json
 import pytest
 import torch
 
-from lora_kernels.checkpoint import load_adapter, read_peft_adapter, save_adapter, split_peft_key
-from lora_kernels.model import LoraConfig, get_lora_model, lora_layers, set_adapter
-from lora_kernels.nn import FusedLoraLinear
+from lora_kernels.layers.linear import FusedLoraLinear
+from lora_kernels.models.checkpoint import (
+    load_adapter,
+    read_peft_adapter,
+    save_adapter,
+    split_peft_key,
+)
+from lora_kernels.models.model import LoraConfig, get_lora_model, lora_layers, set_adapter
 from tests.helpers import (
     assert_same_model_output,
     logits,

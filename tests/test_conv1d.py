@@ -14,7 +14,7 @@ import torch
 import lora_kernels as lk
 from lora_kernels import reference as ref
 from lora_kernels.backends.triton import HAS_TRITON, interpreting
-from lora_kernels.nn import FusedLoraLinear
+from lora_kernels.layers.linear import FusedLoraLinear
 from tests.test_model import logits
 from tests.tolerances import assert_close_to_ref
 

@@ -566,7 +566,7 @@ class _Blocks(torch.nn.Module):
 def _served_blocks(dtype):
     """Four adapters in a cache with three slots; a, b, c installed (slots filled), d not yet."""
     import lora_kernels as lk
-    from lora_kernels.switch import switch_adapter
+    from lora_kernels.serving.switch import switch_adapter
 
     model = _Blocks().to(DEV, dtype)
     lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["up", "down"]))
@@ -588,9 +588,9 @@ def _served_blocks(dtype):
 def test_served_decode_step_replays_across_switches_and_ids(dtype):
     """A decode step captured once, replayed after one-write switches, after a switch that
     fills a slot, and with new ids written into the mixed-batch buffer: each replay == eager."""
-    from lora_kernels.model import mixed_batch
-    from lora_kernels.serving import serving_state
-    from lora_kernels.switch import switch_adapter
+    from lora_kernels.models.model import mixed_batch
+    from lora_kernels.serving.state import serving_state
+    from lora_kernels.serving.switch import switch_adapter
 
     model, cache = _served_blocks(dtype)
     assert serving_state(model).graph_safe

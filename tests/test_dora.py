@@ -104,7 +104,7 @@ def test_factored_norm_is_the_dense_norm(shape):
     ref = R.dora_weight_norm(*_f64(w, a, b), 0.3)
     torch.testing.assert_close(R.dora_weight_norm_factored(*_f64(w, a, b), 0.3), ref)
     for backend in ["torch"] + (["triton"] if HAS_TRITON and n * k < 20000 else []):
-        for w_sq in (None, lk.dora.weight_sq_norm(w)):
+        for w_sq in (None, lk.functional.dora.weight_sq_norm(w)):
             got = lk.dora_weight_norm(w, a, b, 0.3, weight_sq_norm=w_sq, backend=backend)
             assert got.dtype == torch.float32 and got.shape == (n,)
             torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=1e-6)

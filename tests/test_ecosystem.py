@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lora_kernels.model import LoraConfig, get_lora_model
+from lora_kernels.models.model import LoraConfig, get_lora_model
 from tests.helpers import peft_model_of, randomise, tiny_llama
 
 transformers = pytest.importorskip("transformers")

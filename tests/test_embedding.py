@@ -16,7 +16,7 @@ import lora_kernels as lk
 from lora_kernels import reference as ref
 from lora_kernels.backends.triton import HAS_TRITON, interpreting
 from lora_kernels.functional import lora_embedding, lora_embedding_multi
-from lora_kernels.nn_embedding import FusedLoraEmbedding
+from lora_kernels.layers.embedding import FusedLoraEmbedding
 from tests.test_model import logits, peft_model_of, tiny_llama, token_ids
 from tests.tolerances import assert_close_to_ref
 

@@ -67,7 +67,7 @@ def test_setup_skips_on_mismatch_in_auto_and_fails_in_1(monkeypatch, capsys):
 # ---- Triton launches: device guard, deterministic dB-only backward -------------------------
 
 triton = pytest.importorskip("triton")
-from lora_kernels.backends.triton import compile_gate as gate  # noqa: E402
+from tools import compile_gate as gate  # noqa: E402
 
 _ONE_LAYER = {
     "kn": [(4096, 4096)],
@@ -125,7 +125,7 @@ def test_deterministic_backward_uses_no_atomics(needs):
 
 
 def test_mixed_batch_ids_are_built_once(monkeypatch):
-    import lora_kernels.nn as lk_nn
+    import lora_kernels.layers.linear as lk_nn
 
     layer = lk_nn.FusedLoraLinear(16, 8, backend="torch")
     for name in ("a", "b"):

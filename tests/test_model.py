@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from lora_kernels.model import (
+from lora_kernels.layers.linear import FusedLoraLinear
+from lora_kernels.models.model import (
     LoraConfig,
     ModulesToSaveWrapper,
     delete_adapter,
@@ -24,7 +25,6 @@ from lora_kernels.model import (
     set_adapter,
     trainable_parameters,
 )
-from lora_kernels.nn import FusedLoraLinear
 from tests.helpers import (
     assert_same_model_output,
     logits,

@@ -247,7 +247,7 @@ def test_float64_gradcheck_torch_backend():
 
 def test_leading_dims_and_quant4bit_tuple():
     q, st = _quantize(12, 20)
-    quant = lk.qlora.Quant4bit(st.absmax, st.code, st.blocksize, tuple(st.shape))
+    quant = lk.functional.qlora.Quant4bit(st.absmax, st.code, st.blocksize, tuple(st.shape))
     x = torch.randn(2, 3, 20)
     a, b = torch.randn(4, 20), torch.randn(12, 4)
     y = lk.qlora_linear(x, q, quant, None, a, b, SCALE)

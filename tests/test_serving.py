@@ -20,10 +20,10 @@ from torch.utils._pytree import tree_leaves
 import lora_kernels as lk
 from lora_kernels.backends.torch import lora_linear as torch_linear
 from lora_kernels.backends.torch import lora_multi as torch_multi
-from lora_kernels.cache import AdapterCache
-from lora_kernels.model import LoraConfig, get_lora_model, mixed_batch
-from lora_kernels.serving import adapter_slot_ids, serving_state
-from lora_kernels.switch import release_adapters, switch_adapter
+from lora_kernels.models.model import LoraConfig, get_lora_model, mixed_batch
+from lora_kernels.serving.cache import AdapterCache
+from lora_kernels.serving.state import adapter_slot_ids, serving_state
+from lora_kernels.serving.switch import release_adapters, switch_adapter
 from tests.helpers import TinyBlocks
 from tests.tolerances import assert_close_to_ref
 
@@ -127,9 +127,9 @@ def test_a_slot_switch_visits_no_layer(served, monkeypatch):
 
     for method in ("set_adapter", "add_adapter", "delete_adapter", "merge", "unmerge"):
         monkeypatch.setattr(lk.FusedLoraLinear, method, forbidden)
-    monkeypatch.setattr("lora_kernels.switch.lora_layers", forbidden)
+    monkeypatch.setattr("lora_kernels.serving.switch.lora_layers", forbidden)
     monkeypatch.setattr(nn.Module, "named_modules", forbidden)
-    monkeypatch.setattr("lora_kernels.model._named_modules", forbidden)
+    monkeypatch.setattr("lora_kernels.models.model._named_modules", forbidden)
     moved = cache.stats.bytes_to_device
     for name in ["y", "x", None, "z", "x"]:
         switch_adapter(model, name, cache=cache)
@@ -325,7 +325,7 @@ def test_a_layer_changed_by_hand_leaves_and_the_next_switch_brings_it_back(serve
     with pytest.raises(ValueError, match="need a model served from"), mixed_batch(model, ids):
         pass
     calls = []
-    monkeypatch.setattr("lora_kernels.switch._apply_switch", lambda *a: calls.append(a))
+    monkeypatch.setattr("lora_kernels.serving.switch._apply_switch", lambda *a: calls.append(a))
     switch_adapter(model, "x", cache=cache)
     assert len(calls) == 1  # the per-layer path, not the one write
     monkeypatch.undo()

@@ -13,10 +13,10 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels import reference as R
 from lora_kernels.backends.triton import HAS_TRITON, interpreting
-from lora_kernels.cache import AdapterCache
-from lora_kernels.exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
-from lora_kernels.model import LoraConfig, get_lora_model
-from lora_kernels.switch import release_adapters, switch_adapter
+from lora_kernels.models.model import LoraConfig, get_lora_model
+from lora_kernels.serving.cache import AdapterCache
+from lora_kernels.serving.exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
+from lora_kernels.serving.switch import release_adapters, switch_adapter
 from tests.tolerances import assert_close_to_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,7 +135,9 @@ def test_record_holds_only_the_elements_that_do_not_round_back():
 
 def test_blocks_whose_record_outweighs_them_are_copied_whole(monkeypatch):
     """A delta far larger than the weight: most elements do not round back."""
-    monkeypatch.setattr("lora_kernels.exact_merge.BLOCK_BYTES", 64 * 40 * 2)  # 64-row blocks
+    monkeypatch.setattr(
+        "lora_kernels.serving.exact_merge.BLOCK_BYTES", 64 * 40 * 2
+    )  # 64-row blocks
     w, a, b, scale = trained_like(150, 40, 4, torch.float16, rho=50.0)
     w_before = w.clone()
     record = exact_merge_(w, a, b, scale)
@@ -157,7 +159,7 @@ def test_exact_mode_on_a_transposed_weight():
 def test_the_trial_unmerge_runs_on_a_twin_of_the_block():
     """Same values, strides and pointer alignment modulo 256 bytes as the weight block, so a
     kernel specialised on alignment runs the same code on the trial and on the unmerge."""
-    from lora_kernels.exact_merge import _twin
+    from lora_kernels.serving.exact_merge import _twin
 
     w = torch.randn(10, 7, device=DEVICE).to(torch.bfloat16)
     for start in range(5):
@@ -420,7 +422,7 @@ def test_attaching_slots_turns_installed_copies_into_slot_views(cached):
 
 def test_at_most_max_installed_copies_stay(cached, monkeypatch):
     model, cache = cached
-    monkeypatch.setattr("lora_kernels.cache.MAX_INSTALLED", 2)
+    monkeypatch.setattr("lora_kernels.serving.cache.MAX_INSTALLED", 2)
     for name in ("x", "y", "z"):
         switch_adapter(model, name, cache=cache)
     assert model.blocks[0]["up"].adapter_names == ["default", "y", "z"]  # x went first
@@ -615,7 +617,8 @@ def test_swap_merged_refuses_exact_merges_and_leaves_the_weight():
 
 
 def test_arithmetic_merged_switch_makes_one_pass_per_layer(monkeypatch):
-    import lora_kernels.nn as lk_nn
+    import lora_kernels.layers.base as lk_base
+    import lora_kernels.layers.linear as lk_nn
 
     model = nn.Sequential(nn.Linear(40, 48), nn.ReLU(), nn.Linear(48, 16)).to(DEVICE)
     model = get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]), "a")
@@ -632,10 +635,11 @@ def test_arithmetic_merged_switch_makes_one_pass_per_layer(monkeypatch):
         unmerged[name] = model(x)
     switch_adapter(model, "a", merged=True)
     calls = []
-    for fn_name in ("merge_lora_", "unmerge_lora_"):
-        real = getattr(lk_nn, fn_name)
-        counted = lambda *a, _n=fn_name, _f=real, **k: calls.append(_n) or _f(*a, **k)
-        monkeypatch.setattr(lk_nn, fn_name, counted)
+    # every pass over a layer's weight is a merge_lora_ call (an unmerge is one with -scale)
+    for module in (lk_nn, lk_base):
+        real = module.merge_lora_
+        counted = lambda *a, _f=real, **k: calls.append("merge_lora_") or _f(*a, **k)
+        monkeypatch.setattr(module, "merge_lora_", counted)
     for step in range(6):
         name = "ab"[(step + 1) % 2]
         switch_adapter(model, name, merged=True)

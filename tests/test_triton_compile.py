@@ -1,6 +1,6 @@
 """Ahead-of-time compile gate (CI subset): Triton kernels compiled for sm_80 and sm_90, no GPU.
 
-``lora_kernels.backends.triton.compile_gate`` drives the real launchers, captures their launches,
+``tools.compile_gate`` drives the real launchers, captures their launches,
 specialises them with Triton's binder and compiles every surviving config with Triton's bundled
 ptxas. This file runs the ``QUICK`` matrix (the common training path: bf16 base with fp32
 adapters, decode and prefill M, odd K/N; every family: LoRA, multi-adapter, merge, DoRA, QLoRA,
@@ -17,7 +17,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from lora_kernels.backends.triton import compile_gate as gate  # noqa: E402
+from tools import compile_gate as gate  # noqa: E402
 
 
 @pytest.fixture(scope="module")

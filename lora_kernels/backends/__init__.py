@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 from collections.abc import Callable
 from typing import Protocol
 
@@ -36,7 +35,8 @@ from typing import Protocol
 import torch as _torch
 from torch import Tensor
 
-from .._checks import KERNEL_DTYPES, MAX_RANK
+from .. import envs
+from .._constants import KERNEL_DTYPES, MAX_RANK
 from .triton import HAS_TRITON, interpreting
 
 BACKENDS = ("cuda", "triton", "torch")
@@ -301,13 +301,7 @@ def resolve_backend(backend: str, x: Tensor, rank: int, *operands: Tensor) -> st
             f"backend must be one of 'auto', 'cuda', 'triton', 'torch', got {backend!r}"
         )
     if backend == "auto":
-        forced = os.environ.get("LORA_KERNELS_BACKEND", "auto").strip().lower() or "auto"
-        if forced not in (*BACKENDS, "auto"):
-            raise ValueError(
-                "LORA_KERNELS_BACKEND must be one of 'auto', 'cuda', 'triton', 'torch', "
-                f"got {forced!r}"
-            )
-        backend = forced
+        backend = envs.backend()
     if backend == "auto":
         if x.device.type == "cuda" and _why_triton_cannot(x, rank, operands) is None:
             return "triton"

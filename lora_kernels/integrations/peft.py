@@ -32,7 +32,7 @@ A DoRA adapter (PEFT's ``DoraLinearVariant``) runs in one ``lora_kernels.dora_li
 the same conditions: PEFT's output and gradients (the norm detached, dropout on the whole DoRA
 branch), with ``||W||_row^2`` cached on the base layer and no ``[N, K]`` temporary. A mixed batch
 with a DoRA adapter stays on PEFT (which refuses it).
-PEFT's QLoRA layers (``lora.bnb.Linear4bit``) run on the fused 4-bit kernels (``_peft_qlora.py``)
+PEFT's QLoRA layers (``lora.bnb.Linear4bit``) run on the fused 4-bit kernels (``peft_qlora.py``)
 under the same rule.
 """
 
@@ -56,11 +56,16 @@ except ImportError as e:  # pragma: no cover - exercised only without peft insta
         "lora_kernels.integrations.peft needs the peft package: pip install 'lora_kernels[peft]'"
     ) from e
 
-from .._dora_layer import cached_weight_sq_norm
-from ..dora import dora_linear
-from ..functional import lora_embedding, lora_embedding_multi, lora_linear, lora_linear_multi
-from ..nn import BASE_ADAPTER, _conv1d_class
-from ..nn_embedding import adapter_tensor, stack_embedding_adapters
+from ..functional import (
+    dora_linear,
+    lora_embedding,
+    lora_embedding_multi,
+    lora_linear,
+    lora_linear_multi,
+)
+from ..layers.base import BASE_ADAPTER, conv1d_class
+from ..layers.dora import cached_weight_sq_norm
+from ..layers.embedding import adapter_tensor, stack_embedding_adapters
 
 __all__ = [
     "FUSED_CLASSES",
@@ -108,7 +113,7 @@ class FusedPeftLinear(_FusedPeftLayer, PeftLoraLinear):
             return None
         if type(base) is nn.Linear:
             w = base.weight
-        elif type(base) is _conv1d_class():
+        elif type(base) is conv1d_class():
             w = base.weight.T
         else:
             return None
@@ -333,15 +338,15 @@ def _check_module(fn: str, model: object) -> None:
 
 
 def _qlora():
-    """The QLoRA half (``_peft_qlora``), imported only when bitsandbytes is loaded: a model with
+    """The QLoRA half (``peft_qlora``), imported only when bitsandbytes is loaded: a model with
     PEFT's 4-bit layers has loaded it; otherwise there are none to fuse."""
     if "bitsandbytes" not in sys.modules:
         return None
     try:
-        from . import _peft_qlora
+        from . import peft_qlora
     except ImportError:  # a PEFT without bitsandbytes 4-bit support
         return None
-    return _peft_qlora
+    return peft_qlora
 
 
 def fuse(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
@@ -362,7 +367,7 @@ def fuse(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
         if type(module) in _PEFT_CLASS:
             module.lora_kernels_backend = backend
     qlora = _qlora()
-    if qlora is not None:  # PEFT's QLoRA layers: their own fused class (_peft_qlora.py)
+    if qlora is not None:  # PEFT's QLoRA layers: their own fused class (peft_qlora.py)
         qlora.fuse_4bit(qlora.peft_4bit_layers(peft_model), backend)
     if logger.isEnabledFor(logging.DEBUG):
         report = fuse_report(peft_model)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..._checks import MAX_RANK
+from ..._constants import MAX_RANK
 from . import build
 
 MAX_ROWS = 64  # rows of x the decode kernels serve (csrc: kMaxDecodeRows)

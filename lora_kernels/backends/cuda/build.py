@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import sys
 import threading
@@ -54,6 +55,18 @@ NVCC_FLAGS = ["-O3", "-lineinfo"]
 # The ops' namespace, as registered by csrc/binding.cpp.
 OPS_NAMESPACE = "lora_kernels_cuda"
 _JIT_NAME = "lora_kernels_cuda_jit"
+
+
+def _load_envs():
+    """``lora_kernels.envs``, also when ``setup.py`` runs this file on its own (no package)."""
+    path = Path(__file__).resolve().parents[2] / "envs.py"
+    spec = importlib.util.spec_from_file_location("_lora_kernels_envs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+envs = _load_envs()
 
 _lock = threading.Lock()
 _state: tuple[object | None, str] | None = None
@@ -173,13 +186,13 @@ def _load() -> tuple[object | None, str]:
     except Exception as exc:  # e.g. built against another torch: try a fresh JIT build
         aot_error = f" (the ahead-of-time build failed to load: {exc})"
 
-    if os.environ.get("LORA_KERNELS_BUILD_CUDA", "auto").strip() == "0":
+    if envs.build_cuda() == "0":
         return None, f"unavailable: no ahead-of-time build and LORA_KERNELS_BUILD_CUDA=0{aot_error}"
     return _jit_build(torch, aot_error)
 
 
 def _jit_archs(torch) -> str:
-    archs = os.environ.get("LORA_KERNELS_CUDA_ARCHS", "").strip()
+    archs = envs.cuda_archs()
     if archs:
         return archs
     if torch.cuda.is_available():
@@ -190,7 +203,7 @@ def _jit_archs(torch) -> str:
 
 
 def _cache_root() -> Path:
-    explicit = os.environ.get("LORA_KERNELS_CACHE_DIR")
+    explicit = envs.cache_dir()
     if explicit:
         return Path(explicit)
     xdg = os.environ.get("XDG_CACHE_HOME")

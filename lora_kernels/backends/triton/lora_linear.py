@@ -67,12 +67,12 @@ the SM count. Under the interpreter both use one small fixed config.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ... import envs
 from . import interpreting, on_input_device
 from ._rounding import interpreted_round
 
@@ -400,7 +400,7 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
 
 def _autotune_enabled() -> bool:
     """``LORA_KERNELS_TRITON_AUTOTUNE=0`` takes each call's first candidate config untimed."""
-    return os.environ.get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+    return envs.triton_autotune()
 
 
 def _tuning_bench(kernel_call, quantiles):

@@ -44,9 +44,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._checks import check_merge_inputs
-from .backends import resolve_backend
-from .functional import merge_lora_
+from .._checks import check_merge_inputs
+from ..backends import resolve_backend
+from ..functional.lora import merge_lora_
 
 __all__ = [
     "BLOCK_BYTES",

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..layers import BASE_ADAPTER, FusedLoraEmbedding, FusedLoraLinear
+from ..layers.embedding import unsupported_embedding_options
 from .config import LoraConfig
 from .modules_to_save import ModulesToSaveWrapper
-from .nn import BASE_ADAPTER, FusedLoraLinear
-from .nn_embedding import FusedLoraEmbedding, unsupported_embedding_options
 
 __all__ = [
     "ALL_LINEAR",

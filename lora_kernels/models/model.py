@@ -37,11 +37,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import serving
+from ..layers import BASE_ADAPTER, FusedLoraEmbedding, FusedLoraLinear
+from ..serving import state as serving
 from .config import LoraConfig
 from .modules_to_save import ModulesToSaveWrapper
-from .nn import BASE_ADAPTER, FusedLoraLinear
-from .nn_embedding import FusedLoraEmbedding
 from .targets import ALL_LINEAR, plan_targets
 
 __all__ = [

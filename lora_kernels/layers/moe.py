@@ -6,7 +6,7 @@ The experts module keeps its 3-D parameters (``gate_up_proj [E, 2I, H]``, ``down
 the model's: the layer replaces ``forward(hidden_states, top_k_index, top_k_weights)``. Each
 adapted parameter has PEFT's ``ParamWrapper`` factors, ``lora_A[param][name].weight [E r, in]``
 (the experts' rank blocks stacked) and ``lora_B[param][name].weight [out, r E]`` (interleaved),
-with PEFT's ``scaling``; ``lora_kernels.moe.peft_expert_factors`` reads them per expert::
+with PEFT's ``scaling``; ``lora_kernels.functional.moe.peft_expert_factors`` reads them per expert::
 
     h = act(x W_gu[e]^T + s_gu (x A_gu[e]^T) B_gu[e]^T),   y = sum_j w_j (h W_d[e]^T + s_d ...)
 
@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import lora_scaling
-from .exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
-from .functional import merge_lora_, unmerge_lora_
-from .moe import moe_lora, peft_expert_factors
-from .nn import BASE_ADAPTER
+from ..functional.lora import merge_lora_, unmerge_lora_
+from ..functional.moe import moe_lora, peft_expert_factors
+from ..serving.exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
+from .base import BASE_ADAPTER, lora_scaling
 
 __all__ = ["EXPERT_PARAMS", "FusedLoraExperts", "experts_format"]
 

@@ -20,46 +20,21 @@ copy; merges go into the ``[in, out]`` storage as ``scaling * A^T B^T``.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _dora_layer
-from .config import lora_scaling
-from .exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
-from .functional import lora_linear, lora_linear_multi, merge_lora_, unmerge_lora_
+from ..functional.lora import lora_linear, merge_lora_
+from ..functional.multi import lora_linear_multi
+from .base import BASE_ADAPTER, LoraLayer, conv1d_class, weight_state
+from .dora import DoraMixin
 
-__all__ = ["FusedLoraLinear", "BASE_ADAPTER"]
-
-BASE_ADAPTER = "__base__"
-"""The name that selects no adapter in ``adapter_names`` (PEFT's convention)."""
-
-# Distinct adapter_names lists whose id tensors a layer keeps (see FusedLoraLinear._row_ids).
-_ROW_IDS_CACHE_SIZE = 16
+__all__ = ["FusedLoraLinear"]
 
 
-@functools.cache
-def _conv1d_class():
-    """transformers' ``Conv1D`` (GPT-2), or None without transformers (looked up once: the
-    layers ask on every forward)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _weight_state(linear: nn.Linear) -> tuple:
-    """What tells whether a weight changed, without reading its values: its storage (replaced by
-    ``.to()`` or a new parameter) and its version counter (bumped by every in-place write)."""
-    w = linear.weight
-    return (w.data_ptr(), w.device, w.dtype, w._version)
-
-
-class FusedLoraLinear(nn.Linear):
+class FusedLoraLinear(DoraMixin, LoraLayer, nn.Linear):
     """``nn.Linear`` plus named LoRA adapters, computed by one fused kernel.
 
     Args:
@@ -73,10 +48,13 @@ class FusedLoraLinear(nn.Linear):
             equal to the base), ``"gaussian"`` (A normal with std 1/r, B zeros) or ``False``
             (``nn.Linear``'s default init for both: the adapter starts non-zero).
         use_dora: DoRA (PEFT's ``use_dora``): the adapter also gets a trainable magnitude
-            ``lora_magnitude_vector[name].weight`` [out_features] (see ``_dora_layer.py``).
+            ``lora_magnitude_vector[name].weight`` [out_features] (see ``layers/dora.py``).
         adapter_name: name of the first adapter.
         backend: kernel backend for every call (``"auto"``, ``"cuda"``, ``"triton"``, ``"torch"``).
     """
+
+    adapter_tables = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+    layer_name = "FusedLoraLinear"
 
     def __init__(
         self,
@@ -109,17 +87,8 @@ class FusedLoraLinear(nn.Linear):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.merged_adapters: list[str] = []
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (PEFT's name)
-        self._dora_merges: dict = {}  # merged DoRA adapter -> what unmerge needs
-        # merge(exact=True) keeps, per merged adapter, what unmerge() needs to restore the weight.
-        self._exact_records: dict[str, ExactMergeRecord] = {}
-        self._active_adapter: str | None = None
-        self.backend = backend
+        self._init_adapter_state(backend)
+        self._init_dora_state()
         # True when ``weight`` is a transformers Conv1D's [in, out] tensor (see from_linear)
         self.fan_in_fan_out = False
         # mixed batches: every adapter stacked, and what it was stacked from (_cached_stacks)
@@ -144,23 +113,25 @@ class FusedLoraLinear(nn.Linear):
     ) -> FusedLoraLinear:
         """A ``FusedLoraLinear`` that shares ``linear``'s weight and bias (no copy; both frozen).
 
-        A bitsandbytes 4-bit ``Linear4bit`` gives a ``FusedLoraLinear4bit`` (``nn_4bit.py``).
+        A bitsandbytes 4-bit ``Linear4bit`` gives a ``FusedLoraLinear4bit``
+        (``layers/linear_4bit.py``: every subclass whose ``wraps(linear)`` says yes takes over).
         ``linear`` may be a transformers ``Conv1D``, whose weight is ``[in, out]``: the layer then
         has ``fan_in_fan_out=True`` and reads that weight through its transpose's strides."""
-        if cls is FusedLoraLinear and hasattr(getattr(linear, "weight", None), "quant_state"):
-            if use_dora:
-                raise ValueError(
-                    "FusedLoraLinear.from_linear: DoRA on a 4-bit base is not supported; "
-                    "use_dora=True needs a dense nn.Linear or Conv1D weight"
-                )
-            from .nn_4bit import FusedLoraLinear4bit
-
-            return FusedLoraLinear4bit.from_linear(
-                linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                use_rslora=use_rslora, init_lora_weights=init_lora_weights,
-                adapter_name=adapter_name, backend=backend,
-            )  # fmt: skip
-        conv1d = _conv1d_class()
+        if cls is FusedLoraLinear:
+            for sub in cls.__subclasses__():
+                if sub.wraps(linear):
+                    if use_dora:
+                        raise ValueError(
+                            f"FusedLoraLinear.from_linear: DoRA on a {type(linear).__name__} base "
+                            "is not supported; use_dora=True needs a dense nn.Linear or Conv1D "
+                            "weight"
+                        )
+                    return sub.from_linear(
+                        linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                        use_rslora=use_rslora, init_lora_weights=init_lora_weights,
+                        adapter_name=adapter_name, backend=backend,
+                    )  # fmt: skip
+        conv1d = conv1d_class()
         is_conv1d = conv1d is not None and isinstance(linear, conv1d)
         if not isinstance(linear, nn.Linear) and not is_conv1d:
             raise TypeError(
@@ -189,6 +160,12 @@ class FusedLoraLinear(nn.Linear):
             )
         return layer
 
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        """Whether ``from_linear`` hands ``module`` to this subclass (``FusedLoraLinear`` itself
+        takes the dense bases: ``nn.Linear`` and transformers' ``Conv1D``)."""
+        return False
+
     # ------------------------------------------------------------------------------------
     # adapters
     # ------------------------------------------------------------------------------------
@@ -210,14 +187,6 @@ class FusedLoraLinear(nn.Linear):
             serving.leave()
 
     @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    @property
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``[out, in]`` (a transposed view for a Conv1D's ``[in, out]``)."""
         return self.weight.T if self.fan_in_fan_out else self.weight
@@ -237,13 +206,6 @@ class FusedLoraLinear(nn.Linear):
         b = self.lora_B[name].weight.data
         return (self.weight.data, b.T, a.T) if self.fan_in_fan_out else (self.weight.data, a, b)
 
-    def _check_known(self, fn: str, name: str) -> None:
-        if name not in self.lora_A:
-            raise ValueError(
-                f"FusedLoraLinear.{fn}: unknown adapter {name!r}; this layer has "
-                f"{self.adapter_names}"
-            )
-
     def add_adapter(
         self,
         name: str,
@@ -257,29 +219,16 @@ class FusedLoraLinear(nn.Linear):
         """Add adapter ``name`` (rank ``r``; ``use_dora``: with a DoRA magnitude). The first
         adapter added becomes the active one."""
         fn = "FusedLoraLinear.add_adapter"
-        if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
-            raise ValueError(
-                f"{fn}: expected name to be a non-empty str without '.', other than "
-                f"{BASE_ADAPTER!r}, got {name!r}"
-            )
-        if name in self.lora_A:
-            raise ValueError(f"{fn}: adapter {name!r} already exists; delete_adapter it first")
+        self._check_new_adapter(name, r, init_lora_weights)
         if use_dora and self.fan_in_fan_out:
             raise ValueError(
                 f"{fn}: use_dora=True needs an [out, in] weight; this layer wraps a Conv1D "
                 "(fan_in_fan_out=True): run such a model through PEFT and fuse() instead"
             )
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{fn}: expected r to be a positive int, got {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"{fn}: expected lora_dropout in [0, 1), got {lora_dropout!r}")
         if not isinstance(use_dora, bool):
             raise TypeError(f"{fn}: expected use_dora to be a bool, got {use_dora!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "
-                f"got {init_lora_weights!r}"
-            )
         kw = self._adapter_factory_kwargs()
         lora_a = nn.Linear(self.in_features, r, bias=False, **kw)
         lora_b = nn.Linear(r, self.out_features, bias=False, **kw)
@@ -293,14 +242,9 @@ class FusedLoraLinear(nn.Linear):
         self.lora_A[name] = lora_a
         self.lora_B[name] = lora_b
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.r[name] = r
-        self.lora_alpha[name] = lora_alpha
-        self.use_rslora[name] = bool(use_rslora)
-        self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
+        self._register_adapter(name, r, lora_alpha, use_rslora)
         if use_dora:
-            self.lora_magnitude_vector[name] = _dora_layer.init_magnitude(self, name)
-        if self._active_adapter is None:
-            self._active_adapter = name
+            self.lora_magnitude_vector[name] = self._dora_init_magnitude(name)
 
     def _adapter_factory_kwargs(self) -> dict:
         """Device and dtype of new adapter weights: the base weight's."""
@@ -316,107 +260,12 @@ class FusedLoraLinear(nn.Linear):
         what ``merge_and_unload`` puts back in the model."""
         with torch.device("meta"):
             if self.fan_in_fan_out:  # the transformers Conv1D it was
-                plain = _conv1d_class()(self.out_features, self.in_features)
+                plain = conv1d_class()(self.out_features, self.in_features)
             else:
                 plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         plain.weight = self.weight
         plain.bias = self.bias
         return plain
-
-    def set_adapter(self, name: str | None) -> None:
-        """Make ``name`` the active adapter (None: base only); the layer must not be merged."""
-        if name is not None:
-            self._check_known("set_adapter", name)
-        self._leave_serving()
-        if self.merged and name != self._active_adapter:
-            raise RuntimeError(
-                f"FusedLoraLinear.set_adapter: the layer is merged with {self.merged_adapters}; "
-                "unmerge() before switching adapters"
-            )
-        self._active_adapter = name
-
-    def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name``; if it was active, the first remaining one becomes active."""
-        self._check_known("delete_adapter", name)
-        self._leave_serving()
-        if name in self.merged_adapters:
-            raise RuntimeError(
-                f"FusedLoraLinear.delete_adapter: adapter {name!r} is merged into the weight; "
-                "unmerge() first"
-            )
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            del table[name]
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
-        for table in (self.scaling, self.r, self.lora_alpha, self.use_rslora):
-            del table[name]
-        if self._active_adapter == name:
-            self._active_adapter = next(iter(self.lora_A.keys()), None)
-
-    # ------------------------------------------------------------------------------------
-    # merge
-    # ------------------------------------------------------------------------------------
-
-    def merge(self, adapter_name: str | None = None, exact: bool = False) -> None:
-        """Fold ``adapter_name`` (default: the active adapter) into the base weight in place.
-
-        ``merge_lora_`` computes ``W + scaling * B @ A`` in fp32 and rounds each element once.
-        ``exact=False`` (PEFT's behaviour): ``unmerge()`` subtracts the delta again, which in a
-        16-bit dtype leaves the weight within an ulp or so of the original, and the errors of
-        repeated merge/unmerge pairs add up. ``exact=True``: ``unmerge()`` restores the weight
-        bit for bit, after any number of switches, at the cost of a record of the elements whose
-        subtraction would not round back (``lora_kernels.exact_merge``: a few percent of the
-        weight's size for trained adapters, on its device) and about 3x the merge time. The
-        adapter must not change while merged (``unmerge()`` refuses, weight untouched, if it did).
-        A DoRA adapter merges as ``W = g * (W + scaling * B @ A)`` (see ``_dora_layer.py``), into
-        an unmerged weight only.
-        """
-        name = self.active_adapter if adapter_name is None else adapter_name
-        if name is None:
-            raise ValueError("FusedLoraLinear.merge: no adapter to merge (no active adapter)")
-        self._check_known("merge", name)
-        if name in self.merged_adapters:
-            raise RuntimeError(f"FusedLoraLinear.merge: adapter {name!r} is already merged")
-        self._leave_serving()
-        if name in self.lora_magnitude_vector:
-            if self.merged_adapters:  # its norm is that of the unmerged weight
-                raise RuntimeError(
-                    f"FusedLoraLinear.merge: DoRA adapter {name!r} merges into an unmerged "
-                    f"weight only; {self.merged_adapters} is merged, unmerge() first"
-                )
-            self._dora_merges[name] = _dora_layer.merge(self, name, exact)
-            self.merged_adapters.append(name)
-            self._active_adapter = name
-            return
-        w, a, b = self._merge_operands(name)
-        if exact:
-            self._exact_records[name] = exact_merge_(
-                w, a, b, self.scaling[name], backend=self.backend
-            )
-        else:
-            merge_lora_(w, a, b, self.scaling[name], backend=self.backend)
-        self.merged_adapters.append(name)
-        self._active_adapter = name
-
-    def unmerge(self) -> None:
-        """Take every merged adapter out of the base weight again (in reverse order); one merged
-        with ``exact=True`` gives back the weight it was merged into, bit for bit."""
-        for name, record in self._dora_merges.items():
-            _dora_layer.check_unmerge(self, name, record)
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            if name in self._dora_merges:
-                _dora_layer.unmerge(self, name, self._dora_merges.pop(name))
-                self.merged_adapters.pop()
-                continue
-            w, a, b = self._merge_operands(name)
-            record = self._exact_records.get(name)
-            if record is not None:
-                exact_unmerge_(w, a, b, self.scaling[name], record)
-                del self._exact_records[name]
-            else:
-                unmerge_lora_(w, a, b, self.scaling[name], backend=self.backend)
-            self.merged_adapters.pop()
 
     def swap_merged(self, adapter_name: str) -> None:
         """Replace the one adapter merged with ``exact=False`` by ``adapter_name``, in one pass.
@@ -469,7 +318,7 @@ class FusedLoraLinear(nn.Linear):
         if name is None or self.merged:
             return F.linear(x, self.base_weight, self.bias)
         if name in self.lora_magnitude_vector:
-            return _dora_layer.forward(self, x, name)
+            return self._dora_forward(x, name)
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else None
         return lora_linear(
@@ -494,36 +343,17 @@ class FusedLoraLinear(nn.Linear):
         ``lora_dropout`` applies each row's adapter's dropout to the LoRA input only, at the
         cost of a second base GEMM (``y = multi(x_drop) + (x - x_drop) @ W.T``).
         """
-        fn = "FusedLoraLinear.forward"
-        if self.merged:
-            raise RuntimeError(
-                f"{fn}: adapter_names cannot be used while {self.merged_adapters} is merged into "
-                "the weight; unmerge() first"
-            )
-        if not isinstance(adapter_names, (list, tuple)) or not all(
-            isinstance(n, str) for n in adapter_names
-        ):
-            raise TypeError(
-                f"{fn}: expected adapter_names to be a list of str, got {adapter_names!r}"
-            )
-        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
-            raise ValueError(
-                f"{fn}: expected one adapter name per row of x (2-D) or per sequence (3-D and up), "
-                f"i.e. {x.shape[0] if x.dim() else 0} names for x of shape {list(x.shape)}, got "
-                f"{len(adapter_names)}"
-            )
-        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.lora_A})
-        if unknown:
-            raise ValueError(
-                f"{fn}: unknown adapter names {unknown}; this layer has {self.adapter_names} "
-                f"(and {BASE_ADAPTER!r} for none)"
-            )
+        used = self._check_adapter_names(
+            adapter_names,
+            x.shape[0] if x.dim() >= 2 else -1,
+            "row of x (2-D) or per sequence (3-D and up), i.e. "
+            f"{x.shape[0] if x.dim() else 0} names for x of shape {list(x.shape)}",
+        )
         dora = [n for n in adapter_names if n in self.lora_magnitude_vector]
-        if dora:  # DoRA rows: base rows here, then their adapter's own pass (_dora_layer)
+        if dora:  # DoRA rows: base rows here, then their adapter's own pass (layers/dora.py)
             lora_names = [BASE_ADAPTER if n in dora else n for n in adapter_names]
             y = self._mixed_batch_forward(x, lora_names)
-            return _dora_layer.mixed_forward(self, x, y, adapter_names)
-        used = list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
+            return self._dora_mixed_forward(x, y, adapter_names)
         if not used:
             return F.linear(x, self._dense_weight(x.dtype), self.bias)
         needs_grad = torch.is_grad_enabled() and any(
@@ -554,24 +384,6 @@ class FusedLoraLinear(nn.Linear):
         if x_lora is not None:
             y = y + F.linear(x3 - x_lora, weight)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _row_ids(self, ids: list[int], device: torch.device) -> torch.Tensor:
-        """The int32 id tensor of a batch, built once per distinct id list and device.
-
-        Building it on every call is a blocking host-to-device copy, which also cannot be
-        captured in a CUDA graph; a cached tensor is reused by a replayed decode step. A few
-        recent lists are kept (the key is the ids themselves, so a cached tensor is never stale).
-        """
-        cache = self.__dict__.setdefault("_row_ids_cache", {})
-        # A tensor made under inference_mode cannot be saved for a later backward: separate key.
-        key = (tuple(ids), device, torch.is_inference_mode_enabled())
-        ids_t = cache.pop(key, None)
-        if ids_t is None:
-            ids_t = torch.tensor(ids, dtype=torch.int32, device=device)
-            while len(cache) >= _ROW_IDS_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-        cache[key] = ids_t  # most recent last
-        return ids_t
 
     def _mixed_dropout(self, x: torch.Tensor, names: list[str], ids: list[int]):
         """``x`` with each row (sequence) dropped out by its adapter's ``lora_dropout``, or None
@@ -608,8 +420,8 @@ class FusedLoraLinear(nn.Linear):
     def _adapter_state(self, name: str) -> tuple:
         return (
             self.scaling[name],
-            _weight_state(self.lora_A[name]),
-            _weight_state(self.lora_B[name]),
+            weight_state(self.lora_A[name]),
+            weight_state(self.lora_B[name]),
         )
 
     def _cached_stacks(self, used: list[str]):
@@ -639,11 +451,8 @@ class FusedLoraLinear(nn.Linear):
         return cache["stacks"]
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(
-            f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]}"
-            + (", dora" if n in self.lora_magnitude_vector else "")
-            + ")"
-            for n in self.adapter_names
+        adapters = self._adapters_repr(
+            lambda n: ", dora" if n in self.lora_magnitude_vector else ""
         )
         fan = ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
         return f"{super().extra_repr()}{fan}, adapters=[{adapters}], active={self.active_adapter!r}"

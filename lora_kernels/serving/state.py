@@ -42,11 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_base_inputs
-from .backends import resolve_backend
-from .functional import _autocast, lora_linear
-from .nn import BASE_ADAPTER
-from .ops import lora_linear_multi_2d
+from .._checks import check_base_inputs
+from .._constants import BASE_ADAPTER
+from ..backends import resolve_backend
+from ..functional._autocast import autocast_inputs
+from ..functional.lora import lora_linear
+from ..ops import lora_linear_multi_2d
 
 __all__ = ["ServingState", "SlotBinding", "adapter_slot_ids", "serving_state"]
 
@@ -271,7 +272,7 @@ class SlotBinding:
                 f"{lora_a.device}) do not fit x ({x.dtype} {list(x.shape)} on {x.device}); attach "
                 "the cache again after moving or casting the model"
             )
-        x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
+        x, weight, bias, lora_a, lora_b = autocast_inputs(x, weight, bias, lora_a, lora_b)
         scales = self.scales if x.dtype != torch.float64 else self.scales.double()
         be = resolve_backend(layer.backend, x, lora_a.shape[1])
         return lora_linear_multi_2d(

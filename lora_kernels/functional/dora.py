@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import (
+from .._checks import (
     check_dtype,
     check_lora_linear_inputs,
     check_merge_inputs,
     check_shape,
     check_tensor,
 )
-from .backends import launcher, resolve_backend
-from .functional import _autocast
-from .ops import dora as dora_ops
+from ..backends import launcher, resolve_backend
+from ..ops import dora as dora_ops
+from ._autocast import autocast_inputs
 
 __all__ = ["dora_linear", "dora_weight_norm", "merge_dora_", "unmerge_dora_", "weight_sq_norm"]
 
@@ -135,7 +135,9 @@ def dora_linear(
     for name, t in (("weight_sq_norm", weight_sq_norm), ("weight_norm", weight_norm)):
         if t is not None:
             _check_vector(fn, name, t, n, _sq_dtypes(weight), x.device)
-    x, weight, bias, lora_a, lora_b, x_lora = _autocast(x, weight, bias, lora_a, lora_b, x_lora)
+    x, weight, bias, lora_a, lora_b, x_lora = autocast_inputs(
+        x, weight, bias, lora_a, lora_b, x_lora
+    )
     be = resolve_backend(backend, x, lora_a.shape[0])
     norm = weight_norm
     if norm is None:

@@ -21,11 +21,11 @@ import re
 import torch
 from torch import nn
 
-from ._checks import fmt_shape
+from .._checks import fmt_shape
+from ..layers import FusedLoraEmbedding
 from .config import LoraConfig
 from .model import get_lora_model, lora_layers, set_adapter
 from .modules_to_save import ModulesToSaveWrapper
-from .nn_embedding import FusedLoraEmbedding
 from .targets import plan_targets
 
 __all__ = ["load_adapter", "read_peft_adapter", "save_adapter", "split_peft_key"]

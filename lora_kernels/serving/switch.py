@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..layers import BASE_ADAPTER, FusedLoraLinear
+from ..models.model import lora_layers
 from . import cache as cache_module
-from . import serving
+from . import state as serving
 from .cache import AdapterCache, CachedAdapter, raise_problems
 from .exact_merge import check_exact_unmerge
-from .model import lora_layers
-from .nn import BASE_ADAPTER, FusedLoraLinear
 
 __all__ = ["release_adapters", "switch_adapter"]
 

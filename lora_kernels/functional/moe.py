@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
-from ._checks import check_moe_lora_inputs
-from .backends import resolve_backend
+from .. import ops
+from .._checks import check_moe_lora_inputs
+from ..backends import resolve_backend
+from ._autocast import autocast_inputs
 
 __all__ = ["moe_lora", "peft_expert_factors", "peft_expert_weights"]
 
@@ -115,6 +116,10 @@ def moe_lora(
         w_gate_up = w_gate_up.transpose(1, 2)
         w_down = w_down.transpose(1, 2)
     factors = (lora_a_gate_up, lora_b_gate_up, lora_a_down, lora_b_down)
+    x, w_gate_up, w_down, bias_gate_up, bias_down, *factors = autocast_inputs(
+        x, w_gate_up, w_down, bias_gate_up, bias_down, *factors
+    )
+    factors = tuple(factors)
     _, scales = check_moe_lora_inputs(
         fn, x, top_k_ids, top_k_weights, w_gate_up, w_down, factors, scale, adapter_ids,
         (bias_gate_up, bias_down), activation,

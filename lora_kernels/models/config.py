@@ -1,5 +1,6 @@
 """``LoraConfig``: a LoRA adapter's configuration, with PEFT's field names, defaults and
-``adapter_config.json`` form, and ``lora_scaling``, the one formula for an adapter's scale.
+``adapter_config.json`` form (``lora_scaling``, the one formula for an adapter's scale, lives
+with the layers in ``layers/base.py`` and is re-exported here).
 
 PEFT's ``LoraConfig`` has more fields than we compute; the tables below say which of them are
 harmless to ignore and which change the math (refused when set, never silently dropped).
@@ -9,14 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
 from dataclasses import dataclass, field
+
+from ..layers.base import INIT_MODES, lora_scaling
 
 __all__ = ["LoraConfig", "lora_scaling"]
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_MODES = (True, False, "gaussian")
 
 # PEFT LoraConfig fields that carry no math we must reproduce: metadata, or settings that act
 # only when the adapter is first initialised (loading overwrites the weights they produce).
@@ -264,9 +265,3 @@ class LoraConfig:
                 alpha = value
                 break
         return r, alpha
-
-
-def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
-    """The factor on an adapter's ``B @ A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
-    with rank-stabilised LoRA (rsLoRA), as PEFT computes it."""
-    return lora_alpha / (math.sqrt(r) if use_rslora else r)

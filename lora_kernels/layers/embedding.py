@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import lora_scaling
-from .exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
-from .functional import lora_embedding, lora_embedding_multi, merge_lora_
-from .nn import BASE_ADAPTER
+from ..functional.embedding import lora_embedding, lora_embedding_multi
+from .base import LoraLayer
 
 __all__ = ["FusedLoraEmbedding"]
 
@@ -46,12 +44,16 @@ def unsupported_embedding_options(embedding: nn.Embedding) -> list[str]:
     return found
 
 
-class FusedLoraEmbedding(nn.Embedding):
+class FusedLoraEmbedding(LoraLayer, nn.Embedding):
     """``nn.Embedding`` plus named LoRA adapters (PEFT's ``lora.Embedding`` layout), computed by
     the fused gather + low-rank kernel. Build one with :meth:`from_embedding`, or construct it with
     ``nn.Embedding``'s arguments and ``r``, ``lora_alpha``, ``use_rslora``, ``init_lora_weights``
     (``True``/``"gaussian"``: A zeros, B normal, as PEFT; ``False``: both normal),
     ``adapter_name`` and ``backend``."""
+
+    adapter_tables = ("lora_embedding_A", "lora_embedding_B")
+    layer_name = "FusedLoraEmbedding"
+    base_noun = "table"
 
     def __init__(
         self,
@@ -82,14 +84,7 @@ class FusedLoraEmbedding(nn.Embedding):
         self.weight.requires_grad_(False)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.scaling: dict[str, float] = {}
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.merged_adapters: list[str] = []
-        self._exact_records: dict[str, ExactMergeRecord] = {}
-        self._active_adapter: str | None = None
-        self.backend = backend
+        self._init_adapter_state(backend)
 
     @classmethod
     def from_embedding(
@@ -134,28 +129,9 @@ class FusedLoraEmbedding(nn.Embedding):
     # adapters
     # ------------------------------------------------------------------------------------
 
-    @property
-    def active_adapter(self) -> str | None:
-        return self._active_adapter
-
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_embedding_A.keys())
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of adapter ``name``: ``[lora_embedding_A, lora_embedding_B]``."""
         return [self.lora_embedding_A[name], self.lora_embedding_B[name]]
-
-    def _check_known(self, fn: str, name: str) -> None:
-        if name not in self.lora_embedding_A:
-            raise ValueError(
-                f"FusedLoraEmbedding.{fn}: unknown adapter {name!r}; this layer has "
-                f"{self.adapter_names}"
-            )
 
     def add_adapter(
         self,
@@ -168,21 +144,7 @@ class FusedLoraEmbedding(nn.Embedding):
     ) -> None:
         """Add adapter ``name`` (rank ``r``); the first one added becomes active. ``lora_dropout``
         is accepted for symmetry with ``FusedLoraLinear`` and, as in PEFT, not applied."""
-        fn = "FusedLoraEmbedding.add_adapter"
-        if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
-            raise ValueError(
-                f"{fn}: expected name to be a non-empty str without '.', other than "
-                f"{BASE_ADAPTER!r}, got {name!r}"
-            )
-        if name in self.lora_embedding_A:
-            raise ValueError(f"{fn}: adapter {name!r} already exists; delete_adapter it first")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{fn}: expected r to be a positive int, got {r!r}")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "
-                f"got {init_lora_weights!r}"
-            )
+        self._check_new_adapter(name, r, init_lora_weights)
         kw = {"device": self.weight.device, "dtype": self.weight.dtype}
         a = torch.empty(r, self.num_embeddings, **kw)
         b = torch.empty(self.embedding_dim, r, **kw)
@@ -194,37 +156,7 @@ class FusedLoraEmbedding(nn.Embedding):
             b.normal_()
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
-        self.r[name] = r
-        self.lora_alpha[name] = lora_alpha
-        self.use_rslora[name] = bool(use_rslora)
-        self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
-        if self._active_adapter is None:
-            self._active_adapter = name
-
-    def set_adapter(self, name: str | None) -> None:
-        """Make ``name`` the active adapter (None: the table only); the layer must not be merged."""
-        if name is not None:
-            self._check_known("set_adapter", name)
-        if self.merged and name != self._active_adapter:
-            raise RuntimeError(
-                f"FusedLoraEmbedding.set_adapter: the layer is merged with "
-                f"{self.merged_adapters}; unmerge() before switching adapters"
-            )
-        self._active_adapter = name
-
-    def delete_adapter(self, name: str) -> None:
-        self._check_known("delete_adapter", name)
-        if name in self.merged_adapters:
-            raise RuntimeError(
-                f"FusedLoraEmbedding.delete_adapter: adapter {name!r} is merged into the table; "
-                "unmerge() first"
-            )
-        del self.lora_embedding_A[name]
-        del self.lora_embedding_B[name]
-        for table in (self.scaling, self.r, self.lora_alpha, self.use_rslora):
-            del table[name]
-        if self._active_adapter == name:
-            self._active_adapter = next(iter(self.lora_embedding_A.keys()), None)
+        self._register_adapter(name, r, lora_alpha, use_rslora)
 
     # ------------------------------------------------------------------------------------
     # merge
@@ -238,38 +170,6 @@ class FusedLoraEmbedding(nn.Embedding):
             self.lora_embedding_B[name].data.T,
             self.lora_embedding_A[name].data.T,
         )
-
-    def merge(self, adapter_name: str | None = None, exact: bool = False) -> None:
-        """Fold ``adapter_name`` (default: the active one) into the table in place: fp32, one
-        rounding; ``exact=True`` makes ``unmerge()`` restore the table bit for bit (see
-        ``FusedLoraLinear.merge``)."""
-        name = self._active_adapter if adapter_name is None else adapter_name
-        if name is None:
-            raise ValueError("FusedLoraEmbedding.merge: no adapter to merge (no active adapter)")
-        self._check_known("merge", name)
-        if name in self.merged_adapters:
-            raise RuntimeError(f"FusedLoraEmbedding.merge: adapter {name!r} is already merged")
-        w, a, b = self._merge_operands(name)
-        if exact:
-            self._exact_records[name] = exact_merge_(
-                w, a, b, self.scaling[name], backend=self.backend
-            )
-        else:
-            merge_lora_(w, a, b, self.scaling[name], backend=self.backend)
-        self.merged_adapters.append(name)
-        self._active_adapter = name
-
-    def unmerge(self) -> None:
-        """Take every merged adapter out of the table again (in reverse order)."""
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            w, a, b = self._merge_operands(name)
-            record = self._exact_records.pop(name, None)
-            if record is not None:
-                exact_unmerge_(w, a, b, self.scaling[name], record)
-            else:
-                merge_lora_(w, a, b, -self.scaling[name], backend=self.backend)
-            self.merged_adapters.pop()
 
     # ------------------------------------------------------------------------------------
     # forward
@@ -295,42 +195,19 @@ class FusedLoraEmbedding(nn.Embedding):
         )
 
     def _mixed_batch_forward(self, ids: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        fn = "FusedLoraEmbedding.forward"
-        if self.merged:
-            raise RuntimeError(
-                f"{fn}: adapter_names cannot be used while {self.merged_adapters} is merged into "
-                "the table; unmerge() first"
-            )
-        if not isinstance(adapter_names, (list, tuple)) or not all(
-            isinstance(n, str) for n in adapter_names
-        ):
-            raise TypeError(
-                f"{fn}: expected adapter_names to be a list of str, got {adapter_names!r}"
-            )
-        if ids.dim() not in (1, 2) or len(adapter_names) != ids.shape[0]:
-            raise ValueError(
-                f"{fn}: expected one adapter name per row of 1-D ids or per sequence of 2-D ids, "
-                f"i.e. {ids.shape[0] if ids.dim() else 0} names for ids of shape "
-                f"{list(ids.shape)}, got {len(adapter_names)}"
-            )
-        unknown = sorted(
-            {n for n in adapter_names if n != BASE_ADAPTER and n not in self.lora_embedding_A}
+        used = self._check_adapter_names(
+            adapter_names,
+            ids.shape[0] if ids.dim() in (1, 2) else -1,
+            "row of 1-D ids or per sequence of 2-D ids, i.e. "
+            f"{ids.shape[0] if ids.dim() else 0} names for ids of shape {list(ids.shape)}",
         )
-        if unknown:
-            raise ValueError(
-                f"{fn}: unknown adapter names {unknown}; this layer has {self.adapter_names} "
-                f"(and {BASE_ADAPTER!r} for none)"
-            )
-        used = list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
         if not used:
             return F.embedding(ids, self.weight, self.padding_idx)
         lora_a, lora_b = stack_embedding_adapters(
             [self.lora_embedding_A[n] for n in used], [self.lora_embedding_B[n] for n in used]
         )
         index = {n: i for i, n in enumerate(used)}
-        adapter_ids = torch.tensor(
-            [index.get(n, -1) for n in adapter_names], dtype=torch.int32, device=ids.device
-        )
+        adapter_ids = self._row_ids([index.get(n, -1) for n in adapter_names], ids.device)
         return lora_embedding_multi(
             ids,
             self.weight,
@@ -353,9 +230,7 @@ class FusedLoraEmbedding(nn.Embedding):
         return plain
 
     def extra_repr(self) -> str:
-        adapters = ", ".join(
-            f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]})" for n in self.adapter_names
-        )
+        adapters = self._adapters_repr()
         return f"{super().extra_repr()}, adapters=[{adapters}], active={self._active_adapter!r}"
 
 

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import FusedLoraLinear
-from .qlora import as_quant4bit, dequantize_4bit, qlora_linear
+from ..functional.qlora import as_quant4bit, dequantize_4bit, qlora_linear
+from .linear import FusedLoraLinear
 
 __all__ = ["FusedLoraLinear4bit"]
 
@@ -56,6 +56,11 @@ class FusedLoraLinear4bit(FusedLoraLinear):
     """
 
     compute_dtype: torch.dtype | None = None
+
+    @classmethod
+    def wraps(cls, module: nn.Module) -> bool:
+        """A module whose weight carries a bitsandbytes ``quant_state`` (``Linear4bit``)."""
+        return hasattr(getattr(module, "weight", None), "quant_state")
 
     @classmethod
     def from_linear(

@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import (
+from .._checks import (
     check_device,
     check_dtype,
     check_float,
@@ -30,8 +30,8 @@ from ._checks import (
     check_tensor,
     fmt_shape,
 )
-from .backends import resolve_backend
-from .ops.qlora import launcher, qlora_linear_2d
+from ..backends import resolve_backend
+from ..ops.qlora import launcher, qlora_linear_2d
 
 __all__ = ["Quant4bit", "as_quant4bit", "dequantize_4bit", "qlora_linear"]
 

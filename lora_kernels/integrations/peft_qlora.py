@@ -22,7 +22,7 @@ import torch
 from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
 from torch import nn
 
-from ..qlora import qlora_linear
+from ..functional.qlora import qlora_linear
 
 __all__ = ["FusedPeftLinear4bit", "fuse_4bit", "unfuse_4bit"]
 

@@ -1,0 +1,289 @@
+"""Adapter bookkeeping shared by every LoRA layer (PEFT's ``LoraLayer``, once).
+
+A layer class is ``LoraLayer`` plus a torch base module (``nn.Linear``, ``nn.Embedding``): it
+names the dicts that hold each adapter's tensors (``adapter_tables``), says how a merge reads its
+operands (``_merge_operands``) and adds its forward. Everything else lives here: the per-adapter
+``scaling`` / ``r`` / ``lora_alpha`` / ``use_rslora`` dicts, the active adapter, add / set /
+delete with their checks, the merge loop (arithmetic or exact), and the checks and cached id
+tensors of mixed batches (``adapter_names``, PEFT's semantics, ``"__base__"`` for none).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .._constants import BASE_ADAPTER
+from ..functional.lora import merge_lora_
+from ..serving.exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
+
+__all__ = [
+    "BASE_ADAPTER",
+    "INIT_MODES",
+    "LoraLayer",
+    "conv1d_class",
+    "lora_scaling",
+    "weight_state",
+]
+
+INIT_MODES = (True, False, "gaussian")
+"""``init_lora_weights`` values every layer takes (PEFT's names)."""
+
+# Distinct adapter_names lists whose id tensors a layer keeps (see LoraLayer._row_ids).
+_ROW_IDS_CACHE_SIZE = 16
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on an adapter's ``B @ A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
+    with rank-stabilised LoRA (rsLoRA), as PEFT computes it."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+@functools.cache
+def conv1d_class():
+    """transformers' ``Conv1D`` (GPT-2), or None without transformers (looked up once: the
+    layers ask on every forward)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def weight_state(module) -> tuple:
+    """What tells whether ``module.weight`` changed, without reading its values: its storage
+    (replaced by ``.to()`` or a new parameter) and its version counter (bumped by every in-place
+    write)."""
+    w = module.weight
+    return (w.data_ptr(), w.device, w.dtype, w._version)
+
+
+class LoraLayer:
+    """The adapter bookkeeping of a LoRA layer; mixed in before the torch base module.
+
+    Subclasses set ``adapter_tables`` (the attribute names of the dicts holding each adapter's
+    tensors; the first orders ``adapter_names``), ``layer_name`` (for messages) and
+    ``base_noun`` (what a merge changes: "weight", "table"), and implement
+    ``_merge_operands(name) -> (weight, a, b)`` with the merge ``weight += scaling * b @ a``.
+    """
+
+    adapter_tables: tuple[str, ...] = ()
+    layer_name = "LoraLayer"
+    base_noun = "weight"
+
+    def _init_adapter_state(self, backend: str) -> None:
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.merged_adapters: list[str] = []
+        # merge(exact=True) keeps, per merged adapter, what unmerge() needs to restore the weight.
+        self._exact_records: dict[str, ExactMergeRecord] = {}
+        self._active_adapter: str | None = None
+        self.backend = backend
+
+    # ------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter the forward applies (None: base layer only)."""
+        return self._active_adapter
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_tables[0]).keys())
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _leave_serving(self) -> None:
+        """Hook: stop reading a model-level serving state before the layer changes by itself
+        (a no-op for layers that are never served from slots)."""
+
+    def _check_known(self, fn: str, name: str) -> None:
+        if name not in getattr(self, self.adapter_tables[0]):
+            raise ValueError(
+                f"{self.layer_name}.{fn}: unknown adapter {name!r}; this layer has "
+                f"{self.adapter_names}"
+            )
+
+    # ------------------------------------------------------------------------------------
+    # add / set / delete
+    # ------------------------------------------------------------------------------------
+
+    def _check_new_adapter(self, name: str, r: int, init_lora_weights) -> None:
+        """The checks every ``add_adapter`` runs before it creates anything."""
+        fn = f"{self.layer_name}.add_adapter"
+        if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
+            raise ValueError(
+                f"{fn}: expected name to be a non-empty str without '.', other than "
+                f"{BASE_ADAPTER!r}, got {name!r}"
+            )
+        if name in getattr(self, self.adapter_tables[0]):
+            raise ValueError(f"{fn}: adapter {name!r} already exists; delete_adapter it first")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{fn}: expected r to be a positive int, got {r!r}")
+        if init_lora_weights not in INIT_MODES:
+            raise ValueError(
+                f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "
+                f"got {init_lora_weights!r}"
+            )
+
+    def _register_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        """Record adapter ``name``'s rank and scaling (its tensors are already in the tables);
+        the first adapter becomes the active one."""
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.use_rslora[name] = bool(use_rslora)
+        self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
+        if self._active_adapter is None:
+            self._active_adapter = name
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (None: base only); the layer must not be merged."""
+        if name is not None:
+            self._check_known("set_adapter", name)
+        self._leave_serving()
+        if self.merged and name != self._active_adapter:
+            raise RuntimeError(
+                f"{self.layer_name}.set_adapter: the layer is merged with "
+                f"{self.merged_adapters}; unmerge() before switching adapters"
+            )
+        self._active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; if it was active, the first remaining one becomes active."""
+        self._check_known("delete_adapter", name)
+        self._leave_serving()
+        if name in self.merged_adapters:
+            raise RuntimeError(
+                f"{self.layer_name}.delete_adapter: adapter {name!r} is merged into the "
+                f"{self.base_noun}; unmerge() first"
+            )
+        for attr in self.adapter_tables:
+            table = getattr(self, attr)
+            if name in table:
+                del table[name]
+        for table in (self.scaling, self.r, self.lora_alpha, self.use_rslora):
+            del table[name]
+        if self._active_adapter == name:
+            self._active_adapter = next(iter(self.adapter_names), None)
+
+    # ------------------------------------------------------------------------------------
+    # merge
+    # ------------------------------------------------------------------------------------
+
+    def _merge_operands(self, name: str):
+        raise NotImplementedError
+
+    def merge(self, adapter_name: str | None = None, exact: bool = False) -> None:
+        """Fold ``adapter_name`` (default: the active adapter) into the base weight in place.
+
+        ``merge_lora_`` computes ``W + scaling * B @ A`` in fp32 and rounds each element once.
+        ``exact=False`` (PEFT's behaviour): ``unmerge()`` subtracts the delta again, which in a
+        16-bit dtype leaves the weight within an ulp or so of the original, and the errors of
+        repeated merge/unmerge pairs add up. ``exact=True``: ``unmerge()`` restores the weight
+        bit for bit, after any number of switches, at the cost of a record of the elements whose
+        subtraction would not round back (``lora_kernels.serving.exact_merge``: a few percent of
+        the weight's size for trained adapters, on its device) and about 3x the merge time. The
+        adapter must not change while merged (``unmerge()`` refuses, weight untouched, if it did).
+        """
+        name = self.active_adapter if adapter_name is None else adapter_name
+        if name is None:
+            raise ValueError(f"{self.layer_name}.merge: no adapter to merge (no active adapter)")
+        self._check_known("merge", name)
+        if name in self.merged_adapters:
+            raise RuntimeError(f"{self.layer_name}.merge: adapter {name!r} is already merged")
+        self._leave_serving()
+        self._merge_adapter(name, exact)
+        self.merged_adapters.append(name)
+        self._active_adapter = name
+
+    def _merge_adapter(self, name: str, exact: bool) -> None:
+        """Fold one adapter into the weight (``merge``'s checks done)."""
+        w, a, b = self._merge_operands(name)
+        if exact:
+            self._exact_records[name] = exact_merge_(
+                w, a, b, self.scaling[name], backend=self.backend
+            )
+        else:
+            merge_lora_(w, a, b, self.scaling[name], backend=self.backend)
+
+    def _check_unmerge(self) -> None:
+        """Hook: raise, weight untouched, when a merged adapter cannot be taken out again."""
+
+    def unmerge(self) -> None:
+        """Take every merged adapter out of the base weight again (in reverse order); one merged
+        with ``exact=True`` gives back the weight it was merged into, bit for bit."""
+        self._check_unmerge()
+        while self.merged_adapters:
+            self._unmerge_adapter(self.merged_adapters[-1])
+            self.merged_adapters.pop()
+
+    def _unmerge_adapter(self, name: str) -> None:
+        w, a, b = self._merge_operands(name)
+        record = self._exact_records.pop(name, None)
+        if record is not None:
+            exact_unmerge_(w, a, b, self.scaling[name], record)
+        else:
+            merge_lora_(w, a, b, -self.scaling[name], backend=self.backend)
+
+    # ------------------------------------------------------------------------------------
+    # mixed batches
+    # ------------------------------------------------------------------------------------
+
+    def _check_adapter_names(self, adapter_names, rows: int, what: str) -> list[str]:
+        """Check a mixed batch's ``adapter_names`` (``rows`` of them, one per ``what``); returns
+        the adapters it uses, in first-use order (``"__base__"`` left out)."""
+        fn = f"{self.layer_name}.forward"
+        if self.merged:
+            raise RuntimeError(
+                f"{fn}: adapter_names cannot be used while {self.merged_adapters} is merged into "
+                f"the {self.base_noun}; unmerge() first"
+            )
+        if not isinstance(adapter_names, (list, tuple)) or not all(
+            isinstance(n, str) for n in adapter_names
+        ):
+            raise TypeError(
+                f"{fn}: expected adapter_names to be a list of str, got {adapter_names!r}"
+            )
+        if rows < 0 or len(adapter_names) != rows:
+            raise ValueError(
+                f"{fn}: expected one adapter name per {what}, got {len(adapter_names)}"
+            )
+        known = getattr(self, self.adapter_tables[0])
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in known})
+        if unknown:
+            raise ValueError(
+                f"{fn}: unknown adapter names {unknown}; this layer has {self.adapter_names} "
+                f"(and {BASE_ADAPTER!r} for none)"
+            )
+        return list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
+
+    def _row_ids(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        """The int32 id tensor of a batch, built once per distinct id list and device.
+
+        Building it on every call is a blocking host-to-device copy, which also cannot be
+        captured in a CUDA graph; a cached tensor is reused by a replayed decode step. A few
+        recent lists are kept (the key is the ids themselves, so a cached tensor is never stale).
+        """
+        cache = self.__dict__.setdefault("_row_ids_cache", {})
+        # A tensor made under inference_mode cannot be saved for a later backward: separate key.
+        key = (tuple(ids), device, torch.is_inference_mode_enabled())
+        ids_t = cache.pop(key, None)
+        if ids_t is None:
+            ids_t = torch.tensor(ids, dtype=torch.int32, device=device)
+            while len(cache) >= _ROW_IDS_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+        cache[key] = ids_t  # most recent last
+        return ids_t
+
+    def _adapters_repr(self, extra=lambda name: "") -> str:
+        return ", ".join(
+            f"{n}(r={self.r[n]}, alpha={self.lora_alpha[n]}{extra(n)})" for n in self.adapter_names
+        )
