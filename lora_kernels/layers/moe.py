@@ -143,6 +143,14 @@ class FusedLoraExperts(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """Adapter ``name``'s trainable tensors (its A and B on every adapted parameter)."""
+        return [
+            t[name].weight
+            for p in self.adapter_params(name)
+            for t in (self.lora_A[p], self.lora_B[p])
+        ]
+
     def adapter_params(self, name: str) -> list[str]:
         """The parameters adapter ``name`` adapts (inner to outer)."""
         return [p for p in EXPERT_PARAMS if name in self.lora_A[p]]
