@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import BASE_ADAPTER, FusedLoraLinear
+from ..layers import BASE_ADAPTER, FusedLoraExperts, FusedLoraLinear
 from ..models.model import lora_layers
 from . import cache as cache_module
 from . import state as serving
@@ -367,6 +367,13 @@ def switch_adapter(
     ``ValueError`` and leaves every weight, active adapter and installed adapter as it was.
     """
     fn = "switch_adapter"
+    experts = [n for n, m in model.named_modules() if isinstance(m, FusedLoraExperts)]
+    if experts:
+        raise ValueError(
+            f"{fn}: the model has MoE expert adapters ({experts[0]!r}, ...: target_parameters), "
+            "which switch_adapter does not switch yet; use set_adapter, and merge() / unmerge() "
+            "on the layers"
+        )
     if not merged and not exact and _switch_served(model, name, cache):
         return
     _apply_switch(fn, model, _plan_switch(fn, model, name, cache, merged, exact))
