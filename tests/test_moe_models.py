@@ -180,3 +180,33 @@ def test_switch_adapter_and_cache_refuse_expert_adapters(tmp_path):
     lk.save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="does not hold MoE expert adapters"):
         lk.AdapterCache(1 << 24).load("a", tmp_path)
+
+
+def test_fuse_runs_peft_param_wrappers_on_the_kernels(kind, monkeypatch):
+    from lora_kernels.integrations import peft as lk_peft
+
+    base = tiny_moe_model(kind)
+    ids = torch.randint(0, 97, (2, 7))
+    pm = _peft_model(base, rank_pattern={"down_proj": 2})
+    want_logits = pm(ids, labels=ids)
+    grads_peft = torch.autograd.grad(
+        want_logits.loss, [p for p in pm.parameters() if p.requires_grad]
+    )
+    calls = []
+    real = lk_peft.moe_lora
+    monkeypatch.setattr(lk_peft, "moe_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lk_peft.fuse(pm)
+    wrapper = pm.base_model.model.model.layers[0].mlp.experts
+    assert type(wrapper).__name__ == "FusedPeftParamWrapper"
+    assert "ParamWrapper" in repr(wrapper)
+    got = pm(ids, labels=ids)
+    assert len(calls) == 2  # one call per MoE layer: the outer wrapper computes the nest
+    torch.testing.assert_close(got.logits, want_logits.logits, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got.loss, [p for p in pm.parameters() if p.requires_grad])
+    for a, b in zip(grads, grads_peft, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    with pm.disable_adapter():  # PEFT's own path, unchanged
+        torch.testing.assert_close(_logits(pm, ids), _logits(base, ids))
+    assert len(calls) == 2
+    lk_peft.unfuse(pm)
+    assert type(wrapper).__name__ == "ParamWrapper"
