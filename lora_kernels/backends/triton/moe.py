@@ -65,11 +65,13 @@ def _rank_block(r: int) -> int:
     return max(16, min(triton.next_power_of_2(r), 64))
 
 
-def _block_m(pairs: int, experts: int) -> int:
+def _block_m(pairs: int, experts: int, dtype: torch.dtype) -> int:
     """Row block from the mean pairs per hit expert: decode steps give each expert a few rows,
-    and padding them to 64 would waste most of every tile."""
+    and padding them to 64 would waste most of every tile. fp32 tiles are twice the registers:
+    at most 32 rows (64 spilled 16-900 B on sm_80)."""
     mean = pairs / max(1, min(experts, pairs))
-    return 16 if mean <= 16 else 32 if mean <= 32 else 64
+    block = 16 if mean <= 16 else 32 if mean <= 32 else 64
+    return min(block, 32) if dtype == torch.float32 else block
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,8 +428,11 @@ def _segment_outer(p, q, order2, bounds, scales_per_segment, out, rank_on_p, act
     groups, size_p, size_q = out.shape
     if out.numel() == 0:
         return out
-    block_p = _rank_block(size_p) if rank_on_p else 64
-    block_q = 64 if rank_on_p else _rank_block(size_q)
+    # fp32 operands: 32 wide and rank blocks of at most 32 (64 x 64 spilled 40-84 B on sm_80)
+    wide = 32 if act_dtype == torch.float32 else 64
+    rank_block = min(_rank_block(size_p if rank_on_p else size_q), wide)
+    block_p = rank_block if rank_on_p else wide
+    block_q = wide if rank_on_p else rank_block
     grid = (groups, triton.cdiv(size_p, block_p), triton.cdiv(size_q, block_q))
     _moe_segment_outer_kernel[grid](
         p, q, order2, bounds, scales_per_segment, out,
@@ -474,7 +479,8 @@ def moe_lora_fwd(
     k = top_k_ids.shape[1]
     p = t * k
     num_experts, n_gu, _ = w_gu.shape
-    plan = _Plan(top_k_ids, token_ids, num_experts, scales.shape[0], _block_m(p, num_experts))
+    block_m = _block_m(p, num_experts, x.dtype)
+    plan = _Plan(top_k_ids, token_ids, num_experts, scales.shape[0], block_m)
     sc = scales.to(device=x.device, dtype=torch.float32)
     g = torch.empty((p, n_gu), dtype=x.dtype, device=x.device)
     s_gu = _shrink_buffer(a_gu, p, x)
@@ -507,7 +513,8 @@ def moe_lora_bwd(
     p = t * k
     num_experts = w_gu.shape[0]
     num_adapters = scales.shape[0]
-    plan = _Plan(top_k_ids, token_ids, num_experts, num_adapters, _block_m(p, num_experts))
+    block_m = _block_m(p, num_experts, x.dtype)
+    plan = _Plan(top_k_ids, token_ids, num_experts, num_adapters, block_m)
     sc = scales.to(device=x.device, dtype=torch.float32)
     lora_gu = needs_lora_gu and a_gu is not None
     lora_d = needs_lora_d and a_d is not None
