@@ -149,6 +149,8 @@ def get_lora_model(
             config.init_lora_weights,
             **({"use_dora": True} if config.use_dora else {}),
         )
+    if expert_targets:  # read by switch_adapter, which must not walk the model to find them
+        model.has_lora_experts = True
     for t in expert_targets:
         layer = t.module
         if not isinstance(layer, FusedLoraExperts):
@@ -280,6 +282,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _replace(model, name, wrapper._running())
     del model.lora_configs
     del model.active_lora_adapter
+    model.__dict__.pop("has_lora_experts", None)
     return model
 
 

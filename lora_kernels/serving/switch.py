@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..layers import BASE_ADAPTER, FusedLoraExperts, FusedLoraLinear
+from ..layers import BASE_ADAPTER, FusedLoraLinear
 from ..models.model import lora_layers
 from . import cache as cache_module
 from . import state as serving
@@ -367,10 +367,9 @@ def switch_adapter(
     ``ValueError`` and leaves every weight, active adapter and installed adapter as it was.
     """
     fn = "switch_adapter"
-    experts = [n for n, m in model.named_modules() if isinstance(m, FusedLoraExperts)]
-    if experts:
+    if model.__dict__.get("has_lora_experts"):  # set by get_lora_model: no walk per switch
         raise ValueError(
-            f"{fn}: the model has MoE expert adapters ({experts[0]!r}, ...: target_parameters), "
+            f"{fn}: the model has MoE expert adapters (FusedLoraExperts, target_parameters), "
             "which switch_adapter does not switch yet; use set_adapter, and merge() / unmerge() "
             "on the layers"
         )
