@@ -1,10 +1,9 @@
-"""Set-up and report helpers shared by the CUDA-kernel benchmarks (bench_cuda, bench_merge); the
-timing itself is ``lora_kernels.bench``."""
+"""Set-up and report helpers shared by the kernel benchmarks (bench_cuda, bench_merge,
+bench_qlora); the timing and the result files are ``lora_kernels.bench``'s."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
@@ -46,13 +45,16 @@ def setup(doc: str, argv: list[str] | None):
     return args, cuda, device, name
 
 
-def report(result: dict, table: str, missing: dict, out: Path) -> None:
-    """Print the table and what was not measured, and write ``result`` as JSON to ``out``."""
+def report(result: dict, table: str, missing: dict, out: Path, rows: list | None = None) -> None:
+    """Print the table and what was not measured, and write ``result`` in the shared schema
+    (``lora_kernels.bench.write_results``): ``rows``, or else the timings found in ``result``,
+    as rows; all of ``result`` as details."""
     bandwidth = result["copy_bandwidth_GBps"]
     print(f"{result['device']}: copy bandwidth {bandwidth:.0f} GB/s (read + write)")
     print(table)
     for name, why in missing.items():
         print(f"{name}: not measured ({why})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = bench.timing_rows(result) if rows is None else rows
+    paths = bench.write_results(out, result["benchmark"], rows, device=device, details=result)
+    print(f"wrote {paths[0]} and {paths[1]}")

@@ -13,7 +13,8 @@ Providers: ``cuda`` (lora_kernels.backends.cuda), ``triton`` (the launchers of
 lora_kernels.backends.triton),
 ``torch_naive``, ``cublas_base``. CUDA times are medians of ``triton.testing.do_bench``, which
 clears the L2 cache before every call (a decode step meets W cold: one layer's W never stays in
-L2 across the model); on CPU (no CUDA, no Triton) the torch rows are timed with perf_counter.
+L2 across the model); on CPU (no CUDA, no Triton) the torch rows are timed with
+``torch.utils.benchmark.Timer.blocked_autorange`` (``lora_kernels.bench.time_call``).
 
     python benchmarks/bench_cuda.py [--out PATH] [--quick]
 

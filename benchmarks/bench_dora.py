@@ -26,8 +26,8 @@ its input and the upstream gradient. On CUDA: ``torch.cuda.max_memory_allocated`
     python -m benchmarks.bench_dora --quick --m 64 --k 256 --n 256 --out /tmp/dora.json
 
 Writes a table to stdout, JSON to ``--out`` (default:
-``benchmarks/results/bench_dora_<device>.json``) and a PNG beside it (matplotlib, or the
-standard-library chart of ``benchmarks/_png.py`` where matplotlib is missing).
+``benchmarks/results/bench_dora_<device>.json``, the shared schema of
+``lora_kernels.bench.write_results``, and a CSV) and, with matplotlib, a PNG beside it.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from lora_kernels import FusedLoraLinear
-from lora_kernels.bench import device_name, time_side_by_side
+from lora_kernels.bench import device_name, time_side_by_side, write_results
 
 PROVIDERS = ["PEFT DoRA", "PEFT DoRA + fuse", "ours DoRA", "ours LoRA", "PEFT LoRA"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -136,7 +136,7 @@ def peak_in_subprocess(name: str, argv: list[str]) -> int | None:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, device, footer: str | None = None) -> bool:
     names = list(result["providers"])
     times = [result["providers"][n]["fwd+bwd"]["median_s"] * 1e3 for n in names]
     peaks = [(result["providers"][n].get("peak_bytes") or 0) / 2**20 for n in names]
@@ -144,40 +144,33 @@ def plot(result: dict, path: Path) -> None:
     title = (
         f"DoRA layer, M={s['m']} K={s['k']} N={s['n']} r={s['r']} {s['dtype']}, {result['device']}"
     )
-    try:
-        import matplotlib
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # no matplotlib here: the standard-library chart
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _png import bar_chart
-
-        red, blue = (200, 60, 50), (50, 110, 180)
-        colors = [red if n == "PEFT DoRA" else blue for n in names]
-        nk = result["nk_fp32_bytes"] / 2**20
-        time_bars = list(zip(names, times, colors, strict=True))
-        peak_bars = list(zip(names, peaks, colors, strict=True))
-        bar_chart(
-            path,
-            title,
-            [
-                ("ms per forward + backward (median)", time_bars),
-                (f"peak MiB of a step (one [N, K] fp32: {nk:.0f} MiB)", peak_bars),
-            ],
-        )
-        return
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.2))
-    colors = ["tab:red" if n == "PEFT DoRA" else "tab:blue" for n in names]
-    ax1.barh(names[::-1], times[::-1], color=colors[::-1])
-    ax1.set_xlabel("ms per forward + backward (median)")
-    ax2.barh(names[::-1], peaks[::-1], color=colors[::-1])
+    if not _plot.available():
+        return False
+    fig, (ax1, ax2) = _plot.figure(2, width=5.5, height=3.4)
+    _plot.bars(
+        ax1,
+        names,
+        times,
+        xlabel="ms per forward + backward (median; bars: p20-p80)",
+        spread=[
+            (p["fwd+bwd"]["p20_s"] * 1e3, p["fwd+bwd"]["p80_s"] * 1e3)
+            for p in (result["providers"][n] for n in names)
+        ],
+        highlight=("PEFT DoRA",),
+    )
+    _plot.bars(
+        ax2,
+        names,
+        peaks,
+        xlabel="peak memory of a step, MiB (dashed: one [N, K] fp32)",
+        highlight=("PEFT DoRA",),
+    )
     ax2.axvline(result["nk_fp32_bytes"] / 2**20, color="gray", ls="--", lw=1)
-    ax2.set_xlabel("peak memory of a step, MiB (dashed: one [N, K] fp32)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plot.save(fig, path, title, device=device, footer=footer)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,9 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10 rounds")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    parser.add_argument("--replot", type=Path, help="only redraw the PNG of this result JSON")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.replot:
+        doc = json.loads(args.replot.read_text())
+        result = doc.get("details", doc)  # the shared schema, or a file written before it
+        footer = f"replotted from {args.replot.name}; measured on {result['device']}"
+        png = args.replot.with_suffix(".png")
+        if not plot(result, png, device, footer):
+            raise SystemExit("--replot needs matplotlib: pip install 'lora_kernels[bench]'")
+        print(f"wrote {png}")
+        return 0
     if args.memory_of:
         print(measure_peak(args.memory_of, args, device, dtype))
         return 0
@@ -271,12 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"one [N, K] fp32 temporary: {result['nk_fp32_bytes'] / 2**20:.1f} MiB")
     out = args.out or Path(__file__).parent / "results" / f"bench_dora_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    rows = [
+        {"case": f"{mode} M={s['m']} K={s['k']} N={s['n']} r={s['r']} {s['dtype']}",
+         "provider": name, **row[mode], "peak_bytes": row["peak_bytes"]}
+        for name, row in result["providers"].items()
+        for mode in ("fwd+bwd", "forward")
+    ]  # fmt: skip
+    paths = write_results(out, "bench_dora", rows, device=device, details=result)
+    print(f"wrote {paths[0]} and {paths[1]}")
     png = out.with_suffix(".png")
-    plot(result, png)
-    print(f"wrote {png}")
+    if plot(result, png, device):
+        print(f"wrote {png}")
+    else:
+        print("no matplotlib (pip install 'lora_kernels[bench]'): no plot")
     return 0
 
 

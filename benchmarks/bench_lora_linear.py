@@ -25,7 +25,8 @@ is the figure of merit. TFLOP/s counts the layer's useful work: 2MNK + 2Mr(K+N) 
 2MNK + 4Mr(K+N) backward (base only: 2MNK per GEMM).
 
 Without CUDA the script prints a message and exits, unless ``--cpu``: then it times the torch
-providers only (``cublas_base`` is then plain ``F.linear``), with perf_counter, for M <= 32.
+providers only (``cublas_base`` is then plain ``F.linear``), with ``Timer.blocked_autorange``,
+for M <= 32.
 
     python benchmarks/bench_lora_linear.py [--out PATH] [--cpu] [--dtypes bf16,fp16]
         [--ms 1,8,32,512,4096] [--modes fwd,fwd+bwd] [--budget-s 50]
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora_kernels.bench import in_units, time_call
+from lora_kernels.bench import in_units, time_call, timing_rows, write_results
 
 RANK = 16
 ALPHA = 32
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         "timer": (
             f"triton.testing.do_bench warmup={args.warmup_ms}ms rep={args.rep_ms}ms, L2 cleared"
             if cuda
-            else "time.perf_counter"
+            else "torch.utils.benchmark.Timer.blocked_autorange"
         ),
         "quantiles": "ms = median, ms_p20 / ms_p80",
         "GBps": "W bytes / time; W counted once forward, twice forward+backward",
@@ -223,8 +223,17 @@ def main(argv=None) -> int:
     def write():
         meta["seconds"] = round(time.perf_counter() - start, 1)
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+            details = {"meta": meta, "rows": rows}
+            timed = [
+                {**r, "median_s": r["ms"] * 1e-3, "p20_s": r["ms_p20"] * 1e-3,
+                 "p80_s": r["ms_p80"] * 1e-3}
+                for r in rows
+                if r.get("ms") is not None
+            ]  # fmt: skip
+            write_results(
+                args.out, "bench_lora_linear", timing_rows(timed), device=device, details=details
+            )
 
     # Most important first, so that a spent budget cuts the least useful rows. Each shape's line
     # is printed and the JSON rewritten as soon as it is measured: a run cut short keeps them.

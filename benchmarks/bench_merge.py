@@ -10,7 +10,7 @@ Providers: ``cuda`` (lora_kernels.backends.cuda.merge.merge_), ``triton``
 (``W.addmm_(B, A, alpha=scale)``: cuBLAS, which rounds the product to W's dtype before the add,
 so it is the speed reference, not an exact merge). CUDA times are medians of
 ``triton.testing.do_bench`` (L2 cleared before every call); on a CPU only the torch path runs,
-timed with perf_counter.
+timed with ``Timer.blocked_autorange`` (``lora_kernels.bench.time_call``).
 
     python benchmarks/bench_merge.py [--out PATH] [--quick]
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import platform
@@ -45,7 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.bench import device_name, in_units, time_call, time_side_by_side
+from lora_kernels.bench import (
+    device_name,
+    in_units,
+    time_call,
+    time_side_by_side,
+    timing_rows,
+    write_results,
+)
 from lora_kernels.models.config import lora_scaling
 
 POPULARITIES = ["distinct", "uniform", "zipf", "identical", "skewed", "all_base"]
@@ -219,44 +225,39 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str, title: str) -> bool:
-    try:
-        import matplotlib
+def plot(rows: list[dict], path: str, title: str, device) -> bool:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not _plot.available():
         return False
     sweeps = [s for s in ("rows", "adapters", "rank") if any(r["sweep"] == s for r in rows)]
     pops = [r for r in rows if r["sweep"] == "popularity"]
-    fig, axes = plt.subplots(1, len(sweeps) + 1, figsize=(5 * (len(sweeps) + 1), 4), squeeze=False)
-    axes = axes[0]
-    axis_key = {"rows": "rows", "adapters": "L", "rank": "r"}
+    fig, axes = _plot.figure(len(sweeps) + 1, width=5, height=4)
+    axis_key = {"rows": ("rows", "rows in the batch (M)"), "adapters": ("L", "adapters (L)"),
+                "rank": ("r", "rank (r)")}  # fmt: skip
     for ax, s in zip(axes, sweeps, strict=False):
         sel = [r for r in rows if r["sweep"] == s]
-        xs = [r[axis_key[s]] for r in sel]
-        for c in COLUMNS:
-            if all(c in r["ms"] for r in sel):
-                ax.plot(xs, [r["ms"][c]["median_ms"] for r in sel], marker="o", label=c)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(axis_key[s])
-        ax.set_ylabel("ms (median)")
-        ax.set_title(f"{s} sweep ({sel[0]['popularity']})")
+        key, label = axis_key[s]
+        series = {c: [r["ms"].get(c, {}).get("median_ms") for r in sel] for c in COLUMNS}
+        series = {c: ys for c, ys in series.items() if any(y is not None for y in ys)}
+        _plot.lines(ax, [r[key] for r in sel], series, xlabel=label,
+                    ylabel="ms per call (median)", logx=True, logy=True,
+                    title=f"{s} sweep ({sel[0]['popularity']} adapters)")  # fmt: skip
     ax = axes[-1]
     labels = [f"{r['popularity']}\n{r['rows']} rows" for r in pops]
     width = 0.8 / len(COLUMNS)
     for j, c in enumerate(COLUMNS):
-        if all(c in r["ms"] for r in pops):
+        if pops and all(c in r["ms"] for r in pops):
             ax.bar([i + j * width for i in range(len(pops))],
                    [r["ms"][c]["median_ms"] for r in pops], width, label=c)  # fmt: skip
     ax.set_xticks([i + 0.4 for i in range(len(pops))], labels, fontsize=7)
     ax.set_yscale("log")
+    ax.set_ylabel("ms per call (median)")
+    ax.set_xlabel("adapter popularity in the batch")
     ax.set_title(f"popularity (L={pops[0]['L']}, r={pops[0]['r']})" if pops else "popularity")
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(fontsize=7)
+    _plot.save(fig, path, title, device=device)
     return True
 
 
@@ -318,14 +319,15 @@ def main(argv=None) -> int:
             "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
             "seconds": elapsed,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "skipped": skipped}, f, indent=1)
+        details = {"meta": meta, "rows": rows, "skipped": skipped}
+        paths = write_results(
+            args.out, "bench_multi", timing_rows(rows), device=device, details=details
+        )
         png = os.path.splitext(args.out)[0] + ".png"
-        if plot(rows, png, title):
-            print(f"wrote {args.out} and {png}")
+        if plot(rows, png, title, device):
+            print(f"wrote {paths[0]}, {paths[1]} and {png}")
         else:
-            print(f"wrote {args.out} (no matplotlib: no plot)")
+            print(f"wrote {paths[0]} and {paths[1]} (no matplotlib: no plot)")
     return 0
 
 

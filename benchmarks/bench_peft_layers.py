@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_kernels.bench import device_name, time_side_by_side
+from lora_kernels.bench import device_name, time_side_by_side, timing_rows, write_results
 from lora_kernels.integrations.peft import fuse
 from lora_kernels.layers.embedding import FusedLoraEmbedding
 from lora_kernels.layers.linear import FusedLoraLinear
@@ -197,9 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     out = args.out or RESULTS / ("peft_layers_gpu.json" if cuda else "peft_layers_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    paths = write_results(
+        out, "bench_peft_layers", timing_rows(rows), device=device, details=result
+    )
+    print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 

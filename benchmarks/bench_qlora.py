@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"bench_qlora needs bitsandbytes and peft: {e}") from e
     bandwidth = copy_bandwidth(device, cuda, args.quick)
     rows = []
+    table_rows: list[dict] = []  # the shared schema's rows: one per provider and case
     for k, n in shapes:
         theirs, ours, dense = _layers(k, n, dtype, device)
         nbytes = _weight_bytes(ours)
@@ -124,14 +125,20 @@ def main(argv: list[str] | None = None) -> None:
                 if cuda and mode == "fwd":
                     providers["dense GEMM"] = lambda x=x, w=dense: F.linear(x, w)
                 if cuda:
-                    times = {
-                        name: time_us(fn, True, args.quick)["median_us"]
+                    timed = {
+                        name: {k: v * 1e-6 for k, v in time_us(fn, True, args.quick).items()}
                         for name, fn in providers.items()
+                    }
+                    timed = {
+                        name: {k.replace("_us", "_s"): v for k, v in t.items()}
+                        for name, t in timed.items()
                     }
                 else:
                     rounds = 5 if args.quick else 15
                     timed = time_side_by_side(providers, rounds=rounds, warmup=2)
-                    times = {name: t["median_s"] * 1e6 for name, t in timed.items()}
+                times = {name: t["median_s"] * 1e6 for name, t in timed.items()}
+                case = f"{mode} M={m} K={k} N={n} r={R} {str(dtype).replace('torch.', '')}"
+                table_rows += [{"case": case, "provider": nm, **t} for nm, t in timed.items()]
                 row = {"mode": mode, "M": m, "K": k, "N": n, "r": R, "dtype": str(dtype)}
                 row.update({f"{name}_us": round(t, 1) for name, t in times.items()})
                 row["speedup_vs_bnb_peft"] = round(times["bnb+PEFT"] / times["lora_kernels"], 3)
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     out = args.out or RESULTS / f"qlora_{'cuda' if cuda else 'cpu'}.json"
-    report(result, "\n".join(lines), missing, out)
+    report(result, "\n".join(lines), missing, out, rows=table_rows)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import re
 import resource
 import sys
@@ -40,7 +39,13 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.bench import device_name, time_calls, time_side_by_side
+from lora_kernels.bench import (
+    device_name,
+    time_calls,
+    time_side_by_side,
+    timing_rows,
+    write_results,
+)
 from lora_kernels.models.model import LoraConfig, get_lora_model, mixed_batch
 from lora_kernels.serving.cache import AdapterCache
 from lora_kernels.serving.state import adapter_slot_ids, serving_state
@@ -302,27 +307,19 @@ def captured_steps(args, device, num_adapters: int = 64, batch: int = 64) -> dic
     return {**{k: summary(v) for k, v in timings.items()}, "ratio": ratio, "batch": batch}
 
 
-def plot(rows: list[dict], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
+def plot(rows: list[dict], path: Path, title: str, device) -> bool:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not _plot.available():
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    x = [r["layers"] for r in rows]
-    for route in ("served", "per-layer"):
-        ax.plot(x, [r[route]["median_s"] * 1e6 for r in rows], marker="o", label=route)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("adapted layers")
-    ax.set_ylabel("us per unmerged switch (median)")
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig, (ax,) = _plot.figure(1, width=6, height=4)
+    series = {
+        route: [r[route]["median_s"] * 1e6 for r in rows] for route in ("served", "per-layer")
+    }
+    _plot.lines(ax, [r["layers"] for r in rows], series, xlabel="adapted layers",
+                ylabel="us per unmerged switch (median)", logx=True, logy=True)  # fmt: skip
+    _plot.save(fig, path, title, device=device)
     return True
 
 
@@ -389,10 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         "captured_decode_step": captured,
         "wall_s": time.perf_counter() - started,
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    paths = write_results(out, "bench_serving", timing_rows(result), device=device, details=result)
+    print(f"\nwrote {paths[0]} and {paths[1]}")
     png = out.with_suffix(".png")
-    if plot(switch_rows, png, f"unmerged switch vs adapted layers; {name}"):
+    if plot(switch_rows, png, "unmerged switch vs adapted layers", device):
         print(f"wrote {png}")
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0

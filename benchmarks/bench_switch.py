@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import re
@@ -50,7 +49,7 @@ import torch
 from torch import nn
 
 import lora_kernels as lk
-from lora_kernels.bench import time_calls
+from lora_kernels.bench import time_call, time_calls, timing_rows, write_results
 from lora_kernels.serving.cache import AdapterCache
 from lora_kernels.serving.exact_merge import exact_merge_, exact_unmerge_
 from lora_kernels.serving.switch import release_adapters, switch_adapter
@@ -339,16 +338,19 @@ def targeted_paths(model) -> list[str]:
 
 def cuda_extras(device, quick: bool) -> dict:
     """Pinned host-to-device bandwidth, and the merge's bandwidth over W (read + write)."""
-    from triton.testing import do_bench
-
     nbytes = 1 << 30
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    h2d = do_bench(lambda: dev.copy_(host, non_blocking=True), rep=200 if quick else 500)
+    rep = 200 if quick else 500
+
+    def ms(fn) -> float:
+        return time_call(fn, cuda=True, rep_ms=rep)["median_s"] * 1e3
+
+    h2d = ms(lambda: dev.copy_(host, non_blocking=True))
     w = torch.randn(8192, 8192, device=device).to(DTYPE)
     a = torch.randn(16, 8192, device=device).to(DTYPE) * 1e-3
     b = torch.randn(8192, 16, device=device).to(DTYPE) * 1e-3
-    merge = do_bench(lambda: lk.merge_lora_(w, a, b, 1e-3), rep=200 if quick else 500)
+    merge = ms(lambda: lk.merge_lora_(w, a, b, 1e-3))
     wbytes = w.numel() * w.element_size()
     return {
         "h2d_pinned_GBps": nbytes / (h2d * 1e-3) / 1e9,
@@ -386,24 +388,22 @@ def _fmt_s(s: float) -> str:
     return f"{s * 1e6:.0f} us"
 
 
-def plot(rows: list[dict], path: Path, title: str) -> bool:
-    try:
-        import matplotlib
+def plot(rows: list[dict], path: Path, title: str, device) -> bool:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if not _plot.available():
         return False
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.2))
-    names = [r["path"] for r in rows][::-1]
-    medians = [r["median_s"] for r in rows][::-1]
-    ax.barh(names, medians, color="tab:blue")
-    ax.set_xscale("log")
-    ax.set_xlabel("seconds per switch (median, log scale)")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig, (ax,) = _plot.figure(1, width=9, height=0.45 * len(rows) + 1.4)
+    _plot.bars(
+        ax,
+        [r["path"] for r in rows],
+        [r["median_s"] for r in rows],
+        xlabel="seconds per switch (median, log scale; bars: p20-p80)",
+        spread=[(r["p20_s"], r["p80_s"]) for r in rows],
+        log=True,
+    )
+    _plot.save(fig, path, title, device=device)
     return True
 
 
@@ -516,10 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": extras,
         "wall_s": time.perf_counter() - started,
     }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    paths = write_results(out, "bench_switch", timing_rows(rows), device=device, details=result)
+    print(f"wrote {paths[0]} and {paths[1]}")
     png = args.plot or out.with_suffix(".png")
-    if plot(rows, png, title):
+    if plot(rows, png, title, device):
         print(f"wrote {png}")
     print(f"total {time.perf_counter() - started:.0f} s")
     return 0

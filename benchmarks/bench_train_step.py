@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import sys
 
 import torch
 
-from lora_kernels.bench import device_name, time_side_by_side
+from lora_kernels.bench import device_name, time_side_by_side, timing_rows, write_results
 from lora_kernels.models.model import LoraConfig, get_lora_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -193,23 +190,15 @@ def main(argv=None) -> int:
         print(line)
 
     if args.out:
-        import peft
-        import transformers
-
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        meta = {
-            "benchmark": "train_step",
-            "setup": shape,
-            "args": vars(args),
-            "device": device_name(device),
-            "torch": torch.__version__,
-            "peft": peft.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        }
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-        print(f"wrote {args.out}")
+        details = {"setup": shape, "args": vars(args)}
+        paths = write_results(
+            args.out,
+            "train_step",
+            [{**r, "case": shape} for r in timing_rows(rows)],
+            device=device,
+            details=details,
+        )
+        print(f"wrote {paths[0]} and {paths[1]}")
     return 0
 
 

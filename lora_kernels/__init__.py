@@ -7,6 +7,7 @@ from a RAM cache, and PEFT-compatible checkpoints. See the README for the tour.
 """
 
 from . import ops  # noqa: F401  (registers the torch.library ops)
+from .backends import last_dispatch
 from .functional import (
     available_backends,
     dequantize_4bit,
@@ -61,6 +62,7 @@ __all__ = [
     "save_adapter",
     "switch_adapter",
     "available_backends",
+    "last_dispatch",
     "lora_embedding",
     "lora_embedding_multi",
     "lora_linear",

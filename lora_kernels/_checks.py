@@ -266,6 +266,198 @@ def check_merge_inputs(fn: str, weight, lora_a, lora_b, scale) -> float:
     return check_scale(fn, "scale", scale)
 
 
+# --------------------------------------------------------------------------------------------
+# DoRA: the magnitude and the cached norms, [N] vectors beside the LoRA inputs
+# --------------------------------------------------------------------------------------------
+
+
+def check_vector(fn: str, name: str, t, n: int, dtypes, device) -> None:
+    """``t`` is a tensor of shape ``[n]``, one of ``dtypes``, on ``device``."""
+    check_tensor(fn, name, t)
+    check_shape(fn, name, t, [n])
+    check_dtype(fn, name, t, dtypes)
+    if t.device != device:
+        raise ValueError(f"{fn}: expected {name} on device {device}, got {t.device}")
+
+
+def norm_dtypes(weight: torch.Tensor) -> tuple[torch.dtype, ...]:
+    """The dtype of DoRA's row norms of ``weight``: fp32, fp64 for an fp64 weight."""
+    return (torch.float64,) if weight.dtype == torch.float64 else (torch.float32,)
+
+
+def check_dora_weight(fn: str, weight) -> None:
+    """``weight [N, K]`` of a floating dtype, the operand of ``weight_sq_norm``."""
+    check_tensor(fn, "weight", weight)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"{fn}: expected weight of shape [N, K] and a floating dtype, got "
+            f"{list(weight.shape)} {weight.dtype}"
+        )
+
+
+def check_dora_norm_inputs(fn: str, weight, lora_a, lora_b, scale, weight_sq_norm) -> float:
+    """``weight [N, K]``, ``lora_a [r, K]``, ``lora_b [N, r]`` and a cached ``weight_sq_norm [N]``
+    (or None); returns ``scale``."""
+    scale = check_merge_inputs(fn, weight, lora_a, lora_b, scale)
+    if weight_sq_norm is not None:
+        n = weight.shape[0]
+        check_vector(fn, "weight_sq_norm", weight_sq_norm, n, norm_dtypes(weight), weight.device)
+    return scale
+
+
+def check_dora_linear_inputs(
+    fn: str,
+    x,
+    weight,
+    bias,
+    lora_a,
+    lora_b,
+    magnitude,
+    scale,
+    x_lora=None,
+    weight_sq_norm=None,
+    weight_norm=None,
+) -> float:
+    """The LoRA linear's inputs plus ``magnitude [N]`` (x's dtype, float32 or lora_a's) and the
+    cached norms ``[N]`` (fp32, fp64 for fp64; or None); returns ``scale``."""
+    scale = check_lora_linear_inputs(fn, x, weight, bias, lora_a, lora_b, scale, x_lora)
+    n = weight.shape[0]
+    check_vector(fn, "magnitude", magnitude, n, (x.dtype, torch.float32, lora_a.dtype), x.device)
+    for name, t in (("weight_sq_norm", weight_sq_norm), ("weight_norm", weight_norm)):
+        if t is not None:
+            check_vector(fn, name, t, n, norm_dtypes(weight), x.device)
+    return scale
+
+
+def check_dora_merge_inputs(
+    fn: str, weight, lora_a, lora_b, magnitude, scale, weight_norm
+) -> float:
+    """The merge's inputs plus ``magnitude [N]`` and, to unmerge, the ``weight_norm [N]`` the merge
+    returned (None to merge); returns ``scale``."""
+    scale = check_merge_inputs(fn, weight, lora_a, lora_b, scale)
+    n = weight.shape[0]
+    allowed = (weight.dtype, torch.float32, lora_a.dtype)
+    check_vector(fn, "magnitude", magnitude, n, allowed, weight.device)
+    if weight_norm is not None:
+        check_vector(fn, "weight_norm", weight_norm, n, norm_dtypes(weight), weight.device)
+    return scale
+
+
+# --------------------------------------------------------------------------------------------
+# QLoRA: bitsandbytes' 4-bit storage (packed bytes + quant_state), read by attribute
+# --------------------------------------------------------------------------------------------
+
+
+def check_quant_state(fn: str, quant_state: object) -> None:
+    """``quant_state`` reads as bitsandbytes' ``QuantState`` of a 2-D NF4/FP4 weight in the
+    standard packing (its fields are checked by :func:`check_quant4bit` once gathered)."""
+    fields = ("absmax", "code", "blocksize", "shape")
+    missing = [a for a in fields if not hasattr(quant_state, a)]
+    if quant_state is None or missing:
+        raise TypeError(
+            f"{fn}: expected quant_state to be bitsandbytes' QuantState (the quantized "
+            f"weight's .quant_state) or a lora_kernels Quant4bit, got "
+            f"{type(quant_state).__name__}"
+            + (f" (no {', '.join(missing)})" if quant_state is not None else "")
+        )
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError(
+            f"{fn}: quant_state is in bitsandbytes' AVX512 CPU packing "
+            "(packing_format_for_cpu); convert it back with "
+            "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse first"
+        )
+    quant_type = getattr(quant_state, "quant_type", None)
+    if quant_type not in (None, "nf4", "fp4"):
+        raise ValueError(
+            f"{fn}: expected quant_state.quant_type 'nf4' or 'fp4', got {quant_type!r}"
+        )
+    shape = quant_state.shape
+    if shape is None or len(shape) != 2:
+        raise ValueError(
+            f"{fn}: expected quant_state.shape of a 2-D weight [out_features, in_features], "
+            f"got {shape!r}"
+        )
+
+
+def check_quant4bit(fn: str, q) -> None:
+    """The fields of a ``Quant4bit`` (``functional.qlora``): block sizes, table and block maxima
+    of the sizes the weight's shape implies, dtypes as bitsandbytes stores them."""
+    for name, value in (("blocksize", q.blocksize), ("blocksize2", q.blocksize2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{fn}: expected quant_state.{name} to be a positive int, got {value!r}"
+            )
+    n, k = q.shape
+    if n < 1 or k < 1:
+        raise ValueError(f"{fn}: expected a non-empty 4-bit weight, got shape {fmt_shape(q.shape)}")
+    blocks = math.ceil(n * k / q.blocksize)
+    check_tensor(fn, "quant_state.code", q.code)
+    check_shape(fn, "quant_state.code", q.code, [16])
+    check_dtype(fn, "quant_state.code", q.code, [torch.float32])
+    check_tensor(fn, "quant_state.absmax", q.absmax)
+    check_shape(fn, "quant_state.absmax", q.absmax, [blocks])
+    if q.absmax2 is not None:
+        check_dtype(fn, "quant_state.absmax (double-quantized)", q.absmax, [torch.uint8])
+        check_tensor(fn, "quant_state.state2.absmax", q.absmax2)
+        check_shape(fn, "quant_state.state2.absmax", q.absmax2, [math.ceil(blocks / q.blocksize2)])
+        check_dtype(fn, "quant_state.state2.absmax", q.absmax2, [torch.float32])
+        check_tensor(fn, "quant_state.state2.code", q.code2)
+        check_shape(fn, "quant_state.state2.code", q.code2, [256])
+        check_dtype(fn, "quant_state.state2.code", q.code2, [torch.float32])
+        check_tensor(fn, "quant_state.offset", q.offset)
+        if q.offset.numel() != 1 or q.offset.dtype != torch.float32:
+            raise ValueError(
+                f"{fn}: expected quant_state.offset to be one float32 value, got "
+                f"{fmt_shape(q.offset.shape)} {q.offset.dtype}"
+            )
+    else:
+        check_dtype(fn, "quant_state.absmax", q.absmax, [torch.float32])
+
+
+def check_qweight(fn: str, qweight: object, q, device: torch.device) -> None:
+    """``qweight`` holds the packed bytes of ``q``'s weight, contiguous, on ``device`` with every
+    tensor of ``q``."""
+    check_tensor(fn, "qweight", qweight)
+    n, k = q.shape
+    want = (n * k + 1) // 2
+    got = qweight.numel() * qweight.element_size()
+    if got != want or not qweight.is_contiguous():
+        raise ValueError(
+            f"{fn}: expected qweight to hold the {want} packed bytes of a 4-bit "
+            f"[{n}, {k}] weight (contiguous), got {fmt_shape(qweight.shape)} {qweight.dtype} "
+            f"({got} bytes{'' if qweight.is_contiguous() else ', not contiguous'}); "
+            "does quant_state belong to this weight?"
+        )
+    check_device(fn, "qweight", qweight, device)
+    for name, t in (
+        ("quant_state.absmax", q.absmax),
+        ("quant_state.code", q.code),
+        ("quant_state.state2.absmax", q.absmax2),
+        ("quant_state.state2.code", q.code2),
+        ("quant_state.offset", q.offset),
+    ):
+        if t is not None:
+            check_device(fn, name, t, device)
+
+
+def check_qlora_linear_inputs(fn: str, x, qweight, q, bias, lora_a, lora_b, scale, x_lora) -> float:
+    """``x [..., K]`` for ``q``'s 4-bit weight ``[N, K]``, its packed bytes, and the LoRA inputs as
+    the dense linear takes them; returns ``scale``."""
+    check_tensor(fn, "x", x)
+    check_float(fn, "x", x)
+    n, k = q.shape
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"{fn}: expected x of shape [..., {k}] (in_features of the 4-bit weight, "
+            f"quant_state.shape = {fmt_shape(q.shape)}), got {fmt_shape(x.shape)}"
+        )
+    check_qweight(fn, qweight, q, x.device)
+    # The LoRA arguments are checked as the dense op checks them, against a stand-in weight of
+    # the right shape, dtype and device (a stride-0 view: no memory).
+    stand_in = x.new_empty((1, 1)).expand(n, k)
+    return check_lora_linear_inputs(fn, x, stand_in, bias, lora_a, lora_b, scale, x_lora)
+
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 

@@ -1,14 +1,13 @@
 """The ``lora-kernels`` command: ``info``, ``bench`` and ``demo``.
 
 lora-kernels info                 versions, backends, devices, the CUDA extension's state
-lora-kernels bench [--json PATH]  base vs naive LoRA vs PEFT vs FusedLoraLinear on this device
+lora-kernels bench [--json PATH]  base vs naive LoRA vs PEFT vs FusedLoraLinear here (+ CSV)
 lora-kernels demo [--quick]       fine-tune two adapters on a real model, offline, and switch
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import json
 import os
@@ -72,7 +71,7 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _cmd_bench(args) -> int:
-    from .bench import bench_layers, device_name, format_table
+    from .bench import bench_layers, device_name, format_table, write_results
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     shapes = args.shape or ["512,1024,1024,16", "16,2048,2048,16"]
@@ -85,9 +84,10 @@ def _cmd_bench(args) -> int:
     print(f"device: {device_name(device)}; torch {torch.__version__}; median of {args.rounds}")
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            meta = {"device": device_name(device), "date": datetime.date.today().isoformat()}
-            json.dump({**meta, "info": info(), "rows": rows}, f, indent=2)
+        json_path, csv_path = write_results(
+            args.json, "cli_bench", rows, device=device, details={"info": info()}
+        )
+        print(f"wrote {json_path} and {csv_path}")
     return 0
 
 

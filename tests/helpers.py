@@ -1,11 +1,12 @@
 """Model builders and comparisons shared by the model, checkpoint, integration and ecosystem
-tests. transformers and PEFT are imported where they are used: a test module that needs them
-skips itself with ``pytest.importorskip`` first."""
+tests. transformers and PEFT are imported where they are used, by ``pytest.importorskip``: a test
+that builds a PEFT model skips without PEFT, and the rest of its module still runs."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -40,7 +41,7 @@ class TinyBlocks(nn.Module):
 
 def tiny_llama(seed: int = 0, layers: int = 2) -> nn.Module:
     """A LlamaForCausalLM small enough for the CPU: hidden 32, 2 layers, untied head."""
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     cfg = transformers.LlamaConfig(
         vocab_size=61,
@@ -58,7 +59,7 @@ def tiny_llama(seed: int = 0, layers: int = 2) -> nn.Module:
 
 def tiny_bert_classifier(seed: int = 0) -> nn.Module:
     """A BertForSequenceClassification with biases everywhere and a ``classifier`` head."""
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     cfg = transformers.BertConfig(
         vocab_size=50,
@@ -111,6 +112,6 @@ def lora_names_of(model: nn.Module) -> set[str]:
 
 def peft_model_of(base: nn.Module, **kwargs):
     """A PEFT LoRA model of a copy of ``base`` (``kwargs``: PEFT's LoraConfig)."""
-    import peft
+    peft = pytest.importorskip("peft")
 
     return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))

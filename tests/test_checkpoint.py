@@ -27,9 +27,10 @@ from tests.helpers import (
     tiny_llama,
     token_ids,
 )
+from tests.optional import optional
 from tests.tolerances import assert_close_to_ref
 
-peft = pytest.importorskip("peft")
+peft = optional("peft")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 LLAMA_CASES = [

@@ -1,7 +1,8 @@
-"""The lora-kernels command: info and bench (demo has its own test in test_model.py)."""
+"""The lora-kernels command: info and bench (the demo: test_demo.py)."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -24,13 +25,20 @@ def test_bench_writes_every_provider(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "FusedLoraLinear" in table and "nn.Linear (base only)" in table
     data = json.loads(out.read_text())
-    assert data["date"] and data["device"].startswith("CPU")
+    assert data["schema"] == "lora_kernels.bench/1" and data["benchmark"] == "cli_bench"
+    assert data["env"]["date"] and data["env"]["machine"].startswith("CPU")
     providers = {(row["mode"], row["provider"]) for row in data["rows"]}
     for mode in ("forward", "forward+backward"):
         for name in ("nn.Linear (base only)", "naive torch LoRA", "FusedLoraLinear"):
             assert (mode, name) in providers
     for row in data["rows"]:
         assert row["median_s"] > 0 and row["n"] == 3
+        assert row["commit"] and row["machine"] == data["env"]["machine"]
+        assert "torch=" in row["versions"] and "lora_kernels=" in row["versions"]
+    with open(out.with_suffix(".csv"), newline="") as f:
+        table_rows = list(csv.DictReader(f))
+    assert len(table_rows) == len(data["rows"])
+    assert {"benchmark", "case", "provider", "median_s", "commit", "machine"} <= set(table_rows[0])
 
 
 def test_unknown_arguments_are_refused():

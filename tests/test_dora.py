@@ -13,9 +13,10 @@ from torch import nn
 import lora_kernels as lk
 from lora_kernels import reference as R
 from lora_kernels.backends.triton import HAS_TRITON
+from tests.optional import optional
 from tests.tolerances import assert_close_to_ref
 
-peft = pytest.importorskip("peft")
+peft = optional("peft")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -443,7 +444,7 @@ def test_training_loss_curve_equals_peft_s():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_fuse_runs_peft_dora_on_our_kernels(monkeypatch, dropout):
-    from lora_kernels.integrations import peft as integration
+    integration = pytest.importorskip("lora_kernels.integrations.peft", exc_type=ImportError)
 
     calls = []
     real = integration.dora_linear
@@ -554,7 +555,7 @@ def test_rows_the_adapter_cancels_fall_back_to_the_dense_sum(backend):
 def test_dora_refused_where_it_has_no_fused_path():
     """DoRA runs on nn.Linear weights; a Conv1D layer (``fan_in_fan_out``) refuses it up front,
     and get_lora_model refuses a DoRA config that targets one, before the model changes."""
-    from transformers.pytorch_utils import Conv1D
+    Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
     conv = Conv1D(6, 4)
     layer = lk.FusedLoraLinear.from_linear(conv, r=2)

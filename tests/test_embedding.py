@@ -17,14 +17,12 @@ from lora_kernels import reference as ref
 from lora_kernels.backends.triton import HAS_TRITON, interpreting
 from lora_kernels.functional import lora_embedding, lora_embedding_multi
 from lora_kernels.layers.embedding import FusedLoraEmbedding
+from tests.optional import optional
 from tests.test_model import logits, peft_model_of, tiny_llama, token_ids
 from tests.tolerances import assert_close_to_ref
 
-peft = pytest.importorskip("peft")
-from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding  # noqa: E402
+peft = optional("peft")
 
-from lora_kernels.integrations import peft as integration  # noqa: E402
-from lora_kernels.integrations.peft import FusedPeftEmbedding, fuse  # noqa: E402
 
 # CPU tensors: Triton runs them under its interpreter only (a GPU run tests the torch path here)
 BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and interpreting() else [])
@@ -206,7 +204,7 @@ def test_compile_fullgraph_forward_backward():
 
 def _peft_embedding_pair(num=40, dim=16, r=4, alpha=8, padding_idx=None, **kw):
     base = nn.Embedding(num, dim, padding_idx=padding_idx)
-    theirs = PeftLoraEmbedding(
+    theirs = peft.tuners.lora.layer.Embedding(
         copy.deepcopy(base), "default", peft.LoraConfig(r=r, lora_alpha=alpha, **kw), r, alpha
     )
     ours = FusedLoraEmbedding.from_embedding(
@@ -372,15 +370,17 @@ def test_embed_tokens_training_gradients_and_mixed_batch_match_peft():
 
 
 def test_fuse_runs_peft_embeddings_on_the_kernel(monkeypatch):
+    integration = pytest.importorskip("lora_kernels.integrations.peft", exc_type=ImportError)
     calls = []
     real = integration.lora_embedding
     monkeypatch.setattr(
         integration, "lora_embedding", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     theirs = _trained_peft_llama()
-    fused = fuse(copy.deepcopy(theirs))
+    fused = integration.fuse(copy.deepcopy(theirs))
     emb = fused.base_model.model.model.embed_tokens
-    assert type(emb) is FusedPeftEmbedding and isinstance(emb, PeftLoraEmbedding)
+    assert type(emb) is integration.FusedPeftEmbedding
+    assert isinstance(emb, peft.tuners.lora.layer.Embedding)
     assert repr(emb).startswith("lora.Embedding(")
     ids = token_ids()
     torch.testing.assert_close(logits(fused, ids), logits(theirs, ids))

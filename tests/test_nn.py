@@ -12,13 +12,13 @@ from torch import nn
 
 import lora_kernels as lk
 from lora_kernels import reference as R
+from tests.optional import optional
 from tests.tolerances import assert_close_to_ref
 
-peft = pytest.importorskip("peft")
-from peft.tuners.lora import Linear as PeftLoraLinear  # noqa: E402
+peft = optional("peft")
 
 
-def peft_twin(layer: lk.FusedLoraLinear, name: str = "default") -> PeftLoraLinear:
+def peft_twin(layer: lk.FusedLoraLinear, name: str = "default") -> peft.tuners.lora.Linear:
     """PEFT's lora.Linear with a copy of ``layer``'s base and adapter weights."""
     base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     base = base.to(layer.weight.dtype)
@@ -32,7 +32,7 @@ def peft_twin(layer: lk.FusedLoraLinear, name: str = "default") -> PeftLoraLinea
         use_rslora=layer.use_rslora[name],
         lora_dropout=layer.lora_dropout[name].p if hasattr(layer.lora_dropout[name], "p") else 0.0,
     )
-    twin = PeftLoraLinear(
+    twin = peft.tuners.lora.Linear(
         base, name, config=cfg, r=layer.r[name], lora_alpha=layer.lora_alpha[name]
     )
     twin = twin.to(layer.weight.dtype)
@@ -248,8 +248,8 @@ def test_training_loss_falls_exactly_as_with_peft():
     ours.fc2 = lk.FusedLoraLinear.from_linear(ours.fc2, r=4, lora_alpha=8)
     theirs = copy.deepcopy(plain)
     cfg = peft.LoraConfig(r=4, lora_alpha=8)
-    theirs.fc1 = PeftLoraLinear(theirs.fc1, "default", config=cfg, r=4, lora_alpha=8)
-    theirs.fc2 = PeftLoraLinear(theirs.fc2, "default", config=cfg, r=4, lora_alpha=8)
+    theirs.fc1 = peft.tuners.lora.Linear(theirs.fc1, "default", config=cfg, r=4, lora_alpha=8)
+    theirs.fc2 = peft.tuners.lora.Linear(theirs.fc2, "default", config=cfg, r=4, lora_alpha=8)
     for name in ("fc1", "fc2"):
         with torch.no_grad():
             getattr(theirs, name).lora_A["default"].weight.copy_(

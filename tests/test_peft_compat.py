@@ -147,7 +147,7 @@ def test_fused_layers_present_themselves_as_peft_s():
         "base_model.model.conv2": "peft.tuners.lora.layer.Conv2d",
     }
     plain = nn.Sequential(nn.Linear(2, 2))
-    assert fuse(plain) is plain and fuse_report(plain) == {"fused": [], "left": {}}
+    assert fuse(plain) is plain and fuse_report(plain) == {"fused": [], "left": {}, "layers": {}}
     with pytest.raises(TypeError, match="expected a PEFT model"):
         fuse("model")
 

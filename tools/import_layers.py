@@ -30,7 +30,12 @@ PACKAGE = "lora_kernels"
 # serving state and exact merges sit below the layers that read them (issue: "state.py ...
 # lowest"); the host cache and the switch sit above the models.
 TIERS = [
-    ("lora_kernels.envs", "lora_kernels._constants", "lora_kernels.reference"),
+    (
+        "lora_kernels.envs",
+        "lora_kernels._constants",
+        "lora_kernels._versions",
+        "lora_kernels.reference",
+    ),
     ("lora_kernels.backends",),
     ("lora_kernels._checks",),
     ("lora_kernels.ops",),

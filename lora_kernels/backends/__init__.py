@@ -1,12 +1,15 @@
 """Backends: which one computes a call, and the launcher that runs it.
 
 Every backend is a folder (``torch/``, ``triton/``, ``cuda/``) with one module per kernel family
-(``lora_linear``, ``lora_multi``, ``merge``, ``lora_embedding``); the modules of one family share
-the launcher signatures written down below as ``Protocol`` classes, so dispatch is by module name:
-``lora_kernels.backends.<backend>.<family>``. Launchers trust their inputs: every check runs once,
-before dispatch, in ``lora_kernels._checks`` (the C++ binding keeps its own checks for raw
-``torch.ops`` calls). A new kernel family is a new module in each backend folder, a protocol here
-and an op module in ``lora_kernels.ops``.
+(``lora_linear``, ``lora_multi``, ``merge``, ``lora_embedding``, ``dora``, ``qlora``, ``moe``); the
+modules of one family share the launcher signatures written down below as ``Protocol`` classes
+(:data:`PROTOCOLS`). :data:`IMPLEMENTATIONS` is the one table of which module implements a family
+on a backend, and :func:`launcher` the one place that picks a launcher: it records what it picked
+(:func:`last_dispatch`) and logs each new pick once at DEBUG level (logger
+``lora_kernels.backends``). Launchers trust their inputs: every check runs once, before dispatch,
+in ``lora_kernels._checks`` (the C++ binding keeps its own checks for raw ``torch.ops`` calls). A
+new kernel family is a module in each backend folder, its rows in :data:`IMPLEMENTATIONS`, a
+protocol here and an op module in ``lora_kernels.ops`` built by ``define_family``.
 
 ``backend="auto"`` (:func:`resolve_backend`) picks, in order:
 
@@ -18,17 +21,19 @@ and an op module in ``lora_kernels.ops``.
 
 The CUDA C++ kernels are used only when asked for by name until a GPU has measured them faster
 than Triton for a shape (see the README's backend table). They serve a subset of calls (decode
-shapes, forward only): :func:`serving_backend` says, per launcher call, whether ``"cuda"`` runs
-it or hands it to Triton. A backend asked for by name that cannot serve the call raises a
-``ValueError`` that says why, before any kernel runs.
+shapes, forward only, no DoRA, QLoRA or embedding kernels): :func:`serving_backend` says, per
+launcher call, whether ``"cuda"`` runs it or hands it to Triton. A backend asked for by name that
+cannot serve the call raises a ``ValueError`` that says why, before any kernel runs.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # Not ``import torch``: importing the ``backends.torch`` subpackage rebinds the name ``torch`` in
 # this package's namespace to that subpackage.
@@ -40,6 +45,9 @@ from .._constants import KERNEL_DTYPES, MAX_RANK
 from .triton import HAS_TRITON, interpreting
 
 BACKENDS = ("cuda", "triton", "torch")
+
+logger = logging.getLogger(__name__)
+_DEBUG = logging.DEBUG
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +241,159 @@ class MergeLaunchers(Protocol):
     def merge_(self, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor: ...
 
 
+class DoraLaunchers(Protocol):
+    """``backends.<backend>.dora``: PEFT's DoRA, ``y = g * lin + bias + (x - x_lora) W^T`` with
+    ``lin = x_lora W^T + scale (x_lora A^T) B^T`` and ``g = magnitude / ||W + scale B A||_row``.
+
+    ``weight_sq_norm(weight[N,K]) -> [N]`` (``||W_n||^2``); ``dora_weight_norm(weight, lora_a[r,K],
+    lora_b[N,r], scale, w_sq[N]) -> [N]`` (the factored row norm); ``dora_linear_fwd(x[M,K],
+    weight, bias?, lora_a, lora_b, scale, x_lora?, g[N]) -> (y[M,N], lin[M,N], s[M,r])``;
+    ``dora_linear_bwd(dy, x, weight, lora_a, lora_b, s, lin, g, weight_norm, scale, x_lora?, *,
+    needs_dx, needs_da, needs_db, needs_dm) -> (dx?, dx_lora?, da?, db?, dm?)``;
+    ``dora_merge_(weight, lora_a, lora_b, scale, g)``: ``W = g (W + scale B A)`` in place and
+    ``dora_unmerge_`` its inverse. Norms, ``g`` and ``dm`` are fp32 (fp64 for fp64 inputs).
+    """
+
+    def weight_sq_norm(self, weight: Tensor) -> Tensor: ...
+
+    def dora_weight_norm(
+        self, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, w_sq: Tensor
+    ) -> Tensor: ...
+
+    def dora_linear_fwd(
+        self,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale: float,
+        x_lora: Tensor | None,
+        g: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def dora_linear_bwd(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        weight: Tensor,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        s: Tensor,
+        lin: Tensor,
+        g: Tensor,
+        weight_norm: Tensor,
+        scale: float,
+        x_lora: Tensor | None = None,
+        *,
+        needs_dx: bool = True,
+        needs_da: bool = True,
+        needs_db: bool = True,
+        needs_dm: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]: ...
+
+    def dora_merge_(
+        self, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, g: Tensor
+    ) -> Tensor: ...
+
+    def dora_unmerge_(
+        self, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float, g: Tensor
+    ) -> Tensor: ...
+
+
+class QLoraLaunchers(Protocol):
+    """``backends.<backend>.qlora``: ``y = x W^T + bias + scale (x_lora A^T) B^T`` with W the
+    4-bit weight as bitsandbytes stores it (``qweight`` packed bytes, ``absmax``, ``code``, and
+    for double quantization ``absmax2``, ``code2``, ``offset``; see ``ops/qlora.py``).
+
+    ``qlora_linear_fwd(x[M,K], qweight, absmax, code, absmax2?, code2?, offset?, blocksize,
+    blocksize2, n, bias[n]?, lora_a[r,K], lora_b[n,r], scale, x_lora?) -> (y[M,n], s[M,r] fp32)``;
+    ``qlora_linear_bwd(dy, x, qweight, absmax, code, absmax2?, code2?, offset?, blocksize,
+    blocksize2, lora_a, lora_b, s, scale, x_lora?, *, needs_dx, needs_da, needs_db) -> (dx?,
+    dx_lora?, da?, db?)``. The torch module also holds ``dequantize_4bit`` (``lk.dequantize_4bit``).
+    """
+
+    def qlora_linear_fwd(
+        self,
+        x: Tensor,
+        qweight: Tensor,
+        absmax: Tensor,
+        code: Tensor,
+        absmax2: Tensor | None,
+        code2: Tensor | None,
+        offset: Tensor | None,
+        blocksize: int,
+        blocksize2: int,
+        n: int,
+        bias: Tensor | None,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        scale: float,
+        x_lora: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def qlora_linear_bwd(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        qweight: Tensor,
+        absmax: Tensor,
+        code: Tensor,
+        absmax2: Tensor | None,
+        code2: Tensor | None,
+        offset: Tensor | None,
+        blocksize: int,
+        blocksize2: int,
+        lora_a: Tensor,
+        lora_b: Tensor,
+        s: Tensor,
+        scale: float,
+        x_lora: Tensor | None = None,
+        *,
+        needs_dx: bool = True,
+        needs_da: bool = True,
+        needs_db: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]: ...
+
+
+# The launcher protocol of every kernel family.
+PROTOCOLS: dict[str, type] = {
+    "lora_linear": LoraLinearLaunchers,
+    "lora_multi": LoraMultiLaunchers,
+    "merge": MergeLaunchers,
+    "lora_embedding": LoraEmbeddingLaunchers,
+    "dora": DoraLaunchers,
+    "qlora": QLoraLaunchers,
+    "moe": MoeLoraLaunchers,
+}
+
+FAMILIES = tuple(PROTOCOLS)
+
+# (family, backend) -> the module that implements the family's protocol on that backend, imported
+# on first use (a Triton module needs Triton). A pair not listed has no implementation: the CUDA
+# extension has no DoRA, QLoRA or embedding kernels, and calls resolved to "cuda" for those
+# families run on Triton (:func:`serving_backend`).
+IMPLEMENTATIONS: dict[tuple[str, str], str] = {
+    ("lora_linear", "torch"): "lora_kernels.backends.torch.lora_linear",
+    ("lora_linear", "triton"): "lora_kernels.backends.triton.lora_linear",
+    ("lora_linear", "cuda"): "lora_kernels.backends.cuda.lora_linear",
+    ("lora_multi", "torch"): "lora_kernels.backends.torch.lora_multi",
+    ("lora_multi", "triton"): "lora_kernels.backends.triton.lora_multi",
+    ("lora_multi", "cuda"): "lora_kernels.backends.cuda.lora_multi",
+    ("merge", "torch"): "lora_kernels.backends.torch.merge",
+    ("merge", "triton"): "lora_kernels.backends.triton.merge",
+    ("merge", "cuda"): "lora_kernels.backends.cuda.merge",
+    ("lora_embedding", "torch"): "lora_kernels.backends.torch.lora_embedding",
+    ("lora_embedding", "triton"): "lora_kernels.backends.triton.lora_embedding",
+    ("dora", "torch"): "lora_kernels.backends.torch.dora",
+    ("dora", "triton"): "lora_kernels.backends.triton.dora",
+    ("qlora", "torch"): "lora_kernels.backends.torch.qlora",
+    ("qlora", "triton"): "lora_kernels.backends.triton.qlora",
+    ("moe", "torch"): "lora_kernels.backends.torch.moe",
+    ("moe", "triton"): "lora_kernels.backends.triton.moe",
+}
+
+
 # --------------------------------------------------------------------------------------------
 # Which backends run here, and which one runs a call
 # --------------------------------------------------------------------------------------------
@@ -322,27 +483,79 @@ def resolve_backend(backend: str, x: Tensor, rank: int, *operands: Tensor) -> st
 # --------------------------------------------------------------------------------------------
 
 
+class Dispatch(NamedTuple):
+    """One pick of :func:`launcher`: launcher ``launcher`` of ``family`` ran on ``backend``;
+    ``requested`` is the backend the op was called with (``"cuda"`` hands the calls it does not
+    serve to ``"triton"``)."""
+
+    family: str
+    launcher: str
+    backend: str
+    requested: str
+
+
+_LAST = threading.local()
+_LOGGED: set[tuple[str, str, str, str]] = set()
+
+
+def last_dispatch() -> Dispatch | None:
+    """The last launcher :func:`launcher` picked in this thread (``lora_kernels.last_dispatch``),
+    or None before the first. Under ``torch.compile`` the ops run their launchers when the graph
+    runs, so it names those too; the backward of CUDA tensors runs in autograd's own device
+    threads, and is recorded there."""
+    picked = getattr(_LAST, "dispatch", None)
+    return None if picked is None else Dispatch(*picked)
+
+
+def _log_once(picked: tuple[str, str, str, str]) -> None:
+    if picked in _LOGGED:
+        return
+    _LOGGED.add(picked)
+    family, name, backend, requested = picked
+    where = IMPLEMENTATIONS[(family, backend)]
+    if backend == requested:
+        logger.debug("%s.%s runs on %s (%s)", family, name, backend, where)
+    else:
+        why = _cuda_handover_reason(family, name)
+        logger.debug(
+            "%s.%s asked of %s runs on %s (%s): %s", family, name, requested, backend, where, why
+        )
+
+
 @functools.cache
 def backend_module(backend: str, family: str):
-    """``lora_kernels.backends.<backend>.<family>``, imported on first use (a backend's module
-    may need Triton or the CUDA extension)."""
-    return importlib.import_module(f"{__name__}.{backend}.{family}")
+    """The module of ``family``'s launchers on ``backend`` (:data:`IMPLEMENTATIONS`), imported on
+    first use; ``LookupError`` where that backend has none."""
+    path = IMPLEMENTATIONS.get((family, backend))
+    if path is None:
+        raise LookupError(
+            f"no {backend} implementation of the {family} kernel family "
+            "(lora_kernels.backends.IMPLEMENTATIONS)"
+        )
+    return importlib.import_module(path)
+
+
+def _cuda_handover_reason(family: str, name: str) -> str:
+    if (family, "cuda") not in IMPLEMENTATIONS:
+        return f"the CUDA extension has no {family} kernels"
+    if getattr(backend_module("cuda", family), name, None) is None:
+        return f"the CUDA extension has no {name} launcher"
+    return f"supports_{name} declined the call (see lora_kernels.backends.cuda)"
 
 
 def serving_backend(backend: str, family: str, name: str, *args, **kwargs) -> str:
     """The backend that runs launcher ``name`` of ``family`` on these arguments.
 
-    ``"cuda"`` serves only the families it has a module for, the calls that module has a launcher
-    for (no backward) and whose
-    ``supports_<name>(*args)`` says yes (decode shapes, aligned rows, see ``backends.cuda``);
-    every other call resolved to ``"cuda"`` runs on Triton. Other backends serve every call.
+    ``"cuda"`` serves only the families it has a module for in :data:`IMPLEMENTATIONS`, the calls
+    that module has a launcher for (no backward) and whose ``supports_<name>(*args)`` says yes
+    (decode shapes, aligned rows, see ``backends.cuda``); every other call resolved to ``"cuda"``
+    runs on Triton. Other backends serve every call.
     """
     if backend != "cuda":
         return backend
-    try:
-        mod = backend_module("cuda", family)
-    except ModuleNotFoundError:  # a family the CUDA extension has no kernels for
+    if (family, "cuda") not in IMPLEMENTATIONS:
         return "triton"
+    mod = backend_module("cuda", family)
     fn = getattr(mod, name, None)
     supports = getattr(mod, f"supports_{name}", None)
     if fn is not None and (supports is None or supports(*args, **kwargs)):
@@ -352,7 +565,15 @@ def serving_backend(backend: str, family: str, name: str, *args, **kwargs) -> st
 
 def launcher(backend: str, family: str, name: str, *args, **kwargs) -> Callable:
     """The launcher ``name`` of ``family`` that runs ``args`` on ``backend`` (see
-    :func:`serving_backend` for the CUDA-to-Triton hand-over)."""
+    :func:`serving_backend` for the CUDA-to-Triton hand-over): the one place that picks a
+    launcher. The pick is kept for :func:`last_dispatch`, and each distinct pick is logged once
+    at DEBUG level (logger ``lora_kernels.backends``) while that level is enabled."""
+    requested = backend
     if backend == "cuda":
         backend = serving_backend(backend, family, name, *args, **kwargs)
-    return getattr(backend_module(backend, family), name)
+    fn = getattr(backend_module(backend, family), name)
+    # A plain tuple: every kernel call passes here, a Dispatch is built only when asked for.
+    _LAST.dispatch = picked = (family, name, backend, requested)
+    if logger.isEnabledFor(_DEBUG):
+        _log_once(picked)
+    return fn

@@ -16,43 +16,24 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from .._checks import (
-    check_dtype,
-    check_lora_linear_inputs,
-    check_merge_inputs,
-    check_shape,
-    check_tensor,
+    check_dora_linear_inputs,
+    check_dora_merge_inputs,
+    check_dora_norm_inputs,
+    check_dora_weight,
 )
 from ..backends import launcher, resolve_backend
-from ..ops import dora as dora_ops
 from ._autocast import autocast_inputs
 
 __all__ = ["dora_linear", "dora_weight_norm", "merge_dora_", "unmerge_dora_", "weight_sq_norm"]
-
-
-def _check_vector(fn: str, name: str, t, n: int, dtypes, device) -> None:
-    check_tensor(fn, name, t)
-    check_shape(fn, name, t, [n])
-    check_dtype(fn, name, t, dtypes)
-    if t.device != device:
-        raise ValueError(f"{fn}: expected {name} on device {device}, got {t.device}")
-
-
-def _sq_dtypes(weight: torch.Tensor):
-    return (torch.float64,) if weight.dtype == torch.float64 else (torch.float32,)
 
 
 def weight_sq_norm(weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``||weight_n||^2`` per row, ``[N]`` fp32 (fp64 for fp64): what :func:`dora_linear` and
     :func:`dora_weight_norm` take as ``weight_sq_norm`` to skip it on every call (cache it while
     the base weight does not change)."""
-    fn = "weight_sq_norm"
-    check_tensor(fn, "weight", weight)
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(
-            f"{fn}: expected weight of shape [N, K] and a floating dtype, got "
-            f"{list(weight.shape)} {weight.dtype}"
-        )
+    check_dora_weight("weight_sq_norm", weight)
     be = resolve_backend(backend, weight, 1)
     with torch.no_grad():
         return torch.ops.lora_kernels.dora_weight_sq_norm(weight, be)
@@ -75,10 +56,7 @@ def dora_weight_norm(
         weight_sq_norm: ``[N]`` cached ``||weight_n||^2`` (:func:`weight_sq_norm`), or None.
     """
     fn = "dora_weight_norm"
-    scale = check_merge_inputs(fn, weight, lora_a, lora_b, scale)
-    n = weight.shape[0]
-    if weight_sq_norm is not None:
-        _check_vector(fn, "weight_sq_norm", weight_sq_norm, n, _sq_dtypes(weight), weight.device)
+    scale = check_dora_norm_inputs(fn, weight, lora_a, lora_b, scale, weight_sq_norm)
     be = resolve_backend(backend, weight, lora_a.shape[0])
     with torch.no_grad():
         if weight_sq_norm is None:
@@ -127,14 +105,11 @@ def dora_linear(
         ``[..., N]`` in x's dtype; differentiable in x, weight, bias, lora_a, lora_b, magnitude
         and x_lora.
     """
-    fn = "dora_linear"
-    scale = check_lora_linear_inputs(fn, x, weight, bias, lora_a, lora_b, scale, x_lora)
+    scale = check_dora_linear_inputs(
+        "dora_linear", x, weight, bias, lora_a, lora_b, magnitude, scale, x_lora,
+        weight_sq_norm, weight_norm,
+    )  # fmt: skip
     n = weight.shape[0]
-    allowed = (x.dtype, torch.float32, lora_a.dtype)
-    _check_vector(fn, "magnitude", magnitude, n, allowed, x.device)
-    for name, t in (("weight_sq_norm", weight_sq_norm), ("weight_norm", weight_norm)):
-        if t is not None:
-            _check_vector(fn, name, t, n, _sq_dtypes(weight), x.device)
     x, weight, bias, lora_a, lora_b, x_lora = autocast_inputs(
         x, weight, bias, lora_a, lora_b, x_lora
     )
@@ -150,25 +125,15 @@ def dora_linear(
             )
     norm = norm.detach()
     if x.dim() == 2:
-        return dora_ops.dora_linear_2d(
+        return ops.dora_linear_2d(
             x, weight, bias, lora_a, lora_b, magnitude, norm, scale, x_lora, be
         )
     lead, k = x.shape[:-1], x.shape[-1]
     xl2 = None if x_lora is None else x_lora.reshape(-1, k)
-    y = dora_ops.dora_linear_2d(
+    y = ops.dora_linear_2d(
         x.reshape(-1, k), weight, bias, lora_a, lora_b, magnitude, norm, scale, xl2, be
     )
     return y.reshape(*lead, n)
-
-
-def _gain_for_merge(fn, weight, lora_a, lora_b, magnitude, scale, weight_norm):
-    scale = check_merge_inputs(fn, weight, lora_a, lora_b, scale)
-    n = weight.shape[0]
-    _check_vector(fn, "magnitude", magnitude, n, (weight.dtype, torch.float32, lora_a.dtype),
-                  weight.device)  # fmt: skip
-    if weight_norm is not None:
-        _check_vector(fn, "weight_norm", weight_norm, n, _sq_dtypes(weight), weight.device)
-    return scale
 
 
 def merge_dora_(
@@ -187,8 +152,7 @@ def merge_dora_(
     Returns the ``[N]`` norm used (fp32): :func:`unmerge_dora_` needs it, since the merged weight
     no longer holds it (PEFT caches it the same way).
     """
-    fn = "merge_dora_"
-    scale = _gain_for_merge(fn, weight, lora_a, lora_b, magnitude, scale, None)
+    scale = check_dora_merge_inputs("merge_dora_", weight, lora_a, lora_b, magnitude, scale, None)
     be = resolve_backend(backend, weight, lora_a.shape[0])
     with torch.no_grad():
         norm = dora_weight_norm(weight, lora_a, lora_b, scale, backend=be)
@@ -209,8 +173,9 @@ def unmerge_dora_(
 ) -> torch.Tensor:
     """In place: ``weight = weight / g[:, None] - scale * lora_b @ lora_a`` with ``g = magnitude /
     weight_norm`` (the norm :func:`merge_dora_` returned); fp32 blocks. Returns ``weight``."""
-    fn = "unmerge_dora_"
-    scale = _gain_for_merge(fn, weight, lora_a, lora_b, magnitude, scale, weight_norm)
+    scale = check_dora_merge_inputs(
+        "unmerge_dora_", weight, lora_a, lora_b, magnitude, scale, weight_norm
+    )
     be = resolve_backend(backend, weight, lora_a.shape[0])
     with torch.no_grad():
         g = magnitude.detach().to(weight_norm.dtype) / weight_norm

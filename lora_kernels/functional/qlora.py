@@ -16,22 +16,13 @@ information as a plain tuple.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from .._checks import (
-    check_device,
-    check_dtype,
-    check_float,
-    check_lora_linear_inputs,
-    check_shape,
-    check_tensor,
-    fmt_shape,
-)
-from ..backends import resolve_backend
-from ..ops.qlora import launcher, qlora_linear_2d
+from .. import ops
+from .._checks import check_qlora_linear_inputs, check_quant4bit, check_quant_state, check_qweight
+from ..backends import launcher, resolve_backend
 
 __all__ = ["Quant4bit", "as_quant4bit", "dequantize_4bit", "qlora_linear"]
 
@@ -60,32 +51,8 @@ def as_quant4bit(fn: str, quant_state: object) -> Quant4bit:
     if isinstance(quant_state, Quant4bit):
         q = quant_state
     else:
-        fields = ("absmax", "code", "blocksize", "shape")
-        missing = [a for a in fields if not hasattr(quant_state, a)]
-        if quant_state is None or missing:
-            raise TypeError(
-                f"{fn}: expected quant_state to be bitsandbytes' QuantState (the quantized "
-                f"weight's .quant_state) or a lora_kernels Quant4bit, got "
-                f"{type(quant_state).__name__}"
-                + (f" (no {', '.join(missing)})" if quant_state is not None else "")
-            )
-        if getattr(quant_state, "packing_format_for_cpu", False):
-            raise ValueError(
-                f"{fn}: quant_state is in bitsandbytes' AVX512 CPU packing "
-                "(packing_format_for_cpu); convert it back with "
-                "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse first"
-            )
-        quant_type = getattr(quant_state, "quant_type", None)
-        if quant_type not in (None, "nf4", "fp4"):
-            raise ValueError(
-                f"{fn}: expected quant_state.quant_type 'nf4' or 'fp4', got {quant_type!r}"
-            )
+        check_quant_state(fn, quant_state)
         shape = quant_state.shape
-        if shape is None or len(shape) != 2:
-            raise ValueError(
-                f"{fn}: expected quant_state.shape of a 2-D weight [out_features, in_features], "
-                f"got {shape!r}"
-            )
         state2 = getattr(quant_state, "state2", None)
         nested = state2 is not None
         q = Quant4bit(
@@ -97,67 +64,10 @@ def as_quant4bit(fn: str, quant_state: object) -> Quant4bit:
             code2=state2.code if nested else None,
             offset=quant_state.offset if nested else None,
             blocksize2=state2.blocksize if nested else 256,
-            quant_type=quant_type,
+            quant_type=getattr(quant_state, "quant_type", None),
         )
-    _check_quant(fn, q)
+    check_quant4bit(fn, q)
     return q
-
-
-def _check_quant(fn: str, q: Quant4bit) -> None:
-    for name, value in (("blocksize", q.blocksize), ("blocksize2", q.blocksize2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"{fn}: expected quant_state.{name} to be a positive int, got {value!r}"
-            )
-    n, k = q.shape
-    if n < 1 or k < 1:
-        raise ValueError(f"{fn}: expected a non-empty 4-bit weight, got shape {fmt_shape(q.shape)}")
-    blocks = math.ceil(n * k / q.blocksize)
-    check_tensor(fn, "quant_state.code", q.code)
-    check_shape(fn, "quant_state.code", q.code, [16])
-    check_dtype(fn, "quant_state.code", q.code, [torch.float32])
-    check_tensor(fn, "quant_state.absmax", q.absmax)
-    check_shape(fn, "quant_state.absmax", q.absmax, [blocks])
-    if q.nested:
-        check_dtype(fn, "quant_state.absmax (double-quantized)", q.absmax, [torch.uint8])
-        check_tensor(fn, "quant_state.state2.absmax", q.absmax2)
-        check_shape(fn, "quant_state.state2.absmax", q.absmax2, [math.ceil(blocks / q.blocksize2)])
-        check_dtype(fn, "quant_state.state2.absmax", q.absmax2, [torch.float32])
-        check_tensor(fn, "quant_state.state2.code", q.code2)
-        check_shape(fn, "quant_state.state2.code", q.code2, [256])
-        check_dtype(fn, "quant_state.state2.code", q.code2, [torch.float32])
-        check_tensor(fn, "quant_state.offset", q.offset)
-        if q.offset.numel() != 1 or q.offset.dtype != torch.float32:
-            raise ValueError(
-                f"{fn}: expected quant_state.offset to be one float32 value, got "
-                f"{fmt_shape(q.offset.shape)} {q.offset.dtype}"
-            )
-    else:
-        check_dtype(fn, "quant_state.absmax", q.absmax, [torch.float32])
-
-
-def _check_qweight(fn: str, qweight: object, q: Quant4bit, device: torch.device) -> None:
-    check_tensor(fn, "qweight", qweight)
-    n, k = q.shape
-    want = (n * k + 1) // 2
-    got = qweight.numel() * qweight.element_size()
-    if got != want or not qweight.is_contiguous():
-        raise ValueError(
-            f"{fn}: expected qweight to hold the {want} packed bytes of a 4-bit "
-            f"[{n}, {k}] weight (contiguous), got {fmt_shape(qweight.shape)} {qweight.dtype} "
-            f"({got} bytes{'' if qweight.is_contiguous() else ', not contiguous'}); "
-            "does quant_state belong to this weight?"
-        )
-    check_device(fn, "qweight", qweight, device)
-    for name, t in (
-        ("quant_state.absmax", q.absmax),
-        ("quant_state.code", q.code),
-        ("quant_state.state2.absmax", q.absmax2),
-        ("quant_state.state2.code", q.code2),
-        ("quant_state.offset", q.offset),
-    ):
-        if t is not None:
-            check_device(fn, name, t, device)
 
 
 def _flat_args(qweight: torch.Tensor, q: Quant4bit) -> tuple:
@@ -174,12 +84,6 @@ def _flat_args(qweight: torch.Tensor, q: Quant4bit) -> tuple:
     )
 
 
-def _resolve(backend: str, x: torch.Tensor, rank: int) -> str:
-    # There is no CUDA C++ kernel for this family: "cuda" runs the Triton kernels.
-    resolved = resolve_backend(backend, x, rank)
-    return "triton" if resolved == "cuda" else resolved
-
-
 def dequantize_4bit(
     qweight: torch.Tensor, quant_state: object, dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -188,11 +92,11 @@ def dequantize_4bit(
     the values bitsandbytes' ``dequantize_4bit`` returns."""
     fn = "lora_kernels.dequantize_4bit"
     q = as_quant4bit(fn, quant_state)
-    _check_qweight(fn, qweight, q, qweight.device)
+    check_qweight(fn, qweight, q, qweight.device)
     if dtype is None:
         dtype = getattr(quant_state, "dtype", None) or torch.float32
     n, k = q.shape
-    return launcher("torch", "dequantize_4bit")(*_flat_args(qweight, q), n, k, dtype)
+    return launcher("torch", "qlora", "dequantize_4bit")(*_flat_args(qweight, q), n, k, dtype)
 
 
 def qlora_linear(
@@ -226,22 +130,14 @@ def qlora_linear(
     """
     fn = "lora_kernels.qlora_linear"
     q = as_quant4bit(fn, quant_state)
-    check_tensor(fn, "x", x)
-    check_float(fn, "x", x)
+    scale = check_qlora_linear_inputs(fn, x, qweight, q, bias, lora_a, lora_b, scale, x_lora)
     n, k = q.shape
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(
-            f"{fn}: expected x of shape [..., {k}] (in_features of the 4-bit weight, "
-            f"quant_state.shape = {fmt_shape(q.shape)}), got {fmt_shape(x.shape)}"
-        )
-    _check_qweight(fn, qweight, q, x.device)
-    # The LoRA arguments are checked as the dense op checks them, against a stand-in weight of
-    # the right shape, dtype and device (a stride-0 view: no memory).
-    stand_in = x.new_empty((1, 1)).expand(n, k)
-    scale = check_lora_linear_inputs(fn, x, stand_in, bias, lora_a, lora_b, scale, x_lora)
-    resolved = _resolve(backend, x, lora_a.shape[0])
+    # No CUDA C++ kernel for this family: the dispatch hands "cuda" to Triton (serving_backend).
+    resolved = resolve_backend(backend, x, lora_a.shape[0])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     xl2 = None if x_lora is None else x_lora.reshape(-1, k)
-    y = qlora_linear_2d(x2, *_flat_args(qweight, q), n, bias, lora_a, lora_b, scale, xl2, resolved)
+    y = ops.qlora_linear_2d(
+        x2, *_flat_args(qweight, q), n, bias, lora_a, lora_b, scale, xl2, resolved
+    )
     return y.reshape(*lead, n)

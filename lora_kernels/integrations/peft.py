@@ -49,18 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    from peft.tuners.lora.dora import DoraLinearLayer as _DoraLinearLayer
-    from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding
-    from peft.tuners.lora.layer import Linear as PeftLoraLinear
-    from peft.tuners.lora.layer import ParamWrapper as PeftParamWrapper
-    from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant
-    from peft.tuners.tuners_utils import BaseTunerLayer
-except ImportError as e:  # pragma: no cover - exercised only without peft installed
-    raise ImportError(
-        "lora_kernels.integrations.peft needs the peft package: pip install 'lora_kernels[peft]'"
-    ) from e
-
+from .._versions import require
 from ..functional import (
     dora_linear,
     lora_embedding,
@@ -74,6 +63,16 @@ from ..layers.base import BASE_ADAPTER, conv1d_class
 from ..layers.dora import cached_weight_sq_norm
 from ..layers.embedding import adapter_tensor, stack_embedding_adapters
 from ..layers.moe import EXPERT_PARAMS, experts_format
+
+# before PEFT's imports: an old PEFT fails them for want of a newer module, not of PEFT
+require("peft", "lora_kernels.integrations.peft")
+
+from peft.tuners.lora.dora import DoraLinearLayer as _DoraLinearLayer  # noqa: E402
+from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding  # noqa: E402
+from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
+from peft.tuners.lora.layer import ParamWrapper as PeftParamWrapper  # noqa: E402
+from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
 __all__ = [
     "FUSED_CLASSES",
@@ -482,22 +481,181 @@ def fuse(peft_model: nn.Module, *, backend: str = "auto") -> nn.Module:
     return peft_model
 
 
+def _peft_class(module: nn.Module) -> str:
+    """The class of ``module`` as PEFT made it: its own, or the one our fused subclass of it
+    stands in for."""
+    cls = _PEFT_CLASS.get(type(module)) or next(
+        c for c in type(module).__mro__ if not c.__module__.startswith(__package__)
+    )
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _one_active(layer, adapters) -> tuple[str | None, str | None]:
+    """The layer's one active adapter, or None and why not."""
+    active = [a for a in layer.active_adapters if a in adapters]
+    if len(active) == 1:
+        return active[0], None
+    if not active:
+        return None, "no active adapter in this layer"
+    return None, f"{len(active)} active adapters {active} (the kernels run one)"
+
+
+def _lora_adapter_reason(layer, name: str, dtype: torch.dtype, variant_ok: bool) -> str:
+    """Why adapter ``name`` of a LoRA Linear (dense or 4-bit) is not one the kernels take: the
+    conditions of the layers' ``_vanilla`` in their order (``variant_ok``: no variant, or one
+    the layer runs on the kernels)."""
+    if layer.lora_bias.get(name, False):
+        return f"adapter {name!r} has lora_bias"
+    if not variant_ok:
+        variant = layer.lora_variant[name]
+        cls = variant if isinstance(variant, type) else type(variant)
+        if issubclass(cls, _DoraLinearVariant) and isinstance(layer, FusedPeftLinear):
+            return (
+                f"adapter {name!r} is DoRA with its magnitude on another device or dtype, or on "
+                "a fan_in_fan_out base"
+            )
+        return f"adapter {name!r} is a {cls.__name__}: a variant the kernels do not compute"
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+        return f"adapter {name!r} has {type(lora_a).__name__} / {type(lora_b).__name__} factors"
+    if lora_a.bias is not None or lora_b.bias is not None:
+        return f"adapter {name!r} has biased factors"
+    dropout = layer.lora_dropout[name]
+    if type(dropout) not in (nn.Dropout, nn.Identity):
+        return f"adapter {name!r} has a {type(dropout).__name__} dropout"
+    if not getattr(layer, "cast_input_dtype_enabled", True):
+        return "PEFT's cast_input_dtype is disabled"
+    allowed = " or ".join(str(d) for d in dict.fromkeys((dtype, torch.float32)))
+    return (
+        f"adapter {name!r} has factors of dtype {lora_a.weight.dtype} / {lora_b.weight.dtype} "
+        f"(the kernels take {allowed}, both the same)"
+    )
+
+
+def _linear_verdict(layer: FusedPeftLinear) -> tuple[bool, str]:
+    if layer.disable_adapters:
+        return False, "adapters are disabled"
+    if layer.merged:
+        return False, "merged: the base layer holds the adapters"
+    base = layer.base_layer
+    if not _no_hooks(base):
+        return False, "the base layer has forward hooks"
+    if type(base) is nn.Linear:
+        w = base.weight
+    elif type(base) is conv1d_class():
+        w = base.weight.T
+    else:
+        return False, f"the base layer is a {type(base).__name__}, not nn.Linear or Conv1D"
+    probe = w.new_empty((0, w.shape[1]))  # an input in the base weight's dtype and device
+    if layer._base_weight(probe) is None:
+        return False, f"the base layer's weight {w.dtype} and bias dtypes are not one float dtype"
+    name, why = _one_active(layer, layer.lora_A)
+    if name is None:
+        return False, why
+    if not layer._vanilla(name, probe, training_dropout_ok=True, dora_ok=True):
+        variant_ok = name not in layer.lora_variant or layer._plain_dora(name, probe)
+        return False, _lora_adapter_reason(layer, name, w.dtype, variant_ok)
+    kernel = "dora_linear" if name in layer.lora_variant else "lora_linear"
+    return True, f"{kernel}, adapter {name!r}"
+
+
+def _embedding_verdict(layer: FusedPeftEmbedding) -> tuple[bool, str]:
+    if layer._disable_adapters:
+        return False, "adapters are disabled"
+    if layer.merged_adapters:
+        return False, "merged: the base table holds the adapters"
+    w = layer.base_layer.weight
+    if layer._table(torch.empty(0, dtype=torch.int64, device=w.device)) is None:
+        return False, (
+            "the base layer is not a plain nn.Embedding (hooks, max_norm, scale_grad_by_freq, "
+            "sparse, embed_scale or tensor parallelism)"
+        )
+    name, why = _one_active(layer, layer.lora_embedding_A)
+    if name is None:
+        return False, why
+    if not layer._vanilla(name, w):
+        if name in layer.lora_variant:
+            return False, f"adapter {name!r} is a variant the kernels do not compute"
+        if layer.input_fns.get(name) or layer.output_fns.get(name):
+            return False, f"adapter {name!r} has input or output functions"
+        return False, f"adapter {name!r} has factors of a dtype other than {w.dtype} or float32"
+    return True, f"lora_embedding, adapter {name!r}"
+
+
+def _4bit_verdict(qlora, layer) -> tuple[bool, str]:
+    if layer.disable_adapters:
+        return False, "adapters are disabled"
+    if layer.merged:
+        return False, "merged: the base layer holds the adapters"
+    base = layer.base_layer
+    if not isinstance(base, qlora.bnb.nn.Linear4bit):
+        return False, f"the base layer is a {type(base).__name__}, not bitsandbytes' Linear4bit"
+    if not _no_hooks(base):
+        return False, "the base layer has forward hooks"
+    state = getattr(base.weight, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return False, "the 4-bit weight has no quant_state in bitsandbytes' standard packing"
+    name, why = _one_active(layer, layer.lora_A)
+    if name is None:
+        return False, why
+    dtype = base.compute_dtype or layer.lora_A[name].weight.dtype
+    probe = torch.empty((0, base.in_features), dtype=dtype, device=base.weight.device)
+    if not layer._vanilla(name, probe):
+        return False, _lora_adapter_reason(layer, name, dtype, name not in layer.lora_variant)
+    return True, f"qlora_linear, adapter {name!r}"
+
+
+def _other_reason(qlora, module: nn.Module) -> str:
+    from peft.tuners.lora.layer import LoraLayer  # every LoRA layer class of PEFT's
+
+    cls = type(module)
+    if cls in FUSED_CLASSES or (qlora is not None and cls is qlora.PeftLoraLinear4bit):
+        return "not fused (yet): fuse() swaps its class"
+    if isinstance(module, LoraLayer):
+        return f"no fused kernel for PEFT's lora.{cls.__name__}"
+    parts = cls.__module__.split(".")
+    tuner = parts[2] if parts[:2] == ["peft", "tuners"] and len(parts) > 2 else cls.__module__
+    return f"{tuner} layer (not LoRA): PEFT's code"
+
+
+# fused class -> the verdict of its next plain call: (runs on the kernels, why)
+_VERDICTS = {FusedPeftLinear: _linear_verdict, FusedPeftEmbedding: _embedding_verdict}
+
+
 def fuse_report(peft_model: nn.Module) -> dict:
-    """``{"fused": [layer names], "left": {layer name: PEFT class}}``: the PEFT tuner layers of
-    ``peft_model`` that run on lora_kernels, and those that run on PEFT's code (a fused layer
-    still falls back to PEFT, per call, for what the kernels do not compute; see the module
-    docstring)."""
+    """What runs where: the PEFT tuner layers of ``peft_model`` whose class :func:`fuse` swapped
+    and those it left to PEFT's code, and per layer what its next plain call runs and why.
+
+    Returns ``{"fused": [name], "left": {name: PEFT class}, "layers": {name: {"peft_class": ...,
+    "runs_on": "lora_kernels" or "peft", "why": ...}}}`` (``"per call"`` for a fused class with
+    no verdict in ``_VERDICTS``). ``"why"`` names the kernel and the adapter (``"dora_linear,
+    adapter 'default'"``) or the reason PEFT's code runs (``"adapter 'b' has lora_bias"``, ``"no
+    fused kernel for PEFT's lora.Conv2d"``). The verdict is the one
+    the fused layer's ``forward`` reaches, asked with an input in the base weight's dtype and
+    device and no extra arguments; a call with other dtypes, extra keyword arguments, autocast
+    (4-bit) or an ``adapter_names`` batch is decided when it is made (see the module docstring).
+    """
     _check_module("lora_kernels.integrations.peft.fuse_report", peft_model)
     qlora = _qlora()
     fused_4bit = qlora.FusedPeftLinear4bit if qlora is not None else ()
-    fused, left = [], {}
+    fused, left, layers = [], {}, {}
     for name, module in peft_model.named_modules():
         if type(module) in _PEFT_CLASS or isinstance(module, fused_4bit):
             fused.append(name)
+            if isinstance(module, fused_4bit):
+                on_kernels, why = _4bit_verdict(qlora, module)
+            elif type(module) in _VERDICTS:
+                on_kernels, why = _VERDICTS[type(module)](module)
+            else:  # a fused class with no verdict of its own: its forward decides each call
+                on_kernels, why = None, "fused: its forward decides on each call"
         elif isinstance(module, BaseTunerLayer):
-            cls = type(module)
-            left[name] = f"{cls.__module__}.{cls.__qualname__}"
-    return {"fused": fused, "left": left}
+            left[name] = _peft_class(module)
+            on_kernels, why = False, _other_reason(qlora, module)
+        else:
+            continue
+        runs_on = "per call" if on_kernels is None else "lora_kernels" if on_kernels else "peft"
+        layers[name] = {"peft_class": _peft_class(module), "runs_on": runs_on, "why": why}
+    return {"fused": fused, "left": left, "layers": layers}
 
 
 def unfuse(peft_model: nn.Module) -> nn.Module:

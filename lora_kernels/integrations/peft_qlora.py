@@ -17,12 +17,16 @@ PEFT's own forward; merge, unmerge, save and the rest are PEFT's, untouched.
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import torch
-from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit
 from torch import nn
 
+from .._versions import require
 from ..functional.qlora import qlora_linear
+
+require("bitsandbytes", "lora_kernels.integrations.peft_qlora")
+
+import bitsandbytes as bnb  # noqa: E402
+from peft.tuners.lora.bnb import Linear4bit as PeftLoraLinear4bit  # noqa: E402
 
 __all__ = ["FusedPeftLinear4bit", "fuse_4bit", "unfuse_4bit"]
 

@@ -1,12 +1,15 @@
 """One helper that turns a kernel family's parts into its registered ops and eager entry point.
 
-A differentiable family (``lora_linear``, ``lora_multi``, and any new one) gives:
+Every differentiable family (``lora_linear``, ``lora_multi``, ``lora_embedding``, ``dora``,
+``qlora``, and any new one) gives:
 
 * ``fwd`` and ``bwd``: the op bodies, annotated so ``torch.library`` infers the schemas. Both end
-  in ``backend: str`` and call the backend's launchers; ``bwd`` returns empty tensors for the
-  gradients that are not needed (an op cannot return None);
+  in ``backend: str`` and call the backend's launchers; ``fwd`` returns the output first, then
+  what the backward keeps (not differentiable); ``bwd`` returns empty tensors for the gradients
+  that are not needed (an op cannot return None);
 * their fake impls (shapes only, ``torch._check`` for what the compiler may assume);
-* ``launch_bwd(*bwd_args)``: the backward launchers called directly, None where not needed;
+* ``launch_fwd(*fwd_args)`` and ``launch_bwd(*bwd_args)``: the launchers called directly (what
+  the op bodies call), the backward's None where a gradient is not needed;
 * ``setup_context(ctx, inputs, output)`` and ``backward(ctx, *grads)``, as ``register_autograd``
   takes them. The backward calls ``ctx.run_bwd(*bwd_args)``: the backward op under
   ``torch.compile`` (opaque to the compiler), the launchers directly in eager mode.
@@ -80,19 +83,27 @@ def define_family(
 
     fwd_op.register_autograd(backward, setup_context=op_setup_context)
 
-    class EagerTwin(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *args):
-            output = launch_fwd(*args)
-            setup_context(ctx, args, output)
-            ctx.run_bwd = launch_bwd
-            return output
+    def twin_forward(ctx, *args):
+        output = launch_fwd(*args)
+        setup_context(ctx, args, output)
+        ctx.run_bwd = launch_bwd
+        return output
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+    def twin_backward(ctx, *grads):
+        return backward(ctx, *grads)
 
-    EagerTwin.__name__ = EagerTwin.__qualname__ = f"{name}_eager"
+    # Made by ``type`` so that the class has the family's name when autograd derives its graph
+    # node from it: ``{name}_eagerBackward`` in profiles and ``grad_fn``, one name per family.
+    eager_twin = type(
+        f"{name}_eager",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(twin_forward),
+            "backward": staticmethod(twin_backward),
+            "__module__": __name__,
+            "__qualname__": f"{name}_eager",
+        },
+    )
 
     def entry(*args) -> Tensor:
         if torch.compiler.is_compiling():
@@ -100,10 +111,10 @@ def define_family(
         tensors = [a for a in args if isinstance(a, Tensor)]
         if not needs_autograd(*tensors) or (stock_autograd_on_torch and args[-1] == "torch"):
             return launch_fwd(*args)[0]
-        return EagerTwin.apply(*args)[0]
+        return eager_twin.apply(*args)[0]
 
     entry.__name__ = f"{name}_2d"
     entry.fwd_op = fwd_op
     entry.bwd_op = bwd_op
-    entry.eager = EagerTwin
+    entry.eager = eager_twin
     return entry

@@ -1,10 +1,11 @@
 """The ``dora`` family's ops (namespace ``lora_kernels``): schemas, fake impls, autograd.
 
-As ``ops/lora_linear.py`` for LoRA (dispatch through ``backends.launcher``; the CUDA backend has no
-DoRA module, so a call resolved to it runs Triton's): each op takes a resolved backend name and
-validated inputs (see ``lora_kernels/dora.py``); the backward is itself a custom op, so
-``torch.compile(fullgraph=True)`` traces forward and backward without graph breaks. Ops (namespace
-``lora_kernels``):
+Built as ``ops/lora_linear.py`` is, by ``define_family`` (dispatch through ``backends.launcher``;
+the CUDA backend has no DoRA module, so a call resolved to it runs Triton's): each op takes a
+resolved backend name and validated inputs (see ``lora_kernels/functional/dora.py``); the backward
+is itself a custom op, so ``torch.compile(fullgraph=True)`` traces forward and backward without
+graph breaks. The two norms are not differentiated (PEFT detaches the norm): plain custom ops, as
+the merge is. Ops (namespace ``lora_kernels``):
 
 * ``dora_weight_sq_norm(weight[N,K], backend) -> [N]``: ``||W_n||^2`` (fp32; fp64 for fp64).
 * ``dora_weight_norm(weight, lora_a[r,K], lora_b[N,r], scale, w_sq[N], backend) -> [N]``:
@@ -23,14 +24,9 @@ import torch
 from torch import Tensor
 
 from ..backends import launcher
-from ._family import needs_autograd
+from ._family import define_family, empty_if_none
 
 FAMILY = "dora"
-
-
-def _none(like: Tensor) -> Tensor:
-    """An op output that stands for a gradient not needed (an op cannot return None)."""
-    return like.new_empty(0)
 
 
 def _acc(*tensors: Tensor | None) -> torch.dtype:
@@ -85,14 +81,26 @@ def _(weight, lora_a, lora_b, scale, w_sq, backend):
 # --------------------------------------------------------------------------------------------
 
 
-def _fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, backend):
+def _launch_fwd(x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, backend):
     g = _gain(magnitude, weight_norm)
     return launcher(backend, FAMILY, "dora_linear_fwd")(
         x, weight, bias, lora_a, lora_b, scale, x_lora, g
     )
 
 
-@torch.library.custom_op("lora_kernels::dora_linear_fwd", mutates_args=())
+def _launch_bwd(dy, x, weight, lora_a, lora_b, magnitude, weight_norm, s, lin, scale, x_lora,
+                needs_dx, needs_da, needs_db, needs_dm, backend):  # fmt: skip
+    """The backward launchers, called directly; a gradient that is not needed is None."""
+    g = _gain(magnitude, weight_norm)
+    dx, dx_lora, da, db, dm = launcher(backend, FAMILY, "dora_linear_bwd")(
+        dy, x, weight, lora_a, lora_b, s, lin, g, weight_norm.to(g.dtype), scale, x_lora,
+        needs_dx=needs_dx, needs_da=needs_da, needs_db=needs_db, needs_dm=needs_dm,
+    )  # fmt: skip
+    if dm is not None:
+        dm = dm.to(magnitude.dtype)
+    return dx, dx_lora, da, db, dm
+
+
 def dora_linear_fwd(
     x: Tensor,
     weight: Tensor,
@@ -105,14 +113,12 @@ def dora_linear_fwd(
     x_lora: Tensor | None,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, lin, s = _fwd(
+    return _launch_fwd(
         x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, backend
     )
-    return y, lin, s
 
 
-@dora_linear_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, backend):
+def _fwd_fake(x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, backend):
     torch._check(x.dim() == 2, lambda: f"x must be 2-D here, got {x.dim()}-D")
     torch._check(weight.shape[1] == x.shape[1], lambda: "weight and x disagree in K")
     torch._check(magnitude.shape[0] == weight.shape[0], lambda: "magnitude and weight disagree")
@@ -123,20 +129,6 @@ def _(x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, ba
     return y, lin, s
 
 
-def _run_bwd(dy, x, weight, lora_a, lora_b, magnitude, weight_norm, s, lin, scale, x_lora,
-             needs_dx, needs_da, needs_db, needs_dm, backend):  # fmt: skip
-    """The backward launchers, called directly; a gradient that is not needed is None."""
-    g = _gain(magnitude, weight_norm)
-    dx, dx_lora, da, db, dm = launcher(backend, FAMILY, "dora_linear_bwd")(
-        dy, x, weight, lora_a, lora_b, s, lin, g, weight_norm.to(g.dtype), scale, x_lora,
-        needs_dx=needs_dx, needs_da=needs_da, needs_db=needs_db, needs_dm=needs_dm,
-    )  # fmt: skip
-    if dm is not None:
-        dm = dm.to(magnitude.dtype)
-    return dx, dx_lora, da, db, dm
-
-
-@torch.library.custom_op("lora_kernels::dora_linear_bwd", mutates_args=())
 def dora_linear_bwd(
     dy: Tensor,
     x: Tensor,
@@ -155,31 +147,24 @@ def dora_linear_bwd(
     needs_dm: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dx, dx_lora, da, db, dm = _run_bwd(
+    grads = _launch_bwd(
         dy, x, weight, lora_a, lora_b, magnitude, weight_norm, s, lin, scale, x_lora,
         needs_dx, needs_da, needs_db, needs_dm, backend,
     )  # fmt: skip
-    return (
-        _none(x) if dx is None else dx,
-        _none(x) if dx_lora is None else dx_lora,
-        _none(lora_a) if da is None else da,
-        _none(lora_b) if db is None else db,
-        _none(magnitude) if dm is None else dm,
-    )
+    return empty_if_none(grads, (x, x, lora_a, lora_b, magnitude))
 
 
-@dora_linear_bwd.register_fake
-def _(dy, x, weight, lora_a, lora_b, magnitude, weight_norm, s, lin, scale, x_lora,
-      needs_dx, needs_da, needs_db, needs_dm, backend):  # fmt: skip
-    dx = torch.empty_like(x) if needs_dx else _none(x)
-    dx_lora = torch.empty_like(x) if (needs_dx and x_lora is not None) else _none(x)
-    da = torch.empty_like(lora_a) if needs_da else _none(lora_a)
-    db = torch.empty_like(lora_b) if needs_db else _none(lora_b)
-    dm = torch.empty_like(magnitude) if needs_dm else _none(magnitude)
+def _bwd_fake(dy, x, weight, lora_a, lora_b, magnitude, weight_norm, s, lin, scale, x_lora,
+              needs_dx, needs_da, needs_db, needs_dm, backend):  # fmt: skip
+    dx = torch.empty_like(x) if needs_dx else x.new_empty(0)
+    dx_lora = torch.empty_like(x) if (needs_dx and x_lora is not None) else x.new_empty(0)
+    da = torch.empty_like(lora_a) if needs_da else lora_a.new_empty(0)
+    db = torch.empty_like(lora_b) if needs_db else lora_b.new_empty(0)
+    dm = torch.empty_like(magnitude) if needs_dm else magnitude.new_empty(0)
     return dx, dx_lora, da, db, dm
 
 
-def _setup(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, backend = inputs
     _, lin, s = output
     ctx.mark_non_differentiable(lin, s)
@@ -190,7 +175,6 @@ def _setup(ctx, inputs, output):
     )
     ctx.scale = scale
     ctx.backend = backend
-    ctx.direct = False
 
 
 def _backward(ctx, dy, _dlin, _ds):
@@ -202,8 +186,7 @@ def _backward(ctx, dy, _dlin, _ds):
     needs_dx = need_x or need_xl
     dx = dx_lora = da = db = dm = dw = dbias = None
     if needs_dx or need_a or need_b or need_m:
-        run = _run_bwd if ctx.direct else torch.ops.lora_kernels.dora_linear_bwd
-        dx, dx_lora, da, db, dm = run(
+        dx, dx_lora, da, db, dm = ctx.run_bwd(
             dy, x, weight, lora_a, lora_b, magnitude, weight_norm, s, lin, ctx.scale, x_lora,
             needs_dx, need_a, need_b, need_m, ctx.backend,
         )  # fmt: skip
@@ -224,36 +207,19 @@ def _backward(ctx, dy, _dlin, _ds):
     return dx, dw, dbias, da, db, dm, None, None, dx_lora, None
 
 
-dora_linear_fwd.register_autograd(_backward, setup_context=_setup)
-
-
-class _DoraLinearFunction(torch.autograd.Function):
-    """The eager twin of the ``dora_linear_fwd`` op: same launchers and backward, without the
-    custom-op dispatcher's per-call cost."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora,
-                backend):  # fmt: skip
-        args = (x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, backend)
-        y, lin, s = _fwd(*args)
-        _setup(ctx, args, (y, lin, s))
-        ctx.direct = True
-        return y, lin, s
-
-    @staticmethod
-    def backward(ctx, dy, dlin, ds):
-        return _backward(ctx, dy, dlin, ds)
-
-
-def dora_linear_2d(x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora,
-                   backend) -> Tensor:  # fmt: skip
-    """``y [M, N]`` for validated 2-D inputs and a detached ``weight_norm``: the custom op under
-    ``torch.compile``, the autograd Function in eager mode; the torch backend in eager mode runs
-    its differentiable launcher under stock autograd (C++ backward nodes, as LoRA's does)."""
-    args = (x, weight, bias, lora_a, lora_b, magnitude, weight_norm, scale, x_lora, backend)
-    if torch.compiler.is_compiling():
-        return torch.ops.lora_kernels.dora_linear_fwd(*args)[0]
-    tracked = needs_autograd(x, weight, bias, lora_a, lora_b, magnitude, x_lora)
-    if backend == "torch" or not tracked:
-        return _fwd(*args)[0]
-    return _DoraLinearFunction.apply(*args)[0]
+# ``y [M, N]`` for validated 2-D inputs ``(x, weight, bias, lora_a, lora_b, magnitude,
+# weight_norm, scale, x_lora, backend)`` and a detached ``weight_norm``. As for LoRA, the torch
+# backend's forward is built of differentiable ops: in eager mode stock autograd runs its backward
+# in C++ nodes; the Triton kernels need the Function.
+dora_linear_2d = define_family(
+    "dora_linear",
+    fwd=dora_linear_fwd,
+    fwd_fake=_fwd_fake,
+    bwd=dora_linear_bwd,
+    bwd_fake=_bwd_fake,
+    launch_fwd=_launch_fwd,
+    launch_bwd=_launch_bwd,
+    setup_context=_setup_context,
+    backward=_backward,
+    stock_autograd_on_torch=True,
+)
