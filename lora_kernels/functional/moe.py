@@ -23,9 +23,10 @@ from ._autocast import autocast_inputs
 
 __all__ = ["moe_lora", "peft_expert_factors", "peft_expert_weights"]
 
-# On a CPU, copy PEFT's interleaved B contiguous once a call has this many (token, slot) pairs
-# (or one per expert): below it, the few hit experts' strided reads cost less than the copy.
-_CONTIGUOUS_MIN_PAIRS = 32
+# On a CPU, copy PEFT's interleaved B contiguous once a call has this many (token, slot) pairs per
+# expert (most experts hit): below it, the hit experts' strided reads cost less than the copy
+# (64 experts, top-8: strided at 1-4 tokens, copied from 16).
+_CONTIGUOUS_PAIRS_PER_EXPERT = 2
 
 
 def peft_expert_factors(
@@ -142,7 +143,7 @@ def moe_lora(
     # gather (on a CPU about 4 expert reads' time, measured): worth it when many experts are
     # hit, and always on a GPU, where the kernels' tiles would otherwise load it uncoalesced.
     pairs = x.shape[0] * top_k_ids.shape[1]
-    if x.device.type != "cpu" or pairs >= min(w_gate_up.shape[0], _CONTIGUOUS_MIN_PAIRS):
+    if x.device.type != "cpu" or pairs >= _CONTIGUOUS_PAIRS_PER_EXPERT * w_gate_up.shape[0]:
         factors = tuple(None if f is None else f.contiguous() for f in factors)
     a_gu, b_gu, a_d, b_d = factors
     rank = max(a_gu.shape[2] if a_gu is not None else 1, a_d.shape[2] if a_d is not None else 1)
