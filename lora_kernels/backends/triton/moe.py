@@ -390,12 +390,17 @@ def _grouped(plan, inp, src, w, w_strides, bias, a, a_strides, b, b_strides, sca
     # rank chunks of 16 and two stages keep it spill-free (rank 64 fp32 spilled 36-60 B, the
     # fp16 multi-adapter backward 16 B, on sm_80)
     block_r = _rank_block(r) if fuse or not has_lora else 16
-    stages = 2 if inp.dtype == torch.float32 or (has_lora and not fuse) else 3
+    unfused = has_lora and not fuse
+    stages = 2 if inp.dtype == torch.float32 or unfused else 3
+    # the unfused path's nested adapter / rank / K loops beside the [M, N] accumulator spilled
+    # 8-72 B at 4 warps (sm_80 and sm_90, 16-bit): 8 warps halve each thread's share; 16-row
+    # blocks (where 8 warps spilled too) take a 32-wide N tile instead
+    warps = 8 if unfused and plan.block_m >= 32 else 4
     aligned = all(v % 16 == 0 for v in (k, n, inp.stride(0)))
     # the multi-adapter path's shrink loop nested in the adapter loop spilled 24 B at
     # BLOCK_M 32 x BLOCK_K 64 on sm_80 (gathered rows): BLOCK_K 32 there
     block_k = 64 if aligned and inp.dtype != torch.float32 and (fuse or not has_lora) else 32
-    block_n = 64
+    block_n = 32 if unfused and plan.block_m < 32 else 64
     grid = (plan.n_blocks, triton.cdiv(n, block_n))
     dummy = out
     _moe_grouped_lora_kernel[grid](
@@ -418,7 +423,7 @@ def _grouped(plan, inp, src, w, w_strides, bias, a, a_strides, b, b_strides, sca
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         BLOCK_R=block_r,
-        num_warps=4,
+        num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
 
