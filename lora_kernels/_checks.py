@@ -13,7 +13,36 @@ from collections.abc import Sequence
 
 import torch
 
+from ._constants import KERNEL_DTYPES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_SCALES_CACHE_SIZE = 64
+_scales_cache: dict[tuple, torch.Tensor] = {}
+
+
+def reads_values(device: torch.device) -> bool:
+    """Whether a check may read tensor values on the host: on CPU in eager mode only (on CUDA a
+    read synchronises with the device; under ``torch.compile`` it breaks the graph). The
+    kernels treat out-of-range ids as "no adapter", so skipping the read is safe."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _scales_tensor(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a ``[L]`` tensor on ``device``, made once per distinct list (a few recent
+    ones kept): a list of scales copied to the device on every call would be a blocking copy in
+    every decode step, and one a CUDA graph cannot capture. Under ``torch.compile`` the tensor
+    is a constant of the graph: made there, never looked up."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    key = (tuple(values), dtype, device, torch.is_inference_mode_enabled())
+    t = _scales_cache.pop(key, None)
+    if t is None:
+        t = torch.tensor(values, dtype=dtype, device=device)
+        while len(_scales_cache) >= _SCALES_CACHE_SIZE:
+            _scales_cache.pop(next(iter(_scales_cache)))
+    _scales_cache[key] = t  # most recent last
+    return t
 
 
 def fmt_shape(shape: Sequence[int | str]) -> str:
@@ -185,7 +214,7 @@ def check_lora_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter
     check_dtype(fn, "lora_b", lora_b, [lora_a.dtype])
     check_device(fn, "lora_a", lora_a, x.device)
     check_device(fn, "lora_b", lora_b, x.device)
-    check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    check_values = reads_values(x.device)
 
     scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(scales, torch.Tensor):
@@ -194,11 +223,8 @@ def check_lora_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter
         check_device(fn, "scales", scales, x.device)
         scales = scales.detach()
     elif isinstance(scales, (list, tuple)):
-        scales = torch.tensor(
-            [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)],
-            dtype=scale_dtype,
-            device=x.device,
-        )
+        values = [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)]
+        scales = _scales_tensor(values, scale_dtype, x.device)
     else:
         raise TypeError(
             f"{fn}: expected scales to be a tensor or a list of floats, got {type(scales).__name__}"
@@ -473,7 +499,7 @@ def _check_ids(fn: str, ids, num_embeddings: int, device) -> None:
 
 def _check_id_values(fn: str, ids, num_embeddings: int) -> None:
     """Ids in range, on CPU tensors in eager mode (on CUDA it would synchronise)."""
-    if ids.numel() and ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if ids.numel() and reads_values(ids.device):
         low, high = torch.aminmax(ids)
         low, high = int(low), int(high)
         if low < 0 or high >= num_embeddings:
@@ -590,6 +616,8 @@ def check_lora_embedding_multi_inputs(
                 f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
             )
     if isinstance(scales, torch.Tensor):
+        # the op takes host floats: a CUDA tensor is read back here (a synchronisation), so the
+        # layers pass their scalings as a list
         scales = scales.detach().tolist()
     if not isinstance(scales, (list, tuple)) or len(scales) != num:
         raise ValueError(
@@ -608,7 +636,7 @@ def check_lora_embedding_multi_inputs(
         raise ValueError(
             f"{fn}: expected adapter_ids on device {weight.device}, got {adapter_ids.device}"
         )
-    if adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+    if reads_values(adapter_ids.device):
         bad = ((adapter_ids < -1) | (adapter_ids >= num)).nonzero().flatten()
         if bad.numel():
             shown = bad[:8].tolist()
@@ -753,3 +781,66 @@ def check_moe_lora_inputs(
                     f"{adapter_ids[shown].tolist()} at tokens {shown}"
                 )
     return num_adapters, scales.to(scale_dtype)
+
+
+def _check_rows(fn: str, row_ids, m: int, device, ranks, num_adapters: int) -> None:
+    """The ``row_ids [M]`` and ``ranks [L]`` of the ``lora_delta`` ops (an id outside ``[0, L)``
+    means no adapter there, so ids are not read: checking them would synchronise on CUDA)."""
+    check_tensor(fn, "row_ids", row_ids)
+    check_dtype(fn, "row_ids", row_ids, [torch.int32, torch.int64])
+    check_shape(fn, "row_ids", row_ids, [m])
+    check_device(fn, "row_ids", row_ids, device)
+    if ranks is not None:
+        check_tensor(fn, "ranks", ranks)
+        check_dtype(fn, "ranks", ranks, [torch.int32])
+        check_shape(fn, "ranks", ranks, [num_adapters])
+        check_device(fn, "ranks", ranks, device)
+
+
+def check_lora_shrink_inputs(fn: str, out, x, lora_a, row_ids, scales, ranks) -> None:
+    """``out [M, R]``, ``x [M, K]``, ``lora_a [L, R, K]``, ``scales [L]`` float32."""
+    check_tensor(fn, "x", x)
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: expected x of shape [M, K], got {fmt_shape(x.shape)}")
+    m, k = x.shape
+    check_tensor(fn, "lora_a", lora_a)
+    if lora_a.dim() != 3:
+        raise ValueError(
+            f"{fn}: expected lora_a of shape [L, R, {k}], got {fmt_shape(lora_a.shape)}"
+        )
+    num_adapters, r = lora_a.shape[:2]
+    check_shape(fn, "lora_a", lora_a, [num_adapters, r, k])
+    check_tensor(fn, "out", out)
+    check_shape(fn, "out", out, [m, r])
+    check_dtype(fn, "x", x, KERNEL_DTYPES)
+    check_dtype(fn, "lora_a", lora_a, KERNEL_DTYPES)
+    check_dtype(fn, "out", out, FLOAT_DTYPES)
+    check_tensor(fn, "scales", scales)
+    check_dtype(fn, "scales", scales, [torch.float32])
+    check_shape(fn, "scales", scales, [num_adapters])
+    for name, t in (("lora_a", lora_a), ("out", out), ("scales", scales)):
+        check_device(fn, name, t, x.device)
+    _check_rows(fn, row_ids, m, x.device, ranks, num_adapters)
+
+
+def check_lora_expand_inputs(fn: str, y, s, lora_b, row_ids, ranks) -> None:
+    """``y [M, N]``, ``s [M, R]``, ``lora_b [L, N, R]``."""
+    check_tensor(fn, "y", y)
+    if y.dim() != 2:
+        raise ValueError(f"{fn}: expected y of shape [M, N], got {fmt_shape(y.shape)}")
+    m, n = y.shape
+    check_tensor(fn, "lora_b", lora_b)
+    if lora_b.dim() != 3:
+        raise ValueError(
+            f"{fn}: expected lora_b of shape [L, {n}, R], got {fmt_shape(lora_b.shape)}"
+        )
+    num_adapters, _, r = lora_b.shape
+    check_shape(fn, "lora_b", lora_b, [num_adapters, n, r])
+    check_tensor(fn, "s", s)
+    check_shape(fn, "s", s, [m, r])
+    check_dtype(fn, "y", y, KERNEL_DTYPES)
+    check_dtype(fn, "lora_b", lora_b, KERNEL_DTYPES)
+    check_dtype(fn, "s", s, [torch.float32, y.dtype])
+    for name, t in (("lora_b", lora_b), ("s", s)):
+        check_device(fn, name, t, y.device)
+    _check_rows(fn, row_ids, m, y.device, ranks, num_adapters)

@@ -35,6 +35,7 @@ __all__ = [
     "lora_linear_multi_backward",
     "merge_lora",
     "unmerge_lora",
+    "ILL_CONDITIONED",
     "dora_weight_norm",
     "dora_weight_norm_factored",
     "dora_linear",
@@ -229,6 +230,14 @@ def dora_weight_norm(
     acc = _acc_dtype(weight, lora_a, lora_b)
     dense = weight.to(acc) + scale * (lora_b.to(acc) @ lora_a.to(acc))
     return torch.linalg.vector_norm(dense, dim=1)
+
+
+ILL_CONDITIONED = 1.0 / 16
+"""The factored norm's cancellation threshold, shared by every backend: a row whose squared norm
+is below this share of the sum of its three terms' magnitudes (the adapter nearly cancels the row
+of W) loses more than 4 bits of the factored sum to cancellation, so the backends recompute such
+rows from ``W_n + s B_n A`` directly. Trained adapters change a row by a few percent, far from it;
+degenerate shapes (K = 1) and adversarial weights reach it."""
 
 
 def dora_weight_norm_factored(

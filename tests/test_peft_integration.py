@@ -22,6 +22,7 @@ peft = pytest.importorskip("peft")
 from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
 
 from lora_kernels.integrations import peft as integration  # noqa: E402
+from lora_kernels.integrations import peft_mixed  # noqa: E402
 from lora_kernels.integrations.peft import FusedPeftLinear, fuse, unfuse  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -42,7 +43,7 @@ def kernel_calls(monkeypatch):
 
     monkeypatch.setattr(integration, "lora_linear", counting("single", integration.lora_linear))
     monkeypatch.setattr(
-        integration, "lora_linear_multi", counting("multi", integration.lora_linear_multi)
+        peft_mixed, "lora_linear_multi", counting("multi", peft_mixed.lora_linear_multi)
     )
     return calls
 

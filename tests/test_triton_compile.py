@@ -106,9 +106,15 @@ def test_compiling_leaves_the_interpreter_working(triton_cache):
     w = torch.randn(33, 70, dtype=torch.bfloat16)
     a = torch.randn(5, 70)
     b = torch.randn(33, 5)
-    expected = (w.double() + 0.5 * (b.double() @ a.double())).to(torch.bfloat16)
+    exact = w.double() + 0.5 * (b.double() @ a.double())
     merge_(w, a, b, 0.5)
-    torch.testing.assert_close(w, expected, atol=0, rtol=0)
+    # fp32 accumulation then one bf16 rounding: each element is a bf16 neighbour of the exact
+    # value (the fp32 sum's order, hence which neighbour near a rounding boundary, is the BLAS
+    # kernel's), and all but the rare boundary cases are the exact value rounded. A second
+    # rounding (the delta to bf16 before the add) breaks the latter on a large share of them.
+    ulp = 2.0 ** (torch.floor(torch.log2(exact.abs().clamp_min(2.0**-126))) - 7)
+    assert ((w.double() - exact).abs() <= ulp).all()
+    assert (w != exact.to(torch.bfloat16)).sum() <= w.numel() // 100
 
 
 def test_findings_reject_what_the_issue_names():

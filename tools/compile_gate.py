@@ -586,6 +586,9 @@ def drive_dora(twin, cap: _Capture, matrix: dict) -> None:
                     cap.case = f"norm K{k} N{n} r{r} {dt}/{adt} wsq{int(has_wsq)}"
                     twin.dora_weight_norm(w, a, b, 2.0, torch.ones(n) if has_wsq else None)
                 g = torch.ones(n)
+                cap.case = f"merge K{k} N{n} r{r} {dt}/{adt}"
+                twin.dora_merge_(w, a, b, 2.0, g)
+                twin.dora_unmerge_(w, a, b, 2.0, g)
                 for m in matrix["m"]:
                     x = _t(m, k, dtype=xd)
                     # the dropout input adds stock GEMMs over the whole weight: small M only
@@ -657,11 +660,17 @@ def drive_lora_embedding(twin, cap: _Capture, matrix: dict) -> None:
                         tag = f"M{m} V{v} D{d} r{r} {dt}/{adt} mixed{int(mixed)}"
                         cap.case = "fwd " + tag
                         twin.lora_embedding_fwd(ids, w, a, b, scales, row_ids, 0)
-                        cap.case = "bwd " + tag
-                        twin.lora_embedding_bwd(
-                            _t(m, d, dtype=_DT[dt]), ids, w, a, b, scales, row_ids,
-                            torch.empty((m, r)), 0,
-                        )  # fmt: skip
+                        for det in matrix.get("deterministic", [False]):
+                            cap.case = f"bwd det{int(det)} " + tag
+                            prev = torch.are_deterministic_algorithms_enabled()
+                            torch.use_deterministic_algorithms(det)
+                            try:
+                                twin.lora_embedding_bwd(
+                                    _t(m, d, dtype=_DT[dt]), ids, w, a, b, scales, row_ids,
+                                    torch.empty((m, r)), 0,
+                                )  # fmt: skip
+                            finally:
+                                torch.use_deterministic_algorithms(prev)
 
 
 def drive_moe(twin, cap: _Capture, matrix: dict) -> None:
@@ -756,7 +765,7 @@ FULL = {
     },
     "qlora": {
         "kn": [(4096, 14336), (4099, 32001)],
-        "m": [1, 4096],
+        "m": [1, 16, 4096],
         "r": [16, 128],
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "nested": [True],
@@ -769,6 +778,7 @@ FULL = {
         "adapters": 2,
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "row_ids": [False, True],
+        "deterministic": [False, True],
     },
     # Qwen3-30B-A3B-like experts (hidden 2048, intermediate 768, 128 experts, top-8), odd sizes
     "moe": {
@@ -819,7 +829,7 @@ QUICK = {
         "deterministic": [False],
     },
     "qlora": {
-        "kn": [(4099, 32001)],
+        "kn": [(4096, 4096), (4099, 32001)],  # even K: the decode kernel; odd K: the fused one
         "m": [1, 4096],
         "r": [16],
         "dtypes": [("bf16", "fp32")],

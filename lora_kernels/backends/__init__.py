@@ -357,6 +357,38 @@ class QLoraLaunchers(Protocol):
 
 
 # The launcher protocol of every kernel family.
+class LoraDeltaLaunchers(Protocol):
+    """``backends.<backend>.lora_delta``: the LoRA term alone, into outputs a serving engine's
+    own base GEMM wrote (in place, inference only).
+
+    ``lora_shrink_(out[M,R], x[M,K], lora_a[L,R,K], row_ids[M], scales[L], ranks[L]?)``:
+    ``out[i, :r_a] = scales[a] x[i] lora_a[a, :r_a]^T``, zeros elsewhere;
+    ``lora_expand_(y[M,N], s[M,R], lora_b[L,N,R], row_ids[M], ranks[L]?, add_inputs)``:
+    ``y[i] += s[i, :r_a] lora_b[a, :, :r_a]^T`` (``=`` without add_inputs) for rows with an
+    adapter, other rows untouched.
+    """
+
+    def lora_shrink_(
+        self,
+        out: Tensor,
+        x: Tensor,
+        lora_a: Tensor,
+        row_ids: Tensor,
+        scales: Tensor,
+        ranks: Tensor | None = None,
+    ) -> Tensor: ...
+
+    def lora_expand_(
+        self,
+        y: Tensor,
+        s: Tensor,
+        lora_b: Tensor,
+        row_ids: Tensor,
+        ranks: Tensor | None = None,
+        add_inputs: bool = True,
+    ) -> Tensor: ...
+
+
 PROTOCOLS: dict[str, type] = {
     "lora_linear": LoraLinearLaunchers,
     "lora_multi": LoraMultiLaunchers,
@@ -365,6 +397,7 @@ PROTOCOLS: dict[str, type] = {
     "dora": DoraLaunchers,
     "qlora": QLoraLaunchers,
     "moe": MoeLoraLaunchers,
+    "lora_delta": LoraDeltaLaunchers,
 }
 
 FAMILIES = tuple(PROTOCOLS)
@@ -391,6 +424,8 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("qlora", "triton"): "lora_kernels.backends.triton.qlora",
     ("moe", "torch"): "lora_kernels.backends.torch.moe",
     ("moe", "triton"): "lora_kernels.backends.triton.moe",
+    ("lora_delta", "torch"): "lora_kernels.backends.torch.lora_delta",
+    ("lora_delta", "triton"): "lora_kernels.backends.triton.lora_delta",
 }
 
 

@@ -46,7 +46,6 @@ import logging
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._versions import require
@@ -55,14 +54,14 @@ from ..functional import (
     lora_embedding,
     lora_embedding_multi,
     lora_linear,
-    lora_linear_multi,
     moe_lora,
     peft_expert_factors,
 )
-from ..layers.base import BASE_ADAPTER, conv1d_class
+from ..layers.base import BASE_ADAPTER, cached_host_tensor, conv1d_class
 from ..layers.dora import cached_weight_sq_norm
 from ..layers.embedding import adapter_tensor, stack_embedding_adapters
 from ..layers.moe import EXPERT_PARAMS, experts_format
+from .peft_mixed import mixed_linear_forward
 
 # before PEFT's imports: an old PEFT fails them for want of a newer module, not of PEFT
 require("peft", "lora_kernels.integrations.peft")
@@ -218,35 +217,7 @@ class FusedPeftLinear(_FusedPeftLayer, PeftLoraLinear):
     def _mixed(
         self, x: torch.Tensor, w: torch.Tensor, names: list[str], used: list[str]
     ) -> torch.Tensor:
-        """PEFT's ``_mixed_batch_forward`` in one call: row (or sequence) i runs adapter
-        ``names[i]``; ``"__base__"`` and adapters this layer lacks run the base layer only."""
-        a_w = [self.lora_A[n].weight for n in used]
-        b_w = [self.lora_B[n].weight for n in used]
-        r_max = max(w.shape[0] for w in a_w)
-        # Zero-padded to the largest rank inside autograd, so each adapter's weights get the
-        # gradient of their own rows.
-        lora_a = torch.stack([F.pad(w, (0, 0, 0, r_max - w.shape[0])) for w in a_w])
-        lora_b = torch.stack([F.pad(w, (0, r_max - w.shape[1])) for w in b_w])
-        ranks = torch.tensor([w.shape[0] for w in a_w], dtype=torch.int32, device=x.device)
-        index = {n: i for i, n in enumerate(used)}
-        ids = torch.tensor(
-            [index.get(n, -1) if n != BASE_ADAPTER else -1 for n in names],
-            dtype=torch.int32,
-            device=x.device,
-        )
-        x3 = x if x.dim() <= 3 else x.reshape(x.shape[0], -1, x.shape[-1])
-        y = lora_linear_multi(
-            x3,
-            w,
-            self.base_layer.bias,
-            lora_a,
-            lora_b,
-            [self.scaling[n] for n in used],
-            ids,
-            ranks=ranks,
-            backend=self.lora_kernels_backend,
-        )
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return mixed_linear_forward(self, x, w, self.base_layer.bias, names, used)
 
 
 class FusedPeftEmbedding(_FusedPeftLayer, PeftLoraEmbedding):
@@ -313,11 +284,8 @@ class FusedPeftEmbedding(_FusedPeftLayer, PeftLoraEmbedding):
             [self.lora_embedding_A[n] for n in used], [self.lora_embedding_B[n] for n in used]
         )
         index = {n: i for i, n in enumerate(used)}
-        ids = torch.tensor(
-            [index.get(n, -1) if n != BASE_ADAPTER else -1 for n in names],
-            dtype=torch.int32,
-            device=x.device,
-        )
+        ids = [index.get(n, -1) if n != BASE_ADAPTER else -1 for n in names]
+        ids = cached_host_tensor(self, ids, torch.int32, x.device)
         return lora_embedding_multi(
             x,
             w,

@@ -11,17 +11,22 @@ in one ``lora_kernels.qlora_linear`` call, reading the base's packed weight and 
 bitsandbytes stores them, when that is PEFT's math: one active adapter, vanilla LoRA (no DoRA or
 other variant, no ``lora_bias``), a ``bitsandbytes.nn.Linear4bit`` base without hooks, not merged,
 adapters enabled, no autocast, x already in the base's compute dtype, adapter weights in x's dtype
-or float32, no extra forward arguments. Anything else (``adapter_names`` batches included) runs
+or float32, no extra forward arguments. A mixed ``adapter_names`` batch runs under the same
+conditions for each adapter it uses (and no dropout in training mode) on the 4-bit weight
+dequantized once by ``lora_kernels.dequantize_4bit`` and one ``lora_linear_multi`` call (never
+bitsandbytes' CPU GEMM, whose AVX-512 path needs N divisible by its block). Anything else runs
 PEFT's own forward; merge, unmerge, save and the rest are PEFT's, untouched.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._versions import require
-from ..functional.qlora import qlora_linear
+from ..functional.qlora import dequantize_4bit, qlora_linear
+from .peft_mixed import mixed_linear_forward
 
 require("bitsandbytes", "lora_kernels.integrations.peft_qlora")
 
@@ -78,11 +83,33 @@ class FusedPeftLinear4bit(PeftLoraLinear4bit):
         return a.dtype in (x.dtype, torch.float32) and b.dtype == a.dtype and a.device == x.device
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not args and not kwargs and self._compute_dtype(x) is not None:
-            active = [a for a in self.active_adapters if a in self.lora_A]
-            if len(active) == 1 and self._vanilla(active[0], x):
-                return self._single(x, active[0])
+        names = kwargs.get("adapter_names")
+        if not args and set(kwargs) <= {"adapter_names"} and self._compute_dtype(x) is not None:
+            if names is None:
+                active = [a for a in self.active_adapters if a in self.lora_A]
+                if len(active) == 1 and self._vanilla(active[0], x):
+                    return self._single(x, active[0])
+            elif isinstance(names, (list, tuple)) and x.dim() >= 2 and len(names) == len(x):
+                used = [n for n in dict.fromkeys(names) if n in self.lora_A]
+                if len({self.lora_A[n].weight.dtype for n in used}) <= 1 and all(
+                    self._vanilla(n, x) and not self._training_dropout(n) for n in used
+                ):
+                    return self._mixed(x, list(names), used)
         return super().forward(x, *args, **kwargs)
+
+    def _training_dropout(self, name: str) -> bool:
+        dropout = self.lora_dropout[name]
+        return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+
+    def _mixed(self, x: torch.Tensor, names: list[str], used: list[str]) -> torch.Tensor:
+        base = self.base_layer
+        w = dequantize_4bit(base.weight, base.weight.quant_state, x.dtype)
+        bias = base.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if not used:  # "__base__" rows (and adapters this layer lacks) only
+            return F.linear(x, w, bias)
+        return mixed_linear_forward(self, x, w, bias, names, used)
 
     def _single(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer

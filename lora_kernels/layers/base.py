@@ -23,6 +23,7 @@ __all__ = [
     "BASE_ADAPTER",
     "INIT_MODES",
     "LoraLayer",
+    "SharedActive",
     "conv1d_class",
     "lora_scaling",
     "weight_state",
@@ -31,8 +32,30 @@ __all__ = [
 INIT_MODES = (True, False, "gaussian")
 """``init_lora_weights`` values every layer takes (PEFT's names)."""
 
-# Distinct adapter_names lists whose id tensors a layer keeps (see LoraLayer._row_ids).
+# Distinct host lists (ids, ranks, scales) whose tensors a layer keeps (cached_host_tensor).
 _ROW_IDS_CACHE_SIZE = 16
+
+
+def cached_host_tensor(
+    owner: object, values: list, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """``torch.tensor(values, dtype, device)``, built once per distinct values, dtype and device
+    and kept on ``owner`` (a layer): ids, ranks and scales of a mixed batch.
+
+    Building them on every call is a blocking host-to-device copy, which also cannot be captured
+    in a CUDA graph; a cached tensor is reused by a replayed decode step. A few recent lists are
+    kept (the key is the values themselves, so a cached tensor is never stale).
+    """
+    cache = owner.__dict__.setdefault("_row_ids_cache", {})
+    # A tensor made under inference_mode cannot be saved for a later backward: separate key.
+    key = (tuple(values), dtype, device, torch.is_inference_mode_enabled())
+    t = cache.pop(key, None)
+    if t is None:
+        t = torch.tensor(values, dtype=dtype, device=device)
+        while len(cache) >= _ROW_IDS_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+    cache[key] = t  # most recent last
+    return t
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -58,6 +81,25 @@ def weight_state(module) -> tuple:
     write)."""
     w = module.weight
     return (w.data_ptr(), w.device, w.dtype, w._version)
+
+
+class SharedActive:
+    """One model's active adapter, read by each of its layers that follows it: an unmerged
+    ``switch_adapter(model, name)`` without a cache is one write here, whatever the number of
+    layers (a layer without adapter ``name`` runs its base, as a per-layer switch would set).
+
+    ``names``: the adapters such a switch may select (the layers' own, when the state was set
+    up); ``synced``: every layer of the model follows this state and none is merged. Any change
+    a layer makes by itself clears ``synced``; ``switch_adapter`` then visits every layer and
+    sets the state up again.
+    """
+
+    __slots__ = ("name", "names", "synced")
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.names: frozenset[str] = frozenset()
+        self.synced = False
 
 
 class LoraLayer:
@@ -92,6 +134,36 @@ class LoraLayer:
     def active_adapter(self) -> str | None:
         """The adapter the forward applies (None: base layer only)."""
         return self._active_adapter
+
+    @property
+    def _active_adapter(self) -> str | None:
+        # The layer's own choice, or, while it follows its model's SharedActive, the model's
+        # adapter if this layer has it (what a per-layer switch would have set).
+        d = self.__dict__
+        shared = d.get("_shared_active")
+        if shared is None:
+            return d.get("_own_active")
+        name = shared.name
+        return name if name in self.r else None
+
+    @_active_adapter.setter
+    def _active_adapter(self, name: str | None) -> None:
+        # Any choice the layer makes by itself (set_adapter, merge, delete, serving) ends its
+        # following of the model: the model's next switch must visit every layer again.
+        d = self.__dict__
+        shared = d.pop("_shared_active", None)
+        if shared is not None:
+            shared.synced = False
+        d["_own_active"] = name
+
+    def _follow(self, shared: SharedActive) -> None:
+        """Read the active adapter from ``shared`` from now on (``switch_adapter`` calls it)."""
+        self.__dict__["_shared_active"] = shared
+
+    def _unsync_shared(self) -> None:
+        shared = self.__dict__.get("_shared_active")
+        if shared is not None:
+            shared.synced = False
 
     @property
     def adapter_names(self) -> list[str]:
@@ -137,6 +209,7 @@ class LoraLayer:
     def _register_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
         """Record adapter ``name``'s rank and scaling (its tensors are already in the tables);
         the first adapter becomes the active one."""
+        self._unsync_shared()  # the model's set of adapter names changed
         self.r[name] = r
         self.lora_alpha[name] = lora_alpha
         self.use_rslora[name] = bool(use_rslora)
@@ -160,6 +233,7 @@ class LoraLayer:
         """Remove adapter ``name``; if it was active, the first remaining one becomes active."""
         self._check_known("delete_adapter", name)
         self._leave_serving()
+        self._unsync_shared()
         if name in self.merged_adapters:
             raise RuntimeError(
                 f"{self.layer_name}.delete_adapter: adapter {name!r} is merged into the "
@@ -266,22 +340,9 @@ class LoraLayer:
         return list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
 
     def _row_ids(self, ids: list[int], device: torch.device) -> torch.Tensor:
-        """The int32 id tensor of a batch, built once per distinct id list and device.
-
-        Building it on every call is a blocking host-to-device copy, which also cannot be
-        captured in a CUDA graph; a cached tensor is reused by a replayed decode step. A few
-        recent lists are kept (the key is the ids themselves, so a cached tensor is never stale).
-        """
-        cache = self.__dict__.setdefault("_row_ids_cache", {})
-        # A tensor made under inference_mode cannot be saved for a later backward: separate key.
-        key = (tuple(ids), device, torch.is_inference_mode_enabled())
-        ids_t = cache.pop(key, None)
-        if ids_t is None:
-            ids_t = torch.tensor(ids, dtype=torch.int32, device=device)
-            while len(cache) >= _ROW_IDS_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-        cache[key] = ids_t  # most recent last
-        return ids_t
+        """The int32 id tensor of a batch, built once per distinct id list and device (see
+        :func:`cached_host_tensor`)."""
+        return cached_host_tensor(self, ids, torch.int32, device)
 
     def _adapters_repr(self, extra=lambda name: "") -> str:
         return ", ".join(

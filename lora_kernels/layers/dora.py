@@ -32,7 +32,7 @@ from ..functional.dora import (
     weight_sq_norm,
 )
 from ..serving.exact_merge import _bits, _block_rows, _checksum, _twin
-from .base import weight_state
+from .base import cached_host_tensor, weight_state
 
 __all__ = ["DoraMagnitude", "DoraMerge", "DoraMixin", "cached_weight_sq_norm"]
 
@@ -182,9 +182,9 @@ class DoraMixin:
         for name in dict.fromkeys(adapter_names):
             if name not in self.lora_magnitude_vector:
                 continue
-            rows = torch.tensor(
-                [i for i, n in enumerate(adapter_names) if n == name], device=x.device
-            )
+            # built once per distinct batch (kept on the layer): no copy from the host per step
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            rows = cached_host_tensor(self, rows, torch.int64, x.device)
             y = y.index_copy(0, rows, self._dora_forward(x.index_select(0, rows), name))
         return y
 

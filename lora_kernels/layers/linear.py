@@ -28,7 +28,7 @@ from torch import nn
 
 from ..functional.lora import lora_linear, merge_lora_
 from ..functional.multi import lora_linear_multi
-from .base import BASE_ADAPTER, LoraLayer, conv1d_class, weight_state
+from .base import BASE_ADAPTER, LoraLayer, cached_host_tensor, conv1d_class, weight_state
 from .dora import DoraMixin
 
 __all__ = ["FusedLoraLinear"]
@@ -411,10 +411,10 @@ class FusedLoraLinear(DoraMixin, LoraLayer, nn.Linear):
         lora_a = torch.stack([F.pad(w.to(dtype), (0, 0, 0, r_max - w.shape[0])) for w in a_w])
         lora_b = torch.stack([F.pad(w.to(dtype), (0, r_max - w.shape[1])) for w in b_w])
         device = self.weight.device
-        scales = torch.tensor([self.scaling[n] for n in names], dtype=torch.float64, device=device)
+        scales = cached_host_tensor(self, [self.scaling[n] for n in names], torch.float64, device)
         rank_t = None
         if min(ranks) < r_max:
-            rank_t = torch.tensor(ranks, dtype=torch.int32, device=device)
+            rank_t = cached_host_tensor(self, ranks, torch.int32, device)
         return lora_a, lora_b, scales, rank_t
 
     def _adapter_state(self, name: str) -> tuple:

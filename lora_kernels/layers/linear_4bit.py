@@ -57,6 +57,16 @@ class FusedLoraLinear4bit(FusedLoraLinear):
 
     compute_dtype: torch.dtype | None = None
 
+    def __init__(self, *args, **kwargs) -> None:
+        # A layer made from sizes would hold no packed weight and no quant_state: it could
+        # never run. The base must be a quantized bitsandbytes Linear4bit.
+        raise TypeError(
+            "FusedLoraLinear4bit cannot be constructed from sizes: its base is a quantized "
+            "bitsandbytes Linear4bit (packed weight + quant_state); build it with "
+            "FusedLoraLinear4bit.from_linear(linear4bit, r=..., lora_alpha=...) (or "
+            "FusedLoraLinear.from_linear / get_lora_model, which come here for a 4-bit base)"
+        )
+
     @classmethod
     def wraps(cls, module: nn.Module) -> bool:
         """A module whose weight carries a bitsandbytes ``quant_state`` (``Linear4bit``)."""
@@ -90,7 +100,9 @@ class FusedLoraLinear4bit(FusedLoraLinear):
             )
         _unpack_cpu_format(linear)
         as_quant4bit(fn, linear.weight.quant_state)  # a clear error now rather than at forward
-        layer = cls(
+        layer = cls.__new__(cls)
+        FusedLoraLinear.__init__(
+            layer,
             linear.in_features,
             linear.out_features,
             bias=linear.bias is not None,
@@ -107,6 +119,19 @@ class FusedLoraLinear4bit(FusedLoraLinear):
                 adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
             )
         return layer
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+    ) -> None:
+        """Add adapter ``name`` (rank ``r``, float32 weights). No ``use_dora``: DoRA's norm
+        needs a dense weight, which a 4-bit base does not keep."""
+        super().add_adapter(name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
     @property
     def quant_state(self):

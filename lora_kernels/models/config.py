@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ..layers.base import INIT_MODES, lora_scaling
 
-__all__ = ["LoraConfig", "lora_scaling"]
+__all__ = ["LoraConfig", "as_lora_config", "lora_scaling"]
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -271,3 +271,21 @@ class LoraConfig:
                 alpha = value
                 break
         return r, alpha
+
+
+def as_lora_config(fn: str, config: object) -> LoraConfig:
+    """``config`` as our ``LoraConfig``: ours as it is, PEFT's own ``peft.LoraConfig`` converted
+    field by field through :meth:`LoraConfig.from_dict` (its ``to_dict()``: the same fields
+    PEFT writes to ``adapter_config.json``, so a field that changes the math and that we do not
+    compute is refused by name, never dropped). Anything else: a ``TypeError`` that names the
+    class with its module (two classes called ``LoraConfig`` read alike otherwise)."""
+    if isinstance(config, LoraConfig):
+        return config
+    cls = type(config)
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__.split(".")[0] == "peft" and cls.__name__ == "LoraConfig":
+        return LoraConfig.from_dict(dict(config.to_dict()))
+    raise TypeError(
+        f"{fn}: expected config to be a lora_kernels.LoraConfig (or PEFT's peft.LoraConfig), "
+        f"got {where}"
+    )

@@ -42,7 +42,7 @@ from torch import nn
 from ..layers import BASE_ADAPTER, FusedLoraEmbedding, FusedLoraLinear
 from ..layers.moe import FusedLoraExperts
 from ..serving import state as serving
-from .config import LoraConfig
+from .config import LoraConfig, as_lora_config
 from .experts import expert_layers, plan_expert_targets
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import ALL_LINEAR, plan_targets
@@ -119,6 +119,7 @@ def get_lora_model(
     Returns:
         ``model`` itself, with ``model.lora_configs[adapter_name] == config``.
     """
+    config = as_lora_config("get_lora_model", config)
     targets, resolved, mts_names = plan_targets(model, config, adapter_name)
     expert_targets = plan_expert_targets(model, config, "get_lora_model")
     config = copy.deepcopy(config)

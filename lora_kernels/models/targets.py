@@ -17,7 +17,7 @@ from torch import nn
 
 from ..layers import BASE_ADAPTER, FusedLoraEmbedding, FusedLoraLinear
 from ..layers.embedding import unsupported_embedding_options
-from .config import LoraConfig
+from .config import LoraConfig, as_lora_config
 from .modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
@@ -210,8 +210,7 @@ def plan_targets(
     fn = "get_lora_model"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected model to be an nn.Module, got {type(model).__name__}")
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"{fn}: expected config to be a LoraConfig, got {type(config).__name__}")
+    config = as_lora_config(fn, config)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(
             f"{fn}: expected adapter_name to be a non-empty str without '.', got {adapter_name!r}"

@@ -74,6 +74,18 @@ class SlotTensors(NamedTuple):
     ranks: torch.Tensor  # [slots] int32, each slot's true rank (0: skips the layer)
 
 
+def _unservable(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot read its adapters from device slots (None: it can). Slots hold
+    stacked ``lora_A [in]`` / ``lora_B [out]`` in the weight's dtype for ``lora_linear_multi``:
+    an embedding's adapters are ``[r, V]`` tables of another kernel, a 4-bit weight's dtype is
+    its packed bytes."""
+    if not isinstance(layer, FusedLoraLinear):
+        return f"a {type(layer).__name__}"
+    if not layer.weight.is_floating_point():
+        return f"a {type(layer).__name__} with a {layer.weight.dtype} (quantized) weight"
+    return None
+
+
 @dataclass
 class _Pool:
     """The device slots of one model: per module path, stacked adapter tensors."""
@@ -116,6 +128,15 @@ class DeviceSlots:
         layers = dict(lora_layers(model))
         if not layers:
             raise ValueError(f"{fn}: the model has no FusedLoraLinear layers")
+        unserved = [f"{p} ({why})" for p, m in layers.items() if (why := _unservable(m))]
+        if unserved:
+            raise ValueError(
+                f"{fn}: device slots serve FusedLoraLinear layers on a 16/32-bit weight; the "
+                f"model also has {', '.join(unserved[:4])}"
+                + (f" and {len(unserved) - 4} more" if len(unserved) > 4 else "")
+                + ". Use switch_adapter(model, name, cache=cache) without attach (the cache "
+                "then installs device copies); nothing was allocated"
+            )
         devices = {m.weight.device for m in layers.values()}
         if len(devices) != 1:
             raise ValueError(f"{fn}: the model's layers are on several devices: {devices}")

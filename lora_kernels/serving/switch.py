@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..layers import BASE_ADAPTER, FusedLoraLinear
+from ..layers.base import SharedActive
 from ..models.model import lora_layers
 from . import cache as cache_module
 from . import state as serving
@@ -291,6 +292,8 @@ def _apply_switch(fn: str, model: nn.Module, plan: _SwitchPlan) -> None:
                 layer.merge(name, exact=plan.exact)
         else:
             layer.set_adapter(None)
+    if not plan.merged and not plan.serve:
+        _share_active(model, layers, state, name)
     if plan.serve:
         slots = {
             n: i.slot for n, i in state.installed.items() if i.cache is cache and i.slot is not None
@@ -298,6 +301,40 @@ def _apply_switch(fn: str, model: nn.Module, plan: _SwitchPlan) -> None:
         serving.engage(model, layers, cache, slots, name)
     if hasattr(model, "active_lora_adapter"):
         model.active_lora_adapter = name
+
+
+_ACTIVE_ATTR = "_lora_kernels_active"
+
+
+def _share_active(model: nn.Module, layers, state: _SwitchState, name: str | None) -> None:
+    """After an unmerged switch that visited every layer: make each layer follow one
+    model-level ``SharedActive``, so the next such switch is one write (``_switch_shared``)."""
+    shared = model.__dict__.get(_ACTIVE_ATTR)
+    if shared is None:
+        shared = model.__dict__[_ACTIVE_ATTR] = SharedActive()
+    shared.name = name
+    # adapters installed from a cache need cache= (the plan says so): not switchable here
+    shared.names = frozenset(n for m in layers.values() for n in m.r) - set(state.installed)
+    for layer in layers.values():
+        layer._follow(shared)
+    shared.synced = True
+
+
+def _switch_shared(model: nn.Module, name: str | None) -> bool:
+    """An unmerged switch without a cache of a model whose layers all follow its
+    ``SharedActive`` (none merged, none changed by itself since): one write; False (nothing
+    done) when the switch needs the plan."""
+    shared = model.__dict__.get(_ACTIVE_ATTR)
+    if shared is None or not shared.synced:
+        return False
+    if name == BASE_ADAPTER:
+        name = None
+    if name is not None and (not isinstance(name, str) or name not in shared.names):
+        return False
+    shared.name = name
+    if "active_lora_adapter" in model.__dict__:  # a plain attribute: skip Module.__setattr__
+        model.__dict__["active_lora_adapter"] = name
+    return True
 
 
 def _switch_served(model: nn.Module, name: str | None, cache: AdapterCache | None) -> bool:
@@ -356,6 +393,11 @@ def switch_adapter(
     another adapter needs it). ``release_adapters`` removes them. Without ``cache``, ``name``
     must already be an adapter of the layers (``get_lora_model``, ``load_adapter``).
 
+    An unmerged switch without a cache, after one that visited every layer, is one write to
+    a model-level state every layer reads (``layers.base.SharedActive``), flat in the number
+    of layers, until a layer changes by itself (``set_adapter``, ``merge``, an adapter added or
+    deleted): the next switch then visits every layer again.
+
     An unmerged switch of a model served from the cache's device slots (``cache.attach``, then
     a first ``switch_adapter(model, name, cache=cache)``) to an adapter already in a slot, or to
     the base, writes the model's serving state once (``lora_kernels.serving``): its cost does not
@@ -373,8 +415,11 @@ def switch_adapter(
             "which switch_adapter does not switch yet; use set_adapter, and merge() / unmerge() "
             "on the layers"
         )
-    if not merged and not exact and _switch_served(model, name, cache):
-        return
+    if not merged and not exact:
+        if _switch_served(model, name, cache):
+            return
+        if cache is None and _switch_shared(model, name):
+            return
     _apply_switch(fn, model, _plan_switch(fn, model, name, cache, merged, exact))
 
 

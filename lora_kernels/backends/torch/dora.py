@@ -8,6 +8,10 @@ blindly::
     lin  = x_in @ W^T + s (x_in A^T) B^T              x_in = x_lora if given, else x
     y    = g * lin + bias + (x - x_lora) @ W^T
 
+Without dropout the output is arranged as PEFT's, ``base + (g - 1) * (base - bias) + g * s
+(x A^T) B^T`` with ``base = x W^T + bias`` from ``F.linear``: an adapter at init (g = 1 exactly,
+B = 0) is then an exact no-op, bit for bit the base layer's output.
+
 The norm never builds ``W + s B A`` ([N, K]): ``||W||_row^2`` is cached by the caller (the base
 is frozen) and ``W A^T`` [N, r] is one skinny GEMM over W. A 16-bit W is upcast a block of rows
 at a time (``_BLOCK_BYTES`` of fp32), never whole.
@@ -23,13 +27,19 @@ from __future__ import annotations
 
 import torch
 
-_BLOCK_BYTES = 512 << 10  # fp32 rows of W upcast at once (as the merge's blocks)
+from ...reference import ILL_CONDITIONED
 
-ILL_CONDITIONED = 1.0 / 16
-"""A row whose squared norm is below this share of the sum of its three terms' magnitudes (the
-adapter nearly cancels the row of W) loses more than 4 bits of the factored sum to cancellation:
-such rows are recomputed from ``W_n + s B_n A`` directly. Trained adapters change a row by a few
-percent, far from it; degenerate shapes (K = 1) and adversarial weights reach it."""
+__all__ = [
+    "ILL_CONDITIONED",
+    "dora_linear_bwd",
+    "dora_linear_fwd",
+    "dora_merge_",
+    "dora_unmerge_",
+    "dora_weight_norm",
+    "weight_sq_norm",
+]
+
+_BLOCK_BYTES = 512 << 10  # fp32 rows of W upcast at once (as the merge's blocks)
 
 
 def _acc(*tensors) -> torch.dtype:
@@ -93,12 +103,19 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora, g):
     magnitude's gradient) and ``s = x_in @ lora_a.T`` (fp32, fp64 for fp64 adapters). ``g`` is
     ``[N]``, fp32 (fp64 for fp64 inputs)."""
     if x_lora is None:
-        lin, s = _lin(x, weight, lora_a, lora_b, scale)
-        if bias is not None and g.dtype == x.dtype:
-            return torch.addcmul(bias, lin, g), lin, s.to(g.dtype)  # one pass over the output
-        y = lin * g  # g is fp32: a 16-bit lin is rescaled in fp32 and rounded once below
-        if bias is not None:
-            y = y + bias
+        # PEFT's arrangement: y = base + (g - 1) * (base - bias) + g * s (x A^T) B^T with
+        # base = nn.Linear's own output. An adapter at init (B = 0, magnitude = ||W||_row, so
+        # g = 1 exactly) gives back the base output bit for bit, as PEFT does; x W^T + bias
+        # computed any other way rounds differently (the BLAS adds the bias inside the GEMM).
+        ldt = lora_a.dtype
+        s = (x if ldt == x.dtype else x.to(ldt)) @ lora_a.T
+        lora_out = torch.mm(s, lora_b.T).mul_(scale)
+        base = torch.nn.functional.linear(x, weight, bias)
+        base_nb = base if bias is None else base - bias
+        lin = base_nb + lora_out.to(x.dtype)
+        acc = g.dtype  # fp32 (fp64): a 16-bit output is rescaled there and rounded once
+        y = torch.addcmul(base.to(acc), base_nb.to(acc), g - 1.0)
+        y.addcmul_(lora_out.to(acc), g)
         return y.to(x.dtype), lin, s.to(g.dtype)
     lin, s = _lin(x_lora, weight, lora_a, lora_b, scale)
     lora_out = torch.mm(s, lora_b.T) * scale

@@ -17,6 +17,11 @@ from __future__ import annotations
 import torch
 
 
+def _reads_ids(device: torch.device) -> bool:
+    """Whether the adapter ids may be read on the host (on CPU: free; elsewhere a sync)."""
+    return device.type == "cpu"
+
+
 def lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids=None, padding_idx=-1):
     # padding_idx only changes gradients, which lora_embedding_bwd computes: the forward is two
     # plain gathers (aten's embedding, without F.embedding's Python wrapper: decode-sized calls
@@ -33,10 +38,18 @@ def lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids=None, paddin
         s = lora_a.transpose(1, 2)[aid.clamp(min=0), ids]
         s = s * (aid >= 0)[:, None].to(adt)
         y = base
-        for a in range(lora_a.shape[0]):
-            rows = (aid == a).nonzero().squeeze(1)
-            if rows.numel():
-                y = y.index_add(0, rows, s[rows] @ lora_b[a].T, alpha=scales[a])
+        if _reads_ids(ids.device):
+            for a in range(lora_a.shape[0]):
+                rows = (aid == a).nonzero().squeeze(1)
+                if rows.numel():
+                    y = y.index_add(0, rows, s[rows] @ lora_b[a].T, alpha=scales[a])
+        else:
+            # Off the CPU each adapter's rows are not looked up (a host synchronisation per
+            # adapter): every adapter's term is computed for all rows and kept where it applies
+            # (decode-sized batches; the scales stay host floats, nothing is copied over).
+            for a in range(lora_a.shape[0]):
+                term = torch.mm(s, lora_b[a].T).mul_(scales[a])
+                y = y + torch.where((aid == a)[:, None], term, 0.0)
     if y.dtype != weight.dtype:
         y = y.to(weight.dtype)
     return y, s if s.dtype == torch.float32 else s.float()

@@ -27,6 +27,11 @@ reading the ids costs no device synchronisation):
 share adapters (at most ``_GATHER_ROWS_PER_ADAPTER`` rows per used adapter on average) and its
 copies are small (``_GATHER_MAX_ELEMENTS`` weights), i.e. small decode batches; ``segment``
 otherwise.
+
+Off the CPU (this path forced on CUDA, or float64 there) reading the ids would synchronise the
+host with the device on every call, so the ids are never read there: every row gathers its
+adapter's weights (``gather`` over all rows, in chunks of at most ``_GATHER_MAX_ELEMENTS`` gathered
+weights; rows with no adapter get a zero term), the same ops whatever the ids.
 """
 
 from __future__ import annotations
@@ -35,6 +40,28 @@ import torch
 
 _GATHER_ROWS_PER_ADAPTER = 1.5
 _GATHER_MAX_ELEMENTS = 1 << 21
+
+
+def _reads_ids(device: torch.device) -> bool:
+    """Whether the ids may be read on the host to plan the call (on CPU: free; elsewhere a
+    synchronisation, never done)."""
+    return device.type == "cpu"
+
+
+def _dense_rows(row_ids: torch.Tensor, num_adapters: int, scales: torch.Tensor):
+    """``(adapters, valid, row_scales)`` for every row, from device ops only: each row's adapter
+    (0 where it has none, masked out by ``valid``) and its scale (0 where it has none)."""
+    ids = row_ids.long()
+    valid = (ids >= 0) & (ids < num_adapters)
+    adapters = torch.where(valid, ids, 0)
+    row_scales = torch.where(valid, scales[adapters], 0.0)
+    return adapters, valid, row_scales
+
+
+def _chunks(m: int, r_max: int, k: int, n: int):
+    rows = max(1, _GATHER_MAX_ELEMENTS // max(1, r_max * (k + n)))
+    for start in range(0, m, rows):
+        yield slice(start, min(m, start + rows))
 
 
 def _plan(row_ids: torch.Tensor, num_adapters: int, r_max: int, k: int, n: int):
@@ -94,6 +121,20 @@ def lora_linear_multi_fwd(x, weight, bias, lora_a, lora_b, scales, row_ids, rank
     y = torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = torch.zeros((m, r_max), dtype=acc, device=x.device)
+    if not _reads_ids(x.device):
+        scales = scales.to(device=x.device, dtype=acc)
+        adapters, valid, row_scales = _dense_rows(row_ids, num_adapters, scales)
+        mask = _rank_mask(ranks, adapters, r_max)
+        for rows in _chunks(m, r_max, k, n):
+            ad = adapters[rows]
+            sa = torch.bmm(lora_a[ad].to(acc), x[rows].to(acc).unsqueeze(2)).squeeze(2)
+            if mask is not None:
+                sa.mul_(mask[rows])
+            sa = torch.where(valid[rows, None], sa, 0.0)
+            term = torch.bmm(lora_b[ad].to(acc), (sa * row_scales[rows, None]).unsqueeze(2))
+            y[rows] += term.squeeze(2).to(y.dtype)
+            s[rows] = sa
+        return y, s
     strategy, rows, adapters, counts = _plan(row_ids, num_adapters, r_max, k, n)
     if rows.numel() == 0:
         return y, s
@@ -145,6 +186,9 @@ def lora_linear_multi_bwd(
     db = torch.zeros(lora_b.shape, dtype=lora_b.dtype, device=x.device) if needs_db else None
     if not (needs_dx or needs_da or needs_db):
         return dx, da, db
+    if not _reads_ids(x.device):
+        _dense_bwd(dy, x, lora_a, lora_b, scales, row_ids, s, ranks, dx, da, db, acc)
+        return dx, da, db
     strategy, rows, adapters, counts = _plan(row_ids, num_adapters, r_max, k, n)
     if rows.numel() == 0:
         return dx, da, db
@@ -185,3 +229,39 @@ def lora_linear_multi_bwd(
         if needs_db:
             db[a, :, :r] = (dya.T @ s.index_select(0, idx)[:, :r].to(acc)).mul_(sc)
     return dx, da, db
+
+
+def _dense_bwd(dy, x, lora_a, lora_b, scales, row_ids, s, ranks, dx, da, db, acc):
+    """The backward of the dense (id-blind) forward into ``dx``/``da``/``db`` (None: not
+    needed): every row gathers its adapter's weights, rows with no adapter add zeros."""
+    m, k = x.shape
+    num_adapters, r_max, _ = lora_a.shape
+    n = lora_b.shape[1]
+    scales = scales.to(device=x.device, dtype=acc)
+    adapters, valid, row_scales = _dense_rows(row_ids, num_adapters, scales)
+    mask = _rank_mask(ranks, adapters, r_max)
+    grad_a = torch.zeros(lora_a.shape, dtype=acc, device=x.device) if da is not None else None
+    grad_b = torch.zeros(lora_b.shape, dtype=acc, device=x.device) if db is not None else None
+    for rows in _chunks(m, r_max, k, n):
+        ad = adapters[rows]
+        ok = valid[rows, None]
+        sc = row_scales[rows, None]
+        dya = dy[rows].to(acc)
+        if dx is not None or grad_a is not None:
+            t = torch.bmm(dya.unsqueeze(1), lora_b[ad].to(acc)).squeeze(1)  # [c, r]
+            if mask is not None:
+                t.mul_(mask[rows])
+            t = torch.where(ok, t * sc, 0.0)
+            if dx is not None:
+                dx[rows] += torch.bmm(t.unsqueeze(1), lora_a[ad].to(acc)).squeeze(1).to(dx.dtype)
+            if grad_a is not None:
+                grad_a.index_add_(0, ad, t.unsqueeze(2) * x[rows].to(acc).unsqueeze(1))
+        if grad_b is not None:
+            sa = s[rows].to(acc)
+            if mask is not None:
+                sa = sa * mask[rows]
+            grad_b.index_add_(0, ad, torch.where(ok, dya * sc, 0.0).unsqueeze(2) * sa.unsqueeze(1))
+    if da is not None:
+        da.copy_(grad_a)
+    if db is not None:
+        db.copy_(grad_b)

@@ -1,0 +1,220 @@
+"""A decode step of every family reads no device value on the host and copies nothing from the
+host, call after call: no ``.item()`` / ``.tolist()`` / ``bool(tensor)``, no tensor built from a
+Python list, no ``aten::_local_scalar_dense``. On CUDA each of those is a synchronisation or a
+blocking copy, and none can be captured in a CUDA graph.
+
+This machine has no GPU, so the steps run on CPU tensors on the path CUDA takes: the checks'
+value reads (CPU-only by design, ``_checks.reads_values``) are switched off as on CUDA, and the
+torch backend's multi-adapter and embedding fallbacks take their id-blind paths (``_reads_ids``),
+which is what they run off the CPU. Each step runs once to warm the layers' caches of small
+host-made tensors (ids, ranks, scales: built once per distinct batch), then once traced.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lora_kernels as lk
+from lora_kernels import _checks
+from lora_kernels.backends.torch import lora_embedding as torch_embedding
+from lora_kernels.backends.torch import lora_multi as torch_multi
+
+K, N, V = 24, 17, 31
+FORBIDDEN_OPS = ("_local_scalar_dense", "lift_fresh", "nonzero", "unique", "item")
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy", "cpu")
+HOST_MAKERS = ("tensor", "as_tensor", "from_numpy")
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def cuda_like(monkeypatch):
+    """Returns ``trace(step)``: the forbidden ops and host calls one call of ``step`` makes."""
+    monkeypatch.setattr(_checks, "reads_values", lambda device: False)
+    monkeypatch.setattr(torch_multi, "_reads_ids", lambda device: False)
+    monkeypatch.setattr(torch_embedding, "_reads_ids", lambda device: False)
+    calls = []
+    counting = [False]
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            if counting[0]:
+                calls.append(name)
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name in HOST_MAKERS:
+        monkeypatch.setattr(torch, name, counted(f"torch.{name}", getattr(torch, name)))
+    for name in HOST_READS:
+        method = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, counted(f"Tensor.{name}", method))
+
+    def trace(step):
+        step()  # warm-up: caches of ids / ranks / scales fill here
+        del calls[:]
+        mode = _Ops()
+        counting[0] = True
+        try:
+            with mode:
+                step()
+        finally:
+            counting[0] = False
+        bad = [op for op in mode.ops if any(f in op for f in FORBIDDEN_OPS)]
+        return bad + list(calls)
+
+    return trace
+
+
+def _randomise(module):
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.3)
+
+
+def _layer(**kw):
+    layer = lk.FusedLoraLinear(K, N, r=4, lora_alpha=8, backend="torch", **kw)
+    layer.add_adapter("two", 7, 5, **({"use_dora": True} if kw.get("use_dora") else {}))
+    _randomise(layer)
+    return layer.eval()
+
+
+NAMES = ["default", "__base__", "two", "default"]
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_linear_decode_steps(cuda_like, use_dora):
+    layer = _layer(use_dora=use_dora)
+    x = torch.randn(4, K)
+    with torch.no_grad():
+        assert cuda_like(lambda: layer(x)) == []
+        assert cuda_like(lambda: layer(x, adapter_names=NAMES)) == []
+        assert cuda_like(lambda: layer(x[:, None], adapter_names=NAMES)) == []  # [B, 1, K]
+
+
+def test_embedding_decode_steps(cuda_like):
+    layer = lk.FusedLoraEmbedding(V, N, r=4, lora_alpha=8, init_lora_weights=False,
+                                  backend="torch")  # fmt: skip
+    layer.add_adapter("two", 7, 5, init_lora_weights=False)
+    ids = torch.randint(0, V, (4, 1))
+    with torch.no_grad():
+        assert cuda_like(lambda: layer(ids)) == []
+        assert cuda_like(lambda: layer(ids, adapter_names=NAMES)) == []
+
+
+def test_qlora_decode_steps(cuda_like):
+    bnb = pytest.importorskip("bitsandbytes")
+    base = bnb.nn.Linear4bit(K, N, compute_dtype=torch.float32, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(N, K), requires_grad=False, quant_type="nf4")
+    base = base.to("cpu")
+    layer = lk.FusedLoraLinear.from_linear(base, r=4, lora_alpha=8, backend="torch")
+    layer.add_adapter("two", 7, 5)
+    _randomise(layer)
+    layer.eval()
+    x = torch.randn(4, K)
+    with torch.no_grad():
+        assert cuda_like(lambda: layer(x)) == []
+        assert cuda_like(lambda: layer(x, adapter_names=NAMES)) == []
+
+
+def test_fused_peft_decode_steps(cuda_like):
+    peft = pytest.importorskip("peft")
+    from lora_kernels.integrations.peft import fuse
+
+    model = nn.Sequential(nn.Embedding(V, K), nn.Linear(K, N))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["0", "1"]))
+    pm.add_adapter("two", peft.LoraConfig(r=7, lora_alpha=5, target_modules=["0", "1"]))
+    _randomise(pm)
+    fuse(pm.eval(), backend="torch")
+    ids = torch.randint(0, V, (4, 1))
+    with torch.no_grad():
+        assert cuda_like(lambda: pm(ids, adapter_names=NAMES)) == []
+
+
+def test_torch_multi_id_blind_path_equals_the_planned_one(monkeypatch):
+    """The fallback's id-blind path (off the CPU) computes what the planned one does, forward
+    and backward, ids out of range included (they act as -1), and reads no id on the host."""
+    m, r_max, adapters = 9, 6, 3
+    x = torch.randn(m, K, requires_grad=True)
+    w, b = torch.randn(N, K), torch.randn(N)
+    lora_a = torch.randn(adapters, r_max, K, requires_grad=True)
+    lora_b = torch.randn(adapters, N, r_max, requires_grad=True)
+    scales = torch.tensor([0.5, 2.0, -1.25])
+    ranks = torch.tensor([6, 2, 5], dtype=torch.int32)
+    ids = torch.tensor([0, 2, -1, 1, 1, 7, 0, 2, -3], dtype=torch.int32)
+
+    def run():
+        y, s = torch_multi.lora_linear_multi_fwd(x, w, b, lora_a, lora_b, scales, ids, ranks)
+        dy = torch.linspace(-1, 1, m * N).reshape(m, N)
+        grads = torch_multi.lora_linear_multi_bwd(dy, x, w, lora_a, lora_b, scales, ids, s, ranks)
+        return (y, s, *grads)
+
+    planned = run()
+    monkeypatch.setattr(torch_multi, "_reads_ids", lambda device: False)
+    reads = []
+    for name in HOST_READS:
+        method = getattr(torch.Tensor, name)
+
+        def call(*args, _m=method, _n=name, **kwargs):
+            reads.append(_n)
+            return _m(*args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, call)
+    mode = _Ops()
+    with mode:
+        blind = run()
+    monkeypatch.undo()
+    assert reads == []
+    assert not [op for op in mode.ops if any(f in op for f in FORBIDDEN_OPS)]
+    for got, want in zip(blind, planned, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the ids' content changes no op: another batch runs the same op sequence
+    monkeypatch.setattr(torch_multi, "_reads_ids", lambda device: False)
+    ids.copy_(torch.tensor([-1] * m, dtype=torch.int32))
+    again = _Ops()
+    with again:
+        run()
+    assert again.ops == mode.ops
+
+
+def test_list_scales_are_copied_to_the_device_once(cuda_like):
+    """``lora_linear_multi`` with scales as a list (what the layers pass): the list becomes a
+    device tensor once, not on every call."""
+    x, w = torch.randn(4, K), torch.randn(N, K)
+    a, b = torch.randn(2, 3, K), torch.randn(2, N, 3)
+    ids = torch.tensor([1, -1, 0, 1], dtype=torch.int32)
+    step = lambda: lk.lora_linear_multi(x, w, None, a, b, [0.5, 1.5], ids, backend="torch")  # noqa: E731
+    assert cuda_like(step) == []
+    ref = copy.deepcopy(step())
+    torch.testing.assert_close(
+        lk.lora_linear_multi(x, w, None, a, b, torch.tensor([0.5, 1.5]), ids, backend="torch"),
+        ref,
+    )
+
+
+def test_torch_embedding_id_blind_forward_equals_the_planned_one(monkeypatch):
+    from lora_kernels.backends.torch.lora_embedding import lora_embedding_fwd
+
+    ids = torch.randint(0, V, (9,))
+    weight = torch.randn(V, N)
+    lora_a, lora_b = torch.randn(3, 5, V), torch.randn(3, N, 5)
+    row_ids = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2], dtype=torch.int32)
+    planned = lora_embedding_fwd(ids, weight, lora_a, lora_b, [0.5, 2.0, -1.5], row_ids)
+    monkeypatch.setattr(torch_embedding, "_reads_ids", lambda device: False)
+    blind = lora_embedding_fwd(ids, weight, lora_a, lora_b, [0.5, 2.0, -1.5], row_ids)
+    for got, want in zip(blind, planned, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
