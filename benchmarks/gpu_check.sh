@@ -5,12 +5,14 @@
 #                     lora_kernels; --no-deps keeps the machine's torch)
 #   2. env.json       nvidia-smi, device properties, versions, and the build toolchain: gcc,
 #                     Python headers, ninja, nvcc against torch's CUDA version
-#   3. Triton tests   test_triton_lora_linear, test_multi, test_merge, test_switching, test_cache
-#                     with TRITON_INTERPRET=0, the ones present (never run on a GPU before: first)
+#   3. Triton tests   every family's kernel tests and the strided-argument tests (lora_linear,
+#                     multi, merge, embedding, DoRA, QLoRA, MoE, lora_delta), then switching and
+#                     cache, with TRITON_INTERPRET=0, the ones present (never run on a GPU: first)
 #   4. build          the CUDA extension, just in time, for the GPU present
 #                     (lora_kernels.backends.cuda.build)
 #   5. tests          pytest -m gpu (tests/test_cuda.py and every other GPU-marked test)
-#   6. benchmarks     bench_cuda, bench_merge, bench_lora_linear, bench_multi, bench_serving
+#   6. benchmarks     bench_cuda, bench_merge, bench_lora_linear, bench_multi, bench_qlora (decode
+#                     vs bitsandbytes' 4-bit GEMV), bench_moe, bench_serving
 #
 # Results go to $OUT, or to the directory given as $1 when OUT is unset: at most 8 files, no
 # subdirectories: gpu_check.log (every step's output), env.json, summary.json (each step's exit
@@ -103,9 +105,9 @@ INSTALL_ARGS=(-m pip install --no-build-isolation --no-deps -e .)
 if [[ $DRY_RUN == 1 ]]; then
   INSTALL_ARGS+=(--dry-run)
 fi
-step install 50 "$PYTHON" "${INSTALL_ARGS[@]}"
+step install 40 "$PYTHON" "${INSTALL_ARGS[@]}"
 
-step env 30 "$PYTHON" - "$OUT/env.json" <<'EOF'
+step env 20 "$PYTHON" - "$OUT/env.json" <<'EOF'
 import datetime, json, platform, subprocess, sys
 
 
@@ -170,19 +172,22 @@ print(json.dumps(env, indent=2))
 EOF
 
 triton_tests=()
-for f in tests/test_triton_lora_linear.py tests/test_multi.py tests/test_merge.py tests/test_switching.py tests/test_cache.py; do
+for f in tests/test_triton_lora_linear.py tests/test_multi.py tests/test_merge.py \
+  tests/test_embedding.py tests/test_dora.py tests/test_qlora.py tests/test_moe.py \
+  tests/test_lora_delta.py tests/test_triton_strides.py tests/test_strides_embedding_dora_qlora.py \
+  tests/test_switching.py tests/test_cache.py; do
   [[ -f $f ]] && triton_tests+=("$f")
 done
 if ((${#triton_tests[@]})); then
-  step tests_triton 120 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" "${triton_tests[@]}"
+  step tests_triton 180 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" "${triton_tests[@]}"
 fi
 
 # build.py runs on its own here (not through the package's __init__), so that the build is
 # reported even if another part of the package fails to import on this machine.
 if [[ $DRY_RUN == 1 ]]; then
-  step build 90 "$PYTHON" -c "import runpy; runpy.run_path('lora_kernels/backends/cuda/build.py')"
+  step build 70 "$PYTHON" -c "import runpy; runpy.run_path('lora_kernels/backends/cuda/build.py')"
 else
-  step build 90 "$PYTHON" -c "
+  step build 70 "$PYTHON" -c "
 import runpy
 status = runpy.run_path('lora_kernels/backends/cuda/build.py')['extension_status']()
 print('CUDA extension:', status)
@@ -192,11 +197,13 @@ fi
 
 step tests_gpu 60 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests
 # Each within its cap by its own budget switch, so that it finishes and writes its JSON.
-bench bench_cuda 30 --quick
-bench bench_merge 25 --quick
-bench bench_lora_linear 25 --budget-s 15
-bench bench_multi 25 --max-seconds 15
-bench bench_serving 15 --quick
+bench bench_cuda 15 --quick
+bench bench_merge 10 --quick
+bench bench_lora_linear 20 --budget-s 12
+bench bench_multi 15 --max-seconds 10
+bench bench_qlora 15 --quick
+bench bench_moe 15 --quick
+bench bench_serving 10 --quick
 
 "$PYTHON" - "$STEPS" "$OUT/summary.json" "$SECONDS" "$DRY_RUN" <<'EOF'
 import json, sys

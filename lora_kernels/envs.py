@@ -17,6 +17,12 @@ variable                        default   meaning
                                           ``$XDG_CACHE_HOME/lora_kernels`` or ``~/.cache``
 ``LORA_KERNELS_TRITON_AUTOTUNE`` ``1``    ``0``: every Triton launch takes its first candidate
                                           config untimed (reproducible, no tuning runs)
+``LORA_KERNELS_VLLM``           ``1``     ``0``: the vLLM plugin leaves vLLM's own punica
+                                          wrapper in place (docs/serving-engines.md)
+``LORA_KERNELS_VLLM_FUSED``     ``0``     ``1``: vLLM's unquantized, unsharded linear LoRA
+                                          layers run base GEMM and adapters in one kernel
+``LORA_KERNELS_SGLANG``         ``1``     ``0``: the SGLang plugin does not register the
+                                          ``lora_kernels`` LoRA backend
 =============================== ========= ====================================================
 """
 
@@ -32,6 +38,9 @@ DOCS = {
     "LORA_KERNELS_CUDA_ARCHS": "compute capabilities to build for, e.g. '80;90+PTX'",
     "LORA_KERNELS_CACHE_DIR": "directory of just-in-time CUDA builds",
     "LORA_KERNELS_TRITON_AUTOTUNE": "0: Triton launches take their first config untimed",
+    "LORA_KERNELS_VLLM": "0: the vLLM plugin keeps vLLM's own punica wrapper",
+    "LORA_KERNELS_VLLM_FUSED": "1: vLLM linear LoRA layers run base + LoRA in one kernel",
+    "LORA_KERNELS_SGLANG": "0: the SGLang plugin does not register its LoRA backend",
 }
 
 
@@ -70,6 +79,26 @@ def cache_dir() -> str:
 def triton_autotune() -> bool:
     """False when ``LORA_KERNELS_TRITON_AUTOTUNE=0``: each launch takes its first config."""
     return _get("LORA_KERNELS_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _switch(name: str) -> bool:
+    """An on/off switch that is on unless set to ``0``, ``false``, ``off`` or ``no``."""
+    return _get(name, "1").lower() not in ("0", "false", "off", "no")
+
+
+def vllm_plugin() -> bool:
+    """``LORA_KERNELS_VLLM``: whether the vLLM plugin installs our punica wrapper."""
+    return _switch("LORA_KERNELS_VLLM")
+
+
+def vllm_fused() -> bool:
+    """``LORA_KERNELS_VLLM_FUSED=1``: the vLLM plugin also fuses base GEMM and LoRA (opt-in)."""
+    return _get("LORA_KERNELS_VLLM_FUSED", "0").lower() in ("1", "true", "on", "yes")
+
+
+def sglang_plugin() -> bool:
+    """``LORA_KERNELS_SGLANG``: whether the SGLang plugin registers the ``lora_kernels`` backend."""
+    return _switch("LORA_KERNELS_SGLANG")
 
 
 def describe() -> dict[str, str | None]:

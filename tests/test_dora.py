@@ -569,3 +569,44 @@ def test_dora_refused_where_it_has_no_fused_path():
         lk.get_lora_model(model, config)
     assert type(model[0]) is Conv1D
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize(
+    ("dtype", "lora_dtype"),
+    [(torch.float32, torch.float32), (torch.float16, torch.float16),
+     (torch.bfloat16, torch.float32)],
+)  # fmt: skip
+@pytest.mark.parametrize(("n", "k", "r"), [(1, 1, 1), (37, 70, 20), (19, 133, 3)])
+def test_triton_merge_and_unmerge_match_the_spec(dtype, lora_dtype, n, k, r):
+    """The Triton backend merges with a kernel of its own (one pass over W, rounded once), the
+    spec's value within the tolerance rule; unmerge with the merge-time norm restores W."""
+    x, w, _, a, bb, m = make((1,), k, n, r, dtype, lora_dtype=lora_dtype)
+    scale = 0.75
+    w_t, w_s = w.clone(), w.clone()
+    norm = lk.merge_dora_(w_t, a, bb, m, scale, backend="triton")
+    lk.merge_dora_(w_s, a, bb, m, scale, backend="torch")
+    want = R.merge_dora(*_f64(w, a, bb, m), scale)
+    assert_close_to_ref("merged", w_t, want, w_s)
+    lk.unmerge_dora_(w_t, a, bb, m, scale, norm, backend="triton")
+    lk.unmerge_dora_(w_s, a, bb, m, scale, norm, backend="torch")
+    back = R.unmerge_dora(*_f64(R.merge_dora(w, a, bb, m, scale), a, bb, m, norm), scale)
+    assert_close_to_ref("unmerged", w_t, back, w_s)
+
+
+def test_triton_launchers_do_not_import_the_torch_backend():
+    """The Triton DoRA, QLoRA and embedding launchers stand on their own: shared constants live
+    in the spec (``reference.ILL_CONDITIONED``), merges run on Triton's own kernels."""
+    import ast
+    from pathlib import Path
+
+    import lora_kernels.backends.triton as triton_pkg
+
+    root = Path(triton_pkg.__file__).parent
+    for name in ("dora", "qlora", "lora_embedding", "_args"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not target.startswith("..torch"), f"{name}.py imports {target}"
+                assert "backends.torch" not in target, f"{name}.py imports {target}"

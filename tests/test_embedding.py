@@ -133,6 +133,147 @@ def test_multi_adapter_rows_forward_and_gradients(backend, per_sequence):
         torch.testing.assert_close(b.grad[i].double(), db, rtol=1e-5, atol=1e-5)
 
 
+class _AtomicLanes:
+    """Counts the lanes of every atomic the Triton interpreter runs (masked lanes excluded)."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import interpreter
+
+        builder = interpreter.interpreter_builder
+        original = builder.create_atomic_rmw
+        self.lanes = 0
+
+        def counting(op, ptr, val, mask, sem, scope):
+            self.lanes += int(mask.data.sum())
+            return original(op, ptr, val, mask, sem, scope)
+
+        monkeypatch.setattr(builder, "create_atomic_rmw", counting)
+
+
+def _triton_embedding():
+    from lora_kernels.backends.triton import lora_embedding as launchers
+
+    return launchers
+
+
+def _mixed_adapters(v, d, num, r):
+    w = torch.randn(v, d)
+    a = torch.randn(num, r, v)
+    b = torch.randn(num, d, r)
+    return w, a, b, [0.5 + i for i in range(num)]
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
+def test_triton_masks_ids_out_of_range():
+    """What the checks cannot see on a GPU: a token id outside [0, V) gives a zero row and no
+    gradient, an adapter id outside [0, L) acts as -1; no atomic lands for them."""
+    launchers = _triton_embedding()
+    v, d, num, r = 13, 10, 3, 4
+    w, a, b, scales = _mixed_adapters(v, d, num, r)
+    ids = torch.tensor([2, v, 5, -3, 7, 2, v + 40, 1])
+    rows = torch.tensor([0, 1, 3, 2, 7, 1, 0, -1], dtype=torch.int32)
+    # NaNs in the memory the output is likely to reuse: rows the kernel leaves unwritten show.
+    junk = torch.full((ids.shape[0], d), float("nan"))
+    del junk
+    y, s = launchers.lora_embedding_fwd(ids, w, a, b, scales, rows)
+    dy = torch.randn(ids.shape[0], d)
+    da, db = launchers.lora_embedding_bwd(dy, ids, w, a, b, scales, rows, s)
+    good = (ids >= 0) & (ids < v)
+    runs = good & (rows >= 0) & (rows < num)
+    clean_rows = torch.where(runs, rows, -1)[good]
+    y_ref = ref.lora_embedding_multi(
+        ids[good], w.double(), a.double(), b.double(), torch.tensor(scales), clean_rows
+    )
+    torch.testing.assert_close(y[good].double(), y_ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(y[~good] == 0) and torch.all(s[~runs] == 0)
+    for i in range(num):
+        mine = runs & (rows == i)
+        da_i, db_i = ref.lora_embedding_backward(
+            dy[mine].double(), ids[mine], a[i].double(), b[i].double(), scales[i]
+        )
+        torch.testing.assert_close(da[i].double(), da_i, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(db[i].double(), db_i, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
+def test_triton_backward_skips_absent_adapters_and_bad_rows(monkeypatch):
+    """dB atomics only for the adapters a block's rows run: a batch on one adapter among eight
+    adds exactly as many lanes as the same batch with that adapter alone; rows with bad ids add
+    none."""
+    launchers = _triton_embedding()
+    v, d, r, m = 11, 9, 3, 7
+    w, a, b, _ = _mixed_adapters(v, d, 8, r)
+    ids = torch.randint(0, v, (m,))
+    dy = torch.randn(m, d)
+    counter = _AtomicLanes(monkeypatch)
+
+    def lanes(a_, b_, scales, rows, ids_=ids):
+        _, s = launchers.lora_embedding_fwd(ids_, w, a_, b_, scales, rows)
+        counter.lanes = 0
+        launchers.lora_embedding_bwd(dy, ids_, w, a_, b_, scales, rows, s)
+        return counter.lanes
+
+    alone = lanes(a[5:6], b[5:6], [1.5], torch.zeros(m, dtype=torch.int32))
+    among = lanes(a, b, [1.0] * 8, torch.full((m,), 5, dtype=torch.int32))
+    assert alone == among > 0
+    bad = torch.full((m,), v + 3)
+    assert lanes(a, b, [1.0] * 8, torch.full((m,), 5, dtype=torch.int32), bad) == 0
+    assert lanes(a, b, [1.0] * 8, torch.full((m,), 9, dtype=torch.int32)) == 0
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("multi", [False, True])
+def test_triton_backward_in_deterministic_mode_uses_no_atomics(monkeypatch, multi):
+    v, d, r, m = 17, 12, 5, 19
+    ids = torch.randint(0, v, (m,))
+    ids[::4] = 3  # repeated ids (their A columns add up), some of them padding
+    w = torch.randn(v, d)
+    a = torch.randn(2, r, v, requires_grad=True)
+    b = torch.randn(2, d, r, requires_grad=True)
+    rows = torch.randint(-1, 2, (m,), dtype=torch.int32)
+    dy = torch.randn(m, d)
+
+    def grads(backend):
+        a.grad = b.grad = None
+        if multi:
+            y = lora_embedding_multi(ids, w, a, b, [0.5, -2.0], rows, padding_idx=3,
+                                     backend=backend)  # fmt: skip
+        else:
+            y = lora_embedding(ids, w, a[0], b[0], 0.5, padding_idx=3, backend=backend)
+        y.backward(dy)
+        return a.grad.clone(), b.grad.clone()
+
+    expected = grads("torch")
+    counter = _AtomicLanes(monkeypatch)
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        got = grads("triton")
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert counter.lanes == 0
+    for name, g, e in zip(("dA", "dB"), got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs the Triton interpreter")
+def test_triton_launchers_build_no_tensor_from_host_scales_per_call(monkeypatch):
+    """One adapter passes its scale as a kernel scalar; a mixed batch's scales table is built
+    once and reused, so a decode step copies nothing from the host."""
+    launchers = _triton_embedding()
+    w, a, b, scales = _mixed_adapters(9, 6, 3, 2)
+    ids = torch.randint(0, 9, (5,))
+    rows = torch.tensor([0, 2, -1, 1, 2], dtype=torch.int32)
+    _, s = launchers.lora_embedding_fwd(ids, w, a, b, scales, rows)  # warm-up builds the table
+    calls = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *x, **k: calls.append(x) or real(*x, **k))
+    for row_ids, a_, b_, sc in ((rows, a, b, scales), (None, a[:1], b[:1], [0.5])):
+        _, s = launchers.lora_embedding_fwd(ids, w, a_, b_, sc, row_ids)
+        launchers.lora_embedding_bwd(torch.randn(5, 6), ids, w, a_, b_, sc, row_ids, s)
+    assert calls == []
+
+
 def test_bad_inputs_are_refused_clearly():
     ids, w, a, b = _inputs(10, 6, 2, 4, torch.float32)
     cases = [

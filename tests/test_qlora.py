@@ -164,6 +164,32 @@ def test_triton_dequantizes_in_kernel_bit_exact(quant_type, dtype, blocksize, ne
     assert torch.equal(y, _bnb_dequant(q, st, torch.float32).to(dtype).T)
 
 
+@pytest.mark.usefixtures("_eager_oracle")
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (GPU or interpreter)")
+@pytest.mark.parametrize(
+    ("quant_type", "dtype", "blocksize", "nested", "shape"),
+    [
+        ("nf4", torch.bfloat16, 64, True, (37, 70)),  # rows start inside blocks
+        ("fp4", torch.float32, 64, True, (19, 256)),  # aligned rows, several absmax chunks
+        ("nf4", torch.float16, 32, False, (17, 130)),
+        ("fp4", torch.bfloat16, 128, False, (9, 258)),
+    ],
+)
+def test_triton_decode_dequantizes_bit_exact(quant_type, dtype, blocksize, nested, shape):
+    """The decode kernel (M <= 16, even K: each byte split in registers, block maxima picked
+    from a per-row table): with x = 16 rows of I and scale = 0 its output is those rows of W.T,
+    value for value bitsandbytes' dequantization."""
+    n, k = shape
+    q, st = _quantize(n, k, quant_type=quant_type, blocksize=blocksize, nested=nested)
+    w_t = _bnb_dequant(q, st, torch.float32).to(dtype).T
+    eye = torch.eye(k, dtype=dtype, device=DEVICE)
+    a = torch.randn(4, k, dtype=dtype, device=DEVICE)
+    b = torch.randn(n, 4, dtype=dtype, device=DEVICE)
+    for i0 in range(0, k, 16):
+        y = lk.qlora_linear(eye[i0 : i0 + 16], q, st, None, a, b, 0.0, backend="triton")
+        assert torch.equal(y, w_t[i0 : i0 + 16]), f"rows {i0}.."
+
+
 # ------------------------------------------------------------------------------------------------
 # forward and gradients against the spec
 # ------------------------------------------------------------------------------------------------
@@ -173,6 +199,7 @@ CASES = [
     (1, 7, 133, 1, True, ("nf4", 64, True)),
     (7, 33, 70, 8, False, ("fp4", 32, False)),
     (20, 17, 64, 20, True, ("nf4", 128, True)),
+    (5, 19, 130, 20, True, ("nf4", 64, True)),  # decode kernel, a rank above 16
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -268,6 +295,68 @@ def test_fp32_adapter_dropout_input_and_bias_grad(backend):
     assert_close_to_ref("dA", ours["a"].grad, da, stock_leaves["a"].grad)
     assert_close_to_ref("dB", ours["b"].grad, db, stock_leaves["b"].grad)
     assert_close_to_ref("dbias", ours["bias"].grad, dy.double().sum(0), stock_leaves["bias"].grad)
+
+
+@pytest.mark.skipif(not interpreting(), reason="runs the CUDA configs under the interpreter")
+@pytest.mark.parametrize("m", [3, 20])
+def test_autotune_switch_takes_the_first_config(m, monkeypatch):
+    """``LORA_KERNELS_TRITON_AUTOTUNE=0``: the CUDA launch path (here under the interpreter)
+    takes each kernel's first config without the autotuner, for decode and prefill alike; the
+    autotuners key on a bucket of M as the LoRA GEMM's do."""
+    from triton.runtime.autotuner import Autotuner
+
+    from lora_kernels.backends.triton import qlora as tq
+
+    for tuner in (*tq._TUNED.values(), tq._DECODE_TUNED):
+        assert tuner.keys[0] == "m_bucket"
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("the autotuner ran")
+
+    monkeypatch.setattr(tq, "interpreting", lambda: False)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(Autotuner, "run", no_tuning)
+    t = _inputs(m, 40, 128, 4, torch.float16, True, ("nf4", 64, True))
+    w = _ref_dequant(t["q"], t["st"], torch.float16)
+    y = lk.qlora_linear(t["x"], t["q"], t["st"], t["bias"], t["a"], t["b"], SCALE,
+                        backend="triton")  # fmt: skip
+    d = lambda v: v.double()  # noqa: E731
+    ref = reference.qlora_linear(d(t["x"]), d(w), d(t["bias"]), d(t["a"]), d(t["b"]), SCALE)
+    assert_close_to_ref("y", y, ref, _stock(t, w))
+
+
+@pytest.mark.skipif(not interpreting(), reason="counts the interpreter's atomics")
+def test_decode_shrink_in_deterministic_mode_uses_no_atomics(monkeypatch):
+    """The decode path's shrink splits K over programs that add partial S with atomics; under
+    ``torch.use_deterministic_algorithms(True)`` one program per row block sums all of K."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    original = builder.create_atomic_rmw
+    lanes = []
+
+    def counting(op, ptr, val, mask, sem, scope):
+        lanes.append(int(mask.data.sum()))
+        return original(op, ptr, val, mask, sem, scope)
+
+    monkeypatch.setattr(builder, "create_atomic_rmw", counting)
+    t = _inputs(3, 21, 200, 5, torch.float32, True, ("nf4", 64, True))
+    w = _ref_dequant(t["q"], t["st"], torch.float32)
+    d = lambda v: v.double()  # noqa: E731
+    ref = reference.qlora_linear(d(t["x"]), d(w), d(t["bias"]), d(t["a"]), d(t["b"]), SCALE)
+    args = (t["x"], t["q"], t["st"], t["bias"], t["a"], t["b"], SCALE)
+    y = lk.qlora_linear(*args, backend="triton")
+    assert sum(lanes) > 0  # K = 200 takes several splits
+    assert_close_to_ref("y", y, ref, _stock(t, w))
+    lanes.clear()
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y_det = lk.qlora_linear(*args, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert lanes == []
+    assert_close_to_ref("y", y_det, ref, _stock(t, w))
 
 
 def test_float64_gradcheck_torch_backend():

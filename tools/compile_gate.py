@@ -53,6 +53,7 @@ LAUNCHER_MODULES = {
     "dora": "lora_kernels.backends.triton.dora",
     "qlora": "lora_kernels.backends.triton.qlora",
     "lora_embedding": "lora_kernels.backends.triton.lora_embedding",
+    "moe": "lora_kernels.backends.triton.moe",
 }
 
 # Per-block shared memory a kernel may use (opt-in maximum) and the SM count of the reference
@@ -585,6 +586,9 @@ def drive_dora(twin, cap: _Capture, matrix: dict) -> None:
                     cap.case = f"norm K{k} N{n} r{r} {dt}/{adt} wsq{int(has_wsq)}"
                     twin.dora_weight_norm(w, a, b, 2.0, torch.ones(n) if has_wsq else None)
                 g = torch.ones(n)
+                cap.case = f"merge K{k} N{n} r{r} {dt}/{adt}"
+                twin.dora_merge_(w, a, b, 2.0, g)
+                twin.dora_unmerge_(w, a, b, 2.0, g)
                 for m in matrix["m"]:
                     x = _t(m, k, dtype=xd)
                     # the dropout input adds stock GEMMs over the whole weight: small M only
@@ -656,10 +660,50 @@ def drive_lora_embedding(twin, cap: _Capture, matrix: dict) -> None:
                         tag = f"M{m} V{v} D{d} r{r} {dt}/{adt} mixed{int(mixed)}"
                         cap.case = "fwd " + tag
                         twin.lora_embedding_fwd(ids, w, a, b, scales, row_ids, 0)
+                        for det in matrix.get("deterministic", [False]):
+                            cap.case = f"bwd det{int(det)} " + tag
+                            prev = torch.are_deterministic_algorithms_enabled()
+                            torch.use_deterministic_algorithms(det)
+                            try:
+                                twin.lora_embedding_bwd(
+                                    _t(m, d, dtype=_DT[dt]), ids, w, a, b, scales, row_ids,
+                                    torch.empty((m, r)), 0,
+                                )  # fmt: skip
+                            finally:
+                                torch.use_deterministic_algorithms(prev)
+
+
+def drive_moe(twin, cap: _Capture, matrix: dict) -> None:
+    for hidden, inter, experts, top_k in matrix["shapes"]:
+        for t in matrix["t"]:
+            for r in matrix["r"]:
+                for adapters in matrix["adapters"]:
+                    for dt, adt in matrix["dtypes"]:
+                        xd, ad = _DT[dt], _DT[adt]
+                        x = _t(t, hidden, dtype=xd)
+                        ids = torch.randint(0, experts, (t, top_k))
+                        w = torch.rand(t, top_k)
+                        w_gu = _t(experts, 2 * inter, hidden, dtype=xd)
+                        w_d = _t(experts, hidden, inter, dtype=xd)
+                        lead = (adapters, experts)
+                        a_gu = _t(*lead, r, hidden, dtype=ad)
+                        b_gu = _t(*lead, 2 * inter, r, dtype=ad)
+                        a_d = _t(*lead, r, inter, dtype=ad)
+                        b_d = _t(*lead, hidden, r, dtype=ad)
+                        scales = torch.ones(adapters)
+                        token_ids = torch.randint(-1, adapters, (t,)) if adapters > 1 else None
+                        tag = f"T{t} H{hidden} I{inter} E{experts} k{top_k} r{r} L{adapters}"
+                        tag += f" {dt}/{adt}"
+                        cap.case = "fwd " + tag
+                        fwd = twin.moe_lora_fwd(
+                            x, ids, w, w_gu, None, a_gu, b_gu, w_d, None, a_d, b_d, scales,
+                            token_ids, "silu", 1.702, 7.0, True,
+                        )  # fmt: skip
+                        _, g, s_gu, s_d, o = fwd
                         cap.case = "bwd " + tag
-                        twin.lora_embedding_bwd(
-                            _t(m, d, dtype=_DT[dt]), ids, w, a, b, scales, row_ids,
-                            torch.empty((m, r)), 0,
+                        twin.moe_lora_bwd(
+                            _t(t, hidden, dtype=xd), x, ids, w, w_gu, a_gu, b_gu, w_d, a_d, b_d,
+                            scales, token_ids, g, s_gu, s_d, o, "silu", 1.702, 7.0,
                         )  # fmt: skip
 
 
@@ -670,6 +714,7 @@ DRIVERS = {
     "dora": drive_dora,
     "qlora": drive_qlora,
     "lora_embedding": drive_lora_embedding,
+    "moe": drive_moe,
 }
 
 _DTYPES_ALL = [
@@ -720,7 +765,7 @@ FULL = {
     },
     "qlora": {
         "kn": [(4096, 14336), (4099, 32001)],
-        "m": [1, 4096],
+        "m": [1, 16, 4096],
         "r": [16, 128],
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "nested": [True],
@@ -733,6 +778,15 @@ FULL = {
         "adapters": 2,
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
         "row_ids": [False, True],
+        "deterministic": [False, True],
+    },
+    # Qwen3-30B-A3B-like experts (hidden 2048, intermediate 768, 128 experts, top-8), odd sizes
+    "moe": {
+        "shapes": [(2048, 768, 128, 8), (2051, 769, 8, 2)],
+        "t": [1, 16, 4096],
+        "r": [16, 64],
+        "adapters": [1, 4],
+        "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
     },
 }
 
@@ -775,7 +829,7 @@ QUICK = {
         "deterministic": [False],
     },
     "qlora": {
-        "kn": [(4099, 32001)],
+        "kn": [(4096, 4096), (4099, 32001)],  # even K: the decode kernel; odd K: the fused one
         "m": [1, 4096],
         "r": [16],
         "dtypes": [("bf16", "fp32")],
@@ -789,6 +843,13 @@ QUICK = {
         "adapters": 2,
         "dtypes": [("bf16", "fp32")],
         "row_ids": [True],
+    },
+    "moe": {
+        "shapes": [(2048, 768, 128, 8)],
+        "t": [16, 512],
+        "r": [16],
+        "adapters": [1, 4],
+        "dtypes": [("bf16", "fp32")],
     },
 }
 

@@ -27,13 +27,19 @@ from __future__ import annotations
 
 import torch
 
-_BLOCK_BYTES = 512 << 10  # fp32 rows of W upcast at once (as the merge's blocks)
+from ...reference import ILL_CONDITIONED
 
-ILL_CONDITIONED = 1.0 / 16
-"""A row whose squared norm is below this share of the sum of its three terms' magnitudes (the
-adapter nearly cancels the row of W) loses more than 4 bits of the factored sum to cancellation:
-such rows are recomputed from ``W_n + s B_n A`` directly. Trained adapters change a row by a few
-percent, far from it; degenerate shapes (K = 1) and adversarial weights reach it."""
+__all__ = [
+    "ILL_CONDITIONED",
+    "dora_linear_bwd",
+    "dora_linear_fwd",
+    "dora_merge_",
+    "dora_unmerge_",
+    "dora_weight_norm",
+    "weight_sq_norm",
+]
+
+_BLOCK_BYTES = 512 << 10  # fp32 rows of W upcast at once (as the merge's blocks)
 
 
 def _acc(*tensors) -> torch.dtype:

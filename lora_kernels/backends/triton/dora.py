@@ -40,8 +40,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch.dora import ILL_CONDITIONED
+from ...reference import ILL_CONDITIONED
 from . import interpreting, on_input_device
+from ._args import vector_stride
+from ._rounding import round_to_bf16
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
 
 __all__ = [
@@ -74,6 +76,7 @@ def _dora_norm_kernel(
     stride_ak,
     stride_bn,
     stride_br,
+    stride_wsq,
     # scalars
     scale,
     ILL_CONDITIONED,
@@ -122,15 +125,15 @@ def _dora_norm_kernel(
         ).to(tl.float32)
         quad += tl.sum(tl.dot(b, gram, input_precision=DOT_PRECISION) * b_cols, axis=1)
     if HAS_WSQ:
-        wsq = tl.load(wsq_ptr + offs_n, mask=mask_n, other=0.0)
+        wsq = tl.load(wsq_ptr + offs_n * stride_wsq, mask=mask_n, other=0.0)
     else:
-        tl.store(wsq_ptr + offs_n, wsq, mask=mask_n)
+        tl.store(wsq_ptr + offs_n * stride_wsq, wsq, mask=mask_n)
     sq = wsq + (2.0 * scale) * cross + (scale * scale) * quad
     terms = wsq + (2.0 * tl.abs(scale)) * tl.abs(cross) + (scale * scale) * tl.abs(quad)
     bad = (sq < terms * ILL_CONDITIONED) & mask_n
     if tl.max(bad.to(tl.int32), axis=0) > 0:
         # The adapter nearly cancels a row of W: a second pass over this block's rows sums the
-        # squares of W + s B A itself (rare; see ILL_CONDITIONED in _torch_dora.py).
+        # squares of W + s B A itself (rare; see ILL_CONDITIONED in reference.py).
         dsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
@@ -160,6 +163,8 @@ def _dora_scale_kernel(
     stride_ln,
     stride_ym,
     stride_yn,
+    stride_g,
+    stride_bias,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -173,10 +178,11 @@ def _dora_scale_kernel(
     mask_n = offs_n < N
     mask = (offs_m < M)[:, None] & mask_n[None, :]
     lin = tl.load(lin_ptr + offs_m[:, None] * stride_lm + offs_n[None, :] * stride_ln, mask=mask)
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0)
+    g = tl.load(g_ptr + offs_n * stride_g, mask=mask_n, other=0.0)
     y = lin.to(tl.float32) * g[None, :]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+        y += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -201,6 +207,8 @@ def _dora_dy_kernel(
     stride_ln,
     stride_om,
     stride_on,
+    stride_g,
+    stride_norm,
     # meta-parameters
     G_SHIFT: tl.constexpr,
     HAS_DM: tl.constexpr,
@@ -214,7 +222,7 @@ def _dora_dy_kernel(
     pid_m = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    g = tl.load(g_ptr + offs_n, mask=mask_n, other=0.0) - G_SHIFT
+    g = tl.load(g_ptr + offs_n * stride_g, mask=mask_n, other=0.0) - G_SHIFT
     dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
     m_start = pid_m * rows_per_split
     m_end = min(m_start + rows_per_split, M)
@@ -230,7 +238,7 @@ def _dora_dy_kernel(
             lin = tl.load(lin_ptrs, mask=mask, other=0.0).to(tl.float32)
             dm += tl.sum(dy * lin, axis=0)
     if HAS_DM:
-        dm = dm / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0)
+        dm = dm / tl.load(norm_ptr + offs_n * stride_norm, mask=mask_n, other=1.0)
         if ATOMIC_DM:
             tl.atomic_add(dm_ptr + offs_n, dm, mask=mask_n, sem="relaxed")
         else:
@@ -282,7 +290,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
     gram[:r, :r] = a32 @ a32.T
     norm = torch.empty(n, dtype=torch.float32, device=weight.device)
     has_wsq = w_sq is not None
-    wsq = w_sq.float().contiguous() if has_wsq else torch.empty_like(norm)
+    wsq = w_sq.float() if has_wsq else torch.empty_like(norm)
     if n == 0:
         return norm
     interp = interpreting()
@@ -291,7 +299,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
         weight, lora_a, lora_b, gram, wsq, norm,
         n, k, r,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
+        lora_b.stride(0), lora_b.stride(1), vector_stride(wsq),
         float(scale), ILL_CONDITIONED,
         HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if interp else "tf32x3",
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
@@ -319,6 +327,7 @@ def dora_linear_fwd(x, weight, bias, lora_a, lora_b, scale, x_lora, g):
             lin, g, bias, y,
             m, n,
             lin.stride(0), lin.stride(1), y.stride(0), y.stride(1),
+            vector_stride(g), vector_stride(bias),
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         )  # fmt: skip
     if x_lora is not None:
@@ -346,6 +355,7 @@ def _dy_pass(dy, lin, g, norm, shift: int, needs_dm: bool):
         dy, lin, g, norm, out, dm,
         m, n, rows,
         dy.stride(0), dy.stride(1), lin.stride(0), lin.stride(1), out.stride(0), out.stride(1),
+        vector_stride(g), vector_stride(norm),
         G_SHIFT=shift, HAS_DM=needs_dm, ATOMIC_DM=splits > 1, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps,
     )  # fmt: skip
@@ -404,15 +414,119 @@ def dora_linear_bwd(
     return dx, dx_lora, da, db, dm
 
 
+# Merge tiles: those of the LoRA merge (``merge.py``, spill-free there at every rank): a [64, 64]
+# weight tile and rank chunks of 32; fp32 or mixed adapters keep 3xTF32 with a 32-deep K tile on
+# 8 warps. The interpreter's tile is smaller than the tests' odd sizes.
+_MERGE_META = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+_MERGE_META_FP32 = {**_MERGE_META, "BLOCK_K": 32, "num_warps": 8}
+_MERGE_MAX_R = 32
+_INTERP_MERGE_META = {"BLOCK_N": 16, "BLOCK_K": 32}
+_INTERP_MERGE_MAX_R = 16
+
+
+@triton.jit
+def _dora_merge_kernel(
+    # pointers
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    g_ptr,
+    # sizes
+    N,
+    K,
+    R,
+    # strides
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    stride_g,
+    # scalars
+    scale,
+    # meta-parameters
+    UNMERGE: tl.constexpr,
+    FP32_OPERANDS: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    ROUND_BF16_BY_BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """One [BLOCK_N, BLOCK_K] tile of W, in place: ``g * (W + scale * B A)`` (merge) or
+    ``W / g - scale * B A`` (unmerge), formed in fp32 and rounded once."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask_w = mask_n[:, None] & mask_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    w = tl.load(w_ptrs, mask=mask_w, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs_n * stride_g, mask=mask_n, other=1.0).to(tl.float32)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = (r0 + offs_r) < R
+        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + (r0 + offs_r)[None, :] * stride_br
+        a_ptrs = a_ptr + (r0 + offs_r)[:, None] * stride_ar + offs_k[None, :] * stride_ak
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        if UPCAST_DOTS:
+            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        elif FP32_OPERANDS:
+            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="tf32x3")
+        else:
+            acc = tl.dot(b, a, acc)
+    out = w / g[:, None] - scale * acc if UNMERGE else (w + scale * acc) * g[:, None]
+    if ROUND_BF16_BY_BITS:
+        tl.store(w_ptrs, round_to_bf16(out), mask=mask_w)
+    else:
+        tl.store(w_ptrs, out.to(w_ptr.dtype.element_ty), mask=mask_w)
+
+
+def _dora_merge(weight, lora_a, lora_b, scale, g, unmerge: bool):
+    n, k = weight.shape
+    r = lora_a.shape[0]
+    if n == 0 or k == 0:
+        return weight
+    upcast = interpreting()
+    fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
+    meta = dict(
+        _INTERP_MERGE_META if upcast else _MERGE_META_FP32 if fp32_operands else _MERGE_META
+    )
+    block_r = min(
+        max(16, triton.next_power_of_2(r)), _INTERP_MERGE_MAX_R if upcast else _MERGE_MAX_R
+    )
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+    _dora_merge_kernel[grid](
+        weight, lora_a, lora_b, g,
+        n, k, r,
+        weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+        lora_b.stride(0), lora_b.stride(1), vector_stride(g),
+        float(scale),
+        UNMERGE=unmerge,
+        FP32_OPERANDS=fp32_operands,
+        UPCAST_DOTS=upcast,
+        ROUND_BF16_BY_BITS=upcast and weight.dtype == torch.bfloat16,
+        BLOCK_R=block_r,
+        **meta,
+    )  # fmt: skip
+    return weight
+
+
+@on_input_device
 def dora_merge_(weight, lora_a, lora_b, scale, g):
-    """``weight = g[:, None] * (weight + scale * B A)`` in place (torch row blocks in fp32)."""
-    from ..torch.dora import dora_merge_ as merge
+    """``weight = g[:, None] * (weight + scale * B A)`` in place: one pass over W, fp32 sums,
+    each element rounded once; weight [N, K] and the adapters in any strides, g [N] fp32."""
+    return _dora_merge(weight, lora_a, lora_b, scale, g, unmerge=False)
 
-    return merge(weight, lora_a, lora_b, scale, g)
 
-
+@on_input_device
 def dora_unmerge_(weight, lora_a, lora_b, scale, g):
-    """``weight = weight / g[:, None] - scale * B A`` in place (torch row blocks in fp32)."""
-    from ..torch.dora import dora_unmerge_ as unmerge
-
-    return unmerge(weight, lora_a, lora_b, scale, g)
+    """``weight = weight / g[:, None] - scale * B A`` in place (the inverse of
+    :func:`dora_merge_` for the same g), fp32, rounded once."""
+    return _dora_merge(weight, lora_a, lora_b, scale, g, unmerge=True)

@@ -15,6 +15,37 @@ nibble ``qweight[i // 2] >> 4`` (even i) or ``& 0xF`` (odd i), an index into the
 itself ``code2[absmax[j]] * absmax2[j // BLOCKSIZE2] + offset``. No repacking: the flat index
 makes odd K (a byte straddling two rows) and partial blocks come out right without special cases.
 
+Decode (M <= 16, even K) is memory-bound: its time is the bytes it moves, so it runs two launches
+built to move each operand once. ``_qlora_shrink_kernel`` computes ``S = x_lora @ lora_a.T``
+(x_lora and lora_a read once; K split over a few programs whose fp32 partials add with atomics,
+one program under deterministic mode), and ``_qlora_decode_kernel`` streams the weight: each
+program owns [BLOCK_M, BLOCK_N] of y, loads each packed byte of its rows once (K tiles of 64
+columns, 32 bytes: one sector per row) and splits it in registers into the even and odd columns of
+W, which multiply the even and odd columns of the x tile (split in registers as well); the 16
+code entries are scalars of the program, picked by a select tree on the nibble's bits; the block
+maxima (with double quantization their code2/absmax2 decoding) are loaded and decoded once per
+row and chunk of 32 blocks (one sector of uint8 absmax per row) into a [BLOCK_N, 32] register
+table, from which each K tile takes its one or two columns. The epilogue reads the precomputed S
+([M, r], a few bytes) instead of re-reading lora_a per N tile. Bytes moved over the compulsory
+bytes (each operand read once, each output written once), counted by ``tools/traffic.py`` in
+32-byte sectors with the CUDA tile configs, M = 1, fp16, r = 16, double quantization, blocksize
+64 (``python -m tools.traffic_cases qlora --m 1 --k K --n N --r 16 --quant Q --sample 8``)::
+
+    M   K x N          quant   before (fused fwd, 16x32x32)   after (shrink + decode, 16x32x64)
+    1   4096 x 4096    NF4     7.199                          1.149
+    1   4096 x 4096    FP4     7.199                          1.149
+    1   4096 x 14336   NF4     7.282                          1.151
+    1   4096 x 14336   FP4     7.282                          1.151
+    1   14336 x 4096   NF4     7.446                          1.152
+    16  4096 x 4096    NF4     8.732                          2.871
+
+What remains above 1 at M = 1 is x re-read by every N tile (1/32 of a byte per weight element
+with 32-row tiles; 64-row tiles halve it but fill half the SMs at N = 4096) and the 1 KB code2
+table that each program gathers from once per chunk. At M = 16 the x re-reads (16 rows per N
+tile, from L2: x is 128 KB) are most of the excess; the 64-row tile of the autotuner's list
+halves them (1.075 at M = 1, 1.936 at M = 16, on half as many programs). Odd K (a byte
+straddling two rows) and prefill take ``_qlora_fwd_kernel``.
+
 ``_qlora_fwd_kernel``: one launch, one pass over K. Each program owns a [BLOCK_M, BLOCK_N] tile of
 y; in its K-loop it loads the x tile once, dequantizes the matching [BLOCK_N, BLOCK_K] tile of W
 in registers (fp32, rounded once to x's dtype: the weight bitsandbytes' matmul multiplies by) and
@@ -50,8 +81,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..torch import lora_linear as torch_lora_linear
+from ... import envs
 from . import interpreting, on_input_device
+from ._args import index_vector, vector_stride
 from ._rounding import round_to_bf16
 
 # ------------------------------------------------------------------------------------------------
@@ -105,10 +137,10 @@ def _qlora_fwd_kernel(
     x_ptr, xl_ptr, qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     bias_ptr, a_ptr, b_ptr, y_ptr, s_ptr,
     # sizes
-    M, N, K, R,
+    M, N, K, R, m_bucket,
     # strides
     stride_xm, stride_xk, stride_xlm, stride_xlk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_ym, stride_yn, stride_sm, stride_sr,
+    stride_ym, stride_yn, stride_sm, stride_sr, stride_bias,
     # scalars
     scale,
     # meta-parameters
@@ -165,7 +197,9 @@ def _qlora_fwd_kernel(
     s_dot = _cast(s_acc * scale, x_dtype, INTERPRET)
     acc = _dot(s_dot, _cast(b_tile, x_dtype, INTERPRET), acc, INTERPRET, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[
+            None, :
+        ]
     tl.store(
         y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
         _cast(acc, y_ptr.dtype.element_ty, INTERPRET),
@@ -185,7 +219,7 @@ def _qlora_dx_kernel(
     dy_ptr, qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     a_ptr, b_ptr, dx_ptr, dxl_ptr,
     # sizes
-    M, N, K, R,
+    M, N, K, R, m_bucket,
     # strides
     stride_dym, stride_dyn, stride_ar, stride_ak, stride_bn, stride_br,
     stride_dxm, stride_dxk, stride_dxlm, stride_dxlk,
@@ -257,6 +291,240 @@ def _qlora_dx_kernel(
     )
 
 
+@triton.jit
+def _qlora_shrink_kernel(
+    # pointers
+    x_ptr, a_ptr, s_ptr,
+    # sizes
+    M, K, R, k_per_split,
+    # strides
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    # meta-parameters
+    ATOMIC: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``S = x @ lora_a.T`` (fp32) over one split of K: stored, or added with atomics into a
+    zeroed S when K is split. x and lora_a are each read once over the grid."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    x_dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        x_tile = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        a_tile = tl.load(
+            a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=k_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_K, BLOCK_R]
+        acc = _dot(x_tile, _cast(a_tile, x_dtype, INTERPRET), acc, INTERPRET, PRECISION)
+    s_ptrs = s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    s_mask = m_ok[:, None] & r_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(s_ptrs, acc, mask=s_mask, sem="relaxed")
+    else:
+        tl.store(s_ptrs, acc, mask=s_mask)
+
+
+@triton.jit
+def _lookup16(nibble, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
+    """``code[nibble]`` from the 16 entries held as scalars: a select tree over the nibble's
+    bits (15 selects), no memory access per weight."""
+    b0 = (nibble & 1) != 0
+    b1 = (nibble & 2) != 0
+    b2 = (nibble & 4) != 0
+    b3 = (nibble & 8) != 0
+    q0 = tl.where(b1, tl.where(b0, c3, c2), tl.where(b0, c1, c0))
+    q1 = tl.where(b1, tl.where(b0, c7, c6), tl.where(b0, c5, c4))
+    q2 = tl.where(b1, tl.where(b0, c11, c10), tl.where(b0, c9, c8))
+    q3 = tl.where(b1, tl.where(b0, c15, c14), tl.where(b0, c13, c12))
+    return tl.where(b3, tl.where(b2, q3, q2), tl.where(b2, q1, q0))
+
+
+@triton.jit
+def _column(table, cols, c):
+    """``table[i, c[i]]`` for a register table [BN, C] and per-row columns c [BN] (exact: one
+    term of the sum is non-zero)."""
+    return tl.sum(tl.where(cols[None, :] == c[:, None], table, 0.0), axis=1)
+
+
+@triton.jit
+def _qlora_decode_kernel(
+    # pointers
+    x_ptr, qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    bias_ptr, b_ptr, s_ptr, y_ptr,
+    # sizes
+    M, N, K, R, m_bucket,
+    # strides
+    stride_xm, stride_xk, stride_bn, stride_br, stride_sm, stride_sr, stride_ym, stride_yn,
+    stride_bias,
+    # scalars
+    scale,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr, CHUNK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``y = x @ W.T + bias + scale * S @ lora_b.T`` for even K, S precomputed (the shrink).
+
+    Each packed byte is loaded once and split in registers into its two 4-bit values, the even
+    and odd columns of W, which multiply the even and odd columns of the x tile (split in
+    registers too). The 16 code entries are scalars of the program; the block maxima of the
+    program's rows are loaded and decoded CHUNK_BLOCKS blocks per row at a time (one 32-byte
+    sector of uint8 absmax per row) and picked per K tile from registers. BLOCK_K <= BLOCKSIZE,
+    so a row's K tile spans at most two quantization blocks.
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of a row's K tile holds columns 2j and 2j + 1
+    offs_c = tl.arange(0, CHUNK_BLOCKS)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    x_dtype = x_ptr.dtype.element_ty
+
+    code_vec = tl.load(code_ptr + tl.arange(0, 16))
+    idx16 = tl.arange(0, 16)
+    c0 = tl.sum(tl.where(idx16 == 0, code_vec, 0.0), axis=0)
+    c1 = tl.sum(tl.where(idx16 == 1, code_vec, 0.0), axis=0)
+    c2 = tl.sum(tl.where(idx16 == 2, code_vec, 0.0), axis=0)
+    c3 = tl.sum(tl.where(idx16 == 3, code_vec, 0.0), axis=0)
+    c4 = tl.sum(tl.where(idx16 == 4, code_vec, 0.0), axis=0)
+    c5 = tl.sum(tl.where(idx16 == 5, code_vec, 0.0), axis=0)
+    c6 = tl.sum(tl.where(idx16 == 6, code_vec, 0.0), axis=0)
+    c7 = tl.sum(tl.where(idx16 == 7, code_vec, 0.0), axis=0)
+    c8 = tl.sum(tl.where(idx16 == 8, code_vec, 0.0), axis=0)
+    c9 = tl.sum(tl.where(idx16 == 9, code_vec, 0.0), axis=0)
+    c10 = tl.sum(tl.where(idx16 == 10, code_vec, 0.0), axis=0)
+    c11 = tl.sum(tl.where(idx16 == 11, code_vec, 0.0), axis=0)
+    c12 = tl.sum(tl.where(idx16 == 12, code_vec, 0.0), axis=0)
+    c13 = tl.sum(tl.where(idx16 == 13, code_vec, 0.0), axis=0)
+    c14 = tl.sum(tl.where(idx16 == 14, code_vec, 0.0), axis=0)
+    c15 = tl.sum(tl.where(idx16 == 15, code_vec, 0.0), axis=0)
+    if NESTED:
+        offset = tl.load(offset_ptr)
+
+    row0 = offs_n.to(tl.int64) * K  # flat index of each row's first element
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ks in range(0, K, CHUNK_K):
+        # The block maxima this chunk of K touches (CHUNK_K columns: CHUNK_BLOCKS blocks, or one
+        # fewer where rows start inside a block), from each row's first, within the row.
+        base = (row0 + ks) // BLOCKSIZE
+        blk = base[:, None] + offs_c[None, :]
+        blk_ok = n_ok[:, None] & (blk * BLOCKSIZE < row0[:, None] + K)
+        if NESTED:
+            q = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+            scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=blk_ok, other=0.0)
+            amax = tl.load(code2_ptr + q, mask=blk_ok, other=0.0) * scale2 + offset
+        else:
+            amax = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+        for k0 in range(ks, min(ks + CHUNK_K, K), BLOCK_K):
+            first = (row0 + k0) // BLOCKSIZE  # the tile's first block, per row
+            amax0 = _column(amax, offs_c, first - base)
+            amax1 = _column(amax, offs_c, first + 1 - base)
+            col = k0 + 2 * offs_j  # the even column of each byte
+            w_ok = n_ok[:, None] & (col < K)[None, :]
+            flat = row0[:, None] + col[None, :]
+            packed = tl.load(qw_ptr + (flat >> 1), mask=w_ok, other=0).to(tl.int32)
+            amax_e = tl.where((flat // BLOCKSIZE) == first[:, None], amax0[:, None], amax1[:, None])
+            w_even = tl.where(
+                w_ok,
+                _lookup16(
+                    packed >> 4,
+                    c0,
+                    c1,
+                    c2,
+                    c3,
+                    c4,
+                    c5,
+                    c6,
+                    c7,
+                    c8,
+                    c9,
+                    c10,
+                    c11,
+                    c12,
+                    c13,
+                    c14,
+                    c15,
+                )
+                * amax_e,
+                0.0,
+            )
+            w_odd = tl.where(
+                w_ok,
+                _lookup16(
+                    packed & 0xF,
+                    c0,
+                    c1,
+                    c2,
+                    c3,
+                    c4,
+                    c5,
+                    c6,
+                    c7,
+                    c8,
+                    c9,
+                    c10,
+                    c11,
+                    c12,
+                    c13,
+                    c14,
+                    c15,
+                )
+                * amax_e,
+                0.0,
+            )
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x_tile = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=m_ok[:, None] & (offs_k < K)[None, :],
+                other=0.0,
+            )
+            x_even, x_odd = tl.split(tl.reshape(x_tile, (BLOCK_M, BLOCK_K // 2, 2)))
+            acc = _dot(x_even, tl.trans(_cast(w_even, x_dtype, INTERPRET)), acc, INTERPRET,
+                       PRECISION)  # fmt: skip
+            acc = _dot(x_odd, tl.trans(_cast(w_odd, x_dtype, INTERPRET)), acc, INTERPRET,
+                       PRECISION)  # fmt: skip
+
+    s_tile = tl.load(
+        s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        mask=m_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
+    b_tile = tl.load(
+        b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+        mask=r_ok[:, None] & n_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_R, BLOCK_N]
+    s_dot = _cast(s_tile * scale, x_dtype, INTERPRET)
+    acc = _dot(s_dot, _cast(b_tile, x_dtype, INTERPRET), acc, INTERPRET, PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[
+            None, :
+        ]
+    tl.store(
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+        _cast(acc, y_ptr.dtype.element_ty, INTERPRET),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # launch configuration
 # ------------------------------------------------------------------------------------------------
@@ -266,8 +534,7 @@ def _qlora_dx_kernel(
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 
 
-# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, wide rank); decode
-# tiles serve every rank.
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, wide rank).
 # Decode (M <= 16) streams the weight: narrow tiles give enough programs to cover the SMs
 # without split-K; prefill wants bigger tiles. Dequantizing a tile gathers per element (packed
 # byte, code entry, block maximum, each with its own address), so the dequantized tile must stay
@@ -275,12 +542,15 @@ _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 # measured 0.5-7 KB of spills and up to 256 KiB of shared memory for 64-128-deep K tiles and
 # 64 x 128 W tiles, on both targets; every tile below is spill-free on sm_80 and sm_90 for
 # 16-bit layers (fp32 adapters included), aligned and odd K/N. A rank over 32 (an fp32
-# [BLOCK_M, BLOCK_R] LoRA accumulator beside the main one) takes the "wide" lists.
+# [BLOCK_M, BLOCK_R] LoRA accumulator beside the main one) takes the "wide" lists: at decode the
+# 16 x 64 x 32 dx tile spilled 12 B on sm_90 at rank 64.
 _CONFIGS = {
     ("fwd", True, False): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
+    ("fwd", True, True): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
     ("fwd", False, False): [(64, 32, 32, 4, 3), (128, 64, 32, 8, 2)],
     ("fwd", False, True): [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2)],
     ("dx", True, False): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2), (16, 64, 32, 4, 2)],
+    ("dx", True, True): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2)],
     ("dx", False, False): [(64, 32, 32, 4, 3), (64, 64, 32, 8, 2)],
     ("dx", False, True): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
 }
@@ -294,14 +564,65 @@ def _configs(kernel_name: str, decode: bool, wide: bool) -> list[triton.Config]:
     ]
 
 
-# One autotuner per (kernel, decode, wide rank), each keyed by the problem size.
-_KEY = ["N", "K", "BLOCK_R", "NESTED"]
+# The decode kernel (even K, M <= 16): (BLOCK_M, BLOCK_N, num_warps, num_stages); its K tile is
+# the launcher's (at most one quantization block, 64 columns: 32 packed bytes, one sector, per
+# row). 32-row tiles give N / 32 programs (128 at N = 4096, enough for the SMs at the memory
+# floor) while every program re-reads x, 1 / 32 of a byte per weight element; 64 rows halve that
+# but leave half the SMs idle at N = 4096.
+# The compile gate measured the 16 x 64 tile on 4 warps spilling 856 B (sm_80) and 136 B (sm_90);
+# on 8 warps, and 16 x 32 on 4, are spill-free.
+_DECODE_CONFIGS = [(16, 32, 4, 3), (16, 64, 8, 3)]
+_DECODE_MAX_BLOCK_K = 64
+_CHUNK_BLOCKS = 32  # block maxima per row decoded at a time: one sector of uint8 absmax
+_INTERPRET_CHUNK_BLOCKS = 2  # small, so the tests' odd sizes take several chunks
+# The shrink before the decode kernel: [16, 128] x tiles, K split so that the launch has enough
+# programs to stream lora_a at bandwidth (each split adds its partial S with fp32 atomics).
+_SHRINK_BLOCK_K = 128
+_SHRINK_K_PER_SPLIT = 512
+_INTERPRET_SHRINK = {"BLOCK_M": 16, "BLOCK_K": 32, "K_PER_SPLIT": 64}
+
+
+def _autotune_enabled() -> bool:
+    """``LORA_KERNELS_TRITON_AUTOTUNE=0`` takes each call's first config untimed (as the LoRA
+    GEMM does)."""
+    return envs.triton_autotune()
+
+
+def _tuning_bench(kernel_call, quantiles):
+    """Short timing runs: two or three configs, each a sub-ms kernel."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _decode_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+        for m, n, w, st in _DECODE_CONFIGS
+    ]
+
+
+# One autotuner per (kernel, decode, wide rank) and one for the decode kernel, keyed like the LoRA
+# GEMM: a power-of-two bucket of M (token counts vary from call to call), the problem size and the
+# variant's flags. Results persist in Triton's cache directory.
+_KEY = ["m_bucket", "N", "K", "BLOCK_R", "NESTED"]
 _TUNED = {
-    key: triton.autotune(configs=_configs(*key), key=_KEY)(
-        _qlora_fwd_kernel if key[0] == "fwd" else _qlora_dx_kernel
-    )
+    key: triton.autotune(
+        configs=_configs(*key),
+        key=_KEY + (["HAS_BIAS", "HAS_XL"] if key[0] == "fwd" else ["SPLIT_LORA"]),
+        do_bench=_tuning_bench,
+        cache_results=True,
+    )(_qlora_fwd_kernel if key[0] == "fwd" else _qlora_dx_kernel)
     for key in _CONFIGS
 }
+_DECODE_TUNED = triton.autotune(
+    configs=_decode_configs(),
+    key=[*_KEY, "HAS_BIAS", "BLOCK_K"],
+    do_bench=_tuning_bench,
+    cache_results=True,
+)(_qlora_decode_kernel)
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(m), 4096)
 
 
 def _precision(x_dtype: torch.dtype) -> str:
@@ -313,10 +634,12 @@ def _precision(x_dtype: torch.dtype) -> str:
 
 
 def _quant_args(qweight, absmax, code, absmax2, code2, offset):
+    """The format's tensors as the kernels index them: flat, unit stride."""
     nested = absmax2 is not None
     if not nested:  # unused pointers: any tensor of the right device will do
         absmax2, code2, offset = absmax, code, absmax
-    return (qweight.reshape(-1).view(torch.uint8), absmax, code, absmax2, code2, offset), nested
+    flat = (index_vector(t.reshape(-1)) for t in (absmax, code, absmax2, code2, offset))
+    return (qweight.reshape(-1).view(torch.uint8), *flat), nested
 
 
 def _launch(kernel_name, grid_fn, m, args, meta):
@@ -329,12 +652,79 @@ def _launch(kernel_name, grid_fn, m, args, meta):
         kernel[grid_fn(meta)](*args, **meta)
         return
     decode = m <= 16
-    wide = not decode and meta["BLOCK_R"] > _WIDE_RANK
-    _TUNED[(kernel_name, decode, wide)][grid_fn](*args, **meta)
+    wide = meta["BLOCK_R"] > _WIDE_RANK
+    tuned = _TUNED[(kernel_name, decode, wide)]
+    if _autotune_enabled():
+        tuned[grid_fn](*args, **meta)
+        return
+    config = tuned.configs[0]
+    meta.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    tuned.fn[grid_fn(meta)](*args, **meta)
+
+
+def _shrink(xl, lora_a, s, precision, block_r):
+    """``s = xl @ lora_a.T`` (fp32) in one launch: x_lora and lora_a read once."""
+    m, k = xl.shape
+    r = lora_a.shape[0]
+    interp = interpreting()
+    if interp:
+        block_m, block_k, per_split = (_INTERPRET_SHRINK[n] for n in _INTERPRET_SHRINK)
+    else:
+        block_m, block_k, per_split = 16, _SHRINK_BLOCK_K, _SHRINK_K_PER_SPLIT
+    splits = 1 if torch.are_deterministic_algorithms_enabled() else triton.cdiv(k, per_split)
+    per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, per_split)
+    if splits > 1:
+        s.zero_()
+    _qlora_shrink_kernel[(triton.cdiv(m, block_m), splits)](
+        xl, lora_a, s,
+        m, k, r, per_split,
+        xl.stride(0), xl.stride(1), lora_a.stride(0), lora_a.stride(1), s.stride(0), s.stride(1),
+        ATOMIC=splits > 1, INTERPRET=interp, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
+        num_warps=4,
+    )  # fmt: skip
+
+
+def _decode_fwd(x, quant, bias, lora_b, s, y, scale, meta):
+    """The decode forward (even K): shrink already in s; one pass over the packed weight."""
+    m, k = x.shape
+    n = y.shape[1]
+    r = s.shape[1]
+    interp = interpreting()
+    meta = dict(meta)
+    meta.pop("HAS_XL")
+    meta["enable_fp_fusion"] = False
+    meta["BLOCK_K"] = min(_DECODE_MAX_BLOCK_K, meta["BLOCKSIZE"])
+    chunk_blocks = _INTERPRET_CHUNK_BLOCKS if interp else _CHUNK_BLOCKS
+    # Rows that start inside a block (K not a multiple of the block size) spread a chunk of whole
+    # blocks' columns over one block more: their chunks are one block shorter.
+    meta["CHUNK_BLOCKS"] = chunk_blocks
+    meta["CHUNK_K"] = (chunk_blocks - (k % meta["BLOCKSIZE"] != 0)) * meta["BLOCKSIZE"]
+    args = (
+        x, *quant, x if bias is None else bias, lora_b, s, y,
+        m, n, k, r, _m_bucket(m),
+        x.stride(0), x.stride(1), lora_b.stride(0), lora_b.stride(1),
+        s.stride(0), s.stride(1), y.stride(0), y.stride(1), vector_stride(bias),
+        float(scale),
+    )  # fmt: skip
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+    if interp:
+        meta.update(BLOCK_M=16, BLOCK_N=16)
+        _qlora_decode_kernel[grid(meta)](*args, **meta)
+    elif _autotune_enabled():
+        _DECODE_TUNED[grid](*args, **meta)
+    else:
+        config = _DECODE_TUNED.configs[0]
+        meta.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        _qlora_decode_kernel[grid(meta)](*args, **meta)
 
 
 # ------------------------------------------------------------------------------------------------
-# launchers (same signatures as lora_kernels/_torch_qlora.py)
+# launchers (same signatures as backends/torch/qlora.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -353,9 +743,10 @@ def qlora_linear_fwd(
     xl = x if x_lora is None else x_lora
     args = (
         x, xl, *quant, x if bias is None else bias, lora_a, lora_b, y, s,
-        m, n, k, r,
+        m, n, k, r, _m_bucket(m),
         x.stride(0), x.stride(1), xl.stride(0), xl.stride(1), lora_a.stride(0), lora_a.stride(1),
         lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1), s.stride(0), s.stride(1),
+        vector_stride(bias),
         float(scale),
     )  # fmt: skip
     meta = {
@@ -368,6 +759,13 @@ def qlora_linear_fwd(
         "PRECISION": _precision(x.dtype),
         "BLOCK_R": max(16, triton.next_power_of_2(r)),
     }
+
+    if m <= 16 and k % 2 == 0:
+        # Decode: the shrink once (x_lora and lora_a read once, not per N tile), then one pass
+        # over the packed weight that reads each byte once.
+        _shrink(xl, lora_a, s, meta["PRECISION"], meta["BLOCK_R"])
+        _decode_fwd(x, quant, bias, lora_b, s, y, scale, meta)
+        return y, s
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
@@ -386,13 +784,15 @@ def qlora_linear_bwd(
     r = lora_a.shape[0]
     dx = dx_lora = da = db = None
     if needs_da or needs_db:
-        # dA and dB are rank-sized GEMMs (r * K and N * r outputs): stock PyTorch, the weight is
-        # not involved (a placeholder of the right shape stands in for it).
-        placeholder = x.new_empty((1, 1)).expand(n, k)
-        _, _, da, db = torch_lora_linear.lora_linear_bwd(
-            dy, x, placeholder, lora_a, lora_b, s, scale, x_lora,
-            needs_dx=False, needs_da=needs_da, needs_db=needs_db,
-        )  # fmt: skip
+        # dA and dB are rank-sized GEMMs (r * K and N * r outputs) that never touch the weight:
+        # stock PyTorch GEMMs in the adapters' dtype, scale applied once to the [M, r] factor.
+        ldt = lora_a.dtype
+        dyl = dy.to(ldt)
+        if needs_da:
+            xl = x if x_lora is None else x_lora
+            da = torch.mm(torch.mm(dyl, lora_b).mul_(scale).T, xl.to(ldt))
+        if needs_db:
+            db = torch.mm(dyl.T, s.to(ldt)).mul_(scale)
     if needs_dx:
         dx = x.new_empty((m, k))
         dx_lora = x.new_empty((m, k)) if x_lora is not None else dx
@@ -400,7 +800,7 @@ def qlora_linear_bwd(
             quant, nested = _quant_args(qweight, absmax, code, absmax2, code2, offset)
             args = (
                 dy, *quant, lora_a, lora_b, dx, dx_lora,
-                m, n, k, r,
+                m, n, k, r, _m_bucket(m),
                 dy.stride(0), dy.stride(1), lora_a.stride(0), lora_a.stride(1),
                 lora_b.stride(0), lora_b.stride(1), dx.stride(0), dx.stride(1),
                 dx_lora.stride(0), dx_lora.stride(1),
