@@ -19,11 +19,14 @@ from .functional import (
     lora_linear_multi,
     merge_dora_,
     merge_lora_,
+    moe_lora,
+    peft_expert_factors,
+    peft_expert_weights,
     qlora_linear,
     unmerge_dora_,
     unmerge_lora_,
 )
-from .layers import FusedLoraEmbedding, FusedLoraLinear, FusedLoraLinear4bit
+from .layers import FusedLoraEmbedding, FusedLoraExperts, FusedLoraLinear, FusedLoraLinear4bit
 from .models.checkpoint import load_adapter, save_adapter
 from .models.config import LoraConfig
 from .models.model import (
@@ -43,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterCache",
     "FusedLoraEmbedding",
+    "FusedLoraExperts",
     "FusedLoraLinear",
     "FusedLoraLinear4bit",
     "LoraConfig",
@@ -71,4 +75,7 @@ __all__ = [
     "unmerge_dora_",
     "dequantize_4bit",
     "qlora_linear",
+    "moe_lora",
+    "peft_expert_factors",
+    "peft_expert_weights",
 ]

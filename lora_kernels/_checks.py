@@ -647,6 +647,142 @@ def check_lora_embedding_multi_inputs(
     return scales, _check_padding_idx(fn, padding_idx, v)
 
 
+MOE_ACTIVATIONS = ("silu", "swiglu_oai")
+
+
+def _check_moe_factor_pair(fn, names, a, b, lead, num_experts, n_in, n_out, x):
+    """``a [*lead, E, r, n_in]`` and ``b [*lead, E, n_out, r]`` (``lead`` is ``[]`` or ``[L]``);
+    returns r. Both None: no LoRA on this projection."""
+    name_a, name_b = names
+    if a is None and b is None:
+        return 0
+    if (a is None) != (b is None):
+        given, missing = (name_a, name_b) if b is None else (name_b, name_a)
+        raise ValueError(f"{fn}: {given} was given without {missing}: pass both or neither")
+    check_tensor(fn, name_a, a)
+    check_tensor(fn, name_b, b)
+    want_dims = len(lead) + 3
+    if a.dim() != want_dims or a.shape[-2] < 1:
+        raise ValueError(
+            f"{fn}: expected {name_a} of shape {fmt_shape([*lead, num_experts, 'r', n_in])} with "
+            f"r >= 1, got {fmt_shape(a.shape)}"
+        )
+    r = a.shape[-2]
+    check_shape(fn, name_a, a, [*lead, num_experts, r, n_in])
+    check_shape(fn, name_b, b, [*lead, num_experts, n_out, r])
+    check_dtype(fn, name_a, a, [x.dtype, torch.float32])
+    check_dtype(fn, name_b, b, [a.dtype])
+    check_device(fn, name_a, a, x.device)
+    check_device(fn, name_b, b, x.device)
+    return r
+
+
+def check_moe_lora_inputs(
+    fn, x, top_k_ids, top_k_weights, w_gate_up, w_down, factors, scale, adapter_ids, biases,
+    activation,
+):  # fmt: skip
+    """Validate a mixture-of-experts LoRA call (``w_gate_up [E, 2I, H]``, ``w_down [E, H, I]``
+    already in the [out, in] orientation); returns ``(L, scales [L])``.
+
+    ``factors`` is ``(lora_a_gate_up, lora_b_gate_up, lora_a_down, lora_b_down)``, each
+    ``[E, ...]`` for one adapter or ``[L, E, ...]`` with ``adapter_ids [T]``. Adapter ids are
+    checked on CPU tensors in eager mode only, as for ``lora_linear_multi``. Expert ids are not
+    checked: one outside ``[0, E)`` contributes nothing (expert parallelism's sentinels).
+    """
+    check_tensor(fn, "x", x)
+    check_float(fn, "x", x)
+    if x.dim() != 2:
+        raise ValueError(f"{fn}: expected x of shape [T, H], got {fmt_shape(x.shape)}")
+    t, hidden = x.shape
+    check_tensor(fn, "top_k_ids", top_k_ids)
+    check_dtype(fn, "top_k_ids", top_k_ids, [torch.int32, torch.int64])
+    if top_k_ids.dim() != 2 or top_k_ids.shape[0] != t or top_k_ids.shape[1] < 1:
+        raise ValueError(
+            f"{fn}: expected top_k_ids of shape [{t}, k] (k >= 1 experts per token of x "
+            f"{fmt_shape(x.shape)}), got {fmt_shape(top_k_ids.shape)}"
+        )
+    k = top_k_ids.shape[1]
+    check_device(fn, "top_k_ids", top_k_ids, x.device)
+    check_tensor(fn, "top_k_weights", top_k_weights)
+    check_float(fn, "top_k_weights", top_k_weights)
+    check_shape(fn, "top_k_weights", top_k_weights, [t, k])
+    check_device(fn, "top_k_weights", top_k_weights, x.device)
+    check_tensor(fn, "w_gate_up", w_gate_up)
+    check_tensor(fn, "w_down", w_down)
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != hidden or w_gate_up.shape[1] % 2:
+        raise ValueError(
+            f"{fn}: expected w_gate_up of shape [E, 2I, {hidden}] (gate and up stacked), got "
+            f"{fmt_shape(w_gate_up.shape)}"
+        )
+    num_experts, n_gu, _ = w_gate_up.shape
+    n_i = n_gu // 2
+    check_shape(fn, "w_down", w_down, [num_experts, hidden, n_i])
+    for name, w in (("w_gate_up", w_gate_up), ("w_down", w_down)):
+        check_dtype(fn, name, w, [x.dtype])
+        check_device(fn, name, w, x.device)
+    for name, bias, n in (("bias_gate_up", biases[0], n_gu), ("bias_down", biases[1], hidden)):
+        if bias is not None:
+            check_tensor(fn, name, bias)
+            check_shape(fn, name, bias, [num_experts, n])
+            check_dtype(fn, name, bias, [x.dtype])
+            check_device(fn, name, bias, x.device)
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"{fn}: activation must be 'silu' or 'swiglu_oai', got {activation!r}")
+
+    a_gu, b_gu, a_d, b_d = factors
+    given = next((f for f in factors if f is not None), None)
+    multi = adapter_ids is not None
+    lead = ["L"] if multi else []
+    if multi and isinstance(given, torch.Tensor) and given.dim() == 4:
+        lead = [given.shape[0]]
+    _check_moe_factor_pair(
+        fn, ("lora_a_gate_up", "lora_b_gate_up"), a_gu, b_gu, lead, num_experts, hidden, n_gu, x
+    )
+    _check_moe_factor_pair(
+        fn, ("lora_a_down", "lora_b_down"), a_d, b_d, lead, num_experts, n_i, hidden, x
+    )
+    num_adapters = lead[0] if multi and isinstance(lead[0], int) else 1
+    check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+    scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(scale, torch.Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"{fn}: expected scale of a floating dtype, got {scale.dtype}")
+        check_device(fn, "scale", scale, x.device)
+        scales = scale.detach().reshape(-1)
+    elif isinstance(scale, (list, tuple)):
+        vals = [check_scale(fn, f"scale[{i}]", v) for i, v in enumerate(scale)]
+        scales = torch.tensor(vals, dtype=scale_dtype, device=x.device)
+    else:
+        scales = torch.tensor([check_scale(fn, "scale", scale)], dtype=scale_dtype, device=x.device)
+    if scales.shape[0] != num_adapters:
+        raise ValueError(
+            f"{fn}: expected scale with {num_adapters} value(s) (one per adapter), got "
+            f"{fmt_shape(scales.shape)}"
+        )
+    if check_values and not torch.isfinite(scales).all():
+        raise ValueError(f"{fn}: expected finite scale, got {scales.tolist()}")
+
+    if multi:
+        check_tensor(fn, "adapter_ids", adapter_ids)
+        check_dtype(fn, "adapter_ids", adapter_ids, [torch.int32, torch.int64])
+        if adapter_ids.dim() != 1 or adapter_ids.shape[0] != t:
+            raise ValueError(
+                f"{fn}: expected adapter_ids of shape [{t}] (one id per token of x "
+                f"{fmt_shape(x.shape)}), got {fmt_shape(adapter_ids.shape)}"
+            )
+        check_device(fn, "adapter_ids", adapter_ids, x.device)
+        if check_values:
+            bad = ((adapter_ids < -1) | (adapter_ids >= num_adapters)).nonzero().flatten()
+            if bad.numel():
+                shown = bad[:8].tolist()
+                raise ValueError(
+                    f"{fn}: expected adapter_ids in [-1, {num_adapters}) (-1: base experts), got "
+                    f"{adapter_ids[shown].tolist()} at tokens {shown}"
+                )
+    return num_adapters, scales.to(scale_dtype)
+
+
 def _check_rows(fn: str, row_ids, m: int, device, ranks, num_adapters: int) -> None:
     """The ``row_ids [M]`` and ``ranks [L]`` of the ``lora_delta`` ops (an id outside ``[0, L)``
     means no adapter there, so ids are not read: checking them would synchronise on CUDA)."""

@@ -45,6 +45,8 @@ __all__ = [
     "dequantize_4bit",
     "qlora_linear",
     "qlora_linear_backward",
+    "moe_activation",
+    "moe_lora",
 ]
 
 
@@ -545,3 +547,98 @@ def lora_embedding_multi(
         s = lora_a[a].to(acc)[:, flat[i]]
         y[i] = y[i] + float(scales[a]) * (lora_b[a].to(acc) @ s)
     return y.to(weight.dtype).reshape(*ids.shape, weight.shape[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Mixture-of-experts LoRA (LoRA on transformers 5's fused experts, PEFT ``target_parameters``)
+# --------------------------------------------------------------------------------------------
+
+
+def moe_activation(
+    g: torch.Tensor, activation: str, swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0
+) -> torch.Tensor:
+    """``h [..., I]`` from the gate-up projection's output ``g [..., 2I]``.
+
+    * ``"silu"`` (Qwen3-MoE, Mixtral, OLMoE): ``gate, up = g[..., :I], g[..., I:]``,
+      ``h = silu(gate) * up``;
+    * ``"swiglu_oai"`` (gpt-oss): gate and up interleaved, ``gate, up = g[..., 0::2],
+      g[..., 1::2]``, clamped (``gate <= limit``, ``|up| <= limit``), and
+      ``h = (up + 1) * gate * sigmoid(alpha * gate)``.
+    """
+    if activation == "silu":
+        gate, up = g.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+    if activation == "swiglu_oai":
+        gate = g[..., 0::2].clamp(max=swiglu_limit)
+        up = g[..., 1::2].clamp(min=-swiglu_limit, max=swiglu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * swiglu_alpha))
+    raise ValueError(f"activation must be 'silu' or 'swiglu_oai', got {activation!r}")
+
+
+def moe_lora(
+    x: torch.Tensor,
+    top_k_ids: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    lora_a_gate_up: torch.Tensor | None,
+    lora_b_gate_up: torch.Tensor | None,
+    lora_a_down: torch.Tensor | None,
+    lora_b_down: torch.Tensor | None,
+    scales: torch.Tensor,
+    adapter_ids: torch.Tensor | None = None,
+    *,
+    bias_gate_up: torch.Tensor | None = None,
+    bias_down: torch.Tensor | None = None,
+    activation: str = "silu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> torch.Tensor:
+    """A mixture-of-experts layer with LoRA on both expert projections, one (token, slot) pair
+    at a time (slow on purpose: it is the spec). Differentiable in every float input, so autograd
+    on it gives the reference gradients.
+
+    Shapes (``T`` tokens, ``k`` experts per token, ``E`` experts, ``L`` adapters)::
+
+        x [T, H]; top_k_ids [T, k] (ids outside [0, E) contribute nothing); top_k_weights [T, k]
+        w_gate_up [E, 2I, H], bias_gate_up [E, 2I] or None; w_down [E, H, I], bias_down [E, H]
+        lora_a_gate_up [L, E, r, H], lora_b_gate_up [L, E, 2I, r]   (None: no LoRA there)
+        lora_a_down [L, E, r', I], lora_b_down [L, E, H, r']; scales [L]
+        adapter_ids [T] (None: adapter 0 everywhere; -1: the base experts only)
+
+    For each pair (t, j) with expert ``e = top_k_ids[t, j]`` and adapter ``a``::
+
+        g   = x[t] W_gu[e]^T + b_gu[e] + s_a (x[t] A_gu[a, e]^T) B_gu[a, e]^T     [2I]
+        h   = act(g)                                                              [I]
+        o   = h W_d[e]^T + b_d[e] + s_a (h A_d[a, e]^T) B_d[a, e]^T               [H]
+        y[t] = sum_j top_k_weights[t, j] * o
+    """
+    acc = _acc_dtype(x, w_gate_up, w_down, lora_a_gate_up, lora_a_down)
+    num_experts = w_gate_up.shape[0]
+    xf = x.to(acc)
+    rows = []
+    for t in range(x.shape[0]):
+        a = 0 if adapter_ids is None else int(adapter_ids[t])
+        yt = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+        for j in range(top_k_ids.shape[1]):
+            e = int(top_k_ids[t, j])
+            if not 0 <= e < num_experts:
+                continue
+            g = w_gate_up[e].to(acc) @ xf[t]
+            if bias_gate_up is not None:
+                g = g + bias_gate_up[e].to(acc)
+            if a >= 0 and lora_a_gate_up is not None:
+                s = lora_a_gate_up[a, e].to(acc) @ xf[t]
+                g = g + scales[a].to(acc) * (lora_b_gate_up[a, e].to(acc) @ s)
+            h = moe_activation(g, activation, swiglu_alpha, swiglu_limit)
+            o = w_down[e].to(acc) @ h
+            if bias_down is not None:
+                o = o + bias_down[e].to(acc)
+            if a >= 0 and lora_a_down is not None:
+                s = lora_a_down[a, e].to(acc) @ h
+                o = o + scales[a].to(acc) * (lora_b_down[a, e].to(acc) @ s)
+            yt = yt + top_k_weights[t, j].to(acc) * o
+        rows.append(yt)
+    if not rows:
+        return x.new_zeros(x.shape)
+    return torch.stack(rows).to(x.dtype)

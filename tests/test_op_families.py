@@ -131,11 +131,49 @@ def dora_linear_case(backend: str, dtype: torch.dtype) -> OpCase:
     return OpCase(entry, inputs, reference, op_calls, ("x", "w", "bias", "A", "B", "magnitude"))
 
 
+def moe_lora_case(backend: str, dtype: torch.dtype) -> OpCase:
+    t, hidden, inter, experts, k = 7, 13, 5, 4, 2
+    x = _leaf(t, hidden, dtype=dtype)
+    ids = torch.stack([torch.randperm(experts)[:k] for _ in range(t)])
+    weights = (torch.rand(t, k, dtype=dtype) + 0.1).requires_grad_(True)
+    w_gu = _leaf(experts, 2 * inter, hidden, dtype=dtype, grad=False, scale=0.3)
+    w_d = _leaf(experts, hidden, inter, dtype=dtype, grad=False, scale=0.3)
+    a_gu, b_gu = _leaf(experts, R_, hidden, dtype=dtype), _leaf(experts, 2 * inter, R_, dtype=dtype)
+    a_d, b_d = _leaf(experts, R_, inter, dtype=dtype), _leaf(experts, hidden, R_, dtype=dtype)
+    scale = 0.75
+
+    def entry(x, weights, a_gu, b_gu, a_d, b_d):
+        return lk.moe_lora(x, ids, weights, w_gu, w_d, a_gu, b_gu, a_d, b_d, scale,
+                           backend=backend)  # fmt: skip
+
+    def reference(x, weights, a_gu, b_gu, a_d, b_d):
+        f = [v[None] for v in (a_gu, b_gu, a_d, b_d)]
+        scales = torch.tensor([scale], dtype=x.dtype)
+        return R.moe_lora(x, ids, weights, w_gu.to(x.dtype), w_d.to(x.dtype), *f, scales)
+
+    def op_calls():
+        scales = torch.tensor([scale])
+        f = _detached(tuple(v[None] for v in (a_gu, b_gu, a_d, b_d)))
+        fwd = (x, ids, weights, w_gu, None, f[0], f[1], w_d, None, f[2], f[3], scales, None,
+               "silu", 1.702, 7.0, True, backend)  # fmt: skip
+        _, g, s_gu, s_d, o = OPS.moe_lora_fwd(*_detached(fwd))
+        bwd = (torch.randn(t, hidden, dtype=dtype), *_detached((x, ids, weights, w_gu)), f[0],
+               f[1], w_d, f[2], f[3], scales, None, g, s_gu, s_d, o, "silu", 1.702, 7.0, True,
+               True, True, True, backend)  # fmt: skip
+        return [(OPS.moe_lora_fwd, fwd), (OPS.moe_lora_bwd, bwd)]
+
+    inputs = (x, weights, a_gu, b_gu, a_d, b_d)
+    return OpCase(
+        entry, inputs, reference, op_calls, ("x", "weights", "A_gu", "B_gu", "A_d", "B_d")
+    )
+
+
 FAMILIES = [
     OpFamily("lora_linear", lora_linear_case, BACKENDS),
     OpFamily("lora_linear_multi", lora_multi_case, BACKENDS),
     OpFamily("lora_embedding", lora_embedding_case, BACKENDS),
     OpFamily("dora_linear", dora_linear_case, BACKENDS),
+    OpFamily("moe_lora", moe_lora_case, BACKENDS),
 ]
 CASES = [(f, b) for f in FAMILIES for b in f.backends]
 IDS = [f"{f.name}-{b}" for f, b in CASES]

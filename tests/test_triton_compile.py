@@ -4,7 +4,7 @@
 specialises them with Triton's binder and compiles every surviving config with Triton's bundled
 ptxas. This file runs the ``QUICK`` matrix (the common training path: bf16 base with fp32
 adapters, decode and prefill M, odd K/N; every family: LoRA, multi-adapter, merge, DoRA, QLoRA,
-embedding) in a Triton cache directory of its own; the whole
+embedding, MoE experts) in a Triton cache directory of its own; the whole
 matrix is ``python benchmarks/triton_compile_report.py``.
 """
 

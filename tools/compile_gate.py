@@ -53,6 +53,7 @@ LAUNCHER_MODULES = {
     "dora": "lora_kernels.backends.triton.dora",
     "qlora": "lora_kernels.backends.triton.qlora",
     "lora_embedding": "lora_kernels.backends.triton.lora_embedding",
+    "moe": "lora_kernels.backends.triton.moe",
 }
 
 # Per-block shared memory a kernel may use (opt-in maximum) and the SM count of the reference
@@ -672,6 +673,40 @@ def drive_lora_embedding(twin, cap: _Capture, matrix: dict) -> None:
                                 torch.use_deterministic_algorithms(prev)
 
 
+def drive_moe(twin, cap: _Capture, matrix: dict) -> None:
+    for hidden, inter, experts, top_k in matrix["shapes"]:
+        for t in matrix["t"]:
+            for r in matrix["r"]:
+                for adapters in matrix["adapters"]:
+                    for dt, adt in matrix["dtypes"]:
+                        xd, ad = _DT[dt], _DT[adt]
+                        x = _t(t, hidden, dtype=xd)
+                        ids = torch.randint(0, experts, (t, top_k))
+                        w = torch.rand(t, top_k)
+                        w_gu = _t(experts, 2 * inter, hidden, dtype=xd)
+                        w_d = _t(experts, hidden, inter, dtype=xd)
+                        lead = (adapters, experts)
+                        a_gu = _t(*lead, r, hidden, dtype=ad)
+                        b_gu = _t(*lead, 2 * inter, r, dtype=ad)
+                        a_d = _t(*lead, r, inter, dtype=ad)
+                        b_d = _t(*lead, hidden, r, dtype=ad)
+                        scales = torch.ones(adapters)
+                        token_ids = torch.randint(-1, adapters, (t,)) if adapters > 1 else None
+                        tag = f"T{t} H{hidden} I{inter} E{experts} k{top_k} r{r} L{adapters}"
+                        tag += f" {dt}/{adt}"
+                        cap.case = "fwd " + tag
+                        fwd = twin.moe_lora_fwd(
+                            x, ids, w, w_gu, None, a_gu, b_gu, w_d, None, a_d, b_d, scales,
+                            token_ids, "silu", 1.702, 7.0, True,
+                        )  # fmt: skip
+                        _, g, s_gu, s_d, o = fwd
+                        cap.case = "bwd " + tag
+                        twin.moe_lora_bwd(
+                            _t(t, hidden, dtype=xd), x, ids, w, w_gu, a_gu, b_gu, w_d, a_d, b_d,
+                            scales, token_ids, g, s_gu, s_d, o, "silu", 1.702, 7.0,
+                        )  # fmt: skip
+
+
 DRIVERS = {
     "lora_linear": drive_lora_linear,
     "lora_multi": drive_lora_multi,
@@ -679,6 +714,7 @@ DRIVERS = {
     "dora": drive_dora,
     "qlora": drive_qlora,
     "lora_embedding": drive_lora_embedding,
+    "moe": drive_moe,
 }
 
 _DTYPES_ALL = [
@@ -750,6 +786,14 @@ FULL = {
         "row_ids": [False, True],
         "deterministic": [False, True],
     },
+    # Qwen3-30B-A3B-like experts (hidden 2048, intermediate 768, 128 experts, top-8), odd sizes
+    "moe": {
+        "shapes": [(2048, 768, 128, 8), (2051, 769, 8, 2)],
+        "t": [1, 16, 4096],
+        "r": [16, 64],
+        "adapters": [1, 4],
+        "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
+    },
 }
 
 # The CI subset (tests/test_triton_compile.py, about 60 compiles): the common training path
@@ -806,6 +850,13 @@ QUICK = {
         "adapters": 2,
         "dtypes": [("bf16", "fp32")],
         "row_ids": [True],
+    },
+    "moe": {
+        "shapes": [(2048, 768, 128, 8)],
+        "t": [16, 512],
+        "r": [16],
+        "adapters": [1, 4],
+        "dtypes": [("bf16", "fp32")],
     },
 }
 

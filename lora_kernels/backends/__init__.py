@@ -1,8 +1,8 @@
 """Backends: which one computes a call, and the launcher that runs it.
 
 Every backend is a folder (``torch/``, ``triton/``, ``cuda/``) with one module per kernel family
-(``lora_linear``, ``lora_multi``, ``merge``, ``lora_embedding``, ``dora``, ``qlora``); the modules
-of one family share the launcher signatures written down below as ``Protocol`` classes
+(``lora_linear``, ``lora_multi``, ``merge``, ``lora_embedding``, ``dora``, ``qlora``, ``moe``); the
+modules of one family share the launcher signatures written down below as ``Protocol`` classes
 (:data:`PROTOCOLS`). :data:`IMPLEMENTATIONS` is the one table of which module implements a family
 on a backend, and :func:`launcher` the one place that picks a launcher: it records what it picked
 (:func:`last_dispatch`) and logs each new pick once at DEBUG level (logger
@@ -170,6 +170,70 @@ class LoraEmbeddingLaunchers(Protocol):
     ) -> tuple[Tensor | None, Tensor | None]: ...
 
 
+class MoeLoraLaunchers(Protocol):
+    """``backends.<backend>.moe``: LoRA on both projections of a mixture-of-experts layer (see
+    ``backends.torch.moe`` for the shapes and the formula).
+
+    ``moe_lora_fwd(x[T,H], top_k_ids[T,k], top_k_weights[T,k], w_gu[E,2I,H], bias_gu[E,2I]?,
+    a_gu[L,E,r,H]?, b_gu[L,E,2I,r]?, w_d[E,H,I], bias_d[E,H]?, a_d[L,E,r',I]?, b_d[L,E,H,r']?,
+    scales[L], token_ids[T]?, activation, swiglu_alpha, swiglu_limit, keep_out) -> (y[T,H],
+    g[Tk,2I], s_gu[Tk,r] fp32, s_d[Tk,r'] fp32, o[Tk,H] (empty unless keep_out))``, the saved
+    tensors in the backend's own pair order;
+    ``moe_lora_bwd(dy, x, top_k_ids, top_k_weights, w_gu, a_gu?, b_gu?, w_d, a_d?, b_d?, scales,
+    token_ids?, g, s_gu, s_d, o, activation, swiglu_alpha, swiglu_limit, *, needs_dx, needs_dw,
+    needs_lora_gu, needs_lora_d) -> (dx?, dw[T,k]?, da_gu?, db_gu?, da_d?, db_d?)``.
+    """
+
+    def moe_lora_fwd(
+        self,
+        x: Tensor,
+        top_k_ids: Tensor,
+        top_k_weights: Tensor,
+        w_gu: Tensor,
+        bias_gu: Tensor | None,
+        a_gu: Tensor | None,
+        b_gu: Tensor | None,
+        w_d: Tensor,
+        bias_d: Tensor | None,
+        a_d: Tensor | None,
+        b_d: Tensor | None,
+        scales: Tensor,
+        token_ids: Tensor | None = None,
+        activation: str = "silu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        keep_out: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]: ...
+
+    def moe_lora_bwd(
+        self,
+        dy: Tensor,
+        x: Tensor,
+        top_k_ids: Tensor,
+        top_k_weights: Tensor,
+        w_gu: Tensor,
+        a_gu: Tensor | None,
+        b_gu: Tensor | None,
+        w_d: Tensor,
+        a_d: Tensor | None,
+        b_d: Tensor | None,
+        scales: Tensor,
+        token_ids: Tensor | None,
+        g: Tensor,
+        s_gu: Tensor,
+        s_d: Tensor,
+        o: Tensor,
+        activation: str = "silu",
+        swiglu_alpha: float = 1.702,
+        swiglu_limit: float = 7.0,
+        *,
+        needs_dx: bool = True,
+        needs_dw: bool = True,
+        needs_lora_gu: bool = True,
+        needs_lora_d: bool = True,
+    ) -> tuple[Tensor | None, ...]: ...
+
+
 class MergeLaunchers(Protocol):
     """``backends.<backend>.merge``: ``merge_(weight[N,K], lora_a[r,K], lora_b[N,r], scale)``,
     ``weight += scale * lora_b @ lora_a`` in place (fp32 sum, one rounding); returns weight."""
@@ -332,6 +396,7 @@ PROTOCOLS: dict[str, type] = {
     "lora_embedding": LoraEmbeddingLaunchers,
     "dora": DoraLaunchers,
     "qlora": QLoraLaunchers,
+    "moe": MoeLoraLaunchers,
     "lora_delta": LoraDeltaLaunchers,
 }
 
@@ -357,6 +422,8 @@ IMPLEMENTATIONS: dict[tuple[str, str], str] = {
     ("dora", "triton"): "lora_kernels.backends.triton.dora",
     ("qlora", "torch"): "lora_kernels.backends.torch.qlora",
     ("qlora", "triton"): "lora_kernels.backends.triton.qlora",
+    ("moe", "torch"): "lora_kernels.backends.torch.moe",
+    ("moe", "triton"): "lora_kernels.backends.triton.moe",
     ("lora_delta", "torch"): "lora_kernels.backends.torch.lora_delta",
     ("lora_delta", "triton"): "lora_kernels.backends.triton.lora_delta",
 }

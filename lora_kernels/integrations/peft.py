@@ -10,6 +10,10 @@ and PEFT's own ``forward`` otherwise:
   the strides of its transpose, no copy);
 * ``lora.Embedding`` -> :class:`FusedPeftEmbedding`: ``y = base_layer(x) + scaling[a] *
   lora_embedding_A[a].T[x] @ lora_embedding_B[a].T`` in one ``lora_embedding`` call.
+* ``lora.ParamWrapper`` on the ``gate_up_proj`` / ``down_proj`` of a transformers 5 fused-experts
+  module (``target_parameters``) -> :class:`FusedPeftParamWrapper`: the experts with their LoRA
+  in one ``moe_lora`` call (the outermost wrapper computes the whole nest), where PEFT adds
+  ``delta W`` to every expert's weight on every forward.
 
 The kernels run when: one active adapter present in the layer, vanilla LoRA or DoRA (no other
 variant, no ``lora_bias``), a plain base layer without hooks, not merged, adapters enabled, no
@@ -22,11 +26,11 @@ parameters, state_dict keys, ``repr`` (``lora.Linear(...)``), ``get_layer_status
 ``merge_and_unload``, ``save_pretrained``, hotswapping, Trainer.
 
 ``fuse`` is total and idempotent: on any PEFT model (other tuners, Conv layers, ``nn.Parameter``
-targets, no LoRA layer at all) it fuses what the table lists and leaves every other layer exactly
-as PEFT made it; layers PEFT creates later (``add_adapter``, ``load_adapter``,
-``inject_adapter_in_model``) are fused by the next ``fuse`` call. :func:`fuse_report` says what is
-fused and what runs on PEFT's code; ``fuse`` logs it at DEBUG level and never warns.
-``unfuse`` restores PEFT's classes.
+targets other than fused experts, no LoRA layer at all) it fuses what the table lists and leaves
+every other layer exactly as PEFT made it; layers PEFT creates later (``add_adapter``,
+``load_adapter``, ``inject_adapter_in_model``) are fused by the next ``fuse`` call.
+:func:`fuse_report` says what is fused and what runs on PEFT's code; ``fuse`` logs it at DEBUG
+level and never warns. ``unfuse`` restores PEFT's classes.
 
 A DoRA adapter (PEFT's ``DoraLinearVariant``) runs in one ``lora_kernels.dora_linear`` call under
 the same conditions: PEFT's output and gradients (the norm detached, dropout on the whole DoRA
@@ -50,10 +54,13 @@ from ..functional import (
     lora_embedding,
     lora_embedding_multi,
     lora_linear,
+    moe_lora,
+    peft_expert_factors,
 )
 from ..layers.base import BASE_ADAPTER, cached_host_tensor, conv1d_class
 from ..layers.dora import cached_weight_sq_norm
 from ..layers.embedding import adapter_tensor, stack_embedding_adapters
+from ..layers.moe import EXPERT_PARAMS, experts_format
 from .peft_mixed import mixed_linear_forward
 
 # before PEFT's imports: an old PEFT fails them for want of a newer module, not of PEFT
@@ -62,6 +69,7 @@ require("peft", "lora_kernels.integrations.peft")
 from peft.tuners.lora.dora import DoraLinearLayer as _DoraLinearLayer  # noqa: E402
 from peft.tuners.lora.layer import Embedding as PeftLoraEmbedding  # noqa: E402
 from peft.tuners.lora.layer import Linear as PeftLoraLinear  # noqa: E402
+from peft.tuners.lora.layer import ParamWrapper as PeftParamWrapper  # noqa: E402
 from peft.tuners.lora.variants import DoraLinearVariant as _DoraLinearVariant  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 
@@ -69,6 +77,7 @@ __all__ = [
     "FUSED_CLASSES",
     "FusedPeftEmbedding",
     "FusedPeftLinear",
+    "FusedPeftParamWrapper",
     "fuse",
     "fuse_report",
     "unfuse",
@@ -289,12 +298,105 @@ class FusedPeftEmbedding(_FusedPeftLayer, PeftLoraEmbedding):
         )
 
 
+class FusedPeftParamWrapper(_FusedPeftLayer, PeftParamWrapper):
+    """PEFT's ``ParamWrapper`` whose forward runs ``moe_lora`` when it wraps (alone or as the
+    outermost of a nest) the expert parameters of a fused-experts module, computing the
+    adapted experts without materialising ``W + delta W``.
+
+    Instances are made by :func:`fuse` (a class swap), never constructed directly.
+    """
+
+    def _moe_call(self, x, args, kwargs):
+        """The ``moe_lora`` arguments for this call, or None where PEFT's forward must run."""
+        if kwargs or len(args) != 2 or self.disable_adapters or x.dim() != 2:
+            return None
+        ids, weights = args
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in _INDEX_DTYPES:
+            return None
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            return None
+        active = self.active_adapters
+        if len(active) != 1:
+            return None
+        name = active[0]
+        chain, module = [], self
+        while isinstance(module, PeftParamWrapper):
+            if type(module) not in (PeftParamWrapper, FusedPeftParamWrapper):
+                return None
+            if module.merged or not _no_hooks(module) or module.parameter_name in chain:
+                return None
+            chain.append(module.parameter_name)
+            module = module.base_layer
+        experts = module
+        if not _no_hooks(experts) or set(chain) - set(EXPERT_PARAMS):
+            return None
+        try:
+            fmt = experts_format(experts)
+        except ValueError:
+            return None
+        if fmt is None or getattr(experts, "parametrizations", None):
+            return None
+        wrappers = {}
+        module = self
+        while isinstance(module, PeftParamWrapper):
+            wrappers[module.parameter_name] = module
+            module = module.base_layer
+        weights = [experts.gate_up_proj, experts.down_proj]
+        if fmt["bias"]:
+            weights += [experts.gate_up_proj_bias, experts.down_proj_bias]
+        if any(w.dtype != x.dtype or w.device != x.device for w in weights):
+            return None
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return None
+        num_experts = experts.gate_up_proj.shape[0]
+        factors, scales = [], []
+        for param in EXPERT_PARAMS:
+            wrapper = wrappers.get(param)
+            if wrapper is None or name not in wrapper.lora_A:
+                factors += [None, None]
+                continue
+            lora_a, lora_b = wrapper.lora_A[name], wrapper.lora_B[name]
+            if wrapper.lora_bias.get(name, False) or name in wrapper.lora_variant:
+                return None
+            if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+                return None
+            if lora_a.bias is not None or lora_b.bias is not None:
+                return None
+            if type(wrapper.lora_dropout[name]) is not nn.Identity:
+                return None
+            if lora_a.weight.dtype not in (x.dtype, torch.float32):
+                return None
+            a, b = peft_expert_factors(lora_a.weight, lora_b.weight, num_experts)
+            factors += [a, b.to(lora_a.weight.dtype)]
+            scales.append(float(wrapper.scaling[name]))
+        if not scales:
+            return None
+        if len(scales) == 2 and scales[1] != scales[0]:  # one scale per call: B_down carries it
+            factors[3] = factors[3] * (scales[1] / scales[0])
+        return experts, fmt, factors, scales[0]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        call = self._moe_call(x, args, kwargs)
+        if call is None:
+            return super().forward(x, *args, **kwargs)
+        experts, fmt, factors, scale = call
+        return moe_lora(
+            x, args[0], args[1], experts.gate_up_proj, experts.down_proj, *factors, scale,
+            bias_gate_up=experts.gate_up_proj_bias if fmt["bias"] else None,
+            bias_down=experts.down_proj_bias if fmt["bias"] else None,
+            activation=fmt["activation"], swiglu_alpha=fmt["swiglu_alpha"],
+            swiglu_limit=fmt["swiglu_limit"], transposed=fmt["transposed"],
+            backend=self.lora_kernels_backend,
+        )  # fmt: skip
+
+
 # PEFT layer class -> our subclass of it that runs the kernels. ``fuse`` swaps exactly these
 # classes (never their subclasses: PEFT's quantised and other specialised layers are classes of
 # their own, and each needs an entry of its own here).
 FUSED_CLASSES: dict[type, type] = {
     PeftLoraLinear: FusedPeftLinear,
     PeftLoraEmbedding: FusedPeftEmbedding,
+    PeftParamWrapper: FusedPeftParamWrapper,
 }
 _PEFT_CLASS = {fused: peft_cls for peft_cls, fused in FUSED_CLASSES.items()}
 

@@ -2,7 +2,8 @@
 bookkeeping (``base.LoraLayer``).
 
 ``FusedLoraLinear`` (``nn.Linear`` and transformers' ``Conv1D``, DoRA through ``dora.DoraMixin``),
-``FusedLoraLinear4bit`` (bitsandbytes ``Linear4bit``), ``FusedLoraEmbedding`` (``nn.Embedding``);
+``FusedLoraLinear4bit`` (bitsandbytes ``Linear4bit``), ``FusedLoraEmbedding`` (``nn.Embedding``),
+``FusedLoraExperts`` (transformers 5 fused experts, PEFT's ``target_parameters``);
 :func:`lora_layer_class` picks the class for a base module.
 """
 
@@ -12,10 +13,12 @@ from .base import BASE_ADAPTER, LoraLayer, lora_scaling
 from .embedding import FusedLoraEmbedding
 from .linear import FusedLoraLinear
 from .linear_4bit import FusedLoraLinear4bit
+from .moe import FusedLoraExperts
 
 __all__ = [
     "BASE_ADAPTER",
     "FusedLoraEmbedding",
+    "FusedLoraExperts",
     "FusedLoraLinear",
     "FusedLoraLinear4bit",
     "LoraLayer",

@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from .._checks import fmt_shape
-from ..layers import FusedLoraEmbedding
+from ..layers import FusedLoraEmbedding, FusedLoraExperts
 from .config import LoraConfig
+from .experts import expert_key_prefixes, expert_layers, plan_expert_targets
 from .model import get_lora_model, lora_layers, set_adapter
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import plan_targets
@@ -164,6 +165,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
             tensors[f"{KEY_PREFIX}{name}.lora_magnitude_vector"] = magnitude
         if config.bias == "lora_only" and layer.bias is not None:
             tensors[f"{KEY_PREFIX}{name}.base_layer.bias"] = layer.bias
+    for name, layer in expert_layers(model):
+        if adapter_name not in layer.adapter_names:
+            continue
+        for param, depth in expert_key_prefixes(layer.adapter_params(adapter_name)).items():
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(layer, part)[param][adapter_name].weight
+                tensors[f"{KEY_PREFIX}{name}.{depth}{part}.weight"] = weight
     for name in _saved_tables(model, config, lora_names):
         tensors[f"{KEY_PREFIX}{name}.base_layer.weight"] = model.get_submodule(name).weight
     mts_names = [
@@ -220,7 +228,9 @@ def _saved_tables(model: nn.Module, config: LoraConfig, lora_names) -> list[str]
     return out
 
 
-def _expected_keys(model, config, targets, mts_names) -> tuple[dict, set[str], dict]:
+def _expected_keys(
+    model, config, targets, mts_names, expert_targets=()
+) -> tuple[dict, set[str], dict]:
     """``{PEFT key: (shape, setter)}`` of everything the checkpoint must hold, the PEFT keys it
     may hold without our using them, and those it may hold that we load when present (the
     adapted layers' base weights, which PEFT writes for embeddings)."""
@@ -241,6 +251,17 @@ def _expected_keys(model, config, targets, mts_names) -> tuple[dict, set[str], d
             expected[f"{prefix}.lora_magnitude_vector"] = ((t.out_features,), ("dora", t.name))
         if config.bias == "lora_only" and layer.bias is not None:
             expected[f"{prefix}.base_layer.bias"] = (tuple(layer.bias.shape), ("bias", t.name))
+    for t in expert_targets:
+        base = t.module.base_layer if isinstance(t.module, FusedLoraExperts) else t.module
+        num_experts = base.gate_up_proj.shape[0]
+        for param, depth in expert_key_prefixes(list(t.ranks)).items():
+            w = getattr(base, param)
+            transposed = bool(getattr(base, "is_transposed", False))
+            n_in, n_out = (w.shape[1], w.shape[2]) if transposed else (w.shape[2], w.shape[1])
+            re_ = t.ranks[param] * num_experts
+            prefix = f"{KEY_PREFIX}{t.name}.{depth}"
+            expected[f"{prefix}lora_A.weight"] = ((re_, n_in), ("expert", t.name, param, "lora_A"))
+            expected[f"{prefix}lora_B.weight"] = ((n_out, re_), ("expert", t.name, param, "lora_B"))
     state = model.state_dict(keep_vars=True)
     tolerated: set[str] = set()
     if config.bias == "all":
@@ -303,6 +324,21 @@ def _replacement_problems(model, config, adapter_name, targets, mts_names) -> li
     return problems
 
 
+def _expert_replacement_problems(model, adapter_name, expert_targets) -> list[str]:
+    """How the saved expert targets differ from the model's adapter ``adapter_name``'s."""
+    have = {
+        (name, p): layer.r[p][adapter_name]
+        for name, layer in expert_layers(model)
+        if adapter_name in layer.adapter_names
+        for p in layer.adapter_params(adapter_name)
+    }
+    want = {(t.name, p): r for t in expert_targets for p, r in t.ranks.items()}
+    if have == want:
+        return []
+    return [f"expert parameters and ranks {sorted(have.items())} in the model, "
+            f"{sorted(want.items())} in the checkpoint"]  # fmt: skip
+
+
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,
@@ -336,7 +372,10 @@ def load_adapter(
     existing = getattr(model, "lora_configs", None) or {}
     replacing = adapter_name in existing
     targets, _, mts_names = plan_targets(model, config, adapter_name, replacing=replacing)
-    expected, tolerated, optional = _expected_keys(model, config, targets, mts_names)
+    expert_targets = plan_expert_targets(model, config, fn)
+    expected, tolerated, optional = _expected_keys(
+        model, config, targets, mts_names, expert_targets
+    )
     tensors = {}
     for key, value in raw.items():
         tensors.setdefault(_canonical(key), value)
@@ -356,6 +395,7 @@ def load_adapter(
     problems = []
     if replacing:
         problems = _replacement_problems(model, config, adapter_name, targets, mts_names)
+        problems += _expert_replacement_problems(model, adapter_name, expert_targets)
     if missing or unexpected or misshaped or not_float or problems:
         if missing:
             problems.append(f"missing keys {missing}")
@@ -383,6 +423,9 @@ def load_adapter(
             kind = where[0]
             if kind in ("lora_A", "lora_B"):
                 dest = getattr(model.get_submodule(where[1]), kind)[adapter_name].weight
+            elif kind == "expert":
+                layer = model.get_submodule(where[1])
+                dest = getattr(layer, where[3])[where[2]][adapter_name].weight
             elif kind == "dora":
                 dest = model.get_submodule(where[1]).lora_magnitude_vector[adapter_name].weight
             elif kind in ("lora_embedding_A", "lora_embedding_B"):

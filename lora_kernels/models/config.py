@@ -44,7 +44,6 @@ UNSUPPORTED_PEFT_FIELDS = {
     "lora_bias": False,
     "use_qalora": False,
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "megatron_config": None,
@@ -102,6 +101,10 @@ class LoraConfig:
             ``classifier``/``score`` head whole, as PEFT does.
         inference_mode: the adapter is frozen (what a loaded, non-trainable adapter records).
         base_model_name_or_path, revision: recorded in ``adapter_config.json``.
+        target_parameters: PEFT's parameter targets: ``"<module>.<parameter>"`` names (or their
+            endings) of 3-D expert parameters (``"mlp.experts.gate_up_proj"``,
+            ``"mlp.experts.down_proj"``) of transformers 5 fused experts, adapted by
+            ``FusedLoraExperts`` with PEFT's ``ParamWrapper`` layout.
     """
 
     r: int = 8
@@ -123,6 +126,7 @@ class LoraConfig:
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         fn = "LoraConfig"
@@ -143,6 +147,8 @@ class LoraConfig:
             )
         self.target_modules = _as_name_list(fn, "target_modules", self.target_modules)
         self.exclude_modules = _as_name_list(fn, "exclude_modules", self.exclude_modules)
+        tps = _as_name_list(fn, "target_parameters", self.target_parameters)
+        self.target_parameters = [tps] if isinstance(tps, str) else tps
         mts = _as_name_list(fn, "modules_to_save", self.modules_to_save)
         if isinstance(mts, str):
             raise TypeError(f"{fn}: expected modules_to_save to be a list of str, got {mts!r}")

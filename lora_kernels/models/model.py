@@ -3,7 +3,9 @@
 ``get_lora_model(model, config)`` replaces, in place, every ``nn.Linear`` (or transformers
 ``Conv1D``) that ``config`` targets with a :class:`~lora_kernels.nn.FusedLoraLinear`, and every
 targeted ``nn.Embedding`` with a :class:`~lora_kernels.nn_embedding.FusedLoraEmbedding`, each
-sharing the module's weight and bias (no copy), and freezes everything but the adapter. The
+sharing the module's weight and bias (no copy), and every transformers 5 fused-experts module
+whose 3-D parameters ``target_parameters`` names with a ``FusedLoraExperts`` (PEFT's
+``ParamWrapper`` factors), and freezes everything but the adapter. The
 matching follows PEFT's rules exactly (``peft.tuners.tuners_utils.check_target_module_exists``
 and friends), so a config that targets a set of modules in PEFT targets the same set here and
 PEFT checkpoints line up key for key:
@@ -38,8 +40,10 @@ import torch
 from torch import nn
 
 from ..layers import BASE_ADAPTER, FusedLoraEmbedding, FusedLoraLinear
+from ..layers.moe import FusedLoraExperts
 from ..serving import state as serving
 from .config import LoraConfig, as_lora_config
+from .experts import expert_layers, plan_expert_targets
 from .modules_to_save import ModulesToSaveWrapper
 from .targets import ALL_LINEAR, plan_targets
 
@@ -117,6 +121,7 @@ def get_lora_model(
     """
     config = as_lora_config("get_lora_model", config)
     targets, resolved, mts_names = plan_targets(model, config, adapter_name)
+    expert_targets = plan_expert_targets(model, config, "get_lora_model")
     config = copy.deepcopy(config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         config.target_modules = resolved
@@ -144,6 +149,20 @@ def get_lora_model(
             config.use_rslora,
             config.init_lora_weights,
             **({"use_dora": True} if config.use_dora else {}),
+        )
+    if expert_targets:  # read by switch_adapter, which must not walk the model to find them
+        model.has_lora_experts = True
+    for t in expert_targets:
+        layer = t.module
+        if not isinstance(layer, FusedLoraExperts):
+            layer = FusedLoraExperts(t.module, backend=backend)
+            _replace(model, t.name, layer)
+        layer.add_adapter(
+            adapter_name,
+            t.ranks,
+            t.alphas,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
         )
     for name in mts_names:
         wrapper = model.get_submodule(name)
@@ -175,7 +194,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     configs = _check_model(fn, model)
     if adapter_name is not None and adapter_name not in configs:
         raise ValueError(f"{fn}: unknown adapter {adapter_name!r}; the model has {list(configs)}")
-    layers = list(lora_layers(model))
+    layers = list(lora_layers(model)) + list(expert_layers(model))
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise RuntimeError(
@@ -210,6 +229,10 @@ def _mark_trainable(model: nn.Module, adapter_name: str | None) -> None:
                 p.requires_grad_(True)
             if config.bias == "lora_only" and getattr(layer, "bias", None) is not None:
                 layer.bias.requires_grad_(True)
+    for _, layer in expert_layers(model):
+        if adapter_name in layer.adapter_names:
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(True)
     for _, wrapper in _wrappers(model):
         wrapper.requires_grad_(False)
         if adapter_name in wrapper.modules_to_save:
@@ -223,7 +246,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = _check_model(fn, model)
     if adapter_name not in configs:
         raise ValueError(f"{fn}: unknown adapter {adapter_name!r}; the model has {list(configs)}")
-    layers = [layer for _, layer in lora_layers(model) if adapter_name in layer.adapter_names]
+    every = [*lora_layers(model), *expert_layers(model)]
+    layers = [layer for _, layer in every if adapter_name in layer.adapter_names]
     merged = [layer for layer in layers if adapter_name in layer.merged_adapters]
     if merged:
         raise RuntimeError(f"{fn}: adapter {adapter_name!r} is merged; unmerge it first")
@@ -251,7 +275,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     ``ModulesToSaveWrapper`` its active copy. Returns ``model``, which no longer has adapters."""
     _check_model("merge_and_unload", model)
     active = getattr(model, "active_lora_adapter", None)
-    for name, layer in list(lora_layers(model)):
+    for name, layer in [*lora_layers(model), *expert_layers(model)]:
         if active is not None and active in layer.adapter_names and not layer.merged:
             layer.merge(active)
         _replace(model, name, layer.to_base_module())
@@ -259,6 +283,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         _replace(model, name, wrapper._running())
     del model.lora_configs
     del model.active_lora_adapter
+    model.__dict__.pop("has_lora_experts", None)
     return model
 
 
@@ -321,7 +346,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str] | torch.Tensor):
     handles = []
     if slot_ids is None:
         handles += [
-            m.register_forward_pre_hook(layer_hook, with_kwargs=True) for _, m in lora_layers(model)
+            m.register_forward_pre_hook(layer_hook, with_kwargs=True)
+            for _, m in [*lora_layers(model), *expert_layers(model)]
         ]
     handles += [m.register_forward_pre_hook(wrapper_hook, with_kwargs=True) for m in wrappers]
     try:

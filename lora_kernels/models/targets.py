@@ -157,6 +157,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS and config.target_parameters:
+            return []  # PEFT: parameter targets alone
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
                 f"get_lora_model: config.target_modules is None and there is no default for "
@@ -268,7 +270,7 @@ def plan_targets(
             f"embedding or 4-bit layers: {no_dora[:8]}. Narrow target_modules, or use PEFT with "
             "lora_kernels.integrations.peft.fuse"
         )
-    if not found:
+    if not found and not config.target_parameters:
         raise ValueError(
             f"{fn}: target_modules {targets!r} matches no nn.Linear (nor Conv1D, nn.Embedding) "
             "of the model "

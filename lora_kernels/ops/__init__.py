@@ -15,6 +15,7 @@ from .lora_embedding import lora_embedding_1d
 from .lora_linear import lora_linear_2d
 from .lora_multi import lora_linear_multi_2d
 from .merge import merge_lora_
+from .moe import moe_lora_2d
 from .qlora import qlora_linear_2d
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "lora_linear_2d",
     "lora_linear_multi_2d",
     "merge_lora_",
+    "moe_lora_2d",
     "qlora_linear_2d",
 ]

@@ -209,6 +209,12 @@ class AdapterCache(DeviceSlots):
                 f"{fn}: expected config to be a LoraConfig or PEFT's config dict, got "
                 f"{type(config).__name__}"
             )
+        if cfg.target_parameters:
+            raise ValueError(
+                f"{fn}: adapter {name!r} has target_parameters {cfg.target_parameters}: the cache "
+                "does not hold MoE expert adapters yet; load it with load_adapter and switch with "
+                "set_adapter"
+            )
         if cfg.use_dora:
             raise ValueError(
                 f"{fn}: adapter {name!r} has use_dora=True: the cache holds plain LoRA adapters "

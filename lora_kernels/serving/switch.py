@@ -409,6 +409,12 @@ def switch_adapter(
     ``ValueError`` and leaves every weight, active adapter and installed adapter as it was.
     """
     fn = "switch_adapter"
+    if model.__dict__.get("has_lora_experts"):  # set by get_lora_model: no walk per switch
+        raise ValueError(
+            f"{fn}: the model has MoE expert adapters (FusedLoraExperts, target_parameters), "
+            "which switch_adapter does not switch yet; use set_adapter, and merge() / unmerge() "
+            "on the layers"
+        )
     if not merged and not exact:
         if _switch_served(model, name, cache):
             return

@@ -1,0 +1,285 @@
+"""The torch backend of mixture-of-experts LoRA: both expert projections with LoRA, grouped by
+expert, with stock PyTorch ops (the CPU path; float64 for gradcheck).
+
+Launcher signatures: ``lora_kernels.backends.MoeLoraLaunchers``. Shapes (``T`` tokens, ``k``
+slots per token, ``P = T k`` pairs, ``E`` experts, ``L`` adapters)::
+
+    x [T, H], top_k_ids [T, k], top_k_weights [T, k]
+    w_gu [E, 2I, H] (any strides: a transposed [E, H, 2I] parameter viewed as [E, 2I, H]),
+    bias_gu [E, 2I]?, a_gu [L, E, r, H]?, b_gu [L, E, 2I, r]?,
+    w_d [E, H, I], bias_d [E, H]?, a_d [L, E, r', I]?, b_d [L, E, H, r']?,
+    scales [L], token_ids [T]? (None: adapter 0 for every token; -1 or out of range: base only)
+
+    g = x W_gu[e]^T + b_gu[e] + s_a (x A_gu[a,e]^T) B_gu[a,e]^T,  h = act(g),
+    o = h W_d[e]^T + b_d[e] + s_a (h A_d[a,e]^T) B_d[a,e]^T,       y[t] = sum_j w[t,j] o[t,j]
+
+Why it is shaped so: the pairs are sorted once by (expert, adapter) (a stable sort of ``P``
+keys), so each expert's tokens are one contiguous block: one gather of x, then per *hit* expert
+one GEMM per projection over its whole block (the Python loop runs over the experts some token
+chose, never over all ``E``), and per (expert, adapter) segment the two rank-``r`` GEMMs of LoRA
+(shrink into ``s``, expand added to the block): ``delta W`` never exists. The expert outputs are
+summed into ``y`` with one ``index_add_`` (fp32 for 16-bit inputs, rounded once).
+
+Saved for the backward, in sorted pair order (rows past the valid pairs are never read):
+``g [P, 2I]`` (the pre-activation, so ``h`` is recomputed rather than stored), the shrinks
+``s_gu [P, r]`` and ``s_d [P, r']`` (fp32; fp64 for fp64 inputs), and the expert outputs
+``o [P, H]`` only when the router weights need a gradient (``dw[t,j] = <dy[t], o[t,j]>``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVATIONS = ("silu", "swiglu_oai")
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def moe_plan(top_k_ids, token_ids, num_experts: int, num_adapters: int, k: int):
+    """Sort the ``T k`` (token, slot) pairs by (expert, adapter).
+
+    Returns ``(order, tokens, bounds)``: the valid pairs' flat indices in sorted order, their
+    tokens, and for each hit expert ``(e, lo, hi, segments)`` with ``segments`` the
+    ``(adapter, lo, hi)`` row ranges of the adapters that use it (adapter -1: base only). Pairs
+    whose expert is outside ``[0, E)`` are dropped.
+    """
+    experts = top_k_ids.reshape(-1).long()
+    slots = num_adapters + 1  # slot 0: the base experts only
+    if token_ids is None:
+        adapter = torch.ones_like(experts)
+    else:
+        ids = token_ids.long().repeat_interleave(k)
+        adapter = torch.where((ids >= 0) & (ids < num_adapters), ids + 1, 0)
+    valid = (experts >= 0) & (experts < num_experts)
+    dropped = num_experts * slots
+    key = torch.where(valid, experts * slots + adapter, dropped)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.bincount(sorted_key, minlength=dropped + 1).tolist()
+    n_valid = len(experts) - counts[dropped]
+    order = order[:n_valid]
+    bounds = []
+    row = 0
+    for e in range(num_experts):
+        lo = row
+        segments = []
+        for slot in range(slots):
+            c = counts[e * slots + slot]
+            if c:
+                segments.append((slot - 1, row, row + c))
+                row += c
+        if row > lo:
+            bounds.append((e, lo, row, segments))
+    return order, torch.div(order, k, rounding_mode="floor"), bounds
+
+
+def activation_fwd(g: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    """``h = act(g)`` in fp32 (fp64 for fp64) from ``g [n, 2I]`` (``reference.moe_activation``)."""
+    g = g.to(_acc(g))
+    if activation == "silu":
+        gate, up = g.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate).mul_(up)
+    gate = g[:, 0::2].clamp(max=limit)
+    up = g[:, 1::2].clamp(min=-limit, max=limit)
+    return (up + 1).mul_(gate * torch.sigmoid(gate * alpha))
+
+
+def activation_bwd(
+    g: torch.Tensor, dh: torch.Tensor, activation: str, alpha: float, limit: float
+) -> torch.Tensor:
+    """``dg [n, 2I]`` from ``dh [n, I]``; a clamped input passes no gradient, as torch's clamp."""
+    acc = _acc(g)
+    g = g.to(acc)
+    dh = dh.to(acc)
+    dg = torch.empty_like(g)
+    if activation == "silu":
+        n_i = g.shape[1] // 2
+        gate, up = g[:, :n_i], g[:, n_i:]
+        sg = torch.sigmoid(gate)
+        dg[:, :n_i] = dh * up * sg * (1 + gate * (1 - sg))
+        dg[:, n_i:] = dh * gate * sg
+        return dg
+    gate, up = g[:, 0::2], g[:, 1::2]
+    gc = gate.clamp(max=limit)
+    uc = up.clamp(min=-limit, max=limit)
+    sg = torch.sigmoid(gc * alpha)
+    dgc = dh * (uc + 1) * (sg + alpha * gc * sg * (1 - sg))
+    dg[:, 0::2] = dgc * (gate <= limit)
+    dg[:, 1::2] = dh * gc * sg * ((up >= -limit) & (up <= limit))
+    return dg
+
+
+def _project(inp, w, bias, a, b, scales, segments, e, s_out, out):
+    """``out = inp W^T + bias + s_a (inp A_a^T) B_a^T`` for one expert's block, LoRA per adapter
+    segment (rows relative to the block's start ``segments[0][1]``); the shrinks go to
+    ``s_out``."""
+    if bias is not None:
+        torch.addmm(bias[e], inp, w[e].T, out=out)
+    else:
+        torch.mm(inp, w[e].T, out=out)
+    if a is None:
+        return
+    acc = s_out.dtype
+    r = a.shape[2]
+    base = segments[0][1]
+    for adapter, lo, hi in segments:
+        if adapter < 0:
+            continue
+        seg = slice(lo - base, hi - base)
+        sa = inp[seg].to(acc) @ a[adapter, e].to(acc).T
+        s_out[lo:hi, :r] = sa
+        term = (sa @ b[adapter, e].to(acc).T).mul_(scales[adapter])
+        out[seg] += term.to(out.dtype)
+
+
+def moe_lora_fwd(
+    x,
+    top_k_ids,
+    top_k_weights,
+    w_gu,
+    bias_gu,
+    a_gu,
+    b_gu,
+    w_d,
+    bias_d,
+    a_d,
+    b_d,
+    scales,
+    token_ids=None,
+    activation="silu",
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+    keep_out=False,
+):
+    """``(y [T, H], g [P, 2I], s_gu [P, r], s_d [P, r'], o [P, H])`` (``s_*`` empty without
+    LoRA on that projection, ``o`` empty unless ``keep_out``)."""
+    t, hidden = x.shape
+    k = top_k_ids.shape[1]
+    num_experts = w_gu.shape[0]
+    num_adapters = scales.shape[0]
+    n_gu, n_i = w_gu.shape[1], w_d.shape[2]
+    p = t * k
+    acc = _acc(x)
+    order, tokens, bounds = moe_plan(top_k_ids, token_ids, num_experts, num_adapters, k)
+    n_valid = order.shape[0]
+    g = x.new_empty((p, n_gu))
+    o = x.new_empty((p, hidden))
+    s_gu = x.new_zeros((p, a_gu.shape[2]), dtype=acc) if a_gu is not None else x.new_empty(0)
+    s_d = x.new_zeros((p, a_d.shape[2]), dtype=acc) if a_d is not None else x.new_empty(0)
+    if n_valid < p:
+        g[n_valid:].zero_()
+        o[n_valid:].zero_()
+    sc = scales.to(device=x.device, dtype=acc).tolist()
+    xs = x.index_select(0, tokens)
+    h = x.new_empty((n_valid, n_i))
+    for e, lo, hi, segments in bounds:
+        _project(xs[lo:hi], w_gu, bias_gu, a_gu, b_gu, sc, segments, e, s_gu, g[lo:hi])
+        h[lo:hi] = activation_fwd(g[lo:hi], activation, swiglu_alpha, swiglu_limit)
+        _project(h[lo:hi], w_d, bias_d, a_d, b_d, sc, segments, e, s_d, o[lo:hi])
+    weights = top_k_weights.reshape(-1).index_select(0, order).to(acc)
+    y = torch.zeros((t, hidden), dtype=acc, device=x.device)
+    y.index_add_(0, tokens, o[:n_valid].to(acc) * weights[:, None])
+    return y.to(x.dtype), g, s_gu, s_d, (o if keep_out else x.new_empty(0))
+
+
+def _project_bwd(dout, inp, w, a, b, scales, segments, e, s, da, db, need_din):
+    """The input gradient of one expert's block (or None) and its LoRA factors' gradients
+    (written into ``da``/``db`` per adapter segment)."""
+    din = dout @ w[e] if need_din else None
+    if a is None or (din is None and da is None and db is None):
+        return din
+    acc = s.dtype
+    r = a.shape[2]
+    base = segments[0][1]
+    for adapter, lo, hi in segments:
+        if adapter < 0:
+            continue
+        seg = slice(lo - base, hi - base)
+        sc = scales[adapter]
+        dseg = dout[seg].to(acc)
+        tmp = (dseg @ b[adapter, e].to(acc)).mul_(sc)  # [n, r], scaled once here
+        if din is not None:
+            din[seg] += (tmp @ a[adapter, e].to(acc)).to(din.dtype)
+        if da is not None:
+            da[adapter, e] = (tmp.T @ inp[seg].to(acc)).to(da.dtype)
+        if db is not None:
+            db[adapter, e] = (dseg.T @ s[lo:hi, :r]).mul_(sc).to(db.dtype)
+    return din
+
+
+def moe_lora_bwd(
+    dy,
+    x,
+    top_k_ids,
+    top_k_weights,
+    w_gu,
+    a_gu,
+    b_gu,
+    w_d,
+    a_d,
+    b_d,
+    scales,
+    token_ids,
+    g,
+    s_gu,
+    s_d,
+    o,
+    activation="silu",
+    swiglu_alpha=1.702,
+    swiglu_limit=7.0,
+    *,
+    needs_dx=True,
+    needs_dw=True,
+    needs_lora_gu=True,
+    needs_lora_d=True,
+):
+    """``(dx [T, H], dw [T, k], da_gu, db_gu, da_d, db_d)``, None where not needed.
+
+    ``dw`` needs ``o`` (the forward kept it); factors of (expert, adapter) pairs no token used
+    get zeros."""
+    t, hidden = x.shape
+    k = top_k_ids.shape[1]
+    num_experts = w_gu.shape[0]
+    num_adapters = scales.shape[0]
+    acc = _acc(x)
+    order, tokens, bounds = moe_plan(top_k_ids, token_ids, num_experts, num_adapters, k)
+    n_valid = order.shape[0]
+    sc = scales.to(device=x.device, dtype=acc).tolist()
+    lora_gu = needs_lora_gu and a_gu is not None
+    lora_d = needs_lora_d and a_d is not None
+    da_gu = torch.zeros_like(a_gu) if lora_gu else None
+    db_gu = torch.zeros_like(b_gu) if lora_gu else None
+    da_d = torch.zeros_like(a_d) if lora_d else None
+    db_d = torch.zeros_like(b_d) if lora_d else None
+    dys = dy.index_select(0, tokens)
+    dw = None
+    if needs_dw:
+        pair_dw = (dys.to(acc) * o[:n_valid].to(acc)).sum(1)
+        dw = torch.zeros(t * k, dtype=acc, device=x.device)
+        dw.index_copy_(0, order, pair_dw)
+        dw = dw.reshape(t, k).to(top_k_weights.dtype)
+    weights = top_k_weights.reshape(-1).index_select(0, order)
+    dyo = (dys.to(acc) * weights.to(acc)[:, None]).to(x.dtype)
+    need_dg = needs_dx or lora_gu
+    xs = x.index_select(0, tokens) if lora_gu else None
+    dxs = x.new_empty((n_valid, hidden)) if needs_dx else None
+    for e, lo, hi, segments in bounds:
+        ge = g[lo:hi]
+        he = None
+        if lora_d:
+            he = activation_fwd(ge, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
+        dh = _project_bwd(dyo[lo:hi], he, w_d, a_d, b_d, sc, segments, e, s_d, da_d, db_d, need_dg)
+        if not need_dg:
+            continue
+        dg = activation_bwd(ge, dh, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
+        xe = None if xs is None else xs[lo:hi]
+        dxe = _project_bwd(dg, xe, w_gu, a_gu, b_gu, sc, segments, e, s_gu, da_gu, db_gu, needs_dx)
+        if needs_dx:
+            dxs[lo:hi] = dxe
+    dx = None
+    if needs_dx:
+        dx = torch.zeros((t, hidden), dtype=acc, device=x.device)
+        dx.index_add_(0, tokens, dxs.to(acc))
+        dx = dx.to(x.dtype)
+    return dx, dw, da_gu, db_gu, da_d, db_d
