@@ -217,8 +217,10 @@ def _lora_gemm_kernel(
     # scale after lora_B, and S * scale rounded to 16 bits for the dot could overflow where S
     # does not. A precomputed S is expanded first, straight into the accumulator the K-loop then
     # adds to: no second [BLOCK_M, BLOCK_N] accumulator live beside the main one (it spilled
-    # 312 B in the 128x128 tile on sm_80); a split LoRA term is stored and the accumulator reset.
-    if LORA_MODE == _LORA_FROM_S:
+    # 312 B in the 128x128 tile on sm_80). A split LoRA term (dx_lora) has its own accumulator
+    # after the K-loop instead: expanded first, stored and reset, it spilled 8-40 B in the 16x64
+    # decode tile at rank 40 on sm_90.
+    if LORA_MODE == _LORA_FROM_S and not SPLIT_LORA_OUT:
         for r0 in range(0, R, BLOCK_R):
             mask_r = (r0 + offs_r) < R
             s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
@@ -227,10 +229,6 @@ def _lora_gemm_kernel(
             b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
             acc = _mma(s_tile, b_tile, acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
         acc = acc * scale
-        if SPLIT_LORA_OUT:
-            ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
-            tl.store(ol_ptrs, acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if LORA_MODE == _LORA_FUSED_SHRINK:
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
         s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -274,6 +272,17 @@ def _lora_gemm_kernel(
             tl.store(ol_ptrs, lora_acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
         else:
             acc += lora_acc
+    if LORA_MODE == _LORA_FROM_S and SPLIT_LORA_OUT:
+        lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = (r0 + offs_r) < R
+            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
+            s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
+            b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            lora_acc = _mma(s_tile, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
+        ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
+        tl.store(ol_ptrs, (lora_acc * scale).to(out_lora_ptr.dtype.element_ty), mask=mask_out)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
