@@ -133,7 +133,7 @@ def _check_all(t, outputs=None):
 
 # (M, K, N, r, bias): each line says what it adds.
 CASES = [
-    pytest.param(1, 17, 129, 8, True, id="m1-k17-n129-r8"),  # fused S, two N-blocks
+    pytest.param(1, 17, 129, 8, True, id="m1-k17-n129-r8"),  # separate S (N > 2 x 64), 2 blocks
     pytest.param(7, 129, 17, 16, False, id="m7-k129-n17-r16"),  # fused S, ragged K-loop
     pytest.param(7, 1, 7, 64, True, id="m7-k1-n7-r64"),  # largest fused rank, K = 1
     pytest.param(1, 7, 1, 256, True, id="m1-k7-n1-r256"),  # separate S at M = 1, N = 1
@@ -237,7 +237,7 @@ def test_needs_flags(needs, x_lora):
 @pytest.mark.parametrize("m", [7, 133])
 def test_both_forward_paths(monkeypatch, fused, m):
     """Either way of computing S is right at any M (the shape only picks the faster one)."""
-    monkeypatch.setattr(lk_triton, "_use_fused_shrink", lambda m, r: fused)
+    monkeypatch.setattr(lk_triton, "_use_fused_shrink", lambda m, r, n: fused)
     _check_all(_make(m, 129, 17, 16, torch.bfloat16, x_lora=True))
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .. import envs
 from .._constants import KERNEL_DTYPES, MAX_RANK
-from .triton import HAS_TRITON, interpreting
+from .triton import HAS_TRITON, TRITON_PROBLEM, interpreting
 
 BACKENDS = ("cuda", "triton", "torch")
 
@@ -459,7 +459,7 @@ def available_backends() -> list[str]:
 
 def _why_triton_cannot(x: Tensor, rank: int, operands: tuple[Tensor, ...] = ()) -> str | None:
     if not HAS_TRITON:
-        return "triton is not installed"
+        return TRITON_PROBLEM
     if x.device.type == "cpu" and not interpreting():
         return (
             "the triton backend runs CUDA tensors; CPU tensors need TRITON_INTERPRET=1 set "

@@ -1,21 +1,45 @@
 """Triton kernels, one module per kernel family.
 
-Importing this package never fails: ``HAS_TRITON`` says whether Triton itself imported. Triton
-runs CUDA tensors natively, and CPU tensors only under its interpreter (``TRITON_INTERPRET=1``,
-set before ``triton`` is first imported).
+Importing this package never fails: ``HAS_TRITON`` says whether Triton imported and is recent
+enough (``MIN_TRITON``), ``TRITON_PROBLEM`` why not (the message a ``backend="triton"`` call
+raises). Triton runs CUDA tensors natively, and CPU tensors only under its interpreter
+(``TRITON_INTERPRET=1``, set before ``triton`` is first imported).
 """
 
 from __future__ import annotations
 
 import os
+import re
+
+# The oldest Triton the kernels run on: 3.4 brought ``triton.autotune(..., cache_results=)``
+# (tuning results kept on disk), which the GEMM autotuner passes with ``do_bench=``. Keep it
+# equal to the bound in pyproject.toml (a test checks).
+MIN_TRITON = (3, 4)
+
+
+def triton_version_problem(version: str) -> str | None:
+    """Why Triton ``version`` cannot run the kernels, or None when it can."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    if found is None:
+        return f"cannot read the installed triton's version {version!r}"
+    if (int(found.group(1)), int(found.group(2))) < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        return (
+            f"triton {version} is installed; the triton backend needs triton >= {need} "
+            f"(autotune's do_bench= and cache_results=): pip install 'triton>={need}'"
+        )
+    return None
+
 
 try:
-    import triton  # noqa: F401
+    import triton
     import triton.language as tl  # noqa: F401
 
-    HAS_TRITON = True
+    TRITON_PROBLEM = triton_version_problem(triton.__version__)
 except Exception:  # pragma: no cover - depends on the machine
-    HAS_TRITON = False
+    TRITON_PROBLEM = "triton is not installed"
+# Whether the Triton backend can load; TRITON_PROBLEM says why not.
+HAS_TRITON = TRITON_PROBLEM is None
 
 
 def interpreting() -> bool:

@@ -19,15 +19,24 @@ is ever written as its own tensor. The forward calls it with ``w = weight``; the
 for dx with ``w = weight.T`` and ``lora_b = lora_a.T`` (only strides change). The LoRA term comes
 in one of two ways, chosen by shape:
 
-* fused shrink (M <= 64 and r <= 32): S accumulates in the same K-loop as the base product, from
-  the x tile already in registers and a [BLOCK_K, r] slice of lora_a; one launch in all. Every
-  N-block program recomputes the same S, which costs r / BLOCK_N extra MMA work and re-reads
-  lora_a (r * K, L2-resident) per program: free while the GEMM is bound by streaming the weight,
-  which is the case for decode-sized M. The programs of the first N-block column store S.
-* precomputed S (larger M or r): a skinny launch computes S first, then the GEMM epilogue reads
-  its [BLOCK_M, r] rows. Once the GEMM is compute bound the recomputation would cost up to
-  r / BLOCK_N of it, whereas S on its own is r / N of the GEMM's work. Large ranks also do not fit
-  an [BLOCK_M, r] accumulator next to the main one, so the epilogue walks r in BLOCK_R chunks.
+* fused shrink (M <= 64, r <= 32 and at most two N blocks): S accumulates in the same K-loop as
+  the base product, from the x tile already in registers and a [BLOCK_K, r] slice of lora_a; one
+  launch in all. Every N-block program recomputes the same S and re-reads lora_a (r * K) for it:
+  r / BLOCK_N more bytes than the weight stream, which bounds a decode step. The traffic count
+  (``tools/traffic_cases.py``, CUDA tiles, K = N = 4096, fp16, r = 16, 16x64x128 tile) measured
+  1.259x the compulsory bytes at M = 1, lora_a read 64 times; so only narrow layers (N up to
+  two blocks, where one launch saved matters more than a second read of lora_a) keep it. The
+  programs of the first N-block column store S.
+* precomputed S (every other shape): a skinny launch computes S first, reading x and lora_a
+  once, then the GEMM epilogue reads its [BLOCK_M, r] rows (fp32, r * 4 bytes a row, per N
+  block). Same count at M = 1: 1.016x (the weight once; x re-read per N block is 1.5 %); at
+  M = 16, 1.484x with the fused shrink, 1.250x this way: there the rest of the excess is x
+  (16 rows, 128 KB) re-read by each of the 64 N blocks, which only wider N tiles cut (fewer
+  programs: 32 CTAs at N = 4096 for a 132-SM GPU), with a split over K to keep the grid full;
+  not done yet. Once the GEMM is compute bound the
+  recomputation would cost up to r / BLOCK_N of it, whereas S on its own is r / N of the GEMM's
+  work. Large ranks also do not fit an [BLOCK_M, r] accumulator next to the main one, so the
+  epilogue walks r in BLOCK_R chunks.
 
 ``_lora_skinny_kernel`` computes the small products, ``out[P, R] = scale * L[P, Q] @ Z[Q, R]``
 with R <= 256 and a long reduction over Q: S (L = x_lora, Z = lora_a.T), dB (L = dy.T, Z = S) and
@@ -74,6 +83,7 @@ import triton.language as tl
 
 from ... import envs
 from . import interpreting, on_input_device
+from ._args import vector_stride
 from ._rounding import interpreted_round
 
 __all__ = ["lora_linear_fwd", "lora_linear_bwd"]
@@ -89,6 +99,10 @@ _FUSED_SHRINK_MAX_M = 64
 # 216-260 B in every small-M tile on one target or the other (compile gate, whole matrix): ranks
 # 33-64 take the precomputed-S path, whose epilogue walks r in chunks of 32.
 _FUSED_SHRINK_MAX_R = 32
+# ... and for at most this many N blocks of the small-M tiles' width: each of them reads lora_a
+# once more (r / BLOCK_N of the weight's bytes).
+_FUSED_SHRINK_MAX_N_BLOCKS = 2
+_SMALL_M_BLOCK_N = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +170,7 @@ def _lora_gemm_kernel(
     stride_on,
     stride_olm,
     stride_oln,
+    stride_bias,
     # scalars
     scale,
     # meta-parameters
@@ -196,7 +211,24 @@ def _lora_gemm_kernel(
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    mask_out = mask_m[:, None] & mask_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The LoRA term is scale * (S @ b.T), scaled once its dot is complete: PEFT multiplies by the
+    # scale after lora_B, and S * scale rounded to 16 bits for the dot could overflow where S
+    # does not. A precomputed S is expanded first, straight into the accumulator the K-loop then
+    # adds to: no second [BLOCK_M, BLOCK_N] accumulator live beside the main one (it spilled
+    # 312 B in the 128x128 tile on sm_80). A split LoRA term (dx_lora) has its own accumulator
+    # after the K-loop instead: expanded first, stored and reset, it spilled 8-40 B in the 16x64
+    # decode tile at rank 40 on sm_90.
+    if LORA_MODE == _LORA_FROM_S and not SPLIT_LORA_OUT:
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = (r0 + offs_r) < R
+            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
+            s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
+            b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            acc = _mma(s_tile, b_tile, acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
+        acc = acc * scale
     if LORA_MODE == _LORA_FUSED_SHRINK:
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
         s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -221,11 +253,11 @@ def _lora_gemm_kernel(
                 s_acc = _mma(x_tile, a_tile, s_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
 
-    # A split LoRA term gets its own accumulator; otherwise it lands in the base one.
-    lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if SPLIT_LORA_OUT else acc
+    # A fused S is complete only after the K-loop: its term takes an accumulator of its own
+    # (the small-M tiles that fuse it have room: 8 registers a thread at 16x64 with 4 warps).
     if LORA_MODE == _LORA_FUSED_SHRINK:
         mask_r = offs_r < R
         if pid_n == 0:
@@ -233,22 +265,24 @@ def _lora_gemm_kernel(
             tl.store(s_ptrs, s_acc, mask=mask_m[:, None] & mask_r[None, :])
         b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn
         b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora_acc = _mma(s_acc * scale, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
-    elif LORA_MODE == _LORA_FROM_S:
+        lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lora_acc = _mma(s_acc, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty) * scale
+        if SPLIT_LORA_OUT:
+            ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
+            tl.store(ol_ptrs, lora_acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
+        else:
+            acc += lora_acc
+    if LORA_MODE == _LORA_FROM_S and SPLIT_LORA_OUT:
+        lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             mask_r = (r0 + offs_r) < R
             s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
             s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
             b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora_acc = _mma(s_tile * scale, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
-
-    mask_out = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_LORA_OUT:
+            lora_acc = _mma(s_tile, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
         ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
-        tl.store(ol_ptrs, lora_acc.to(out_lora_ptr.dtype.element_ty), mask=mask_out)
-    else:
-        acc = lora_acc
+        tl.store(ol_ptrs, (lora_acc * scale).to(out_lora_ptr.dtype.element_ty), mask=mask_out)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
@@ -438,9 +472,11 @@ def _rank_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _use_fused_shrink(m: int, r: int) -> bool:
-    """Recompute S inside the GEMM's K-loop (one launch) rather than in its own launch."""
-    return m <= _FUSED_SHRINK_MAX_M and r <= _FUSED_SHRINK_MAX_R
+def _use_fused_shrink(m: int, r: int, n: int) -> bool:
+    """Recompute S inside the GEMM's K-loop (one launch) rather than in its own launch: only
+    where few N blocks would re-read lora_a for it (the module docstring has the counts)."""
+    narrow = n <= _FUSED_SHRINK_MAX_N_BLOCKS * _SMALL_M_BLOCK_N
+    return m <= _FUSED_SHRINK_MAX_M and r <= _FUSED_SHRINK_MAX_R and narrow
 
 
 @functools.cache
@@ -489,7 +525,7 @@ def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> No
         x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         xl_t.stride(0), xl_t.stride(1), a_t.stride(0), a_t.stride(1),
         s_t.stride(0), s_t.stride(1), b.stride(0), b.stride(1),
-        out.stride(0), out.stride(1), ol_t.stride(0), ol_t.stride(1),
+        out.stride(0), out.stride(1), ol_t.stride(0), ol_t.stride(1), vector_stride(bias),
         float(scale),
     )  # fmt: skip
     flags = {
@@ -610,7 +646,7 @@ def lora_linear_fwd(
     s = torch.empty((m, r), dtype=torch.float32, device=x.device)
     if m == 0:
         return y, s
-    if n > 0 and _use_fused_shrink(m, r):
+    if n > 0 and _use_fused_shrink(m, r, n):
         _launch_gemm(x, weight, bias, x_lora, lora_a, s, lora_b, y, None, scale,
                      _LORA_FUSED_SHRINK.value)  # fmt: skip
         return y, s

@@ -16,7 +16,10 @@ computes the base GEMM tile ``x W^T + bias`` and adds the LoRA *expand* term ``s
 the fp32 accumulator before the single rounding to the output: ``y`` is written once, never
 read back. The backward reuses both kernels (the shrink of ``dy`` against ``lora_b``, and the
 fused kernel with ``weight`` and ``lora_a`` read transposed for ``dx``) plus a segmented
-reduction for ``dA`` and ``dB`` over each adapter's rows.
+reduction for ``dA`` and ``dB`` over each adapter's rows. That reduction gives each adapter
+several programs, each over a slice of its rows, added with fp32 atomics (``segment_splits``,
+sized by M alone): one adapter holding every row of a 32k-row batch is 32 programs of 1k rows,
+not one of 32k. Under ``torch.use_deterministic_algorithms(True)`` one program per adapter.
 
 Two strategies, chosen from the shape alone (``choose_strategy``; no look at the ids):
 
@@ -27,8 +30,19 @@ Two strategies, chosen from the shape alone (``choose_strategy``; no look at the
 * ``grouped`` (SGMV-like, prefill: many rows per adapter). The rows are sorted by adapter on the
   device (``torch.sort``, stable); tiles of consecutive sorted rows then hold one adapter, or a
   few at segment edges, and the LoRA products are tensor-core dots per adapter present in the
-  tile (a loop over the tile's contiguous id range, rows of other adapters masked). Tiles are
-  never padded per adapter, so the base GEMM runs on full tiles whatever the popularity.
+  tile (rows of other adapters masked). The loop visits the ids present only, each step jumping
+  to the next larger id in the tile: a tile holding slots 0 and 1000 of a serving stack makes two
+  trips and reads two adapters, not 1001. Tiles are never padded per adapter, so the base GEMM
+  runs on full tiles whatever the popularity.
+
+Memory traffic of a gather decode step (``tools/traffic_cases.py multi``, CUDA tiles, K = N =
+4096, fp16, r = 16, M = 16, moved / compulsory bytes in 32-byte sectors): 1.310 / 1.294 / 1.278
+for 1 / 8 / 16 distinct adapters, 3.78 at M = 64 with 64 distinct. The excess is x re-read by
+each of the 64 N blocks of the 16x64 fused tile (65x x, 8.5 MB at M = 16: the same bound as the
+single-adapter GEMM's, see lora_linear.py), then lora_b read in rank chunks of 8 (16 of a
+sector's 32 bytes: 2x) and, when rows share an adapter, lora_a once per row in the shrink (16x
+for one adapter). Wider N tiles with a split over K, and a per-adapter shrink, are the known
+ways down to the 1.2 target; not done yet.
 
 ``gather`` is used when ``M <= 64``, or ``M <= 1024`` with fewer than 8 rows per adapter on
 average (``M < 8 L``): there a grouped tile would span many adapters and repeat its dots for each.
@@ -47,10 +61,16 @@ dot on the activations' dtype. For fp16/bf16 activations each dot's operands are
 dtype and multiplied on tensor cores: the base GEMM, and the LoRA products, whose fp32
 intermediates (``s``, ``dy @ lora_b``) and fp32 adapters (PEFT's default on a 16-bit base) are
 rounded right before their dot; this is what PEFT computes under autocast, and the tests compare
-against that (tests/test_multi.py). fp32 layers multiply in fp32 (``input_precision="ieee"``),
-or in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` says so, PyTorch's own rule. Under the
-Triton interpreter, bf16 dot operands are rounded to bf16 and then upcast to fp32 (``tl.dot`` on
-bf16 is wrong in triton 3.9's interpreter).
+against that (tests/test_multi.py). Each scale multiplies ``s @ B^T`` after its dot (PEFT scales
+after lora_B): ``s * scale`` rounded to fp16 could overflow where ``s`` does not. The gather
+kernels' CUDA-core products use the same rounded operands as grouped's dots, so the two
+strategies differ only in the order of their fp32 sums and a row's result does not depend on the
+batch around it beyond that (tests/test_triton_numerics.py states and checks the bound).
+fp32 layers multiply in fp32 (``input_precision="ieee"``), or in TF32 when
+``torch.backends.cuda.matmul.allow_tf32`` says so, PyTorch's own rule. Under the Triton
+interpreter, bf16 dot operands are rounded to bf16 and then upcast to fp32 (``tl.dot`` on bf16
+is wrong in triton 3.9's interpreter). Element offsets are int64 (a transposed weight of 2**31
+elements would wrap int32 offsets).
 No autotuning: configs come from a small table, so the first call of a CUDA graph capture
 launches exactly what the warm-up compiled.
 """
@@ -62,6 +82,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, on_input_device
+from ._args import index_vector, vector_stride
 from ._rounding import interpreted_round
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -122,8 +143,17 @@ _ODD_FUSED_CONFIGS = {
     "grouped_tall": (64, 128, 32, 8, 3),
 }
 
+# dA/dB reduction: rows one program reduces before the adapter's rows are split among several
+# (their fp32 partial sums added with atomics), and the most programs one adapter gets.
+_SEGMENT_ROWS_PER_SPLIT = 1024
+_SEGMENT_MAX_SPLITS = 32
+# Under the interpreter: few rows, so that the tests' batches reach the split (atomic) path.
+_INTERP_SEGMENT_ROWS_PER_SPLIT = 32
+
 # Rank chunk of the grouped expand: its [BLOCK_M, R] and [R, BLOCK_N] tiles sit beside the big
-# accumulator; 64 spilled 16-1,400 B at rank 128 (both targets), 32 does not.
+# accumulator; 64 spilled 16-1,400 B at rank 128 (both targets), 32 does not, but in the 128-row
+# tile (the expand runs before the K-loop, its pointers beside the accumulator) 32 spilled 40 B
+# on sm_90 at rank 128: that tile takes 16.
 _EXPAND_MAX_R = 32
 
 
@@ -150,6 +180,16 @@ def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISIO
 
 
 @triton.jit
+def _rounded(a, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    """``a`` rounded to DOT_DTYPE and widened to fp32: the operand a tensor-core dot would see,
+    for the products the gather kernels form on CUDA cores (each then exact in fp32, so gather
+    and grouped differ only in the order of their fp32 sums)."""
+    if UPCAST_DOTS:
+        return interpreted_round(a, DOT_DTYPE)
+    return a.to(DOT_DTYPE).to(tl.float32)
+
+
+@triton.jit
 def _lora_shrink_gather_kernel(
     # pointers
     x_ptr,
@@ -171,12 +211,15 @@ def _lora_shrink_gather_kernel(
     stride_or,
     # meta-parameters
     HAS_RANKS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out[m, r] = sum_k x[m, k] * w[ids[m], r, k]: one row per program (a batched mat-vec)."""
+    """out[m, r] = sum_k x[m, k] * w[ids[m], r, k]: one row per program (a batched mat-vec),
+    both operands rounded to DOT_DTYPE as the grouped kernel's dot rounds them."""
     row = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1).to(tl.int64)
     r_offs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     a = tl.load(ids_ptr + row).to(tl.int64)
     valid = (a >= 0) & (a < L)
@@ -188,17 +231,23 @@ def _lora_shrink_gather_kernel(
     # rows with no adapter, and rank blocks past this adapter's rank, skip the loop: s = 0
     k_end = tl.where(pid_r * BLOCK_R < r_lim, K, 0)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    w_row = w_ptr + a * stride_wl + r_offs[:, None] * stride_wr
+    # addresses = a scalar int64 base (row, adapter, rank block, K step) plus int32 offsets
+    # within the tile (see _lora_multi_fused_kernel)
+    k_range = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row * stride_xm
+    w_block = w_ptr + a * stride_wl + (pid_r * BLOCK_R) * stride_wr
+    w_tile = tl.arange(0, BLOCK_R)[:, None] * stride_wr + k_range[None, :] * stride_wk
     for k0 in range(0, k_end, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k_offs < K
-        xk = tl.load(x_ptr + row * stride_xm + k_offs * stride_xk, mask=k_mask, other=0.0)
+        k_step = tl.cast(k0, tl.int64)
+        k_mask = (k0 + k_range) < K
+        xk = tl.load(x_row + k_step * stride_xk + k_range * stride_xk, mask=k_mask, other=0.0)
         w = tl.load(
-            w_row + k_offs[None, :] * stride_wk,
+            w_block + k_step * stride_wk + w_tile,
             mask=(r_offs < r_lim)[:, None] & k_mask[None, :],
             other=0.0,
         )
-        acc += tl.sum(w.to(tl.float32) * xk.to(tl.float32)[None, :], axis=1)
+        xr = _rounded(xk, DOT_DTYPE, UPCAST_DOTS)
+        acc += tl.sum(_rounded(w, DOT_DTYPE, UPCAST_DOTS) * xr[None, :], axis=1)
     tl.store(out_ptr + row * stride_om + r_offs * stride_or, acc, mask=r_offs < R)
 
 
@@ -235,7 +284,7 @@ def _lora_shrink_grouped_kernel(
 ):
     """out[m, r] = sum_k x[m, k] * w[ids[m], r, k] on a tile of rows sorted by adapter."""
     pid_m = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1).to(tl.int64)
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_range = pos < M
     rows = tl.load(order_ptr + pos, mask=in_range, other=0).to(tl.int64)
@@ -247,31 +296,43 @@ def _lora_shrink_grouped_kernel(
     r_in = (r_offs < R)[None, :]
     zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     tl.store(out_rows, zeros, mask=no_adapter[:, None] & r_in)
-    # ids are sorted, so the adapters of this tile form the contiguous range [a_lo, a_hi]
-    a_lo = tl.min(tl.where(valid, aid, L))
-    a_hi = tl.max(tl.where(valid, aid, -1))
-    for a in range(a_lo, a_hi + 1):
+    # addresses = int64 row pointers or a scalar int64 base (adapter, rank block, K step) plus
+    # int32 offsets within the tile: int64 tile offsets, or pointer tiles carried through the
+    # loops, spilled up to 1.5 KB at rank 100 on sm_90 (see _lora_multi_fused_kernel)
+    k_range = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    x_tile = k_range[None, :] * stride_xk
+    # kept as two vectors, so that the [BLOCK_K, BLOCK_R] offsets are formed per step rather
+    # than held through the loop (held, they spilled 48 B at rank 128 on sm_80)
+    w_k = k_range[:, None] * stride_wk
+    w_r = tl.arange(0, BLOCK_R)[None, :] * stride_wr
+    # one trip per adapter present in the tile (ids are sorted, but a tile holding slots 0 and
+    # 1000 must not walk the slots in between): each step jumps to the next larger id present
+    a = tl.min(tl.where(valid, aid, L))
+    while a < L:
         mine = valid & (aid == a)
         r_lim = R
         if HAS_RANKS:
             r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
         k_end = tl.where(pid_r * BLOCK_R < r_lim, K, 0)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        w_block = w_ptr + a * stride_wl + (pid_r * BLOCK_R) * stride_wr
         for k0 in range(0, k_end, BLOCK_K):
-            k_offs = k0 + tl.arange(0, BLOCK_K)
-            k_mask = k_offs < K
+            k_step = tl.cast(k0, tl.int64)
+            k_mask = (k0 + k_range) < K
             xt = tl.load(
-                x_ptr + rows[:, None] * stride_xm + k_offs[None, :] * stride_xk,
+                x_rows + k_step * stride_xk + x_tile,
                 mask=mine[:, None] & k_mask[None, :],
                 other=0.0,
             )
             wt = tl.load(
-                w_ptr + a * stride_wl + r_offs[None, :] * stride_wr + k_offs[:, None] * stride_wk,
+                (w_block + k_step * stride_wk + w_k) + w_r,
                 mask=(r_offs < r_lim)[None, :] & k_mask[:, None],
                 other=0.0,
             )
             acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
         tl.store(out_rows, acc, mask=mine[:, None] & r_in)
+        a = tl.min(tl.where(valid & (aid > a), aid, L))
 
 
 @triton.jit
@@ -305,6 +366,7 @@ def _lora_multi_fused_kernel(
     stride_br,
     stride_ym,
     stride_yn,
+    stride_bias,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_RANKS: tl.constexpr,
@@ -322,6 +384,13 @@ def _lora_multi_fused_kernel(
 
     ``GROUPED``: tile rows are ``order[pos]`` and ``ids`` are sorted (ids[pos] is the id of row
     order[pos]); otherwise rows are ``pos`` themselves. ``s`` and ``y`` are indexed by row.
+
+    Every element offset is formed in int64 (``k_range``, ``r_range``, and the row and column
+    indices, which come from int64 program ids): the backward reads the weight transposed
+    (``stride_wk`` = the weight's row length), and ``k * stride_wk`` in int32 wraps once the
+    weight has 2**31 elements (N = 139264, K = 16384). ``scales[a]`` multiplies ``s @ b.T``
+    after the dot, as PEFT scales after lora_B: ``s`` rounded to 16 bits before the dot is
+    ``s``, never ``s * scale``, which can overflow fp16 where PEFT does not.
     """
     # program id -> tile, in groups of GROUP_M row tiles so that neighbours share W in L2
     pid = tl.program_id(0)
@@ -340,75 +409,89 @@ def _lora_multi_fused_kernel(
     valid = in_range & (aid >= 0) & (aid < L)
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < N
+    k_range = tl.arange(0, BLOCK_K).to(tl.int64)
 
-    # base GEMM
+    # The grouped LoRA term first, straight into the accumulator, then scaled per row (each row
+    # holds its own adapter's s @ b.T only: rows of other adapters are masked to zero); the base
+    # GEMM then adds to it. One [BLOCK_M, BLOCK_N] accumulator live at a time, no second one for
+    # the term to be scaled after its dot (scaling s first could overflow fp16).
+    a_safe = tl.where(valid, aid, 0)
+    scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_offs = k0 + tl.arange(0, BLOCK_K)
-        k_mask = k_offs < K
-        xt = tl.load(
-            x_ptr + rows[:, None] * stride_xm + k_offs[None, :] * stride_xk,
-            mask=in_range[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        wt = tl.load(
-            w_ptr + n_offs[None, :] * stride_wn + k_offs[:, None] * stride_wk,
-            mask=n_mask[None, :] & k_mask[:, None],
-            other=0.0,
-        )
-        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-
-    # LoRA expand, added to the fp32 accumulator before the single rounding
     if GROUPED:
-        a_lo = tl.min(tl.where(valid, aid, L))
-        a_hi = tl.max(tl.where(valid, aid, -1))
-        for a in range(a_lo, a_hi + 1):
+        # addresses = int64 row / column pointers and a scalar int64 rank step, plus int32
+        # offsets within the rank chunk: int64 chunk offsets spilled 24 B in dx, pointer tiles
+        # carried through the loops 120-168 B at ranks 7 and 100 (odd shapes, sm_80)
+        r_range = tl.arange(0, BLOCK_R)
+        s_rows = s_ptr + rows[:, None] * stride_sm
+        b_cols = b_ptr + n_offs[None, :] * stride_bn
+        # one trip per adapter present in the tile, as in the grouped shrink
+        a = tl.min(tl.where(valid, aid, L))
+        while a < L:
             mine = valid & (aid == a)
             r_lim = R
             if HAS_RANKS:
                 r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
-            scale = tl.load(scales_ptr + a)
+            b_adapter = b_cols + a * stride_bl
             for r0 in range(0, r_lim, BLOCK_R):
-                r_offs = r0 + tl.arange(0, BLOCK_R)
-                r_mask = r_offs < r_lim
+                r_step = tl.cast(r0, tl.int64)
+                r_mask = (r0 + r_range) < r_lim
                 st = tl.load(
-                    s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
+                    s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
                     mask=mine[:, None] & r_mask[None, :],
                     other=0.0,
                 )
                 bt = tl.load(
-                    b_ptr
-                    + a * stride_bl
-                    + n_offs[None, :] * stride_bn
-                    + r_offs[:, None] * stride_br,
+                    b_adapter + r_step * stride_br + r_range[:, None] * stride_br,
                     mask=n_mask[None, :] & r_mask[:, None],
                     other=0.0,
                 )
-                acc = _dot(st * scale, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-    else:
-        a_safe = tl.where(valid, aid, 0)
-        scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
+                acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+            a = tl.min(tl.where(valid & (aid > a), aid, L))
+        acc = acc * scale[:, None]
+
+    # base GEMM; the tile pointers advance by BLOCK_K * stride (in range while a stride is
+    # below 2**26), their int64 offsets are formed once
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + k_range[None, :] * stride_xk
+    w_ptrs = w_ptr + n_offs[None, :] * stride_wn + k_range[:, None] * stride_wk
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + k_range) < K
+        xt = tl.load(x_ptrs, mask=in_range[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + n_offs * stride_bias, mask=n_mask, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    # the gather LoRA term (CUDA cores), added before the single rounding
+    if not GROUPED:
         r_lim = tl.where(valid, R, 0)
         if HAS_RANKS:
             r_lim = tl.minimum(tl.load(ranks_ptr + a_safe, mask=valid, other=0), r_lim)
         b_rows = b_ptr + a_safe[:, None, None] * stride_bl + n_offs[None, :, None] * stride_bn
-        # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers
+        # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers; int32
+        # offsets within the chunk, the chunk's start an int64 scalar (as in the shrinks)
+        r_range = tl.arange(0, 8)
+        s_rows = s_ptr + rows[:, None] * stride_sm
         for r0 in range(0, tl.max(r_lim), 8):
-            r_offs = r0 + tl.arange(0, 8)
-            r_ok = r_offs[None, :] < r_lim[:, None]
+            r_step = tl.cast(r0, tl.int64)
+            r_ok = (r0 + r_range)[None, :] < r_lim[:, None]
             st = tl.load(
-                s_ptr + rows[:, None] * stride_sm + r_offs[None, :] * stride_sr,
+                s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
                 mask=r_ok,
                 other=0.0,
             )
             bt = tl.load(
-                b_rows + r_offs[None, None, :] * stride_br,
+                b_rows + r_step * stride_br + r_range[None, None, :] * stride_br,
                 mask=r_ok[:, None, :] & n_mask[None, :, None],
                 other=0.0,
             )
-            acc += scale[:, None] * tl.sum(st[:, None, :] * bt.to(tl.float32), axis=2)
+            # operands rounded as the grouped dot rounds them; the scale comes after the sum
+            st = _rounded(st, DOT_DTYPE, UPCAST_DOTS)
+            bt = _rounded(bt, DOT_DTYPE, UPCAST_DOTS)
+            acc += scale[:, None] * tl.sum(st[:, None, :] * bt, axis=2)
 
     tl.store(
         y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn,
@@ -430,6 +513,7 @@ def _lora_segment_outer_kernel(
     # sizes
     P,
     Q,
+    SPLITS,  # programs per adapter, each over its own slice of the adapter's rows
     # strides
     stride_pm,
     stride_pp,
@@ -440,6 +524,7 @@ def _lora_segment_outer_kernel(
     stride_oq,
     # meta-parameters
     HAS_RANKS: tl.constexpr,
+    ATOMIC_OUT: tl.constexpr,
     RANK_ON_P: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
@@ -452,12 +537,20 @@ def _lora_segment_outer_kernel(
 
     dA is (p, q) = (dy @ lora_b, x) with the rank on p; dB is (dy, s) with the rank on q. Slots
     past the adapter's rank, and adapters no row used, get zeros.
+
+    SPLITS programs share each adapter, each reducing an equal slice of its rows, so that one
+    popular adapter is not one long loop; ATOMIC_OUT (SPLITS > 1) then adds their fp32 partial
+    sums into a zeroed fp32 ``out``.
     """
-    a = tl.program_id(0).to(tl.int64)
+    a = tl.program_id(0).to(tl.int64) // SPLITS
+    split = tl.program_id(0).to(tl.int64) % SPLITS
     p_offs = tl.program_id(1).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     q_offs = tl.program_id(2).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    start = tl.load(bounds_ptr + a)
-    end = tl.load(bounds_ptr + a + 1)
+    seg_start = tl.load(bounds_ptr + a)
+    seg_end = tl.load(bounds_ptr + a + 1)
+    chunk = tl.cdiv(seg_end - seg_start, SPLITS)
+    start = tl.minimum(seg_start + split * chunk, seg_end)
+    end = tl.minimum(start + chunk, seg_end)
     p_lim = P
     q_lim = Q
     if HAS_RANKS:
@@ -485,11 +578,14 @@ def _lora_segment_outer_kernel(
         )
         acc = _dot(tl.trans(pt), qt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
     acc = acc * tl.load(scales_ptr + a)
-    tl.store(
-        out_ptr + a * stride_ol + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=(p_offs < P)[:, None] & (q_offs < Q)[None, :],
-    )
+    out_ptrs = out_ptr + a * stride_ol + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq
+    out_mask = (p_offs < P)[:, None] & (q_offs < Q)[None, :]
+    if ATOMIC_OUT:
+        # a split with no rows adds nothing (the buffer starts at zero)
+        nonempty = (q_offs * 0 + (end - start)) > 0
+        tl.atomic_add(out_ptrs, acc, mask=out_mask & nonempty[None, :], sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,13 +617,17 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
             k, r_max, num_adapters,
             x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
             HAS_RANKS=ranks is not None,
+            DOT_DTYPE=_dot_dtype(x.dtype, w.dtype),
+            UPCAST_DOTS=_dot_flags(x.dtype)["UPCAST_DOTS"],
             BLOCK_R=block_r,
             BLOCK_K=block_k,
         )  # fmt: skip
         return out
     sorted_ids, order = sorted_rows
     block_m = 64 if m >= 64 else 16
-    block_r = _rank_block(r_max)
+    # 32-rank blocks on odd shapes (their loads are not vectorised): 64 spilled 16 B at rank
+    # 128 on sm_80 once the loop visits only the ids present
+    block_r = _rank_block(r_max) if aligned else min(_rank_block(r_max), 32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(r_max, block_r))
     _lora_shrink_grouped_kernel[grid](
         x, w, sorted_ids, order, ranks_arg, out,
@@ -569,7 +669,7 @@ def _fused(
         ranks if ranks is not None else row_ids, out,
         m, n, k, r_max, num_adapters,
         x.stride(0), x.stride(1), *w_strides, s.stride(0), s.stride(1), *b_strides,
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), vector_stride(bias),
         HAS_BIAS=bias is not None,
         HAS_RANKS=ranks is not None,
         GROUPED=grouped,
@@ -578,12 +678,24 @@ def _fused(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned else 16),
+        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned and key != "grouped_tall" else 16),
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
     return out
+
+
+def segment_splits(m: int, deterministic: bool) -> int:
+    """Programs per adapter in the dA/dB reduction of an ``m``-row batch: enough that no program
+    walks more than about ``_SEGMENT_ROWS_PER_SPLIT`` rows of one adapter even when every row
+    has the same one (at most ``_SEGMENT_MAX_SPLITS``). Fixed by ``m``, never by the ids (no
+    host synchronisation); splits of adapters with fewer rows find theirs empty and return.
+    Deterministic mode keeps one program per adapter (no atomics)."""
+    if deterministic:
+        return 1
+    rows = _INTERP_SEGMENT_ROWS_PER_SPLIT if interpreting() else _SEGMENT_ROWS_PER_SPLIT
+    return max(1, min(_SEGMENT_MAX_SPLITS, triton.cdiv(m, rows)))
 
 
 def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype):
@@ -593,13 +705,18 @@ def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype
         return out
     block_p = _rank_block(size_p) if rank_on_p else 64
     block_q = 64 if rank_on_p else _rank_block(size_q)
-    grid = (num_adapters, triton.cdiv(size_p, block_p), triton.cdiv(size_q, block_q))
+    splits = segment_splits(p.shape[0], torch.are_deterministic_algorithms_enabled())
+    target = out
+    if splits > 1:
+        target = torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    grid = (num_adapters * splits, triton.cdiv(size_p, block_p), triton.cdiv(size_q, block_q))
     _lora_segment_outer_kernel[grid](
-        p, q, order, bounds, scales, ranks if ranks is not None else bounds, out,
-        size_p, size_q,
+        p, q, order, bounds, scales, ranks if ranks is not None else bounds, target,
+        size_p, size_q, splits,
         p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
+        target.stride(0), target.stride(1), target.stride(2),
         HAS_RANKS=ranks is not None,
+        ATOMIC_OUT=splits > 1,
         RANK_ON_P=rank_on_p,
         DOT_DTYPE=dot_dtype,
         **_dot_flags(q.dtype if rank_on_p else p.dtype),  # the activations: x (dA), dy (dB)
@@ -608,6 +725,8 @@ def _segment_outer(p, q, order, bounds, scales, ranks, out, rank_on_p, dot_dtype
         BLOCK_Q=block_q,
         num_warps=4,
     )  # fmt: skip
+    if target is not out:
+        out.copy_(target)
     return out
 
 
@@ -617,8 +736,10 @@ def lora_linear_multi_fwd(
 ):
     """``(y [M, N] in x.dtype, s [M, r_max] float32)``; ``s`` rows with no adapter are zeros.
 
-    ``strategy`` is ``"gather"``, ``"grouped"`` or ``"auto"`` (``choose_strategy``).
+    ``strategy`` is ``"gather"``, ``"grouped"`` or ``"auto"`` (``choose_strategy``). Every
+    argument may have any strides (``_args``).
     """
+    scales, row_ids, ranks = (index_vector(t) for t in (scales, row_ids, ranks))
     m = x.shape[0]
     num_adapters, r_max, _ = lora_a.shape
     n = weight.shape[0]
@@ -658,6 +779,7 @@ def lora_linear_multi_bwd(
     Each adapter's gradient sums exactly the rows that used it (zeros for an adapter no row used,
     and for the padded slots past ``ranks``); rows with no adapter get ``dy @ weight`` only.
     """
+    scales, row_ids, ranks = (index_vector(t) for t in (scales, row_ids, ranks))
     m, k = x.shape
     num_adapters, r_max, _ = lora_a.shape
     if strategy == "auto":
