@@ -179,7 +179,7 @@ for f in tests/test_triton_lora_linear.py tests/test_multi.py tests/test_merge.p
   [[ -f $f ]] && triton_tests+=("$f")
 done
 if ((${#triton_tests[@]})); then
-  step tests_triton 180 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" "${triton_tests[@]}"
+  step tests_triton 170 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" "${triton_tests[@]}"
 fi
 
 # build.py runs on its own here (not through the package's __init__), so that the build is
@@ -198,12 +198,12 @@ fi
 step tests_gpu 60 "$PYTHON" -m pytest "${PYTEST_ARGS[@]}" -m gpu tests
 # Each within its cap by its own budget switch, so that it finishes and writes its JSON.
 bench bench_cuda 15 --quick
-bench bench_merge 10 --quick
+bench bench_merge 15 --quick
 bench bench_lora_linear 20 --budget-s 12
 bench bench_multi 15 --max-seconds 10
 bench bench_qlora 15 --quick
 bench bench_moe 15 --quick
-bench bench_serving 10 --quick
+bench bench_serving 15 --quick
 
 "$PYTHON" - "$STEPS" "$OUT/summary.json" "$SECONDS" "$DRY_RUN" <<'EOF'
 import json, sys

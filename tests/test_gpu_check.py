@@ -56,7 +56,10 @@ def test_dry_run(tmp_path):
     log = (tmp_path / "gpu_check.log").read_text()
     for name in ("install", "env", "tests_triton", "build", "tests_gpu"):
         assert steps[name]["status"] == "ok", (name, log[-3000:])
-    for name in ("bench_cuda", "bench_merge", "bench_lora_linear", "bench_multi", "bench_serving"):
+    for name in (
+        "bench_cuda", "bench_merge", "bench_lora_linear", "bench_multi", "bench_qlora", "bench_moe",
+        "bench_serving",
+    ):  # fmt: skip
         assert steps[name]["status"] in ("ok", "absent"), (name, log[-3000:])
     info = json.loads((tmp_path / "env.json").read_text())
     for key in ("gcc", "ninja", "python_headers", "nvcc_cuda", "nvcc_matches_torch_cuda"):

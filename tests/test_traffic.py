@@ -43,7 +43,7 @@ def _reload_kernel(x_ptr, out_ptr, BLOCK: tl.constexpr):
 
 
 def _copy(x, block=128, **kw):
-    y = torch.empty_like(x)
+    y = torch.full_like(x, float("nan"))  # what no program writes stays NaN
     with traffic.count(**kw) as t:
         _copy_kernel[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block)
     return y, t
@@ -140,7 +140,7 @@ def test_sampling_counts_uniform_programs_exactly(n):
     _, full = _copy(x)
     y, sampled = _copy(x, sample=8)
     assert sampled.launches[0].counted == 8 and sampled.launches[0].programs == 64
-    assert not torch.equal(x, y)  # a sampled launch computes only its sampled programs
+    assert torch.isnan(y).any()  # a sampled launch computes only its sampled programs
     a = full.report({"x": x}).operands["x"]
     b = sampled.report({"x": x}).operands["x"]
     # the first and last programs (the ragged one) count once, the uniform interior is scaled
