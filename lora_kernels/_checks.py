@@ -237,24 +237,16 @@ def check_lora_multi_inputs(fn, x, weight, bias, lora_a, lora_b, scales, adapter
     if check_values and not torch.isfinite(scales).all():
         raise ValueError(f"{fn}: expected finite scales, got {scales.tolist()}")
 
-    check_tensor(fn, "adapter_ids", adapter_ids)
-    check_dtype(fn, "adapter_ids", adapter_ids, [torch.int32, torch.int64])
-    per = "row" if x.dim() == 2 else "sequence"
-    if adapter_ids.dim() != 1 or adapter_ids.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{fn}: expected adapter_ids of shape [{x.shape[0]}] (one id per {per} of x "
-            f"{fmt_shape(x.shape)}), got {fmt_shape(adapter_ids.shape)}"
-        )
-    check_device(fn, "adapter_ids", adapter_ids, x.device)
-    if check_values:
-        bad = ((adapter_ids < -1) | (adapter_ids >= num_adapters)).nonzero().flatten()
-        if bad.numel():
-            shown = bad[:8].tolist()
-            raise ValueError(
-                f"{fn}: expected adapter_ids in [-1, {num_adapters}) (-1: no adapter; "
-                f"{num_adapters} adapters in lora_a), got {adapter_ids[shown].tolist()} at "
-                f"{per}s {shown}"
-            )
+    check_adapter_ids(
+        fn,
+        adapter_ids,
+        x.shape[0],
+        f"x {fmt_shape(x.shape)}",
+        "row" if x.dim() == 2 else "sequence",
+        num_adapters,
+        f"-1: no adapter; {num_adapters} adapters in lora_a",
+        x.device,
+    )
 
     if ranks is not None:
         check_tensor(fn, "ranks", ranks)
@@ -487,6 +479,41 @@ def check_qlora_linear_inputs(fn: str, x, qweight, q, bias, lora_a, lora_b, scal
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def check_adapter_ids(
+    fn: str,
+    adapter_ids: object,
+    rows: int,
+    of: str,
+    per: str,
+    num_adapters: int,
+    none_means: str,
+    device: torch.device,
+    where: str = " (where x is)",
+) -> None:
+    """A mixed batch's adapter ids: int32/int64, ``[rows]`` (one id per ``per`` of ``of``), on
+    ``device``, and each in ``[-1, num_adapters)`` where the values may be read on the host
+    (``reads_values``; the kernels treat an id out of range as -1)."""
+    check_tensor(fn, "adapter_ids", adapter_ids)
+    check_dtype(fn, "adapter_ids", adapter_ids, INDEX_DTYPES)
+    if adapter_ids.dim() != 1 or adapter_ids.shape[0] != rows:
+        raise ValueError(
+            f"{fn}: expected adapter_ids of shape [{rows}] (one id per {per} of {of}), got "
+            f"{fmt_shape(adapter_ids.shape)}"
+        )
+    if adapter_ids.device != device:
+        raise ValueError(
+            f"{fn}: expected adapter_ids on device {device}{where}, got {adapter_ids.device}"
+        )
+    if reads_values(device):
+        bad = ((adapter_ids < -1) | (adapter_ids >= num_adapters)).nonzero().flatten()
+        if bad.numel():
+            shown = bad[:8].tolist()
+            raise ValueError(
+                f"{fn}: expected adapter_ids in [-1, {num_adapters}) ({none_means}), got "
+                f"{adapter_ids[shown].tolist()} at {per}s {shown}"
+            )
+
+
 def _check_ids(fn: str, ids, num_embeddings: int, device) -> None:
     check_tensor(fn, "ids", ids)
     check_dtype(fn, "ids", ids, INDEX_DTYPES)
@@ -624,26 +651,17 @@ def check_lora_embedding_multi_inputs(
             f"{fn}: expected scales to hold {num} floats (one per adapter), got {scales!r}"
         )
     scales = [check_scale(fn, f"scales[{i}]", s) for i, s in enumerate(scales)]
-    check_tensor(fn, "adapter_ids", adapter_ids)
-    check_dtype(fn, "adapter_ids", adapter_ids, INDEX_DTYPES)
-    per = "row" if ids.dim() == 1 else "sequence"
-    if adapter_ids.dim() != 1 or adapter_ids.shape[0] != ids.shape[0]:
-        raise ValueError(
-            f"{fn}: expected adapter_ids of shape [{ids.shape[0]}] (one id per {per} of ids "
-            f"{fmt_shape(ids.shape)}), got {fmt_shape(adapter_ids.shape)}"
-        )
-    if adapter_ids.device != weight.device:
-        raise ValueError(
-            f"{fn}: expected adapter_ids on device {weight.device}, got {adapter_ids.device}"
-        )
-    if reads_values(adapter_ids.device):
-        bad = ((adapter_ids < -1) | (adapter_ids >= num)).nonzero().flatten()
-        if bad.numel():
-            shown = bad[:8].tolist()
-            raise ValueError(
-                f"{fn}: expected adapter_ids in [-1, {num}) (-1: no adapter), got "
-                f"{adapter_ids[shown].tolist()} at {per}s {shown}"
-            )
+    check_adapter_ids(
+        fn,
+        adapter_ids,
+        ids.shape[0],
+        f"ids {fmt_shape(ids.shape)}",
+        "row" if ids.dim() == 1 else "sequence",
+        num,
+        "-1: no adapter",
+        weight.device,
+        where="",
+    )
     return scales, _check_padding_idx(fn, padding_idx, v)
 
 
@@ -742,7 +760,7 @@ def check_moe_lora_inputs(
         fn, ("lora_a_down", "lora_b_down"), a_d, b_d, lead, num_experts, n_i, hidden, x
     )
     num_adapters = lead[0] if multi and isinstance(lead[0], int) else 1
-    check_values = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    check_values = reads_values(x.device)
 
     scale_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(scale, torch.Tensor):
@@ -752,7 +770,7 @@ def check_moe_lora_inputs(
         scales = scale.detach().reshape(-1)
     elif isinstance(scale, (list, tuple)):
         vals = [check_scale(fn, f"scale[{i}]", v) for i, v in enumerate(scale)]
-        scales = torch.tensor(vals, dtype=scale_dtype, device=x.device)
+        scales = _scales_tensor(vals, scale_dtype, x.device)
     else:
         scales = torch.tensor([check_scale(fn, "scale", scale)], dtype=scale_dtype, device=x.device)
     if scales.shape[0] != num_adapters:
@@ -764,22 +782,16 @@ def check_moe_lora_inputs(
         raise ValueError(f"{fn}: expected finite scale, got {scales.tolist()}")
 
     if multi:
-        check_tensor(fn, "adapter_ids", adapter_ids)
-        check_dtype(fn, "adapter_ids", adapter_ids, [torch.int32, torch.int64])
-        if adapter_ids.dim() != 1 or adapter_ids.shape[0] != t:
-            raise ValueError(
-                f"{fn}: expected adapter_ids of shape [{t}] (one id per token of x "
-                f"{fmt_shape(x.shape)}), got {fmt_shape(adapter_ids.shape)}"
-            )
-        check_device(fn, "adapter_ids", adapter_ids, x.device)
-        if check_values:
-            bad = ((adapter_ids < -1) | (adapter_ids >= num_adapters)).nonzero().flatten()
-            if bad.numel():
-                shown = bad[:8].tolist()
-                raise ValueError(
-                    f"{fn}: expected adapter_ids in [-1, {num_adapters}) (-1: base experts), got "
-                    f"{adapter_ids[shown].tolist()} at tokens {shown}"
-                )
+        check_adapter_ids(
+            fn,
+            adapter_ids,
+            t,
+            f"x {fmt_shape(x.shape)}",
+            "token",
+            num_adapters,
+            "-1: base experts",
+            x.device,
+        )
     return num_adapters, scales.to(scale_dtype)
 
 
