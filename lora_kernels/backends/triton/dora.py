@@ -42,6 +42,7 @@ import triton.language as tl
 
 from ...reference import ILL_CONDITIONED
 from . import interpreting, on_input_device
+from . import merge as merge_tiles
 from ._args import vector_stride
 from ._rounding import round_to_bf16
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
@@ -414,12 +415,12 @@ def dora_linear_bwd(
     return dx, dx_lora, da, db, dm
 
 
-# Merge tiles: those of the LoRA merge (``merge.py``, spill-free there at every rank): a [64, 64]
-# weight tile and rank chunks of 32; fp32 or mixed adapters keep 3xTF32 with a 32-deep K tile on
-# 8 warps. The interpreter's tile is smaller than the tests' odd sizes.
-_MERGE_META = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
-_MERGE_META_FP32 = {**_MERGE_META, "BLOCK_K": 32, "num_warps": 8}
-_MERGE_MAX_R = 32
+# Merge tiles: those of the LoRA merge, taken from ``merge.py`` (spill-free there at every rank):
+# a [64, 64] weight tile and rank chunks of 32; fp32 or mixed adapters keep 3xTF32 with a 32-deep
+# K tile on 8 warps. The interpreter's tile is smaller than the tests' odd sizes.
+_MERGE_META = merge_tiles.CUDA_META
+_MERGE_META_FP32 = merge_tiles.CUDA_META_FP32
+_MERGE_MAX_R = merge_tiles.CUDA_MAX_BLOCK_R
 _INTERP_MERGE_META = {"BLOCK_N": 16, "BLOCK_K": 32}
 _INTERP_MERGE_MAX_R = 16
 

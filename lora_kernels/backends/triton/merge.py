@@ -47,11 +47,11 @@ __all__ = ["merge_"]
 # GPU tile: a [64, 64] weight tile and rank chunks of 32. The whole compile matrix
 # (benchmarks/triton_compile_report.py) measured [64, 128] tiles with 64-rank chunks spilling
 # 392-1,532 B on odd K/N and at rank 128 (both targets); these are spill-free there.
-_CUDA_META = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+CUDA_META = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
 # fp32 (or mixed) adapters keep 3xTF32 (a merge is rounded once into the weight, so it keeps fp32
 # accuracy), whose split operands need twice the registers: 8 warps and a 32-deep K tile.
-_CUDA_META_FP32 = {**_CUDA_META, "BLOCK_K": 32, "num_warps": 8}
-_CUDA_MAX_BLOCK_R = 32
+CUDA_META_FP32 = {**CUDA_META, "BLOCK_K": 32, "num_warps": 8}
+CUDA_MAX_BLOCK_R = 32
 # Interpreter tile: small, so the tests' odd sizes straddle tile edges and ranks above 16 loop.
 _INTERP_META = {"BLOCK_N": 32, "BLOCK_K": 64}
 _INTERP_MAX_BLOCK_R = 16
@@ -141,8 +141,8 @@ def merge_(
         return weight
     upcast = interpreting()
     fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
-    meta = dict(_INTERP_META if upcast else _CUDA_META_FP32 if fp32_operands else _CUDA_META)
-    max_block_r = _INTERP_MAX_BLOCK_R if upcast else _CUDA_MAX_BLOCK_R
+    meta = dict(_INTERP_META if upcast else CUDA_META_FP32 if fp32_operands else CUDA_META)
+    max_block_r = _INTERP_MAX_BLOCK_R if upcast else CUDA_MAX_BLOCK_R
     # tl.dot needs every dimension >= 16: smaller ranks are padded (masked) up to 16.
     block_r = min(max(16, triton.next_power_of_2(r)), max_block_r)
     grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
