@@ -615,12 +615,50 @@ def check_lora_embedding_inputs(fn, ids, weight, lora_a, lora_b, scale, padding_
     return check_scale(fn, "scale", scale), _check_padding_idx(fn, padding_idx, v)
 
 
+def _embedding_scales(fn, scales, num: int, weight) -> torch.Tensor:
+    """The mixed embedding batch's ``scales`` as a ``[num]`` tensor on weight's device."""
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if isinstance(scales, torch.Tensor):
+        if scales.dim() != 1 or scales.shape[0] != num:
+            raise ValueError(
+                f"{fn}: expected scales to hold {num} floats (one per adapter), got a tensor of "
+                f"shape {fmt_shape(scales.shape)}"
+            )
+        if scales.dtype == torch.bool or scales.is_complex():
+            raise TypeError(f"{fn}: expected scales of a real dtype, got {scales.dtype}")
+        scales = scales.detach()
+        on_host = scales.device.type == "cpu"
+        if scales.device != weight.device and not on_host:
+            raise ValueError(
+                f"{fn}: expected scales on device {weight.device} (where weight is), got "
+                f"{scales.device}"
+            )
+        if on_host and (weight.device.type != "cpu" or reads_values(weight.device)):
+            # a CPU tensor's values cost no synchronisation to read
+            values = [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales.tolist())]
+            if scales.device != weight.device:
+                return _scales_tensor(values, dtype, weight.device)
+        return scales.to(dtype)
+    if not isinstance(scales, (list, tuple)) or len(scales) != num:
+        raise ValueError(
+            f"{fn}: expected scales to hold {num} floats (one per adapter), got {scales!r}"
+        )
+    values = [check_scale(fn, f"scales[{i}]", v) for i, v in enumerate(scales)]
+    return _scales_tensor(values, dtype, weight.device)
+
+
 def check_lora_embedding_multi_inputs(
     fn, ids, weight, lora_a, lora_b, scales, adapter_ids, padding_idx
 ):
     """Validate the multi-adapter embedding inputs: ``ids [M]`` with ``adapter_ids [M]`` or
     ``ids [B, T]`` with ``adapter_ids [B]``, ``lora_a [L, r_max, V]``, ``lora_b [L, D, r_max]``,
-    ``scales`` (L floats); returns ``(scales as a list, padding_idx)``."""
+    ``scales`` (L floats: a list or a ``[L]`` tensor); returns ``(scales, padding_idx)`` with
+    ``scales`` a ``[L]`` tensor on weight's device (fp32; fp64 for an fp64 table).
+
+    A tensor on weight's device is used as it is (its values are checked where they may be read,
+    ``reads_values``: a CUDA tensor is never read back, so a decode step does not synchronise); a
+    CPU tensor for a table elsewhere, like a list, becomes a device tensor once per distinct list
+    (``_scales_tensor``)."""
     v, d = _check_embedding_table(fn, weight)
     _check_ids(fn, ids, v, weight.device)
     if ids.dim() not in (1, 2):
@@ -642,15 +680,7 @@ def check_lora_embedding_multi_inputs(
             raise ValueError(
                 f"{fn}: expected {name} on device {weight.device} (where weight is), got {t.device}"
             )
-    if isinstance(scales, torch.Tensor):
-        # the op takes host floats: a CUDA tensor is read back here (a synchronisation), so the
-        # layers pass their scalings as a list
-        scales = scales.detach().tolist()
-    if not isinstance(scales, (list, tuple)) or len(scales) != num:
-        raise ValueError(
-            f"{fn}: expected scales to hold {num} floats (one per adapter), got {scales!r}"
-        )
-    scales = [check_scale(fn, f"scales[{i}]", s) for i, s in enumerate(scales)]
+    scales = _embedding_scales(fn, scales, num, weight)
     check_adapter_ids(
         fn,
         adapter_ids,

@@ -302,8 +302,16 @@ def test_bad_inputs_are_refused_clearly():
         lora_embedding_multi(ids, w, a[None], b[None], [1.0], torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"expected adapter_ids in \[-1, 1\)"):
         lora_embedding_multi(ids, w, a[None], b[None], [1.0], torch.full((4,), 1))
+    zeros = torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="expected scales to hold 1 floats"):
-        lora_embedding_multi(ids, w, a[None], b[None], [1.0, 2.0], torch.zeros(4, dtype=torch.long))
+        lora_embedding_multi(ids, w, a[None], b[None], [1.0, 2.0], zeros)
+    # the same messages for scales given as a tensor
+    with pytest.raises(ValueError, match="expected scales to hold 1 floats"):
+        lora_embedding_multi(ids, w, a[None], b[None], torch.tensor([1.0, 2.0]), zeros)
+    with pytest.raises(ValueError, match=r"expected a finite scales\[0\]"):
+        lora_embedding_multi(ids, w, a[None], b[None], torch.tensor([float("nan")]), zeros)
+    with pytest.raises(TypeError, match="expected scales of a real dtype"):
+        lora_embedding_multi(ids, w, a[None], b[None], torch.tensor([True]), zeros)
 
 
 @pytest.mark.parametrize(("backend", "multi"), [(b, b != "torch") for b in BACKENDS])
@@ -313,13 +321,14 @@ def test_opcheck(backend, multi):
     a3.requires_grad_()
     b3.requires_grad_()
     rows = torch.tensor([0, 1, -1, 1, 0, 0, 1], dtype=torch.int32) if multi else None
-    scales = [0.5, 1.5] if multi else [0.5]
+    scales = torch.tensor([0.5, 1.5]) if multi else None
     a_in, b_in = (a3, b3) if multi else (a3[:1], b3[:1])
     op = torch.ops.lora_kernels
-    torch.library.opcheck(op.lora_embedding_fwd, (ids, w, a_in, b_in, scales, rows, 2, backend))
+    fwd = (ids, w, a_in, b_in, scales, 0.5, rows, 2, backend)
+    torch.library.opcheck(op.lora_embedding_fwd, fwd)
     dy = torch.randn(7, 10)
     s = torch.randn(7, 3)
-    args = (dy, ids, w, a_in.detach(), b_in.detach(), scales, rows, s, 2, True, True, backend)
+    args = (dy, ids, w, a_in.detach(), b_in.detach(), scales, 0.5, rows, s, 2, True, True, backend)
     torch.library.opcheck(op.lora_embedding_bwd, args)
 
 

@@ -88,12 +88,26 @@ def lora_embedding_case(backend: str, dtype: torch.dtype) -> OpCase:
         return R.lora_embedding(ids, w, a, bb, scale)
 
     def op_calls():
-        fwd = (ids, w, a[None], bb[None], [scale], None, -1, backend)
+        fwd = (ids, w, a[None], bb[None], None, scale, None, -1, backend)
         _, s = OPS.lora_embedding_fwd(*_detached(fwd))
         dy = torch.randn(ids.numel(), N, dtype=dtype)
-        bwd = (dy, ids, w, a.detach()[None], bb.detach()[None], [scale], None, s, -1, True, True,
-               backend)  # fmt: skip
-        return [(OPS.lora_embedding_fwd, fwd), (OPS.lora_embedding_bwd, bwd)]
+        a2, b2 = a.detach()[None], bb.detach()[None]
+        bwd = (dy, ids, w, a2, b2, None, scale, None, s, -1, True, True, backend)
+        # a mixed batch: the scales travel as a tensor, one adapter id per row (-1: base only)
+        a3 = torch.cat([a2, -a2]).requires_grad_()
+        b3 = torch.cat([b2, 2 * b2]).requires_grad_()
+        scales = torch.tensor([scale, -0.75])
+        rows = torch.tensor([1, 0, -1, 1, 0, 1, 0], dtype=torch.int32)
+        fwd_m = (ids, w.detach(), a3, b3, scales, 0.0, rows, 5, backend)
+        _, s_m = OPS.lora_embedding_fwd(*_detached(fwd_m))
+        a3d, b3d = a3.detach(), b3.detach()
+        bwd_m = (dy, ids, w.detach(), a3d, b3d, scales, 0.0, rows, s_m, 5, True, True, backend)
+        return [
+            (OPS.lora_embedding_fwd, fwd),
+            (OPS.lora_embedding_bwd, bwd),
+            (OPS.lora_embedding_fwd, fwd_m),
+            (OPS.lora_embedding_bwd, bwd_m),
+        ]
 
     return OpCase(entry, (w, a, bb), reference, op_calls, ("weight", "A", "B"))
 

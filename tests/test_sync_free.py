@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lora_kernels as lk
 from lora_kernels import _checks
+from lora_kernels import reference as R
 from lora_kernels.backends.torch import lora_embedding as torch_embedding
 from lora_kernels.backends.torch import lora_multi as torch_multi
 
@@ -206,15 +207,47 @@ def test_list_scales_are_copied_to_the_device_once(cuda_like):
     )
 
 
-def test_torch_embedding_id_blind_forward_equals_the_planned_one(monkeypatch):
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_torch_embedding_id_blind_forward_equals_the_planned_one(monkeypatch, as_tensor):
     from lora_kernels.backends.torch.lora_embedding import lora_embedding_fwd
 
     ids = torch.randint(0, V, (9,))
     weight = torch.randn(V, N)
     lora_a, lora_b = torch.randn(3, 5, V), torch.randn(3, N, 5)
     row_ids = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2], dtype=torch.int32)
-    planned = lora_embedding_fwd(ids, weight, lora_a, lora_b, [0.5, 2.0, -1.5], row_ids)
+    scales = [0.5, 2.0, -1.5]
+    scales = torch.tensor(scales) if as_tensor else scales
+    planned = lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids)
     monkeypatch.setattr(torch_embedding, "_reads_ids", lambda device: False)
-    blind = lora_embedding_fwd(ids, weight, lora_a, lora_b, [0.5, 2.0, -1.5], row_ids)
+    blind = lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids)
     for got, want in zip(blind, planned, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_embedding_multi_tensor_scales_are_never_read_on_the_host(cuda_like, dtype):
+    """``lora_embedding_multi`` with its scales as a device tensor (what a server keeps per
+    slot): neither the checks nor the torch backend's id-blind forward read them on the host
+    (once they were read back with ``.tolist()``, a synchronisation per decode step); the result
+    is the reference's, and the list form's."""
+    weight = torch.randn(V, N, dtype=dtype)
+    lora_a = (0.3 * torch.randn(3, 5, V)).to(dtype)
+    lora_b = (0.3 * torch.randn(3, N, 5)).to(dtype)
+    ids = torch.randint(0, V, (4, 1))
+    adapter_ids = torch.tensor([2, -1, 0, 2], dtype=torch.int32)
+    scales = torch.tensor([0.5, 7 / 3, -1.25])
+
+    def step(sc=scales):
+        return lk.lora_embedding_multi(ids, weight, lora_a, lora_b, sc, adapter_ids,
+                                       backend="torch")  # fmt: skip
+
+    with torch.no_grad():
+        assert cuda_like(step) == []
+        got = step()
+        from_list = step(scales.tolist())
+    want = R.lora_embedding_multi(
+        ids, weight.double(), lora_a.double(), lora_b.double(), scales.double(), adapter_ids
+    )
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(from_list, got, rtol=tol, atol=tol)

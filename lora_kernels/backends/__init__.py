@@ -134,8 +134,9 @@ class LoraMultiLaunchers(Protocol):
 class LoraEmbeddingLaunchers(Protocol):
     """``backends.<backend>.lora_embedding``: PEFT's ``lora.Embedding``, one adapter per row.
 
-    ``lora_embedding_fwd(ids[M] int64, weight[V,D], lora_a[L,R,V], lora_b[L,D,R], scales (L
-    floats), row_ids[M]? (None: adapter 0 everywhere; -1: base only), padding_idx (-1: none))
+    ``lora_embedding_fwd(ids[M] int64, weight[V,D], lora_a[L,R,V], lora_b[L,D,R], scales (a
+    ``[L]`` device tensor, read by device ops only, or L floats; one adapter: its float in a
+    list), row_ids[M]? (None: adapter 0 everywhere; -1: base only), padding_idx (-1: none))
     -> (y[M,D] weight.dtype, s[M,R] fp32)`` with ``s = lora_a[a].T[ids]``;
     ``lora_embedding_bwd(dy, ids, weight, lora_a, lora_b, scales, row_ids?, s, padding_idx, *,
     needs_da, needs_db) -> (da[L,R,V]?, db[L,D,R]?)`` (rows with id ``padding_idx`` give A no
@@ -148,7 +149,7 @@ class LoraEmbeddingLaunchers(Protocol):
         weight: Tensor,
         lora_a: Tensor,
         lora_b: Tensor,
-        scales: list[float],
+        scales: Tensor | list[float],
         row_ids: Tensor | None = None,
         padding_idx: int = -1,
     ) -> tuple[Tensor, Tensor]: ...
@@ -160,7 +161,7 @@ class LoraEmbeddingLaunchers(Protocol):
         weight: Tensor,
         lora_a: Tensor,
         lora_b: Tensor,
-        scales: list[float],
+        scales: Tensor | list[float],
         row_ids: Tensor | None,
         s: Tensor,
         padding_idx: int = -1,

@@ -43,7 +43,7 @@ def lora_embedding(
     be = resolve_backend(backend, weight, lora_a.shape[0], lora_a)
     flat = ids if ids.dim() == 1 and ids.dtype == torch.int64 else ids.reshape(-1).long()
     y = ops.lora_embedding_1d(
-        flat, weight, lora_a.unsqueeze(0), lora_b.unsqueeze(0), [scale], None, pad, be
+        flat, weight, lora_a.unsqueeze(0), lora_b.unsqueeze(0), None, scale, None, pad, be
     )
     return y if ids.dim() == 1 else y.reshape(*ids.shape, weight.shape[1])
 
@@ -65,7 +65,9 @@ def lora_embedding_multi(
 
     ids ``[M]`` with adapter_ids ``[M]``, or ``[B, T]`` with adapter_ids ``[B]``; id -1: the base
     table only. lora_a ``[L, r_max, V]`` and lora_b ``[L, D, r_max]`` are the adapters' PEFT
-    ``lora_embedding_A`` / ``lora_embedding_B`` stacked and zero-padded to the largest rank.
+    ``lora_embedding_A`` / ``lora_embedding_B`` stacked and zero-padded to the largest rank;
+    ``scales`` ``[L]``: a tensor on the table's device is read by the kernels, never on the host
+    (a decode step does not synchronise), and a list becomes such a tensor once per distinct list.
     Differentiable like :func:`lora_embedding`: each adapter gets the gradient of its own rows.
     """
     fn = "lora_embedding_multi"
@@ -76,6 +78,6 @@ def lora_embedding_multi(
     row_ids = adapter_ids.to(torch.int32)
     if ids.dim() == 2:
         row_ids = row_ids[:, None].expand(ids.shape).reshape(-1)
-    y = ops.lora_embedding_1d(ids.reshape(-1).long(), weight, lora_a, lora_b, scales, row_ids,
-                              pad, be)  # fmt: skip
+    y = ops.lora_embedding_1d(ids.reshape(-1).long(), weight, lora_a, lora_b, scales, 0.0,
+                              row_ids, pad, be)  # fmt: skip
     return y.reshape(*ids.shape, weight.shape[1])

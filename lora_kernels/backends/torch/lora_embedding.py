@@ -10,11 +10,21 @@ the sum as three ``[M, D]`` tensors. Backward (:func:`lora_embedding_bwd`): ``T 
 scattered into the M columns of a zeroed ``[r, V]`` gradient of A (``padding_idx`` rows skipped,
 as ``nn.Embedding`` skips them), one pass over A's size where the stock gather backward makes
 three (fill a ``[V, r]`` buffer, then autograd's transposed copy); ``dB = scale * dy^T S``.
+
+``scales``: one adapter's float in a sequence, or a mixed batch's ``[L]`` tensor (or sequence).
+Off the CPU a tensor of scales is never read on the host in the forward: each adapter's term is
+scaled by a device op, in fp32 (the scale is not rounded to a 16-bit adapter dtype). The
+backward, which looks up each adapter's rows on the host anyway, reads the scales there too.
 """
 
 from __future__ import annotations
 
 import torch
+
+
+def _host_scales(scales) -> list[float]:
+    """The scales as host floats (a tensor: read back, a synchronisation off the CPU)."""
+    return scales.tolist() if isinstance(scales, torch.Tensor) else [float(v) for v in scales]
 
 
 def _reads_ids(device: torch.device) -> bool:
@@ -32,23 +42,26 @@ def lora_embedding_fwd(ids, weight, lora_a, lora_b, scales, row_ids=None, paddin
         base = base.to(adt)
     if row_ids is None:
         s = torch.embedding(lora_a[0].T, ids)
-        y = torch.addmm(base, s, lora_b[0].T, alpha=scales[0])
+        y = torch.addmm(base, s, lora_b[0].T, alpha=_host_scales(scales[:1])[0])
     else:
         aid = row_ids.long()
         s = lora_a.transpose(1, 2)[aid.clamp(min=0), ids]
         s = s * (aid >= 0)[:, None].to(adt)
         y = base
         if _reads_ids(ids.device):
-            for a in range(lora_a.shape[0]):
+            for a, scale in enumerate(_host_scales(scales)):
                 rows = (aid == a).nonzero().squeeze(1)
                 if rows.numel():
-                    y = y.index_add(0, rows, s[rows] @ lora_b[a].T, alpha=scales[a])
+                    y = y.index_add(0, rows, s[rows] @ lora_b[a].T, alpha=scale)
         else:
-            # Off the CPU each adapter's rows are not looked up (a host synchronisation per
-            # adapter): every adapter's term is computed for all rows and kept where it applies
-            # (decode-sized batches; the scales stay host floats, nothing is copied over).
+            # Off the CPU neither each adapter's rows nor the scales are read on the host (a
+            # synchronisation each): every adapter's term is computed for all rows, scaled by
+            # a device op in fp32 (fp64 for fp64) and kept where it applies (decode-sized
+            # batches), the sum rounded once.
+            acc = torch.promote_types(adt, torch.float32)
+            y = base.to(acc)
             for a in range(lora_a.shape[0]):
-                term = torch.mm(s, lora_b[a].T).mul_(scales[a])
+                term = torch.mm(s, lora_b[a].T).to(acc).mul_(scales[a])
                 y = y + torch.where((aid == a)[:, None], term, 0.0)
     if y.dtype != weight.dtype:
         y = y.to(weight.dtype)
@@ -74,6 +87,7 @@ def lora_embedding_bwd(
     dyl = dy.to(adt)
     sl = s.to(adt)
     keep = ids != padding_idx if padding_idx >= 0 else None
+    scales = _host_scales(scales)
     da = db = None
     if needs_da:
         # Straight into A's [r, V] layout: one zero fill and a scatter of M columns, where the

@@ -34,8 +34,10 @@ row only), as in the multi-adapter linear kernels. Neither is ever used as an ad
 Arguments: the table, the adapters, dy and the outputs are read through their strides; the id
 vectors are made contiguous by the launcher (``_args.index_vector``: a decode slice
 ``input_ids[:, -1:]`` or a column of an id table is copied, a few bytes). One adapter's scale is a
-kernel scalar; a mixed batch's scales are a device table built once per distinct list and reused,
-so no step copies from the host.
+kernel scalar; a mixed batch's scales are the ``[L]`` device tensor the op passes (made contiguous
+and fp32 by the same rule, read by the kernel: never on the host), or, for a caller of the
+launchers with a list, a device table built once per distinct list and reused, so no step
+copies from the host.
 """
 
 from __future__ import annotations
@@ -301,9 +303,12 @@ def _scale_table(scales, device: torch.device) -> torch.Tensor:
 
 def _scale_args(scales, row_ids, device):
     """``(scales_ptr, scale0)``: one adapter takes its scale as a kernel scalar (no tensor at
-    all); a mixed batch reads the cached table."""
+    all; a tensor here is read on the host); a mixed batch reads its ``[L]`` tensor through the
+    ``_args`` rule, or the cached table of a list."""
     if row_ids is None:
         return None, float(scales[0])
+    if isinstance(scales, torch.Tensor):
+        return index_vector(scales.to(torch.float32)), 0.0
     return _scale_table(scales, device), 0.0
 
 
