@@ -14,6 +14,8 @@ PEFT's tensors).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .. import ops
@@ -23,10 +25,77 @@ from ._autocast import autocast_inputs
 
 __all__ = ["moe_lora", "peft_expert_factors", "peft_expert_weights"]
 
-# On a CPU, copy PEFT's interleaved B contiguous once a call has this many (token, slot) pairs per
-# expert (most experts hit): below it, the hit experts' strided reads cost less than the copy
-# (64 experts, top-8: strided at 1-4 tokens, copied from 16).
+# On a CPU with autograd recording the factors, copy PEFT's interleaved B expert-major once a
+# call has this many (token, slot) pairs per expert (most experts hit): below it, the hit
+# experts' strided reads cost less than the copy (64 experts, top-8: strided at 1-4 tokens,
+# copied from 16).
 _CONTIGUOUS_PAIRS_PER_EXPERT = 2
+
+# Expert-major copies of interleaved factors for calls that record no graph through them
+# (inference, decode): ``(id(root), geometry) -> (weakref(root), version, copy)``, dropped with
+# the root tensor. A copy is reused while the factor's version counter is unchanged (every
+# in-place write through the tensor or a view of it, an optimizer step included, bumps it).
+_EXPERT_MAJOR_CACHE: dict = {}
+
+
+def _dense_experts(f: torch.Tensor) -> bool:
+    """Whether each expert's matrix of ``f [L, E, m, n]`` has a unit stride (a GEMM reads it
+    as it is): per-expert stacks do, PEFT's interleaved B (experts on the unit stride) not."""
+    return f.stride(-1) == 1 or f.stride(-2) == 1
+
+
+def _expert_major_copy(f: torch.Tensor) -> torch.Tensor:
+    """``f [L, E, m, n]`` copied with each expert's ``[m, n]`` block contiguous. PEFT's
+    interleaved B (``[1, m, n, E]`` in memory) goes through a 2-D transpose, about 4x faster on
+    a CPU than the strided copy ``contiguous()`` makes of the 4-D view."""
+    lead, e, m, n = f.shape
+    inner = f.movedim(1, -1)
+    if lead == 1 and inner.is_contiguous():
+        return inner.reshape(m * n, e).t().contiguous().view(1, e, m, n)
+    return f.contiguous()
+
+
+def _expert_major_cached(f: torch.Tensor) -> torch.Tensor:
+    """:func:`_expert_major_copy` of ``f``, made once per version of ``f``'s values."""
+    if f.is_inference() or torch.compiler.is_compiling():
+        return _expert_major_copy(f)
+    root = f if f._base is None else f._base
+    geometry = (
+        f.data_ptr(), tuple(f.shape), f.stride(), f.dtype, torch.is_inference_mode_enabled()
+    )  # fmt: skip
+    key = (id(root), geometry)
+    hit = _EXPERT_MAJOR_CACHE.get(key)
+    if hit is not None and hit[0]() is root and hit[1] == f._version:
+        return hit[2]
+    copy = _expert_major_copy(f.detach())
+    if hit is None:
+        weakref.finalize(root, _EXPERT_MAJOR_CACHE.pop, key, None)
+    _EXPERT_MAJOR_CACHE[key] = (weakref.ref(root), f._version, copy)
+    return copy
+
+
+def _expert_layout(f: torch.Tensor | None, pairs: int) -> torch.Tensor | None:
+    """The factor stack ``f [L, E, m, n]`` as the kernels read it best.
+
+    PEFT's B interleaves the experts (expert e owns every E-th column), so one expert's slice is
+    spread over the whole tensor: reading it per hit expert reads all of B each time. On a GPU
+    one contiguous copy per call (the tiles would otherwise load it uncoalesced). On a CPU, a
+    call that records no graph through ``f`` reads a cached expert-major copy (decode then
+    reads only the hit experts' factors, no copy per call); one that does copies expert-major
+    per call when most experts are hit (autograd takes the gradient back through the copy) and
+    reads the strided slices otherwise.
+    """
+    if f is None:
+        return None
+    if f.device.type != "cpu":
+        return f.contiguous()
+    if _dense_experts(f):
+        return f
+    if not (torch.is_grad_enabled() and f.requires_grad):
+        return _expert_major_cached(f)
+    if pairs >= _CONTIGUOUS_PAIRS_PER_EXPERT * f.shape[1]:
+        return _expert_major_copy(f)
+    return f
 
 
 def peft_expert_factors(
@@ -137,14 +206,8 @@ def moe_lora(
         )
     if adapter_ids is None:
         factors = tuple(None if f is None else f.unsqueeze(0) for f in factors)
-    # PEFT's B interleaves the experts (expert e owns every E-th column), so one expert's slice is
-    # spread over the whole tensor: reading it per hit expert reads all of B each time. One
-    # contiguous copy per call (a no-op for per-expert stacks) reads it once, but as a strided
-    # gather (on a CPU about 4 expert reads' time, measured): worth it when many experts are
-    # hit, and always on a GPU, where the kernels' tiles would otherwise load it uncoalesced.
     pairs = x.shape[0] * top_k_ids.shape[1]
-    if x.device.type != "cpu" or pairs >= _CONTIGUOUS_PAIRS_PER_EXPERT * w_gate_up.shape[0]:
-        factors = tuple(None if f is None else f.contiguous() for f in factors)
+    factors = tuple(_expert_layout(f, pairs) for f in factors)
     a_gu, b_gu, a_d, b_d = factors
     rank = max(a_gu.shape[2] if a_gu is not None else 1, a_d.shape[2] if a_d is not None else 1)
     lora = tuple(f for f in factors if f is not None)

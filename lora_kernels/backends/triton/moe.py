@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ..torch.moe import activation_bwd, activation_fwd
 from . import interpreting, on_input_device
+from ._args import index_vector
 from ._rounding import interpreted_round
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -486,7 +487,7 @@ def moe_lora_fwd(
     num_experts, n_gu, _ = w_gu.shape
     block_m = _block_m(p, num_experts, x.dtype)
     plan = _Plan(top_k_ids, token_ids, num_experts, scales.shape[0], block_m)
-    sc = scales.to(device=x.device, dtype=torch.float32)
+    sc = index_vector(scales.to(device=x.device, dtype=torch.float32))  # read by position
     g = torch.empty((p, n_gu), dtype=x.dtype, device=x.device)
     s_gu = _shrink_buffer(a_gu, p, x)
     s_d = _shrink_buffer(a_d, p, x)
@@ -520,7 +521,7 @@ def moe_lora_bwd(
     num_adapters = scales.shape[0]
     block_m = _block_m(p, num_experts, x.dtype)
     plan = _Plan(top_k_ids, token_ids, num_experts, num_adapters, block_m)
-    sc = scales.to(device=x.device, dtype=torch.float32)
+    sc = index_vector(scales.to(device=x.device, dtype=torch.float32))  # read by position
     lora_gu = needs_lora_gu and a_gu is not None
     lora_d = needs_lora_d and a_d is not None
     dys = dy.index_select(0, plan.tokens)
