@@ -230,3 +230,100 @@ def test_a_fused_class_without_a_verdict_is_reported_as_deciding_per_call(monkey
         "runs_on": "per call",
         "why": "fused: its forward decides on each call",
     }
+
+
+def _moe_peft_model(targets):
+    import copy
+
+    from tests.moe_models import tiny_moe_model
+
+    base = tiny_moe_model("qwen3_moe")
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=targets)
+    return fuse(peft.get_peft_model(copy.deepcopy(base), config))
+
+
+def _moe_dispatched(wrapper: nn.Module):
+    """What a call of the experts' outermost ParamWrapper, as a MoE block makes it, dispatched."""
+    chain = wrapper
+    while isinstance(chain, peft.tuners.lora.layer.ParamWrapper):
+        chain = chain.base_layer
+    num_experts, _, hidden = chain.gate_up_proj.shape
+    x = torch.randn(5, hidden)
+    ids = torch.randint(0, num_experts, (5, 2))
+    weights = torch.rand(5, 2).softmax(-1)
+    seen = []
+
+    def run():
+        wrapper(x, ids, weights)
+        seen.append(lk.last_dispatch())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert len(seen) == 1, "the wrapper's forward raised"
+    return seen[0]
+
+
+def test_moe_param_wrappers_say_which_kernel_runs_the_nest_and_why_not():
+    model = _moe_peft_model(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    outer_name = "base_model.model.model.layers.0.mlp.experts"
+    outer = model.get_submodule(outer_name)
+    cls = "peft.tuners.lora.layer.ParamWrapper"
+
+    def check(outer_verdict, inner_verdict):
+        layers = fuse_report(model)["layers"]
+        assert layers[outer_name] == {"peft_class": cls, "runs_on": outer_verdict[0],
+                                      "why": outer_verdict[1]}  # fmt: skip
+        assert layers[outer_name + ".base_layer"] == {
+            "peft_class": cls, "runs_on": inner_verdict[0], "why": inner_verdict[1]
+        }  # fmt: skip
+        # the nest's call (what the MoE block makes) runs moe_lora exactly when a level says so
+        got = _moe_dispatched(outer)
+        if "lora_kernels" in (outer_verdict[0], inner_verdict[0]):
+            assert got is not None and got.family == "moe" and got.launcher.endswith("_fwd")
+        else:
+            assert got is None, (outer_verdict, inner_verdict, got)
+
+    on = "moe_lora (gate_up_proj + down_proj), adapter 'default'"
+    in_outer = ("lora_kernels", f"{on}: in the call of the ParamWrapper {outer_name!r}")
+    check(("lora_kernels", on), in_outer)
+
+    def around(why):
+        return ("peft", f"the ParamWrapper {outer_name!r} runs PEFT's forward ({why}), which "
+                "parametrizes the experts' down_proj around this one")  # fmt: skip
+
+    handle = outer.register_forward_hook(lambda *a: None)
+    why = "the ParamWrapper of down_proj has forward hooks"
+    check(("peft", why), around(why))
+    handle.remove()
+
+    experts = outer.base_layer.base_layer
+    experts.gate_up_proj.requires_grad_(True)
+    why = "the experts' parameters require grad (moe_lora trains the LoRA factors only)"
+    check(("peft", why), around(why))
+    experts.gate_up_proj.requires_grad_(False)
+
+    # merged, PEFT's forward calls the inner wrapper plainly: it runs its own projection
+    outer.merge()
+    check(
+        ("peft", "merged: the experts' parameters hold the adapters"),
+        ("lora_kernels", "moe_lora (gate_up_proj), adapter 'default'"),
+    )
+    outer.unmerge()
+    outer.base_layer.merge()
+    why = "merged: the experts' parameters hold the adapters"
+    check(("peft", why), around(why))
+    outer.base_layer.unmerge()
+
+    with model.disable_adapter():
+        check(("peft", "adapters are disabled"), ("peft", "adapters are disabled"))
+    check(("lora_kernels", on), in_outer)
+
+
+def test_a_single_moe_param_wrapper_names_its_projection():
+    model = _moe_peft_model(["mlp.experts.down_proj"])
+    name = "base_model.model.model.layers.1.mlp.experts"
+    entry = fuse_report(model)["layers"][name]
+    assert entry["runs_on"] == "lora_kernels"
+    assert entry["why"] == "moe_lora (down_proj), adapter 'default'"
+    assert _moe_dispatched(model.get_submodule(name)).family == "moe"

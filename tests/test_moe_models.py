@@ -170,18 +170,6 @@ def test_refused_up_front():
         assert torch.equal(v, before[k])
 
 
-def test_switch_adapter_and_cache_refuse_expert_adapters(tmp_path):
-    base = tiny_moe_model("mixtral")
-    model = lk.get_lora_model(
-        base, lk.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=EXPERT_TARGETS)
-    )
-    with pytest.raises(ValueError, match="switch_adapter does not switch yet"):
-        lk.switch_adapter(model, "default")
-    lk.save_adapter(model, tmp_path)
-    with pytest.raises(ValueError, match="does not hold MoE expert adapters"):
-        lk.AdapterCache(1 << 24).load("a", tmp_path)
-
-
 def test_fuse_runs_peft_param_wrappers_on_the_kernels(kind, monkeypatch):
     from lora_kernels.integrations import peft as lk_peft
 

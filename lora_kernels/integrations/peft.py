@@ -586,8 +586,147 @@ def _other_reason(qlora, module: nn.Module) -> str:
     return f"{tuner} layer (not LoRA): PEFT's code"
 
 
+def _param_wrapper_chain(layer: PeftParamWrapper) -> tuple[list, nn.Module]:
+    """The nest from ``layer`` inwards (``layer`` first) and the module at its centre."""
+    chain, module = [], layer
+    while isinstance(module, PeftParamWrapper):
+        chain.append(module)
+        module = module.base_layer
+    return chain, module
+
+
+def _param_wrapper_reason(layer: FusedPeftParamWrapper, probe: torch.Tensor) -> str:
+    """Why ``FusedPeftParamWrapper._moe_call`` leaves a plain call of ``layer`` (the outermost
+    wrapper of its nest) to PEFT: its conditions, in their order."""
+    if layer.disable_adapters:
+        return "adapters are disabled"
+    chain, experts = _param_wrapper_chain(layer)
+    name, why = _one_active(layer, layer.lora_A)
+    if name is None and len(layer.active_adapters) != 1:
+        return why
+    name = layer.active_adapters[0]
+    seen = []
+    for wrapper in chain:
+        where = f"the ParamWrapper of {wrapper.parameter_name}"
+        if type(wrapper) not in (PeftParamWrapper, FusedPeftParamWrapper):
+            return f"{where} is a {type(wrapper).__name__}"
+        if wrapper.merged:
+            return "merged: the experts' parameters hold the adapters"
+        if not _no_hooks(wrapper):
+            return f"{where} has forward hooks"
+        if wrapper.parameter_name in seen:
+            return f"{wrapper.parameter_name} is wrapped twice"
+        seen.append(wrapper.parameter_name)
+    others = sorted(set(seen) - set(EXPERT_PARAMS))
+    if others:
+        return (
+            f"it wraps {others} of a {type(experts).__name__} (moe_lora adapts the "
+            f"{' / '.join(EXPERT_PARAMS)} of fused experts)"
+        )
+    if not _no_hooks(experts):
+        return "the experts module has forward hooks"
+    try:
+        fmt = experts_format(experts)
+    except ValueError as e:
+        return str(e)
+    if fmt is None:
+        return f"the base is a {type(experts).__name__}, not a fused-experts module"
+    if getattr(experts, "parametrizations", None):
+        return "the experts' parameters are parametrized"
+    weights = [experts.gate_up_proj, experts.down_proj]
+    if fmt["bias"]:
+        weights += [experts.gate_up_proj_bias, experts.down_proj_bias]
+    if len({(w.dtype, w.device) for w in weights}) != 1:
+        return "the experts' weights and biases are not of one dtype and device"
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return "the experts' parameters require grad (moe_lora trains the LoRA factors only)"
+    adapted = [w for w in chain if name in w.lora_A]
+    if not adapted:
+        return f"adapter {name!r} adapts no parameter of this nest"
+    for wrapper in adapted:
+        if wrapper.lora_bias.get(name, False):
+            return f"adapter {name!r} has lora_bias"
+        if name in wrapper.lora_variant:
+            return f"adapter {name!r} is a variant the kernels do not compute"
+        lora_a, lora_b = wrapper.lora_A[name], wrapper.lora_B[name]
+        if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+            return f"adapter {name!r} has {type(lora_a).__name__} / {type(lora_b).__name__} factors"
+        if lora_a.bias is not None or lora_b.bias is not None:
+            return f"adapter {name!r} has biased factors"
+        if type(wrapper.lora_dropout[name]) is not nn.Identity:
+            return f"adapter {name!r} has a {type(wrapper.lora_dropout[name]).__name__} dropout"
+        if lora_a.weight.dtype not in (probe.dtype, torch.float32):
+            return (
+                f"adapter {name!r} has factors of dtype {lora_a.weight.dtype} (the kernels take "
+                f"{probe.dtype} or torch.float32)"
+            )
+    return "PEFT's forward (FusedPeftParamWrapper._moe_call declines the call)"
+
+
+def _param_wrapper_verdict(layer: FusedPeftParamWrapper) -> tuple[bool, str]:
+    """The verdict of a plain call ``layer(hidden_states [T, H], top_k_index, top_k_weights)``
+    (what a transformers 5 MoE block makes), asked with an empty call in the experts' dtype
+    and device: ``_moe_call`` itself decides, the reason is looked up only when it declines."""
+    chain, experts = _param_wrapper_chain(layer)
+    w = getattr(experts, "gate_up_proj", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        params = sorted(m.parameter_name for m in chain)
+        return False, (
+            f"it wraps {params} of a {type(experts).__name__}, not the 3-D gate_up_proj / "
+            "down_proj of fused experts: PEFT's ParamWrapper forward"
+        )
+    hidden = w.shape[1] if getattr(experts, "is_transposed", False) else w.shape[2]
+    probe = w.new_empty((0, hidden))
+    ids = torch.empty((0, 1), dtype=torch.int64, device=w.device)
+    call = layer._moe_call(probe, (ids, probe.new_empty((0, 1))), {})
+    if call is None:
+        return False, _param_wrapper_reason(layer, probe)
+    name = layer.active_adapters[0]
+    params = [m.parameter_name for m in reversed(chain) if name in m.lora_A]
+    return True, f"moe_lora ({' + '.join(params)}), adapter {name!r}"
+
+
+def _nest_verdicts(outer_name: str, outer: PeftParamWrapper) -> dict[str, tuple[bool, str]]:
+    """The verdict of every ``ParamWrapper`` of the nest whose outermost is ``outer``, by name.
+
+    A level whose call runs ``moe_lora`` computes every level inside it. A level that runs
+    PEFT's forward either parametrizes its parameter around the call of the next level in (it
+    is active and not merged: the next level then sees a parametrized experts module and runs
+    PEFT's forward as well), or calls the next level plainly (merged, disabled, or no active
+    adapter of its own), which then decides for itself as the outermost of what is left."""
+    chain = _param_wrapper_chain(outer)[0]
+    names = [outer_name + ".base_layer" * i for i in range(len(chain))]
+    out = {}
+    for i, wrapper in enumerate(chain):
+        on_kernels, why = _param_wrapper_verdict(wrapper)
+        out[names[i]] = (on_kernels, why)
+        inner = names[i + 1 :]
+        if on_kernels:
+            out.update(
+                (n, (True, f"{why}: in the call of the ParamWrapper {names[i]!r}")) for n in inner
+            )
+            break
+        parametrizes = (
+            not wrapper.disable_adapters
+            and not wrapper.merged
+            and any(a in wrapper.lora_A for a in wrapper.active_adapters)
+        )
+        if parametrizes:
+            because = (
+                f"the ParamWrapper {names[i]!r} runs PEFT's forward ({why}), which parametrizes "
+                f"the experts' {wrapper.parameter_name} around this one"
+            )
+            out.update((n, (False, because)) for n in inner)
+            break
+    return out
+
+
 # fused class -> the verdict of its next plain call: (runs on the kernels, why)
-_VERDICTS = {FusedPeftLinear: _linear_verdict, FusedPeftEmbedding: _embedding_verdict}
+_VERDICTS = {
+    FusedPeftLinear: _linear_verdict,
+    FusedPeftEmbedding: _embedding_verdict,
+    FusedPeftParamWrapper: _param_wrapper_verdict,  # fuse_report asks _nest_verdicts first
+}
 
 
 def fuse_report(peft_model: nn.Module) -> dict:
@@ -596,21 +735,30 @@ def fuse_report(peft_model: nn.Module) -> dict:
 
     Returns ``{"fused": [name], "left": {name: PEFT class}, "layers": {name: {"peft_class": ...,
     "runs_on": "lora_kernels" or "peft", "why": ...}}}`` (``"per call"`` for a fused class with
-    no verdict in ``_VERDICTS``). ``"why"`` names the kernel and the adapter (``"dora_linear,
-    adapter 'default'"``) or the reason PEFT's code runs (``"adapter 'b' has lora_bias"``, ``"no
-    fused kernel for PEFT's lora.Conv2d"``). The verdict is the one
-    the fused layer's ``forward`` reaches, asked with an input in the base weight's dtype and
-    device and no extra arguments; a call with other dtypes, extra keyword arguments, autocast
-    (4-bit) or an ``adapter_names`` batch is decided when it is made (see the module docstring).
+    no verdict in ``_VERDICTS``). A ``ParamWrapper`` on MoE experts is judged on the call a
+    transformers 5 MoE block makes (hidden states, router ids and weights), a nested one by what
+    the levels outside it do (``_nest_verdicts``): ``"moe_lora (gate_up_proj + down_proj),
+    adapter 'default'"`` for the outermost, the same "in the call of" it for the one inside.
+    ``"why"`` names the kernel and the adapter (``"dora_linear, adapter 'default'"``) or the
+    reason PEFT's code runs (``"adapter 'b' has lora_bias"``, ``"no fused kernel for PEFT's
+    lora.Conv2d"``). The verdict is the one the fused layer's ``forward`` reaches, asked with
+    an input in the base weight's dtype and device and no extra arguments; a call with other
+    dtypes, extra keyword arguments, autocast (4-bit) or an ``adapter_names`` batch is decided
+    when it is made (see the module docstring).
     """
     _check_module("lora_kernels.integrations.peft.fuse_report", peft_model)
     qlora = _qlora()
     fused_4bit = qlora.FusedPeftLinear4bit if qlora is not None else ()
     fused, left, layers = [], {}, {}
+    nested = {}  # verdicts of the ParamWrappers inside a nest, from its outermost (seen first)
     for name, module in peft_model.named_modules():
+        if isinstance(module, FusedPeftParamWrapper) and name not in nested:
+            nested.update(_nest_verdicts(name, module))
         if type(module) in _PEFT_CLASS or isinstance(module, fused_4bit):
             fused.append(name)
-            if isinstance(module, fused_4bit):
+            if name in nested:
+                on_kernels, why = nested[name]
+            elif isinstance(module, fused_4bit):
                 on_kernels, why = _4bit_verdict(qlora, module)
             elif type(module) in _VERDICTS:
                 on_kernels, why = _VERDICTS[type(module)](module)

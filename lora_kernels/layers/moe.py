@@ -15,6 +15,12 @@ itself: outputs bit for bit the model's. ``merge()`` folds ``scaling * B_e A_e``
 expert's slice of the parameter (``exact=True``: ``unmerge()`` restores it bit for bit).
 Mixed batches (``adapter_names``, one per token or per sequence) run in one grouped call.
 
+Serving (``lora_kernels.serving``) treats the layer as it treats ``FusedLoraLinear``: it can
+follow a model-level ``SharedActive`` (an unmerged ``switch_adapter`` without a cache is one
+write) and, attached to an ``AdapterCache``'s device slots, read its adapter (or one slot per
+row) from the model's ``ServingState`` through ``_serving``; anything the layer does by itself
+(``set_adapter``, ``merge``, ``delete_adapter``) leaves both.
+
 What the kernels do not compute is refused when the layer is built or the adapter added:
 another activation than SiLU-GLU or gpt-oss's clamped SwiGLU, a post-expert norm, dropout on
 the LoRA input (PEFT refuses it too: ``x`` cannot be factored out of ``B A dropout(x)``),
@@ -31,8 +37,13 @@ from torch import nn
 
 from ..functional.lora import merge_lora_, unmerge_lora_
 from ..functional.moe import moe_lora, peft_expert_factors
-from ..serving.exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
-from .base import BASE_ADAPTER, lora_scaling
+from ..serving.exact_merge import (
+    ExactMergeRecord,
+    check_exact_unmerge,
+    exact_merge_,
+    exact_unmerge_,
+)
+from .base import BASE_ADAPTER, SharedActive, lora_scaling
 
 __all__ = ["EXPERT_PARAMS", "FusedLoraExperts", "experts_format"]
 
@@ -120,6 +131,46 @@ class FusedLoraExperts(nn.Module):
         self._exact_records: dict[str, dict[str, list[ExactMergeRecord]]] = {}
         self._active_adapter: str | None = None
         self.backend = backend
+        # Serving from an AdapterCache's device slots (lora_kernels.serving.state): while set,
+        # the model-level state, not _active_adapter, says which adapter (or slot per row) runs.
+        self._serving = None
+
+    # The active adapter: the layer's own, or while it follows its model's SharedActive the
+    # model's (if this layer has it), as LoraLayer does for the dense layers.
+    @property
+    def _active_adapter(self) -> str | None:
+        d = self.__dict__
+        shared = d.get("_shared_active")
+        if shared is None:
+            return d.get("_own_active")
+        name = shared.name
+        return name if name in self.use_rslora else None
+
+    @_active_adapter.setter
+    def _active_adapter(self, name: str | None) -> None:
+        d = self.__dict__
+        shared = d.pop("_shared_active", None)
+        if shared is not None:
+            shared.synced = False
+        d["_own_active"] = name
+
+    def _follow(self, shared: SharedActive) -> None:
+        """Read the active adapter from ``shared`` from now on (``switch_adapter`` calls it)."""
+        self.__dict__["_shared_active"] = shared
+
+    def _unsync_shared(self) -> None:
+        shared = self.__dict__.get("_shared_active")
+        if shared is not None:
+            shared.synced = False
+
+    def _leave_serving(self) -> None:
+        """Stop reading the model's serving state, keeping the adapter it selected as this
+        layer's own; called before anything that changes the layer's adapter by itself."""
+        serving = self._serving
+        if serving is not None:
+            self._active_adapter = serving.active_adapter(self)
+            self._serving = None
+            serving.leave()
 
     # ------------------------------------------------------------------------------------
     # adapters
@@ -137,6 +188,8 @@ class FusedLoraExperts(nn.Module):
 
     @property
     def active_adapter(self) -> str | None:
+        if self._serving is not None:
+            return self._serving.active_adapter(self)
         return self._active_adapter
 
     @property
@@ -209,6 +262,7 @@ class FusedLoraExperts(nn.Module):
             self.r[param][name] = r
             self.lora_alpha[param][name] = alphas[param]
             self.scaling[param][name] = lora_scaling(alphas[param], r, use_rslora)
+        self._unsync_shared()  # the model's set of adapter names changed
         self.use_rslora[name] = bool(use_rslora)
         if self._active_adapter is None:
             self._active_adapter = name
@@ -224,6 +278,7 @@ class FusedLoraExperts(nn.Module):
         """Make ``name`` the active adapter (None: base only); the layer must not be merged."""
         if name is not None:
             self._check_known("set_adapter", name)
+        self._leave_serving()
         if self.merged and name != self._active_adapter:
             raise RuntimeError(
                 f"FusedLoraExperts.set_adapter: {self.merged_adapters} is merged; unmerge() first"
@@ -232,6 +287,8 @@ class FusedLoraExperts(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         self._check_known("delete_adapter", name)
+        self._leave_serving()
+        self._unsync_shared()
         if name in self.merged_adapters:
             raise RuntimeError(
                 f"FusedLoraExperts.delete_adapter: {name!r} is merged; unmerge() first"
@@ -272,6 +329,7 @@ class FusedLoraExperts(nn.Module):
         self._check_known("merge", name)
         if name in self.merged_adapters:
             raise RuntimeError(f"FusedLoraExperts.merge: adapter {name!r} is already merged")
+        self._leave_serving()
         records = {}
         with torch.no_grad():
             for param in self.adapter_params(name):
@@ -290,8 +348,29 @@ class FusedLoraExperts(nn.Module):
         self.merged_adapters.append(name)
         self._active_adapter = name
 
+    def _check_unmerge(self, fn: str = "FusedLoraExperts.unmerge") -> None:
+        """Raise, parameters untouched, when an adapter merged with ``exact=True`` cannot be
+        taken out bit for bit (its factors changed since the merge): checked for every expert
+        before ``unmerge`` changes any."""
+        for name in self.merged_adapters:
+            records = self._exact_records.get(name)
+            if records is None:
+                continue
+            for param in self.adapter_params(name):
+                a, b = self.expert_factors(param, name)
+                scale = self.scaling[param][name]
+                for e, w in enumerate(self._expert_slices(param)):
+                    ae, be = a[e].to(w.dtype), b[e].to(w.dtype)
+                    try:
+                        check_exact_unmerge(w, ae, be, scale, records[param][e], fn=fn)
+                    except (TypeError, ValueError) as err:
+                        raise ValueError(f"{param} expert {e}: {err}") from None
+
     def unmerge(self) -> None:
-        """Take every merged adapter out of the parameters again (in reverse order)."""
+        """Take every merged adapter out of the parameters again (in reverse order); one merged
+        with ``exact=True`` gives back the parameters bit for bit (checked for every expert
+        first: a refused unmerge changes nothing)."""
+        self._check_unmerge()
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters[-1]
@@ -348,7 +427,12 @@ class FusedLoraExperts(nn.Module):
         ``"__base__"`` = no adapter."""
         if adapter_names is not None:
             return self._mixed_forward(hidden_states, top_k_index, top_k_weights, adapter_names)
-        name = self._active_adapter
+        if self._serving is not None:
+            return self._serving.forward(self, hidden_states, top_k_index, top_k_weights)
+        return self._active_forward(hidden_states, top_k_index, top_k_weights, self._active_adapter)
+
+    def _active_forward(self, hidden_states, top_k_index, top_k_weights, name):
+        """The forward with adapter ``name`` (None: the base experts)."""
         if name is None or self.merged:
             return self.base_layer(hidden_states, top_k_index, top_k_weights)
         factors, scale = self._single_factors(name)

@@ -9,10 +9,19 @@ The tiers, slowest first::
     disk (PEFT adapter directories)
       -> RAM: AdapterCache, capacity in bytes, LRU eviction, pinned when CUDA is available
       -> device slots: per FusedLoraLinear, stacked lora_a [slots, r_max, K], lora_b
-         [slots, N, r_max] and scales [slots], filled in place on a side stream
+         [slots, N, r_max] and scales [slots]; per FusedLoraExperts (MoE experts adapted through
+         target_parameters) and parameter, lora_a [slots, E, r_max, in] and lora_b [slots, E,
+         out, r_max]; filled in place on a side stream
       -> the model: switch_adapter merges the adapter into the weights (exact or arithmetic) or
          makes it the active unmerged adapter; unmerged, a model attached to the slots is then
          served from them (lora_kernels.serving.state: later switches are one device write)
+
+MoE expert adapters (PEFT's ``target_parameters``): a key whose module path, stripped of
+PEFT's ``base_layer.`` nesting, is a fused-experts module the config's ``target_parameters``
+names (``<module>.gate_up_proj`` / ``<module>.down_proj``) holds that parameter's
+``ParamWrapper`` factors, ``lora_A [E r, in]`` and ``lora_B [out, r E]``; the cache keeps them in
+the per-expert layout ``[E, r, in]`` / ``[E, out, r]`` (an :class:`ExpertAdapterLayer`), the one
+the slots and the kernel read, reordered once when cached.
 
 RAM: ``put`` (a state dict) and ``load`` (a PEFT directory, read with
 :func:`lora_kernels.models.checkpoint.read_peft_adapter`) copy an adapter in; ``get`` returns it
@@ -41,13 +50,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers import BASE_ADAPTER, FusedLoraLinear, lora_scaling
+from ..functional.moe import peft_expert_factors
+from ..layers import BASE_ADAPTER, lora_scaling
+from ..layers.moe import EXPERT_PARAMS
 from ..models.checkpoint import read_peft_adapter, split_peft_key
 from ..models.config import LoraConfig
+from ..models.experts import expert_key_prefixes
 from .slots import (  # noqa: F401  (AdapterLayer, CachedAdapter, SlotTensors: re-exported)
     AdapterLayer,
     CachedAdapter,
     DeviceSlots,
+    ExpertAdapterLayer,
+    ExpertSlotTensors,
     SlotTensors,
     raise_problems,
 )
@@ -57,6 +71,8 @@ __all__ = [
     "AdapterLayer",
     "CacheStats",
     "CachedAdapter",
+    "ExpertAdapterLayer",
+    "ExpertSlotTensors",
     "MAX_INSTALLED",
     "SlotTensors",
 ]
@@ -102,6 +118,77 @@ def _check_name(fn: str, name: object) -> None:
         )
 
 
+def _targets(path: str, targets: list[str]) -> list[str]:
+    """The expert parameters of the module at ``path`` that ``target_parameters`` names (PEFT's
+    rule: ``<module>.<param>`` equal to an entry or ending with ``"." + entry``)."""
+    return [
+        p
+        for p in EXPERT_PARAMS
+        if f"{path}.{p}" in targets or any(f"{path}.{p}".endswith(f".{t}") for t in targets)
+    ]
+
+
+def _expert_param(path: str, targets) -> tuple[str, str] | str | None:
+    """``(module, parameter)`` when a key's module ``path`` is one of PEFT's ``ParamWrapper``
+    nest levels of a module ``target_parameters`` adapts (``<module>`` plus one
+    ``.base_layer`` per level inside the outermost), None for a dense LoRA module, or why the
+    key fits neither."""
+    if not targets:
+        return None
+    depth = 0
+    module = path
+    while module.endswith(".base_layer"):
+        module = module.removesuffix(".base_layer")
+        depth += 1
+    params = _targets(module, list(targets))
+    if not params:
+        return f"{path} is not a module target_parameters adapts" if depth else None
+    by_depth = {
+        len(prefix) // len("base_layer."): p for p, prefix in expert_key_prefixes(params).items()
+    }
+    if depth not in by_depth:
+        return f"PEFT nests {len(params)} ParamWrapper(s) at {module}, not {depth + 1}"
+    return module, by_depth[depth]
+
+
+def _expert_layers(
+    cfg: LoraConfig, parts: dict[str, dict[str, dict[str, torch.Tensor]]], problems: list[str]
+) -> dict[str, ExpertAdapterLayer]:
+    """Each experts module's factors in the per-expert layout (views of the given tensors),
+    checked against the config's ranks; what does not fit goes to ``problems``."""
+    out = {}
+    for module, params in sorted(parts.items()):
+        lora_a, lora_b, ranks, alphas, scalings = {}, {}, {}, {}, {}
+        num_experts = set()
+        for param in EXPERT_PARAMS:
+            pair = params.get(param)
+            if pair is None:
+                continue
+            where = f"{module}.{param}"
+            if set(pair) != {"lora_A", "lora_B"}:
+                problems.append(f"{where}: has {sorted(pair)} but needs both lora_A and lora_B")
+                continue
+            a, b = pair["lora_A"], pair["lora_B"]
+            r, alpha = cfg.rank_and_alpha(where)
+            if a.shape[0] % r or b.shape[1] != a.shape[0]:
+                problems.append(
+                    f"{where}: expected PEFT's lora_A [E*{r}, in] and lora_B [out, E*{r}] "
+                    f"(rank {r} from the config), got {list(a.shape)} and {list(b.shape)}"
+                )
+                continue
+            e = a.shape[0] // r
+            num_experts.add(e)
+            lora_a[param], lora_b[param] = peft_expert_factors(a, b, e)
+            ranks[param], alphas[param] = r, float(alpha)
+            scalings[param] = lora_scaling(alpha, r, cfg.use_rslora)
+        if len(num_experts) > 1:
+            problems.append(f"{module}: the parameters' factors disagree on the experts' number")
+            continue
+        if lora_a:
+            out[module] = ExpertAdapterLayer(lora_a, lora_b, ranks, alphas, scalings)
+    return out
+
+
 class AdapterCache(DeviceSlots):
     """LoRA adapters in (pinned) RAM with LRU eviction, and a pool of device slots.
 
@@ -144,7 +231,7 @@ class AdapterCache(DeviceSlots):
         # Counters as a plain dict (``stats`` snapshots them): counting is on the switch path.
         self._counts = dataclasses.asdict(CacheStats())
         self._pool = None  # the device slots (serving/slots.py), once a model is attached
-        self._model_layers: dict[str, FusedLoraLinear] = {}
+        self._model_layers: dict = {}
 
     # ------------------------------------------------------------------------------------
     # RAM tier
@@ -209,12 +296,6 @@ class AdapterCache(DeviceSlots):
                 f"{fn}: expected config to be a LoraConfig or PEFT's config dict, got "
                 f"{type(config).__name__}"
             )
-        if cfg.target_parameters:
-            raise ValueError(
-                f"{fn}: adapter {name!r} has target_parameters {cfg.target_parameters}: the cache "
-                "does not hold MoE expert adapters yet; load it with load_adapter and switch with "
-                "set_adapter"
-            )
         if cfg.use_dora:
             raise ValueError(
                 f"{fn}: adapter {name!r} has use_dora=True: the cache holds plain LoRA adapters "
@@ -225,6 +306,7 @@ class AdapterCache(DeviceSlots):
         if not isinstance(tensors, Mapping) or not tensors:
             raise ValueError(f"{fn}: adapter {name!r} has no tensors")
         parts: dict[str, dict[str, torch.Tensor]] = {}
+        expert_parts: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         problems = []
         for key, t in tensors.items():
             try:
@@ -236,7 +318,15 @@ class AdapterCache(DeviceSlots):
                 what = f"{t.dtype} {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t)
                 problems.append(f"{key!r}: expected a 2-D floating tensor, got {what}")
                 continue
-            parts.setdefault(path, {})[part] = t
+            expert = _expert_param(path, cfg.target_parameters)
+            if expert is None:
+                parts.setdefault(path, {})[part] = t
+            elif isinstance(expert, str):
+                problems.append(f"{key!r}: {expert}")
+            else:
+                module, param = expert
+                expert_parts.setdefault(module, {}).setdefault(param, {})[part] = t
+        experts = _expert_layers(cfg, expert_parts, problems)
         layers = {}
         for path, pair in sorted(parts.items()):
             if set(pair) != {"lora_A", "lora_B"}:
@@ -261,10 +351,20 @@ class AdapterCache(DeviceSlots):
             path: AdapterLayer(self._host_copy(a, owned), self._host_copy(b, owned), alpha, sc)
             for path, (a, b, alpha, sc) in layers.items()
         }
+        # The per-expert views are copied contiguous (B's experts are interleaved in PEFT's
+        # layout): one reorder here, none per slot fill or switch.
+        host_experts = {
+            path: dataclasses.replace(
+                lay,
+                lora_a={p: self._host_copy(a, owned) for p, a in lay.lora_a.items()},
+                lora_b={p: self._host_copy(b, owned) for p, b in lay.lora_b.items()},
+            )
+            for path, lay in experts.items()
+        }
         nbytes = sum(
             t.numel() * t.element_size() for lay in host.values() for t in (lay.lora_a, lay.lora_b)
-        )
-        return CachedAdapter(name, cfg, host, nbytes, source)
+        ) + sum(lay.nbytes for lay in host_experts.values())
+        return CachedAdapter(name, cfg, host, nbytes, source, host_experts)
 
     def _insert(self, fn: str, adapter: CachedAdapter) -> None:
         """Make room (LRU, never an adapter in use) and insert; all or nothing. Holds the lock."""

@@ -8,6 +8,10 @@ model's :class:`ServingState`) and reads from the state which slot its rows use:
 
     y[i] = x[i] @ W.T + bias + scales[s] * (x[i] @ lora_a[s].T) @ lora_b[s].T,  s = slot of row i
 
+A ``FusedLoraExperts`` (MoE experts) holds an :class:`ExpertSlotBinding` instead and runs
+``moe_lora`` over its ``[slots, E, ...]`` stacks with the same per-token slots (``adapter_ids``),
+so one state serves the dense and the expert layers of a model alike.
+
 * ``switch_adapter(model, name, cache=cache)`` (unmerged, to an adapter already installed in a
   slot, or to the base) writes the active slot into the state: one ``fill_`` of a small int32
   device tensor and a few host assignments. No layer is visited.
@@ -49,7 +53,13 @@ from ..functional._autocast import autocast_inputs
 from ..functional.lora import lora_linear
 from ..ops import lora_linear_multi_2d
 
-__all__ = ["ServingState", "SlotBinding", "adapter_slot_ids", "serving_state"]
+__all__ = [
+    "ExpertSlotBinding",
+    "ServingState",
+    "SlotBinding",
+    "adapter_slot_ids",
+    "serving_state",
+]
 
 _ATTR = "_lora_kernels_serving"
 DEFAULT_ROWS = 256
@@ -91,7 +101,7 @@ class ServingState:
         self.synced = False
         self.cache = None
         self.wrappers: list | None = None  # the model's ModulesToSaveWrappers (mixed_batch)
-        self._pool_probe: tuple[str, torch.Tensor] | None = None
+        self._pool_token: object | None = None
 
     def _ids(self, size: int) -> torch.Tensor:
         # Never an inference tensor (made under torch.inference_mode): those cannot be written
@@ -113,13 +123,9 @@ class ServingState:
 
     def pool_is(self, cache) -> bool:
         """The state was engaged with ``cache``'s current slot pool (not re-attached since)."""
-        if cache is not self.cache or self._pool_probe is None:
+        if cache is not self.cache or self._pool_token is None:
             return False
-        path, lora_a = self._pool_probe
-        try:
-            return cache.slot_tensors(path).lora_a is lora_a
-        except (KeyError, RuntimeError):
-            return False
+        return cache.pool_token() is self._pool_token
 
     def set_active(self, name: str | None, slot: int) -> None:
         """Make ``slot`` (holding adapter ``name``; -1 and None: the base) the active one: one
@@ -280,6 +286,68 @@ class SlotBinding:
         )
 
 
+class ExpertSlotBinding:
+    """What one ``FusedLoraExperts`` reads while its model is engaged: the model's state and the
+    layer's slot stacks (an ``ExpertSlotTensors``: ``[slots, E, r_max, in]`` / ``[slots, E, out,
+    r_max]`` per adapted projection and ``scales [slots]``). Per token ``t`` with slot ``s``::
+
+        y[t] = sum_j w[t, j] * experts_e(x[t]) with LoRA factors lora_*[s, e],  e = top_k[t, j]
+    """
+
+    __slots__ = ("factors", "scales", "state")
+
+    def __init__(self, state: ServingState, slot_tensors) -> None:
+        self.state = state
+        *factors, self.scales = slot_tensors
+        self.factors = tuple(factors)
+
+    def __deepcopy__(self, memo) -> _Detached:
+        return _Detached(self.state.active_name)
+
+    def __reduce__(self):
+        return (_Detached, (self.state.active_name,))
+
+    def active_adapter(self, layer: nn.Module) -> str | None:
+        name = self.state.active_name
+        return name if name is not None and name in layer.use_rslora else None
+
+    def leave(self) -> None:
+        self.state.synced = False
+
+    def forward(self, layer, x: torch.Tensor, top_k_index, top_k_weights) -> torch.Tensor:
+        """``layer``'s output with the slots the state selects (the layer is not merged):
+        ``x [T, H]``; in a mixed batch of ``rows`` ids, token ``t`` takes id ``t // (T /
+        rows)`` (one id per token, or per sequence of equal length, as ``adapter_names``)."""
+        state = self.state
+        fn = "FusedLoraExperts.forward"
+        rows = state.mixed_rows
+        if rows is None:
+            if not state.graph_safe:
+                return layer._active_forward(
+                    x, top_k_index, top_k_weights, self.active_adapter(layer)
+                )
+            ids = state.single_ids(x.shape[0])
+        else:
+            if x.dim() != 2 or x.shape[0] % rows:
+                raise ValueError(
+                    f"{fn}: mixed_batch gave {rows} adapter ids, one per token or per sequence "
+                    f"of equal length, but the experts got hidden_states {list(x.shape)}"
+                )
+            ids = state.row_ids[:rows]
+            per = x.shape[0] // rows
+            if per != 1:  # one id per sequence -> one per token, on the device
+                ids = ids[:, None].expand(rows, per).reshape(-1)
+        a = next(f for f in self.factors if f is not None)
+        if a.device != x.device or a.dtype not in (x.dtype, torch.float32):
+            raise ValueError(
+                f"{fn}: the adapter slots ({a.dtype} {list(a.shape)} on {a.device}) do not fit "
+                f"hidden_states ({x.dtype} {list(x.shape)} on {x.device}); attach the cache "
+                "again after moving or casting the model"
+            )
+        scales = self.scales if x.dtype != torch.float64 else self.scales.double()
+        return layer._call(x, top_k_index, top_k_weights, self.factors, scales, ids)
+
+
 class _Detached:
     """A copied layer's stand-in for its original's binding: it runs the adapter that was active
     when the copy was made, as its own, from the first call on."""
@@ -290,14 +358,14 @@ class _Detached:
         self.name = name
 
     def active_adapter(self, layer: nn.Module) -> str | None:
-        return self.name if self.name is not None and self.name in layer.lora_A else None
+        return self.name if self.name is not None and self.name in layer.use_rslora else None
 
     def leave(self) -> None:
         pass
 
-    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: nn.Module, *args) -> torch.Tensor:
         layer._leave_serving()
-        return layer.forward(x)
+        return layer.forward(*args)
 
 
 def _active_forward(layer, x: torch.Tensor, name: str | None) -> torch.Tensor:
@@ -340,12 +408,15 @@ def engage(
     slots: Mapping[str, int],
     name: str | None,
 ) -> ServingState:
-    """Make every layer of ``layers`` (the model's ``FusedLoraLinear`` layers, attached to
-    ``cache``'s slots, none merged) read the model's state, with ``name`` active; ``slots``
+    """Make every layer of ``layers`` (the model's ``FusedLoraLinear`` and ``FusedLoraExperts``
+    layers, attached to ``cache``'s slots, none merged) read the model's state, with ``name``
+    active; ``slots``
     maps the adapters installed in slots to their slot. The state's tensors are kept from one
     engagement to the next (graphs captured on them stay valid) unless the device changed."""
-    first = next(iter(layers))
-    device = layers[first].weight.device
+    first = layers[next(iter(layers))]
+    device = (
+        first.weight.device if hasattr(first, "weight") else first.base_layer.gate_up_proj.device
+    )
     state = serving_state(model)
     if state is None or state.device != device:
         state = ServingState(device)
@@ -354,9 +425,11 @@ def engage(
     state.wrappers = None
     state.slots = dict(slots)
     state.num_slots = cache.num_slots
-    state._pool_probe = (first, cache.slot_tensors(first).lora_a)
+    state._pool_token = cache.pool_token()
     for path, layer in layers.items():
-        layer._serving = SlotBinding(state, cache.slot_tensors(path))
+        tensors = cache.slot_tensors(path)
+        binding = SlotBinding if hasattr(tensors, "ranks") else ExpertSlotBinding
+        layer._serving = binding(state, tensors)
     state.set_active(name, -1 if name is None else state.slots[name])
     state.synced = True
     return state

@@ -5,6 +5,14 @@ A switch is planned, then applied (as ``get_lora_model`` is): the plan runs ever
 changes nothing, so a switch that cannot be done leaves the model as it was; the apply only runs
 steps the plan cleared. The cache is reached through its small internal API (``hold_slot``,
 ``release_slot``, ``has_slots_for``, ``slot_available``, ...), never its private fields.
+
+MoE expert adapters (``FusedLoraExperts``, PEFT's ``target_parameters``) switch with the dense
+layers of the same model, by the same rules: installed from a cache as device copies (PEFT's
+layout in the layer; with slots, the slot holds the per-expert copy the served forward reads),
+merged into the 3-D expert parameters (exact mode restores them bit for bit), unmerged through
+the model's ``SharedActive`` or served from the slots, one write per switch either way. The one
+difference: a merged switch between two adapters unmerges and merges an experts layer (two
+passes) where a dense layer swaps in one (``FusedLoraLinear.swap_merged``).
 """
 
 from __future__ import annotations
@@ -15,8 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..functional.moe import peft_expert_factors
 from ..layers import BASE_ADAPTER, FusedLoraLinear
 from ..layers.base import SharedActive
+from ..layers.moe import FusedLoraExperts
+from ..models.experts import expert_layers
 from ..models.model import lora_layers
 from . import cache as cache_module
 from . import state as serving
@@ -62,13 +73,42 @@ def _state(model: nn.Module) -> _SwitchState:
     return state
 
 
+def _switch_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers a switch handles (``slots.servable_layers``: dense, then experts layers on a
+    model ``get_lora_model`` marked ``has_lora_experts``), walked once per planned switch."""
+    layers = dict(lora_layers(model))
+    if model.__dict__.get("has_lora_experts"):
+        layers.update(expert_layers(model))
+    return layers
+
+
+def _has(layer: nn.Module, name: str) -> bool:
+    """``layer`` (dense or experts) has adapter ``name`` (every layer keys use_rslora by it)."""
+    return name in layer.use_rslora
+
+
 def _check_fits_model(
-    fn: str, layers: dict[str, FusedLoraLinear], adapter: CachedAdapter, ours: bool
+    fn: str, layers: dict[str, nn.Module], adapter: CachedAdapter, ours: bool
 ) -> None:
     problems = []
+    for path, lay in adapter.experts.items():
+        layer = layers.get(path)
+        if not isinstance(layer, FusedLoraExperts):
+            problems.append(f"{path}: the model has no FusedLoraExperts there")
+            continue
+        for param in lay.params:
+            n_in, n_out = layer.features(param)
+            e = layer.num_experts
+            want_a, want_b = [e, lay.r[param], n_in], [e, n_out, lay.r[param]]
+            got_a, got_b = list(lay.lora_a[param].shape), list(lay.lora_b[param].shape)
+            if got_a != want_a or got_b != want_b:
+                problems.append(
+                    f"{path}.{param}: expected per-expert lora_A {want_a} and lora_B {want_b}, "
+                    f"got {got_a} and {got_b}"
+                )
     for path, lay in adapter.layers.items():
         layer = layers.get(path)
-        if layer is None:
+        if not isinstance(layer, FusedLoraLinear):
             problems.append(f"{path}: the model has no FusedLoraLinear there")
             continue
         want_a = [lay.r, layer.in_features]
@@ -79,7 +119,7 @@ def _check_fits_model(
                 f"{list(lay.lora_a.shape)} and {list(lay.lora_b.shape)}"
             )
     raise_problems(f"{fn}: adapter {adapter.name!r} does not fit the model", problems)
-    clash = [p for p, m in layers.items() if adapter.name in m.lora_A]
+    clash = [p for p, m in layers.items() if _has(m, adapter.name)]
     if clash and not ours:
         raise ValueError(
             f"{fn}: layers {clash[:3]} already have an adapter named {adapter.name!r} that the "
@@ -87,9 +127,15 @@ def _check_fits_model(
         )
 
 
-def _check_unmergeable(fn: str, layers: dict[str, FusedLoraLinear]) -> None:
+def _check_unmergeable(fn: str, layers: dict[str, nn.Module]) -> None:
     """Every merged layer can be unmerged (exact records still match their adapters)."""
     for path, layer in layers.items():
+        if isinstance(layer, FusedLoraExperts):
+            try:
+                layer._check_unmerge(fn)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+            continue
         for name in layer.merged_adapters:
             record = layer._exact_records.get(name)
             if record is None:
@@ -113,9 +159,9 @@ def _uninstall(
     configs = getattr(model, "lora_configs", None)
     if isinstance(configs, dict) and configs.get(name) is installed.adapter.config:
         del configs[name]
-    for path in installed.adapter.layers:
+    for path in [*installed.adapter.layers, *installed.adapter.experts]:
         layer = layers.get(path)
-        if layer is not None and name in layer.lora_A:
+        if layer is not None and _has(layer, name):
             layer.delete_adapter(name)
     if installed.slot is not None:
         installed.cache.release_slot(installed.slot)
@@ -128,9 +174,28 @@ def _install(
     adapter: CachedAdapter,
     slot: int | None,
 ) -> _Installed:
-    """Add ``adapter`` to its layers: views into the held ``slot``, or device copies."""
+    """Add ``adapter`` to its layers: views into the held ``slot``, or device copies (always
+    copies for experts layers: their PEFT layout is no view of the per-expert slots)."""
     moved = 0
     with torch.no_grad():
+        for path, lay in adapter.experts.items():
+            layer = layers[path]
+            layer.add_adapter(
+                adapter.name,
+                dict(lay.r),
+                dict(lay.lora_alpha),
+                use_rslora=adapter.config.use_rslora,
+                init_lora_weights=False,
+            )
+            for param in lay.params:
+                mod_a = layer.lora_A[param][adapter.name]
+                mod_b = layer.lora_B[param][adapter.name]
+                mod_a.weight.requires_grad_(False)
+                mod_b.weight.requires_grad_(False)
+                a, b = peft_expert_factors(mod_a.weight, mod_b.weight, layer.num_experts)
+                a.copy_(lay.lora_a[param], non_blocking=True)
+                b.copy_(lay.lora_b[param], non_blocking=True)
+                moved += lay.lora_a[param].nbytes + lay.lora_b[param].nbytes
         for path, lay in adapter.layers.items():
             layer = layers[path]
             layer.add_adapter(
@@ -175,7 +240,7 @@ class _SwitchPlan:
     """What ``switch_adapter`` will do, decided (and checked) before anything changes."""
 
     name: str | None
-    layers: dict[str, FusedLoraLinear]
+    layers: dict[str, nn.Module]  # FusedLoraLinear / FusedLoraEmbedding / FusedLoraExperts
     state: _SwitchState
     cache: AdapterCache | None
     adapter: CachedAdapter | None  # from the cache; None: the layers' own adapter, or the base
@@ -203,7 +268,7 @@ def _plan_switch(
         raise TypeError(f"{fn}: expected cache to be an AdapterCache, got {type(cache).__name__}")
     if exact and not merged:
         raise ValueError(f"{fn}: exact=True applies to merged=True switches only")
-    layers = dict(lora_layers(model))
+    layers = _switch_layers(model)
     if not layers:
         raise ValueError(f"{fn}: the model has no FusedLoraLinear layers")
     state = _state(model)
@@ -235,7 +300,7 @@ def _plan_switch(
             raise ValueError(
                 f"{fn}: adapter {name!r} was installed from a cache; pass cache= to switch to it"
             )
-        if not any(name in m.lora_A for m in layers.values()):
+        if not any(_has(m, name) for m in layers.values()):
             have = sorted({n for m in layers.values() for n in m.adapter_names})
             raise ValueError(f"{fn}: no layer of the model has adapter {name!r}; they have {have}")
     _check_unmergeable(fn, layers)
@@ -256,7 +321,7 @@ def _apply_switch(fn: str, model: nn.Module, plan: _SwitchPlan) -> None:
     swap = plan.merged and not plan.exact and name is not None and not plan.install
     swapped = set()
     for path, layer in layers.items():
-        if swap and name in layer.lora_A and _swappable(layer):
+        if swap and _has(layer, name) and _swappable(layer):
             layer.swap_merged(name)
             swapped.add(path)
         elif layer.merged:
@@ -286,7 +351,7 @@ def _apply_switch(fn: str, model: nn.Module, plan: _SwitchPlan) -> None:
     for path, layer in layers.items():
         if path in swapped:
             continue
-        if name is not None and name in layer.lora_A:
+        if name is not None and _has(layer, name):
             layer.set_adapter(name)
             if plan.merged:
                 layer.merge(name, exact=plan.exact)
@@ -314,7 +379,9 @@ def _share_active(model: nn.Module, layers, state: _SwitchState, name: str | Non
         shared = model.__dict__[_ACTIVE_ATTR] = SharedActive()
     shared.name = name
     # adapters installed from a cache need cache= (the plan says so): not switchable here
-    shared.names = frozenset(n for m in layers.values() for n in m.r) - set(state.installed)
+    shared.names = frozenset(n for m in layers.values() for n in m.use_rslora) - set(
+        state.installed
+    )
     for layer in layers.values():
         layer._follow(shared)
     shared.synced = True
@@ -409,12 +476,6 @@ def switch_adapter(
     ``ValueError`` and leaves every weight, active adapter and installed adapter as it was.
     """
     fn = "switch_adapter"
-    if model.__dict__.get("has_lora_experts"):  # set by get_lora_model: no walk per switch
-        raise ValueError(
-            f"{fn}: the model has MoE expert adapters (FusedLoraExperts, target_parameters), "
-            "which switch_adapter does not switch yet; use set_adapter, and merge() / unmerge() "
-            "on the layers"
-        )
     if not merged and not exact:
         if _switch_served(model, name, cache):
             return
@@ -423,13 +484,15 @@ def switch_adapter(
     _apply_switch(fn, model, _plan_switch(fn, model, name, cache, merged, exact))
 
 
-def _swappable(layer: FusedLoraLinear) -> bool:
+def _swappable(layer: nn.Module) -> bool:
     """Merged with exactly one adapter, arithmetically (see ``FusedLoraLinear.swap_merged``)."""
+    if not isinstance(layer, FusedLoraLinear):
+        return False
     merged = layer.merged_adapters
     return len(merged) == 1 and merged[0] not in layer._exact_records
 
 
-def _all_adapters(layers: dict[str, FusedLoraLinear]) -> set[str]:
+def _all_adapters(layers: dict[str, nn.Module]) -> set[str]:
     return {n for m in layers.values() for n in m.adapter_names}
 
 
@@ -437,7 +500,7 @@ def release_adapters(model: nn.Module) -> None:
     """Remove every adapter ``switch_adapter`` installed in ``model`` from a cache, and give
     back the device slots they hold. None of them may be merged (switch to the base first)."""
     fn = "release_adapters"
-    layers = dict(lora_layers(model))
+    layers = _switch_layers(model)
     state = _state(model)
     merged = [p for p, m in layers.items() if any(n in state.installed for n in m.merged_adapters)]
     if merged:
