@@ -15,36 +15,55 @@ nibble ``qweight[i // 2] >> 4`` (even i) or ``& 0xF`` (odd i), an index into the
 itself ``code2[absmax[j]] * absmax2[j // BLOCKSIZE2] + offset``. No repacking: the flat index
 makes odd K (a byte straddling two rows) and partial blocks come out right without special cases.
 
-Decode (M <= 16, even K) is memory-bound: its time is the bytes it moves, so it runs two launches
-built to move each operand once. ``_qlora_shrink_kernel`` computes ``S = x_lora @ lora_a.T``
-(x_lora and lora_a read once; K split over a few programs whose fp32 partials add with atomics,
-one program under deterministic mode), and ``_qlora_decode_kernel`` streams the weight: each
-program owns [BLOCK_M, BLOCK_N] of y, loads each packed byte of its rows once (K tiles of 64
-columns, 32 bytes: one sector per row) and splits it in registers into the even and odd columns of
-W, which multiply the even and odd columns of the x tile (split in registers as well); the 16
-code entries are scalars of the program, picked by a select tree on the nibble's bits; the block
+Decode (M <= 16, even K) is memory-bound: its time is the bytes it moves, so it is built to move
+each operand once. ``_qlora_shrink_kernel`` computes ``S = x_lora @ lora_a.T`` (x_lora and lora_a
+read once; K split over a few programs whose fp32 partials add with atomics, one program under
+deterministic mode). ``_qlora_decode_kernel`` streams the weight over a grid of (M tiles, N
+tiles, K splits): each program owns [16, BLOCK_N] of y over one split of K (whole quantization
+blocks of every row), loads each packed byte of its rows once (K tiles of 64 columns, 32 bytes:
+one sector per row) and splits it in registers into the even and odd columns of W, which
+multiply the even and odd columns of the x tile (split in registers as well); the 16 code
+entries are scalars of the program, picked by a select tree on the nibble's bits; the block
 maxima (with double quantization their code2/absmax2 decoding) are loaded and decoded once per
-row and chunk of 32 blocks (one sector of uint8 absmax per row) into a [BLOCK_N, 32] register
-table, from which each K tile takes its one or two columns. The epilogue reads the precomputed S
-([M, r], a few bytes) instead of re-reading lora_a per N tile. Bytes moved over the compulsory
-bytes (each operand read once, each output written once), counted by ``tools/traffic.py`` in
-32-byte sectors with the CUDA tile configs, M = 1, fp16, r = 16, double quantization, blocksize
-64 (``python -m tools.traffic_cases qlora --m 1 --k K --n N --r 16 --quant Q --sample 8``)::
+row and chunk of blocks into a [BLOCK_N, CHUNK_BLOCKS] register table, from which each K tile
+takes its one or two columns. With one split and a rank block up to 64 the epilogue adds
+``scale * S @ lora_b.T`` (S precomputed: a few bytes, not lora_a per N tile) and the bias and
+writes y; otherwise the programs store fp32 partials [splits, M, N] and
+``_qlora_split_reduce_kernel`` adds them in split order (no atomics: the same bits on every run,
+deterministic mode included), then the LoRA expand and the bias, once per output.
 
-    M   K x N          quant   before (fused fwd, 16x32x32)   after (shrink + decode, 16x32x64)
-    1   4096 x 4096    NF4     7.199                          1.149
-    1   4096 x 4096    FP4     7.199                          1.149
-    1   4096 x 14336   NF4     7.282                          1.151
-    1   4096 x 14336   FP4     7.282                          1.151
-    1   14336 x 4096   NF4     7.446                          1.152
-    16  4096 x 4096    NF4     8.732                          2.871
+Why wide tiles and splits (``_decode_plan``): on top of each operand once, a decode moves x once
+per N tile, ``(n_tiles - 1) * M * K * 2`` bytes (the weight is half a byte per element, so at M =
+16 a 32-wide tile reads as many x bytes as weight bytes), and, when split, ``2 * splits * M * N
+* 4`` bytes of fp32 workspace. The plan takes the width (64 or 128) and split count that move
+the fewest bytes among those giving at least three quarters of a wave of programs. Both excess
+terms grow with M at fixed programs P = n_tiles * splits, and their product is fixed by P, so
+the excess cannot go below ``16 * M / sqrt(N * K / P)`` of the weight bytes (x: ``4 M / BLOCK_N``,
+workspace: ``16 M / (K / splits)``): at K = N = 4096, M = 16 and P = 128 that is 0.71, and <= 1.20
+at M = 16 would need 10-14 programs on 132 SMs. Bytes moved over the compulsory bytes (each operand read once, each output written
+once), counted by ``tools/traffic.py`` in 32-byte sectors with the CUDA tile configs (132 SMs),
+fp16, r = 16, double quantization, blocksize 64 (``python -m tools.traffic_cases qlora --m M --k K
+--n N --r 16 --quant Q --sample 8``; 2-core CPU VM, shared)::
 
-What remains above 1 at M = 1 is x re-read by every N tile (1/32 of a byte per weight element
-with 32-row tiles; 64-row tiles halve it but fill half the SMs at N = 4096) and the 1 KB code2
-table that each program gathers from once per chunk. At M = 16 the x re-reads (16 rows per N
-tile, from L2: x is 128 KB) are most of the excess; the 64-row tile of the autotuner's list
-halves them (1.075 at M = 1, 1.936 at M = 16, on half as many programs). Odd K (a byte
-straddling two rows) and prefill take ``_qlora_fwd_kernel``.
+    M   K x N          quant   fused fwd     shrink + decode      wide + split-K (this)
+                               16x32x32      16x32x64, no split   plan: tile, splits, programs
+    1   4096 x 4096    NF4     7.199         1.149                1.091   128, 4, 128
+    1   4096 x 4096    FP4     7.199         1.149                1.091   128, 4, 128
+    1   4096 x 14336   NF4     7.282         1.151                1.076   128, 1, 112
+    1   14336 x 4096   NF4     7.446         1.152                1.110   128, 4, 128
+    2   4096 x 4096    FP4                                        1.135   128, 4, 128
+    4   4096 x 4096    NF4                                        1.222   128, 4, 128
+    8   4096 x 4096    NF4                                        1.396   128, 4, 128
+    16  4096 x 4096    NF4     8.732         2.871                1.734   128, 4, 128
+    16  4096 x 4096    FP4                   2.871                1.734   128, 4, 128
+    16  4096 x 14336   NF4/FP4                                    1.515   128, 1, 112
+    16  14336 x 4096   NF4/FP4                                    1.610   128, 4, 128
+
+What remains: x per N tile (above), the workspace, the uint8 block maxima read twice (a
+16-block chunk is half a sector per row: the 128-wide tile spills 68 B with 32-block chunks) and
+the 1 KB code2 table gathered once per chunk. The 1.20 target holds to M = 2-3 at these shapes;
+from M = 4 it needs fewer programs than SMs (a wave with most SMs idle), which this plan does not
+trade for bytes. Odd K (a byte straddling two rows) and prefill take ``_qlora_fwd_kernel``.
 
 ``_qlora_fwd_kernel``: one launch, one pass over K. Each program owns a [BLOCK_M, BLOCK_N] tile of
 y; in its K-loop it loads the x tile once, dequantizes the matching [BLOCK_N, BLOCK_K] tile of W
@@ -628,7 +647,8 @@ _CONFIGS = {
     # of 16 gives no divisibility hint on R or on the rank strides)
     ("dx", True, "narrow"): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2)],
     ("dx", True, "wide"): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2)],
-    ("dx", True, "odd"): [(16, 32, 32, 8, 2), (16, 32, 64, 8, 2)],
+    # 16 x 32 x 64 on 8 warps spilled 8 B at rank 100 (fp16, sm_90)
+    ("dx", True, "odd"): [(16, 32, 32, 8, 2)],
     ("dx", False, "narrow"): [(64, 32, 32, 4, 3), (64, 64, 32, 8, 2)],
     ("dx", False, "wide"): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
     ("dx", False, "odd"): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
