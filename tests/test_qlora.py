@@ -307,7 +307,7 @@ def test_autotune_switch_takes_the_first_config(m, monkeypatch):
 
     from lora_kernels.backends.triton import qlora as tq
 
-    for tuner in (*tq._TUNED.values(), tq._DECODE_TUNED):
+    for tuner in (*tq._TUNED.values(), *tq._DECODE_TUNED.values()):
         assert tuner.keys[0] == "m_bucket"
 
     def no_tuning(*args, **kwargs):

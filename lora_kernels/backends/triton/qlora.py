@@ -15,36 +15,55 @@ nibble ``qweight[i // 2] >> 4`` (even i) or ``& 0xF`` (odd i), an index into the
 itself ``code2[absmax[j]] * absmax2[j // BLOCKSIZE2] + offset``. No repacking: the flat index
 makes odd K (a byte straddling two rows) and partial blocks come out right without special cases.
 
-Decode (M <= 16, even K) is memory-bound: its time is the bytes it moves, so it runs two launches
-built to move each operand once. ``_qlora_shrink_kernel`` computes ``S = x_lora @ lora_a.T``
-(x_lora and lora_a read once; K split over a few programs whose fp32 partials add with atomics,
-one program under deterministic mode), and ``_qlora_decode_kernel`` streams the weight: each
-program owns [BLOCK_M, BLOCK_N] of y, loads each packed byte of its rows once (K tiles of 64
-columns, 32 bytes: one sector per row) and splits it in registers into the even and odd columns of
-W, which multiply the even and odd columns of the x tile (split in registers as well); the 16
-code entries are scalars of the program, picked by a select tree on the nibble's bits; the block
+Decode (M <= 16, even K) is memory-bound: its time is the bytes it moves, so it is built to move
+each operand once. ``_qlora_shrink_kernel`` computes ``S = x_lora @ lora_a.T`` (x_lora and lora_a
+read once; K split over a few programs whose fp32 partials add with atomics, one program under
+deterministic mode). ``_qlora_decode_kernel`` streams the weight over a grid of (M tiles, N
+tiles, K splits): each program owns [16, BLOCK_N] of y over one split of K (whole quantization
+blocks of every row), loads each packed byte of its rows once (K tiles of 64 columns, 32 bytes:
+one sector per row) and splits it in registers into the even and odd columns of W, which
+multiply the even and odd columns of the x tile (split in registers as well); the 16 code
+entries are scalars of the program, picked by a select tree on the nibble's bits; the block
 maxima (with double quantization their code2/absmax2 decoding) are loaded and decoded once per
-row and chunk of 32 blocks (one sector of uint8 absmax per row) into a [BLOCK_N, 32] register
-table, from which each K tile takes its one or two columns. The epilogue reads the precomputed S
-([M, r], a few bytes) instead of re-reading lora_a per N tile. Bytes moved over the compulsory
-bytes (each operand read once, each output written once), counted by ``tools/traffic.py`` in
-32-byte sectors with the CUDA tile configs, M = 1, fp16, r = 16, double quantization, blocksize
-64 (``python -m tools.traffic_cases qlora --m 1 --k K --n N --r 16 --quant Q --sample 8``)::
+row and chunk of blocks into a [BLOCK_N, CHUNK_BLOCKS] register table, from which each K tile
+takes its one or two columns. With one split and a rank block up to 64 the epilogue adds
+``scale * S @ lora_b.T`` (S precomputed: a few bytes, not lora_a per N tile) and the bias and
+writes y; otherwise the programs store fp32 partials [splits, M, N] and
+``_qlora_split_reduce_kernel`` adds them in split order (no atomics: the same bits on every run,
+deterministic mode included), then the LoRA expand and the bias, once per output.
 
-    M   K x N          quant   before (fused fwd, 16x32x32)   after (shrink + decode, 16x32x64)
-    1   4096 x 4096    NF4     7.199                          1.149
-    1   4096 x 4096    FP4     7.199                          1.149
-    1   4096 x 14336   NF4     7.282                          1.151
-    1   4096 x 14336   FP4     7.282                          1.151
-    1   14336 x 4096   NF4     7.446                          1.152
-    16  4096 x 4096    NF4     8.732                          2.871
+Why wide tiles and splits (``_decode_plan``): on top of each operand once, a decode moves x once
+per N tile, ``(n_tiles - 1) * M * K * 2`` bytes (the weight is half a byte per element, so at M =
+16 a 32-wide tile reads as many x bytes as weight bytes), and, when split, ``2 * splits * M * N
+* 4`` bytes of fp32 workspace. The plan takes the width (64 or 128) and split count that move
+the fewest bytes among those giving at least three quarters of a wave of programs. Both excess
+terms grow with M at fixed programs P = n_tiles * splits, and their product is fixed by P, so
+the excess cannot go below ``16 * M / sqrt(N * K / P)`` of the weight bytes (x: ``4 M / BLOCK_N``,
+workspace: ``16 M / (K / splits)``): at K = N = 4096, M = 16 and P = 128 that is 0.71, and <= 1.20
+at M = 16 would need 10-14 programs on 132 SMs. Bytes moved over the compulsory bytes (each operand read once, each output written
+once), counted by ``tools/traffic.py`` in 32-byte sectors with the CUDA tile configs (132 SMs),
+fp16, r = 16, double quantization, blocksize 64 (``python -m tools.traffic_cases qlora --m M --k K
+--n N --r 16 --quant Q --sample 8``; 2-core CPU VM, shared)::
 
-What remains above 1 at M = 1 is x re-read by every N tile (1/32 of a byte per weight element
-with 32-row tiles; 64-row tiles halve it but fill half the SMs at N = 4096) and the 1 KB code2
-table that each program gathers from once per chunk. At M = 16 the x re-reads (16 rows per N
-tile, from L2: x is 128 KB) are most of the excess; the 64-row tile of the autotuner's list
-halves them (1.075 at M = 1, 1.936 at M = 16, on half as many programs). Odd K (a byte
-straddling two rows) and prefill take ``_qlora_fwd_kernel``.
+    M   K x N          quant   fused fwd     shrink + decode      wide + split-K (this)
+                               16x32x32      16x32x64, no split   plan: tile, splits, programs
+    1   4096 x 4096    NF4     7.199         1.149                1.091   128, 4, 128
+    1   4096 x 4096    FP4     7.199         1.149                1.091   128, 4, 128
+    1   4096 x 14336   NF4     7.282         1.151                1.076   128, 1, 112
+    1   14336 x 4096   NF4     7.446         1.152                1.110   128, 4, 128
+    2   4096 x 4096    FP4                                        1.135   128, 4, 128
+    4   4096 x 4096    NF4                                        1.222   128, 4, 128
+    8   4096 x 4096    NF4                                        1.396   128, 4, 128
+    16  4096 x 4096    NF4     8.732         2.871                1.734   128, 4, 128
+    16  4096 x 4096    FP4                   2.871                1.734   128, 4, 128
+    16  4096 x 14336   NF4/FP4                                    1.515   128, 1, 112
+    16  14336 x 4096   NF4/FP4                                    1.610   128, 4, 128
+
+What remains: x per N tile (above), the workspace, the uint8 block maxima read twice (a
+16-block chunk is half a sector per row: the 128-wide tile spills 68 B with 32-block chunks) and
+the 1 KB code2 table gathered once per chunk. The 1.20 target holds to M = 2-3 at these shapes;
+from M = 4 it needs fewer programs than SMs (a wave with most SMs idle), which this plan does not
+trade for bytes. Odd K (a byte straddling two rows) and prefill take ``_qlora_fwd_kernel``.
 
 ``_qlora_fwd_kernel``: one launch, one pass over K. Each program owns a [BLOCK_M, BLOCK_N] tile of
 y; in its K-loop it loads the x tile once, dequantizes the matching [BLOCK_N, BLOCK_K] tile of W
@@ -363,21 +382,24 @@ def _column(table, cols, c):
 def _qlora_decode_kernel(
     # pointers
     x_ptr, qw_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-    bias_ptr, b_ptr, s_ptr, y_ptr,
+    bias_ptr, b_ptr, s_ptr, y_ptr, ws_ptr,
     # sizes
-    M, N, K, R, m_bucket,
+    M, N, K, R, m_bucket, k_per_split,
     # strides
     stride_xm, stride_xk, stride_bn, stride_br, stride_sm, stride_sr, stride_ym, stride_yn,
-    stride_bias,
+    stride_bias, stride_wss, stride_wsm,
     # scalars
     scale,
     # meta-parameters
     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
     HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
-    CHUNK_BLOCKS: tl.constexpr, CHUNK_K: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr, CHUNK_K: tl.constexpr, PARTIAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """``y = x @ W.T + bias + scale * S @ lora_b.T`` for even K, S precomputed (the shrink).
+    """``y = x @ W.T + bias + scale * S @ lora_b.T`` for even K, S precomputed (the shrink);
+    with PARTIAL only ``x[:, ks] @ W[:, ks].T`` over this program's split ks of K (grid axis 2,
+    ``k_per_split`` columns, a multiple of BLOCKSIZE), stored in fp32 to ``ws[split]`` for
+    ``_qlora_split_reduce_kernel``.
 
     Each packed byte is loaded once and split in registers into its two 4-bit values, the even
     and odd columns of W, which multiply the even and odd columns of the x tile (split in
@@ -388,14 +410,13 @@ def _qlora_decode_kernel(
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_K // 2)  # byte j of a row's K tile holds columns 2j and 2j + 1
     offs_c = tl.arange(0, CHUNK_BLOCKS)
-    offs_r = tl.arange(0, BLOCK_R)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    r_ok = offs_r < R
     x_dtype = x_ptr.dtype.element_ty
 
     code_vec = tl.load(code_ptr + tl.arange(0, 16))
@@ -421,19 +442,24 @@ def _qlora_decode_kernel(
 
     row0 = offs_n.to(tl.int64) * K  # flat index of each row's first element
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for ks in range(0, K, CHUNK_K):
+    # A split starts on a block boundary of every row (k_per_split is a multiple of BLOCKSIZE),
+    # so its chunks straddle blocks as the chunks from column 0 do.
+    k_start = pid_k * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    for ks in range(k_start, k_end, CHUNK_K):
+        chunk_end = min(ks + CHUNK_K, k_end)
         # The block maxima this chunk of K touches (CHUNK_K columns: CHUNK_BLOCKS blocks, or one
-        # fewer where rows start inside a block), from each row's first, within the row.
+        # fewer where rows start inside a block), from each row's first, within the chunk.
         base = (row0 + ks) // BLOCKSIZE
         blk = base[:, None] + offs_c[None, :]
-        blk_ok = n_ok[:, None] & (blk * BLOCKSIZE < row0[:, None] + K)
+        blk_ok = n_ok[:, None] & (blk * BLOCKSIZE < row0[:, None] + chunk_end)
         if NESTED:
             q = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
             scale2 = tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=blk_ok, other=0.0)
             amax = tl.load(code2_ptr + q, mask=blk_ok, other=0.0) * scale2 + offset
         else:
             amax = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
-        for k0 in range(ks, min(ks + CHUNK_K, K), BLOCK_K):
+        for k0 in range(ks, chunk_end, BLOCK_K):
             first = (row0 + k0) // BLOCKSIZE  # the tile's first block, per row
             amax0 = _column(amax, offs_c, first - base)
             amax1 = _column(amax, offs_c, first + 1 - base)
@@ -502,6 +528,34 @@ def _qlora_decode_kernel(
             acc = _dot(x_odd, tl.trans(_cast(w_odd, x_dtype, INTERPRET)), acc, INTERPRET,
                        PRECISION)  # fmt: skip
 
+    if PARTIAL:
+        tl.store(
+            ws_ptr + pid_k * stride_wss + offs_m[:, None] * stride_wsm + offs_n[None, :],
+            acc,
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+    else:
+        _lora_epilogue(
+            acc, bias_ptr, b_ptr, s_ptr, y_ptr, offs_m, offs_n, M, N, R,
+            stride_bn, stride_br, stride_sm, stride_sr, stride_ym, stride_yn, stride_bias, scale,
+            HAS_BIAS, INTERPRET, PRECISION, BLOCK_R,
+        )  # fmt: skip
+
+
+@triton.jit
+def _lora_epilogue(
+    acc, bias_ptr, b_ptr, s_ptr, y_ptr, offs_m, offs_n, M, N, R,
+    stride_bn, stride_br, stride_sm, stride_sr, stride_ym, stride_yn, stride_bias, scale,
+    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``y[offs_m, offs_n] = acc + scale * S @ lora_b.T + bias``: the LoRA expand into the same
+    fp32 accumulator, then the bias, rounded once to y's dtype (the activations', every dot's)."""
+    y_dtype = y_ptr.dtype.element_ty
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    r_ok = offs_r < R
     s_tile = tl.load(
         s_ptr + offs_m[:, None] * stride_sm + offs_r[None, :] * stride_sr,
         mask=m_ok[:, None] & r_ok[None, :],
@@ -512,17 +566,51 @@ def _qlora_decode_kernel(
         mask=r_ok[:, None] & n_ok[None, :],
         other=0.0,
     )  # [BLOCK_R, BLOCK_N]
-    s_dot = _cast(s_tile * scale, x_dtype, INTERPRET)
-    acc = _dot(s_dot, _cast(b_tile, x_dtype, INTERPRET), acc, INTERPRET, PRECISION)
+    s_dot = _cast(s_tile * scale, y_dtype, INTERPRET)
+    acc = _dot(s_dot, _cast(b_tile, y_dtype, INTERPRET), acc, INTERPRET, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n * stride_bias, mask=n_ok, other=0.0).to(tl.float32)[
             None, :
         ]
     tl.store(
         y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-        _cast(acc, y_ptr.dtype.element_ty, INTERPRET),
+        _cast(acc, y_dtype, INTERPRET),
         mask=m_ok[:, None] & n_ok[None, :],
     )
+
+
+@triton.jit
+def _qlora_split_reduce_kernel(
+    # pointers
+    ws_ptr, bias_ptr, b_ptr, s_ptr, y_ptr,
+    # sizes
+    M, N, R, splits,
+    # strides
+    stride_wss, stride_wsm, stride_bn, stride_br, stride_sm, stride_sr, stride_ym, stride_yn,
+    stride_bias,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``y = sum over splits of ws[split] + scale * S @ lora_b.T + bias``: the decode kernel's
+    fp32 partials added in split order (the same bits on every run: no atomics), then the LoRA
+    expand and the bias, once per output element."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ptrs = ws_ptr + offs_m[:, None] * stride_wsm + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(ptrs + split * stride_wss, mask=mask, other=0.0)
+    _lora_epilogue(
+        acc, bias_ptr, b_ptr, s_ptr, y_ptr, offs_m, offs_n, M, N, R,
+        stride_bn, stride_br, stride_sm, stride_sr, stride_ym, stride_yn, stride_bias, scale,
+        HAS_BIAS, INTERPRET, PRECISION, BLOCK_R,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -534,49 +622,77 @@ def _qlora_decode_kernel(
 _INTERPRET_META = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
 
 
-# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, wide rank).
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by (kernel, decode, rank class).
 # Decode (M <= 16) streams the weight: narrow tiles give enough programs to cover the SMs
 # without split-K; prefill wants bigger tiles. Dequantizing a tile gathers per element (packed
 # byte, code entry, block maximum, each with its own address), so the dequantized tile must stay
 # small: the compile gate (tests/test_triton_compile.py, benchmarks/triton_compile_report.py)
 # measured 0.5-7 KB of spills and up to 256 KiB of shared memory for 64-128-deep K tiles and
 # 64 x 128 W tiles, on both targets; every tile below is spill-free on sm_80 and sm_90 for
-# 16-bit layers (fp32 adapters included), aligned and odd K/N. A rank over 32 (an fp32
-# [BLOCK_M, BLOCK_R] LoRA accumulator beside the main one) takes the "wide" lists: at decode the
-# 16 x 64 x 32 dx tile spilled 12 B on sm_90 at rank 64.
+# 16-bit layers (fp32 adapters included), aligned and odd K/N, at ranks 7, 16, 40, 64, 100, 128
+# and 200. Rank classes (``_rank_class``): "narrow" up to 32; "wide", a multiple of 16 over 32
+# with BLOCK_R 64 or 128 (an fp32 [BLOCK_M, BLOCK_R] LoRA accumulator beside the main one: at
+# decode the 16 x 64 x 32 dx tile spilled 12 B on sm_90 at rank 64); "odd", the other ranks over
+# 32 and BLOCK_R 256: with no divisibility hint on R and the rank strides, the 4-warp decode
+# tiles spilled 20-2,488 B at ranks 100 and 200 and the 64 x 64 prefill tile 192 B at 200, while
+# 8 warps and 2 stages, which are spill-free there, spill 12-16 B at the aligned 64 and 128.
 _CONFIGS = {
-    ("fwd", True, False): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
-    ("fwd", True, True): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
-    ("fwd", False, False): [(64, 32, 32, 4, 3), (128, 64, 32, 8, 2)],
-    ("fwd", False, True): [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2)],
+    ("fwd", True, "narrow"): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
+    ("fwd", True, "wide"): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
+    ("fwd", True, "odd"): [(16, 32, 32, 8, 2)],
+    ("fwd", False, "narrow"): [(64, 32, 32, 4, 3), (128, 64, 32, 8, 2)],
+    ("fwd", False, "wide"): [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2)],
+    ("fwd", False, "odd"): [(64, 32, 32, 8, 2)],
     # no 16 x 64 x 32: it spilled 56 B at rank 7 (odd K/N, sm_90; a rank that is not a multiple
     # of 16 gives no divisibility hint on R or on the rank strides)
-    ("dx", True, False): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2)],
-    ("dx", True, True): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2)],
-    ("dx", False, False): [(64, 32, 32, 4, 3), (64, 64, 32, 8, 2)],
-    ("dx", False, True): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
+    ("dx", True, "narrow"): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2)],
+    ("dx", True, "wide"): [(16, 32, 32, 4, 3), (16, 32, 64, 4, 2)],
+    # 16 x 32 x 64 on 8 warps spilled 8 B at rank 100 (fp16, sm_90)
+    ("dx", True, "odd"): [(16, 32, 32, 8, 2)],
+    ("dx", False, "narrow"): [(64, 32, 32, 4, 3), (64, 64, 32, 8, 2)],
+    ("dx", False, "wide"): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
+    ("dx", False, "odd"): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
 }
 _WIDE_RANK = 32
 
 
-def _configs(kernel_name: str, decode: bool, wide: bool) -> list[triton.Config]:
+def _rank_class(r: int, block_r: int) -> str:
+    """Which of ``_CONFIGS``' lists a rank takes (see there)."""
+    if block_r <= _WIDE_RANK:
+        return "narrow"
+    return "wide" if r % 16 == 0 and block_r <= 128 else "odd"
+
+
+def _configs(kernel_name: str, decode: bool, rank_class: str) -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in _CONFIGS[(kernel_name, decode, wide)]
+        for m, n, k, w, s in _CONFIGS[(kernel_name, decode, rank_class)]
     ]
 
 
-# The decode kernel (even K, M <= 16): (BLOCK_M, BLOCK_N, num_warps, num_stages); its K tile is
-# the launcher's (at most one quantization block, 64 columns: 32 packed bytes, one sector, per
-# row). 32-row tiles give N / 32 programs (128 at N = 4096, enough for the SMs at the memory
-# floor) while every program re-reads x, 1 / 32 of a byte per weight element; 64 rows halve that
-# but leave half the SMs idle at N = 4096.
-# The compile gate measured the 16 x 64 tile on 4 warps spilling 856 B (sm_80) and 136 B (sm_90);
-# on 8 warps, and 16 x 32 on 4, are spill-free.
-_DECODE_CONFIGS = [(16, 32, 4, 3), (16, 64, 8, 3)]
+# The decode kernel (even K, M <= 16): 16-row M tiles, K tiles of at most one quantization block
+# (64 columns: 32 packed bytes, one sector, per row), and per N-tile width the block maxima per
+# row decoded at a time (a [BLOCK_N, CHUNK_BLOCKS] fp32 register table) and the (num_warps,
+# num_stages) the autotuner picks from. ``_decode_plan`` picks the width and the K splits from
+# the bytes they move (module docstring). The compile gate (sm_90, bf16, r = 16): 64 x 32
+# blocks on 8 warps 184 registers, no spill (on 4 warps 32 B of spills); 128 x 32 blocks 255
+# registers and 68 B of spills, 128 x 16 blocks 214 registers, no spill; 256 wide spilled
+# 344-2,048 B on 8 and 16 warps with 8 blocks, and would need twice the splits to fill the SMs,
+# which moves as many workspace bytes as it saves x bytes.
+_DECODE_TILES = {64: (32, [(8, 3)]), 128: (16, [(8, 3), (8, 2)])}
+_DECODE_BLOCK_M = 16
+_DECODE_SPLITS = (1, 2, 4, 8, 16)
+# The LoRA expand runs in the decode kernel's epilogue up to this rank block, above it in the
+# split reduction's (narrower N tiles: a [BLOCK_R, BLOCK_N] lora_b tile per program).
+_DECODE_EPILOGUE_MAX_R = 64
+_REDUCE_TILE = 8192  # lora_b elements per reduction program: BLOCK_N = _REDUCE_TILE / BLOCK_R
 _DECODE_MAX_BLOCK_K = 64
-_CHUNK_BLOCKS = 32  # block maxima per row decoded at a time: one sector of uint8 absmax
 _INTERPRET_CHUNK_BLOCKS = 2  # small, so the tests' odd sizes take several chunks
+# Under the interpreter the planner sees 16-wide tiles and a GPU of 4 SMs, so that the tests' odd
+# sizes take several N tiles and K splits.
+_INTERPRET_DECODE_TILES = (16,)
+_INTERPRET_SMS = 8
+_CPU_SMS = 132
 # The shrink before the decode kernel: [16, 128] x tiles, K split so that the launch has enough
 # programs to stream lora_a at bandwidth (each split adds its partial S with fp32 atomics).
 _SHRINK_BLOCK_K = 128
@@ -598,16 +714,16 @@ def _tuning_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
-def _decode_configs() -> list[triton.Config]:
+def _decode_configs(block_n: int) -> list[triton.Config]:
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-        for m, n, w, st in _DECODE_CONFIGS
+        triton.Config({"BLOCK_N": block_n}, num_warps=w, num_stages=st)
+        for w, st in _DECODE_TILES[block_n][1]
     ]
 
 
-# One autotuner per (kernel, decode, wide rank) and one for the decode kernel, keyed like the LoRA
-# GEMM: a power-of-two bucket of M (token counts vary from call to call), the problem size and the
-# variant's flags. Results persist in Triton's cache directory.
+# One autotuner per (kernel, decode, rank class) and one per decode tile width, keyed like the
+# LoRA GEMM: a power-of-two bucket of M (token counts vary from call to call), the problem size
+# and the variant's flags. Results persist in Triton's cache directory.
 _KEY = ["m_bucket", "N", "K", "BLOCK_R", "NESTED"]
 _TUNED = {
     key: triton.autotune(
@@ -618,12 +734,48 @@ _TUNED = {
     )(_qlora_fwd_kernel if key[0] == "fwd" else _qlora_dx_kernel)
     for key in _CONFIGS
 }
-_DECODE_TUNED = triton.autotune(
-    configs=_decode_configs(),
-    key=[*_KEY, "HAS_BIAS", "BLOCK_K"],
-    do_bench=_tuning_bench,
-    cache_results=True,
-)(_qlora_decode_kernel)
+_DECODE_TUNED = {
+    block_n: triton.autotune(
+        configs=_decode_configs(block_n),
+        key=[*_KEY, "HAS_BIAS", "BLOCK_K", "PARTIAL", "k_per_split"],
+        do_bench=_tuning_bench,
+        cache_results=True,
+    )(_qlora_decode_kernel)
+    for block_n in _DECODE_TILES
+}
+
+
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None:  # the CUDA tiles driven on CPU tensors (tests, tools): an H100's
+        return _CPU_SMS
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _decode_plan(m, n, k, blocksize, block_r, x_bytes, sms, widths):
+    """``(block_n, splits, k_per_split, partial)`` for the decode kernel.
+
+    Per call the decode moves, on top of each operand once, ``(n_tiles - 1) * M * K`` elements of
+    x (every N tile reads all of x) and, when it stores partials, ``2 * splits * M * N`` fp32 of
+    workspace (written once, read once by the reduction): wide tiles cut the first, few splits
+    the second, and both together cut the programs. Among the (width, splits) that give at least
+    three quarters of a wave (``sms`` programs), the one that moves the fewest bytes; when none
+    does, the one with the most programs. Splits are whole quantization blocks of every row.
+    """
+    m_tiles = triton.cdiv(m, _DECODE_BLOCK_M)
+    target = max(1, (3 * sms) // 4)
+    best = None
+    for block_n in widths:
+        n_tiles = triton.cdiv(n, block_n)
+        for want in _DECODE_SPLITS:
+            per_split = triton.cdiv(triton.cdiv(k, want), blocksize) * blocksize
+            splits = triton.cdiv(k, per_split)
+            partial = splits > 1 or block_r > _DECODE_EPILOGUE_MAX_R
+            moved = (n_tiles - 1) * m * k * x_bytes + (2 * splits * m * n * 4 if partial else 0)
+            programs = m_tiles * n_tiles * splits
+            rank = (0, moved, programs) if programs >= target else (1, -programs, moved)
+            if best is None or rank < best[0]:
+                best = (rank, (block_n, splits, per_split, partial))
+    return best[1]
 
 
 def _m_bucket(m: int) -> int:
@@ -647,7 +799,7 @@ def _quant_args(qweight, absmax, code, absmax2, code2, offset):
     return (qweight.reshape(-1).view(torch.uint8), *flat), nested
 
 
-def _launch(kernel_name, grid_fn, m, args, meta):
+def _launch(kernel_name, grid_fn, m, r, args, meta):
     meta = dict(meta)
     # Two roundings in the nested absmax decode, as bitsandbytes: no fused multiply-add.
     meta["enable_fp_fusion"] = False
@@ -657,8 +809,7 @@ def _launch(kernel_name, grid_fn, m, args, meta):
         kernel[grid_fn(meta)](*args, **meta)
         return
     decode = m <= 16
-    wide = meta["BLOCK_R"] > _WIDE_RANK
-    tuned = _TUNED[(kernel_name, decode, wide)]
+    tuned = _TUNED[(kernel_name, decode, _rank_class(r, meta["BLOCK_R"]))]
     if _autotune_enabled():
         tuned[grid_fn](*args, **meta)
         return
@@ -693,7 +844,9 @@ def _shrink(xl, lora_a, s, precision, block_r):
 
 
 def _decode_fwd(x, quant, bias, lora_b, s, y, scale, meta):
-    """The decode forward (even K): shrink already in s; one pass over the packed weight."""
+    """The decode forward (even K): shrink already in s; one pass over the packed weight, split
+    over K into fp32 partials that ``_qlora_split_reduce_kernel`` adds (with the LoRA expand and
+    the bias) when ``_decode_plan`` says so."""
     m, k = x.shape
     n = y.shape[1]
     r = s.shape[1]
@@ -702,31 +855,54 @@ def _decode_fwd(x, quant, bias, lora_b, s, y, scale, meta):
     meta.pop("HAS_XL")
     meta["enable_fp_fusion"] = False
     meta["BLOCK_K"] = min(_DECODE_MAX_BLOCK_K, meta["BLOCKSIZE"])
-    chunk_blocks = _INTERPRET_CHUNK_BLOCKS if interp else _CHUNK_BLOCKS
+    if interp:
+        sms, widths = _INTERPRET_SMS, _INTERPRET_DECODE_TILES
+    else:
+        index = None
+        if x.device.type == "cuda":
+            index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        sms, widths = _sm_count(index), tuple(_DECODE_TILES)
+    block_n, splits, per_split, partial = _decode_plan(
+        m, n, k, meta["BLOCKSIZE"], meta["BLOCK_R"], x.element_size(), sms, widths
+    )
+    meta["PARTIAL"] = partial
+    chunk_blocks = _INTERPRET_CHUNK_BLOCKS if interp else _DECODE_TILES[block_n][0]
     # Rows that start inside a block (K not a multiple of the block size) spread a chunk of whole
     # blocks' columns over one block more: their chunks are one block shorter.
     meta["CHUNK_BLOCKS"] = chunk_blocks
     meta["CHUNK_K"] = (chunk_blocks - (k % meta["BLOCKSIZE"] != 0)) * meta["BLOCKSIZE"]
+    meta["BLOCK_M"] = _DECODE_BLOCK_M
+    ws = torch.empty((splits, m, n), device=x.device, dtype=torch.float32) if partial else s
+    ws_strides = (ws.stride(0), ws.stride(1)) if partial else (0, 0)
     args = (
-        x, *quant, x if bias is None else bias, lora_b, s, y,
-        m, n, k, r, _m_bucket(m),
+        x, *quant, x if bias is None else bias, lora_b, s, y, ws,
+        m, n, k, r, _m_bucket(m), per_split,
         x.stride(0), x.stride(1), lora_b.stride(0), lora_b.stride(1),
-        s.stride(0), s.stride(1), y.stride(0), y.stride(1), vector_stride(bias),
+        s.stride(0), s.stride(1), y.stride(0), y.stride(1), vector_stride(bias), *ws_strides,
         float(scale),
     )  # fmt: skip
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-
+    grid = (triton.cdiv(m, _DECODE_BLOCK_M), triton.cdiv(n, block_n), splits)
     if interp:
-        meta.update(BLOCK_M=16, BLOCK_N=16)
-        _qlora_decode_kernel[grid(meta)](*args, **meta)
+        _qlora_decode_kernel[grid](*args, **meta, BLOCK_N=block_n)
     elif _autotune_enabled():
-        _DECODE_TUNED[grid](*args, **meta)
+        _DECODE_TUNED[block_n][grid](*args, **meta)
     else:
-        config = _DECODE_TUNED.configs[0]
+        config = _DECODE_TUNED[block_n].configs[0]
         meta.update(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        _qlora_decode_kernel[grid(meta)](*args, **meta)
+        _qlora_decode_kernel[grid](*args, **meta)
+    if not partial:
+        return
+    reduce_n = _INTERPRET_DECODE_TILES[0] if interp else min(128, _REDUCE_TILE // meta["BLOCK_R"])
+    _qlora_split_reduce_kernel[(triton.cdiv(m, _DECODE_BLOCK_M), triton.cdiv(n, reduce_n))](
+        ws, x if bias is None else bias, lora_b, s, y,
+        m, n, r, splits,
+        ws.stride(0), ws.stride(1), lora_b.stride(0), lora_b.stride(1), s.stride(0), s.stride(1),
+        y.stride(0), y.stride(1), vector_stride(bias),
+        float(scale),
+        HAS_BIAS=meta["HAS_BIAS"], INTERPRET=interp, PRECISION=meta["PRECISION"],
+        BLOCK_M=_DECODE_BLOCK_M, BLOCK_N=reduce_n, BLOCK_R=meta["BLOCK_R"],
+        num_warps=4,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -776,7 +952,7 @@ def qlora_linear_fwd(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
 
-    _launch("fwd", grid, m, args, meta)
+    _launch("fwd", grid, m, r, args, meta)
     return y, s
 
 
@@ -825,7 +1001,7 @@ def qlora_linear_bwd(
             def grid(meta):
                 return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
 
-            _launch("dx", grid, m, args, meta)
+            _launch("dx", grid, m, r, args, meta)
         if x_lora is None:
             dx_lora = None
     return dx, dx_lora, da, db
