@@ -259,6 +259,7 @@ def test_moe_layer_through_vllms_lora_code(dtype, case, shared):
     layer.moe_config = types.SimpleNamespace(
         hidden_dim=H, num_local_experts=E, intermediate_size_per_partition=INTER,
         intermediate_size_per_partition_unpadded=None,
+        moe_parallel_config=types.SimpleNamespace(use_ep=False, tp_size=1, tp_rank=0),
     )  # fmt: skip
     layer.tp_size, layer.tp_rank, layer.device, layer._w13_slices = 1, 0, "cpu", 2
     config = LoRAConfig(max_lora_rank=R, max_loras=MAX_LORAS, lora_dtype=dtype)
