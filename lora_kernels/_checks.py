@@ -886,3 +886,58 @@ def check_lora_expand_inputs(fn: str, y, s, lora_b, row_ids, ranks) -> None:
     for name, t in (("lora_b", lora_b), ("s", s)):
         check_device(fn, name, t, y.device)
     _check_rows(fn, row_ids, m, y.device, ranks, num_adapters)
+
+
+def check_vllm_fused_moe_lora_inputs(
+    fn, y, x, lora_a_stacked, lora_b_stacked, topk_weights, per_pair_x, offset
+) -> tuple[int, int]:
+    """vLLM's fused-MoE LoRA call: ``y [M, k, N_out]``, ``topk_weights [M, k]``, ``x [M, K]``
+    (``[M k, K]`` with ``per_pair_x``: w2's input is one row per (token, slot) pair), ``S``
+    slices of ``lora_a [L, E, R, K]`` and ``lora_b [L, E, N, R']`` (``R' = R``, or the full rank
+    of a fully-sharded shrink), the slices written at ``y[..., offset + s N : offset + (s+1) N]``.
+    Returns ``(M, k)``. Ids and expert ids are not read (that would synchronise on CUDA)."""
+    check_tensor(fn, "topk_weights", topk_weights)
+    if topk_weights.dim() != 2:
+        raise ValueError(
+            f"{fn}: expected topk_weights of shape [M, top_k], got {fmt_shape(topk_weights.shape)}"
+        )
+    m, top_k = topk_weights.shape
+    check_tensor(fn, "y", y)
+    if y.dim() != 3 or tuple(y.shape[:2]) != (m, top_k):
+        raise ValueError(f"{fn}: expected y of shape [{m}, {top_k}, N], got {fmt_shape(y.shape)}")
+    check_tensor(fn, "x", x)
+    rows = m * top_k if per_pair_x else m
+    if x.dim() != 2 or x.shape[0] != rows:
+        raise ValueError(
+            f"{fn}: expected x of shape [{rows}, K] (one row per "
+            f"{'(token, slot) pair' if per_pair_x else 'token'}), got {fmt_shape(x.shape)}"
+        )
+    if not lora_a_stacked or len(lora_a_stacked) != len(lora_b_stacked):
+        raise ValueError(
+            f"{fn}: expected as many lora_a ({len(lora_a_stacked)}) as lora_b "
+            f"({len(lora_b_stacked)}) stacks, at least one"
+        )
+    check_dtype(fn, "y", y, KERNEL_DTYPES)
+    check_dtype(fn, "x", x, KERNEL_DTYPES)
+    for name, t in (("topk_weights", topk_weights), ("x", x)):
+        check_device(fn, name, t, y.device)
+    lead = None
+    for s, (a, b) in enumerate(zip(lora_a_stacked, lora_b_stacked, strict=True)):
+        for name, t in ((f"lora_a_stacked[{s}]", a), (f"lora_b_stacked[{s}]", b)):
+            check_tensor(fn, name, t)
+            if t.dim() != 4:
+                raise ValueError(
+                    f"{fn}: expected {name} of shape [max_loras, E, rows, cols], got "
+                    f"{fmt_shape(t.shape)}"
+                )
+            check_dtype(fn, name, t, KERNEL_DTYPES)
+            check_device(fn, name, t, y.device)
+        lead = lead or [a.shape[0], a.shape[1]]
+        check_shape(fn, f"lora_a_stacked[{s}]", a, [*lead, a.shape[2], x.shape[1]])
+        check_shape(fn, f"lora_b_stacked[{s}]", b, [*lead, lora_b_stacked[0].shape[2], b.shape[3]])
+    width = len(lora_b_stacked) * lora_b_stacked[0].shape[2]
+    if offset < 0 or offset + width > y.shape[2]:
+        raise ValueError(
+            f"{fn}: the slices' {width} columns from offset {offset} do not fit y's {y.shape[2]}"
+        )
+    return m, top_k

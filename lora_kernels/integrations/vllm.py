@@ -38,9 +38,25 @@ computes exactly what vLLM would (an unquantized base, one tensor-parallel rank,
 activations whose dtype is the weight's) and calls vLLM's own method everywhere else. A layer of
 several output slices (qkv, gate_up) runs one fused launch per slice on its rows of the weight.
 
-The fused-MoE methods (``add_lora_fused_moe``, ``add_lora_w13``, ``add_lora_w2``) wait for the
-package's MoE kernels and raise ``NotImplementedError``: serve MoE models with LoRA with
-``LORA_KERNELS_VLLM=0``.
+The fused-MoE methods (vLLM's ``TritonExperts`` call them through ``LoRAExpertsMixin``):
+``add_lora_w13`` adds the gate / up terms into ``intermediate_cache1 [M, k, S I]`` before the
+activation, ``add_lora_w2`` the down term, times the router weight, into ``intermediate_cache3
+[M, k, H]`` before the sum over slots; for every (token t, slot j) pair with a live adapter slot
+a (``adapter_enabled[a]``) and expert e (``expert_map[topk_ids[t, j]]``, -1: another rank's)::
+
+    w13: y[t, j, s I : (s+1) I] += (x[t] @ w13_a[s][a, e].T) @ w13_b[s][a, e].T
+    w2:  y[t, j] += topk_weights[t, j] * (h[t k + j] @ w2_a[a, e].T) @ w2_b[a, e].T
+
+vLLM's GPU wrapper first sorts the pairs by (adapter, expert) into padded blocks
+(``moe_lora_align_block_size``, a CUDA op) for its grouped kernels. Ours need no sort: each
+stack ``[max_loras, E, rows, cols]`` is viewed as ``[max_loras E, rows, cols]`` and every pair
+indexed by ``a E + e`` (by ``a`` alone for the expert-shared factors of
+``enable_moe_shared_loras``), so each slice is one ``lora_shrink_`` and one ``lora_expand_``
+launch over the M k pairs, the same multi-adapter kernels as the linear layers. ``add_lora_w13``
+hands ``add_lora_w2`` vLLM's unsorted ("naive") layout; ``add_lora_fused_moe`` also takes the
+sorted one, and ``moe_lora_align_block_size`` builds it in torch ops for callers that ask. No
+step reads the ids on the host (vLLM's wrapper reads a no-LoRA flag and the active-adapter
+count), and every buffer is sized by the shapes.
 """
 
 from __future__ import annotations
@@ -52,6 +68,7 @@ import torch
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase
 
 from .. import envs
+from .._checks import check_vllm_fused_moe_lora_inputs
 from ..functional import lora_linear_multi
 from ..ops.lora_delta import lora_expand_, lora_shrink_
 
@@ -250,25 +267,346 @@ class LoraKernelsPunicaWrapper(PunicaWrapperBase):
         self._shrink(adapter_y, x, weight_stacked, ids, 1.0)
         y.copy_(self._select_full_linear_output(y, adapter_y, bias_stacked, module_enabled))
 
-    # ------------------------------------------------------------------------------ MoE (later)
+    # ------------------------------------------------------------------------------------- MoE
 
-    def _no_moe(self, method: str):
-        raise NotImplementedError(
-            f"LoraKernelsPunicaWrapper.{method}: lora_kernels has no fused-MoE LoRA kernels yet; "
-            f"serve MoE models with LoRA on vLLM's own kernels by setting {ENV_SWITCH}=0"
+    def _moe_token_ids(self, num_tokens: int, token_lora_mapping) -> torch.Tensor:
+        """Each token's slot: the one passed (expert parallelism's per-rank map) or ours."""
+        return self._token_ids(num_tokens) if token_lora_mapping is None else token_lora_mapping
+
+    def moe_lora_align_block_size(
+        self,
+        topk_ids: torch.Tensor,
+        num_tokens: int,
+        block_size: int,
+        num_experts: int,
+        max_loras: int,
+        adapter_enabled: torch.Tensor,
+        expert_map: torch.Tensor | None = None,
+        pad_sorted_ids: bool = False,
+        naive_block_assignment: bool = False,
+        token_lora_mapping: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """vLLM's per-adapter expert sort of the (token, slot) pairs, on the device in torch ops
+        (see :func:`moe_align_pairs`); returns ``(token_lora_mapping, sorted_token_ids,
+        expert_ids, num_tokens_post_padded)`` as ``PunicaWrapperGPU`` does.
+
+        :meth:`add_lora_w13` does not call it: our kernels take the pairs unsorted (vLLM's
+        "naive" layout), so the sort is kept for callers of this public method."""
+        tlm = self._moe_token_ids(num_tokens, token_lora_mapping)
+        sorted_ids, expert_ids, num_post_pad = moe_align_pairs(
+            topk_ids, tlm, block_size, num_experts, max_loras, adapter_enabled, expert_map,
+            pad_sorted_ids=pad_sorted_ids, naive=naive_block_assignment,
+        )  # fmt: skip
+        return tlm, sorted_ids, expert_ids, num_post_pad
+
+    def add_lora_fused_moe(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        topk_weights: torch.Tensor,
+        sorted_token_ids: torch.Tensor | None,
+        expert_ids: torch.Tensor,
+        num_tokens_post_padded: torch.Tensor | None,
+        max_lora_rank: int,
+        top_k_num: int,
+        shrink_config,
+        expand_config,
+        adapter_enabled: torch.Tensor,
+        mul_routed_weight=False,
+        fully_sharded: bool = False,
+        offset: int = 0,
+        token_lora_mapping: torch.Tensor | None = None,
+        add_inputs: bool = True,
+    ) -> None:
+        """For every (token t, slot k) pair p = t k_num + k whose adapter slot a and expert e
+        are live (vLLM's ``_fused_moe_lora_kernel``: a in [0, max_loras), adapter_enabled[a],
+        e != -1)::
+
+            y[t, k, off + s N : off + (s+1) N] += w * (x_p @ lora_a[s][a, e].T) @ lora_b[s][a, e].T
+
+        ``x_p = x[t]`` for w13 (``x [M, K]``), ``x[p]`` with ``mul_routed_weight`` (w2's
+        ``x [M k, I]``), ``w = topk_weights[t, k]`` with ``mul_routed_weight``, else 1;
+        ``add_inputs=False`` writes the term over the live pairs. Other pairs are untouched. The
+        pairs come sorted (``sorted_token_ids [L, EM]``, ``expert_ids [L, EM / block]``,
+        ``num_tokens_post_padded [L]`` of :meth:`moe_lora_align_block_size`) or as they are
+        (``sorted_token_ids`` None, ``expert_ids [M k]``)."""
+        del max_lora_rank, top_k_num, expand_config  # read from the shapes, as vLLM asserts
+        m, top_k = check_vllm_fused_moe_lora_inputs(
+            "add_lora_fused_moe", y, x, lora_a_stacked, lora_b_stacked, topk_weights,
+            bool(mul_routed_weight), offset,
+        )  # fmt: skip
+        if fully_sharded and not add_inputs:
+            raise ValueError("add_lora_fused_moe: add_inputs=False with fully_sharded=True")
+        num_loras, num_experts = lora_a_stacked[0].shape[:2]
+        pairs = m * top_k
+        if pairs == 0:
+            return
+        tlm = self._moe_token_ids(m, token_lora_mapping)[:m]
+        if sorted_token_ids is None:
+            pair_lora = tlm.long()[:, None].expand(m, top_k).reshape(pairs)
+            pair_expert = expert_ids.reshape(-1).long()
+        else:
+            block = int(shrink_config.get("BLOCK_SIZE_M", 64))
+            pair_lora, pair_expert = unsort_pairs(
+                sorted_token_ids, expert_ids, num_tokens_post_padded, tlm, pairs, block
+            )
+        slot_ids, flat_ids = _pair_ids(
+            pair_lora, pair_expert, adapter_enabled, num_loras, num_experts
         )
+        # w13 reads each token once per slot: repeat its rows (an [M k, K] copy sized by the
+        # shapes) so each slice's shrink is one launch over the pairs
+        xp = x if mul_routed_weight else x[:, None].expand(m, top_k, x.shape[1]).reshape(pairs, -1)
+        rank = lora_a_stacked[0].shape[2]
+        s = torch.empty((len(lora_a_stacked), pairs, rank), dtype=torch.float32, device=x.device)
+        ones = self._scale_tensor(num_loras * num_experts, 1.0, x.device)
+        for j, lora_a in enumerate(lora_a_stacked):
+            w, ids = _expert_stack(lora_a, slot_ids, flat_ids)
+            lora_shrink_(s[j], xp, w, ids, ones[: w.shape[0]])
+        if fully_sharded:
+            s = _gather_rank_shards(s, lora_b_stacked[0].shape[3])
+        if mul_routed_weight:
+            s.mul_(topk_weights.reshape(1, pairs, 1).to(torch.float32))
+        n = lora_b_stacked[0].shape[2]
+        for j, lora_b in enumerate(lora_b_stacked):
+            w, ids = _expert_stack(lora_b, slot_ids, flat_ids)
+            cols = slice(offset + j * n, offset + (j + 1) * n)
+            yv = _pair_rows(y)
+            if yv is not None:
+                lora_expand_(yv[:, cols], s[j], w, ids, add_inputs=add_inputs)
+                continue
+            s3, ids3 = s[j].view(m, top_k, -1), ids.view(m, top_k)
+            for k in range(top_k):  # y's slots are not one row stride apart
+                lora_expand_(y[:, k, cols], s3[:, k], w, ids3[:, k], add_inputs=add_inputs)
 
-    def moe_lora_align_block_size(self, *args: Any, **kwargs: Any):
-        self._no_moe("moe_lora_align_block_size")
+    def add_lora_w13(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_map: torch.Tensor | None,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        num_tokens: int,
+        top_k_num: int,
+        max_loras: int,
+        adapter_enabled: torch.Tensor,
+        local_num_experts: int,
+        top_k: int,
+        num_slices: int,
+        fully_sharded: bool,
+        use_tuned_config: bool,
+        add_inputs: bool = True,
+        token_lora_mapping: torch.Tensor | None = None,
+    ) -> tuple[None, torch.Tensor, None, torch.Tensor]:
+        """The gate / up LoRA terms into ``y`` (vLLM's ``intermediate_cache1 [M, k, S I]``)
+        before the activation: slice s of pair (t, k) gets ``(x[t] @ A_s[a, e].T) @ B_s[a, e].T``
+        with ``e = expert_map[topk_ids[t, k]]`` (``topk_ids`` itself without a map).
 
-    def add_lora_fused_moe(self, *args: Any, **kwargs: Any):
-        self._no_moe("add_lora_fused_moe")
+        Returns ``(None, expert_ids [M k], None, token_lora_mapping)``, vLLM's unsorted layout,
+        which :meth:`add_lora_w2` takes back: the pairs are never sorted on the host."""
+        del w1, w2, num_tokens, top_k_num, max_loras, local_num_experts, top_k, num_slices
+        del use_tuned_config
+        pair_expert = topk_ids.reshape(-1)
+        if expert_map is not None:  # global -> this rank's experts, -1 for the others'
+            pair_expert = expert_map[pair_expert.long()]
+        tlm = self._moe_token_ids(topk_weights.shape[0], token_lora_mapping)
+        self.add_lora_fused_moe(
+            y.view(-1, topk_ids.shape[1], y.shape[-1]), x, lora_a_stacked, lora_b_stacked,
+            topk_weights, None, pair_expert, None, lora_a_stacked[0].shape[-2],
+            topk_ids.shape[1], {}, {}, adapter_enabled, fully_sharded=fully_sharded,
+            token_lora_mapping=tlm, add_inputs=add_inputs,
+        )  # fmt: skip
+        return None, pair_expert, None, tlm
 
-    def add_lora_w13(self, *args: Any, **kwargs: Any):
-        self._no_moe("add_lora_w13")
+    def add_lora_w2(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a_stacked: tuple[torch.Tensor, ...],
+        lora_b_stacked: tuple[torch.Tensor, ...],
+        topk_weights: torch.Tensor,
+        sorted_token_ids_lora: torch.Tensor | None,
+        expert_ids_lora: torch.Tensor | None,
+        num_tokens_post_padded_lora: torch.Tensor | None,
+        token_lora_mapping: torch.Tensor | None,
+        num_tokens: int,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        top_k_num: int,
+        max_loras: int,
+        adapter_enabled: torch.Tensor,
+        top_k: int,
+        fully_sharded: bool,
+        tp_rank: int,
+        use_tuned_config: bool,
+        add_inputs: bool = True,
+    ) -> None:
+        """The down LoRA term into ``y`` (``intermediate_cache3 [M, k, H]``) before the sum over
+        slots: ``y[t, k] += topk_weights[t, k] * (x[p] @ A[a, e].T) @ B[a, e].T`` with
+        ``x [M k, I]`` the activation's output; the routing is :meth:`add_lora_w13`'s return
+        (or vLLM's sorted layout, ``expert_ids [L, blocks]``). A fully-sharded rank writes its
+        shard at ``tp_rank * H_shard``."""
+        del num_tokens, w1, w2, top_k_num, top_k, use_tuned_config
+        offset = lora_b_stacked[0].shape[-2] * tp_rank if fully_sharded else 0
+        sorted_ids, eids = sorted_token_ids_lora, expert_ids_lora
+        if sorted_ids is not None:
+            sorted_ids, eids = sorted_ids.view(max_loras, -1), eids.view(max_loras, -1)
+        self.add_lora_fused_moe(
+            y, x, lora_a_stacked, lora_b_stacked, topk_weights, sorted_ids, eids,
+            num_tokens_post_padded_lora, lora_a_stacked[0].shape[-2], topk_weights.shape[1],
+            {}, {}, adapter_enabled, True, fully_sharded=fully_sharded, offset=offset,
+            token_lora_mapping=token_lora_mapping, add_inputs=add_inputs,
+        )  # fmt: skip
 
-    def add_lora_w2(self, *args: Any, **kwargs: Any):
-        self._no_moe("add_lora_w2")
+
+def _pair_ids(pair_lora, pair_expert, adapter_enabled, num_loras: int, num_experts: int):
+    """Each pair's slot and ``slot * E + expert`` (its row in an ``[L E, ...]`` view of a
+    stack), -1 where vLLM's kernel skips the pair (``_fused_moe_lora_kernel``: slot -1 or
+    >= max_loras, ``adapter_enabled[slot] == 0``, expert -1); an expert outside ``[0, E)`` is
+    skipped too, where vLLM would read past the stack."""
+    a = pair_lora.long()
+    e = pair_expert.long()
+    in_range = (a >= 0) & (a < num_loras) & (e >= 0) & (e < num_experts)
+    enabled = adapter_enabled[a.clamp(0, adapter_enabled.shape[0] - 1)] != 0
+    live = in_range & enabled
+    slot_ids = torch.where(live, a, -1)
+    return slot_ids, torch.where(live, a * num_experts + e, -1)
+
+
+def _expert_stack(w: torch.Tensor, slot_ids, flat_ids):
+    """A ``[L, E, rows, cols]`` stack as the ``[L', rows, cols]`` our ops take, with the ids
+    that index it: a stack shared by the experts (expert dim 1, or vLLM's stride-0 expand of
+    ``enable_moe_shared_loras``) by slot, otherwise ``[L E, ...]`` by ``slot * E + e`` (a view;
+    a copy only for strides that no view can flatten)."""
+    if w.shape[1] == 1 or w.stride(1) == 0:
+        return w[:, 0], slot_ids
+    return w.reshape(-1, *w.shape[2:]), flat_ids
+
+
+def _pair_rows(y: torch.Tensor) -> torch.Tensor | None:
+    """``y [M, k, N]`` as ``[M k, N]`` rows when its slots are one row stride apart."""
+    if y.shape[1] == 1:
+        return y[:, 0]
+    if y.shape[0] == 1:
+        return y[0]
+    return y.flatten(0, 1) if y.stride(0) == y.shape[1] * y.stride(1) else None
+
+
+def _gather_rank_shards(s: torch.Tensor, full_rank: int) -> torch.Tensor:
+    """Fully-sharded LoRA: each tensor-parallel rank shrank with its rows of A; the shrink is
+    summed over ranks when B takes this rank's width, else gathered along the rank (vLLM's
+    ``_fused_moe_lora``)."""
+    from vllm.distributed import (
+        tensor_model_parallel_all_gather,
+        tensor_model_parallel_all_reduce,
+    )
+
+    if s.shape[-1] == full_rank:
+        return tensor_model_parallel_all_reduce(s)
+    return tensor_model_parallel_all_gather(s)
+
+
+def moe_align_pairs(
+    topk_ids: torch.Tensor,
+    token_lora_mapping: torch.Tensor,
+    block_size: int,
+    num_experts: int,
+    max_loras: int,
+    adapter_enabled: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+    *,
+    pad_sorted_ids: bool = False,
+    naive: bool = False,
+):
+    """vLLM's ``moe_lora_align_block_size`` (``PunicaWrapperGPU``; the sizes are its, the op is
+    its CUDA ``moe_lora_align_block_size``) in sync-free torch ops. For each live slot l (one
+    some token maps to, with ``adapter_enabled[l]``): its pairs p = t k + j grouped by expert in
+    ascending order (a stable sort, pair order within an expert), each expert's group padded to
+    a multiple of ``block_size`` with the sentinel ``M k``::
+
+        sorted_token_ids [L EM]   row l: the pairs, then padding   (EM: vLLM's bound)
+        expert_ids [L ceil(EM / block)]   each block's expert (through expert_map), -1 past them
+        num_tokens_post_padded [L]        row l's padded length (0 for a slot with no pairs)
+
+    With ``naive`` (vLLM's few-tokens case): ``(None, topk_ids flat, None)``, through
+    ``expert_map`` where one is given."""
+    pairs = topk_ids.numel()
+    top_k = topk_ids.shape[-1] if topk_ids.dim() > 1 else 1
+    device = topk_ids.device
+    if naive:
+        flat = topk_ids.reshape(-1)
+        return None, (flat if expert_map is None else expert_map[flat.long()]).int(), None
+    sort_experts = expert_map.numel() if expert_map is not None else num_experts
+    em = pairs + sort_experts * (block_size - 1)
+    if pad_sorted_ids:
+        em = -(-em // block_size) * block_size
+    if pairs < sort_experts:
+        em = pairs * block_size
+    blocks = -(-em // block_size)
+    lora = token_lora_mapping[: pairs // top_k].long()[:, None].expand(-1, top_k).reshape(-1)
+    expert = topk_ids.reshape(-1).long()
+    enabled = adapter_enabled[lora.clamp(0, adapter_enabled.shape[0] - 1)] != 0
+    live = (lora >= 0) & (lora < max_loras) & enabled & (expert >= 0) & (expert < sort_experts)
+    key = torch.where(live, lora * sort_experts + expert, max_loras * sort_experts)
+    counts = torch.zeros(max_loras * sort_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:-1].view(max_loras, sort_experts)
+    padded = (counts + block_size - 1) // block_size * block_size
+    ends = padded.cumsum(1)  # row l: expert e's padded group ends at ends[l, e]
+    num_post_pad = ends[:, -1]
+    # rank of each pair within its (slot, expert) group, from a stable sort by key
+    order = torch.sort(key, stable=True).indices
+    group_start = torch.cumsum(counts.flatten(), 0) - counts.flatten()
+    sorted_key = key[order]
+    rank = (
+        torch.arange(pairs, device=device)
+        - torch.cat((group_start, group_start.new_tensor([pairs])))[sorted_key]
+    )
+    row = torch.where(live[order], sorted_key // sort_experts, max_loras)
+    col = (ends - padded).flatten()[sorted_key.clamp(max=max_loras * sort_experts - 1)] + rank
+    dest = torch.where(row < max_loras, row * em + col, max_loras * em)
+    sorted_ids = torch.full((max_loras * em + 1,), pairs, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.int())
+    starts = torch.arange(blocks, device=device) * block_size
+    block_expert = torch.searchsorted(ends, starts.expand(max_loras, -1).contiguous(), right=True)
+    in_rows = starts[None, :] < num_post_pad[:, None]
+    block_expert = block_expert.clamp(max=sort_experts - 1)
+    if expert_map is not None:
+        block_expert = expert_map[block_expert].long()
+    expert_ids = torch.where(in_rows, block_expert, -1).int().flatten()
+    return sorted_ids[:-1], expert_ids, num_post_pad.int()
+
+
+def unsort_pairs(sorted_token_ids, expert_ids, num_tokens_post_padded, token_lora_mapping,
+                 pairs: int, block_size: int):  # fmt: skip
+    """Each pair's slot and expert back from vLLM's sorted layout, as its kernel reads it
+    (``_get_token_offs`` / ``_get_expert_id`` of ``fused_moe_lora_op.py``): in row l (only the
+    slots some token maps to: vLLM's ``lora_ids``), position j below
+    ``num_tokens_post_padded[l]`` holds pair ``sorted_token_ids[l, j]`` (the sentinel ``>=
+    pairs``: padding) of expert ``expert_ids[l, j // block_size]``. Pairs in no row: -1."""
+    num_loras, em = sorted_token_ids.shape
+    device = sorted_token_ids.device
+    tlm = token_lora_mapping.long()
+    active = torch.zeros(num_loras + 1, dtype=torch.bool, device=device)
+    active[torch.where((tlm >= 0) & (tlm < num_loras), tlm, num_loras)] = True
+    pos = torch.arange(em, device=device)
+    eids = expert_ids.view(num_loras, -1)
+    blk = (pos // block_size).clamp(max=eids.shape[1] - 1)
+    ids = sorted_token_ids.long()
+    live = active[:num_loras, None] & (pos[None, :] < num_tokens_post_padded.long()[:, None])
+    live &= (ids >= 0) & (ids < pairs)
+    dest = torch.where(live, ids, pairs).flatten()
+    rows = torch.arange(num_loras, device=device)[:, None].expand(num_loras, em)
+    pair_lora = torch.full((pairs + 1,), -1, dtype=torch.long, device=device)
+    pair_expert = torch.full((pairs + 1,), -1, dtype=torch.long, device=device)
+    pair_lora.scatter_(0, dest, torch.where(live, rows, -1).flatten())
+    pair_expert.scatter_(0, dest, torch.where(live, eids[:, blk].long(), -1).flatten())
+    return pair_lora[:pairs], pair_expert[:pairs]
 
 
 _stock_apply_sync = None  # vLLM's BaseLinearLayerWithLoRA._apply_sync, once register() fuses
