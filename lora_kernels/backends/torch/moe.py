@@ -127,10 +127,12 @@ def _project(inp, w, bias, a, b, scales, segments, e, s_out, out):
         if adapter < 0:
             continue
         seg = slice(lo - base, hi - base)
-        sa = inp[seg].to(acc) @ a[adapter, e].to(acc).T
-        s_out[lo:hi, :r] = sa
-        term = (sa @ b[adapter, e].to(acc).T).mul_(scales[adapter])
-        out[seg] += term.to(out.dtype)
+        sa = torch.mm(inp[seg].to(acc), a[adapter, e].to(acc).T, out=s_out[lo:hi, :r])
+        if out.dtype == acc:  # the expand added in place, scale folded in: one op per segment
+            out[seg].addmm_(sa, b[adapter, e].to(acc).T, alpha=scales[adapter])
+        else:
+            term = (sa @ b[adapter, e].to(acc).T).mul_(scales[adapter])
+            out[seg] += term.to(out.dtype)
 
 
 def moe_lora_fwd(
