@@ -7,7 +7,9 @@ Per provider: forward (no grad) and forward + backward time (``torch.utils.bench
 the peak memory a training step needs beyond what exists before it (a subprocess per provider:
 ``/proc/self`` high-water mark on a CPU, ``max_memory_allocated`` on a GPU). ``--train`` adds a
 20-step training run of a tiny Qwen3-MoE (attention and experts adapted), PEFT vs ours from the
-same initial adapter: both loss curves and the time per step.
+same initial adapter: both loss curves and the time per step. ``decode_mixed``: a serving decode
+step whose tokens take ``--mixed-adapters`` (4) adapters in turn, as a share of the base experts'
+no-LoRA throughput (the GPU target: >= 0.9).
 
     python -m benchmarks.bench_moe                 # 64 experts, H 1024, I 384, r 16, top-8
     python -m benchmarks.bench_moe --quick --train
@@ -91,6 +93,21 @@ def build(name: str, args, device) -> nn.Module:
             ours.lora_A[param]["default"].weight.copy_(w.lora_A["default"].weight)
             ours.lora_B[param]["default"].weight.copy_(w.lora_B["default"].weight)
     return ours
+
+
+def with_adapters(ours: FusedLoraExperts, count: int) -> list[str]:
+    """Give ``ours`` ``count`` adapters in all (``default`` and random others of its rank and
+    scale) and return their names: a serving batch mixes them token by token."""
+    names = ["default"] + [f"a{i}" for i in range(1, count)]
+    r = {p: ours.lora_A[p]["default"].weight.shape[0] // ours.num_experts for p in ours.lora_A}
+    for i, name in enumerate(names[1:], start=3):
+        ours.add_adapter(name, r, {k: 2 * v for k, v in r.items()})
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for param in ours.lora_A:
+                for f in (ours.lora_A[param][name].weight, ours.lora_B[param][name].weight):
+                    f.normal_(0, f.shape[-1] ** -0.5)
+    return names
 
 
 def inputs(t: int, args, device):
@@ -275,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--decode", type=int, nargs="*", default=[1, 4, 16])
+    parser.add_argument(
+        "--mixed-adapters", type=int, default=4, help="adapters of the mixed decode batch"
+    )
     parser.add_argument("--impl", default="eager", help="transformers' experts implementation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -324,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "timer": f"torch.utils.benchmark.Timer.blocked_autorange(min_run_time={min_run})",
         "prefill": {},
         "decode": {},
+        "decode_mixed": {},
     }
     for name, module in modules.items():
         result["prefill"][name] = {
@@ -349,7 +370,27 @@ def main(argv: list[str] | None = None) -> int:
                 for n, v in result["decode"][str(t)].items()
             },
         )
-    del modules
+    # serving: a decode batch whose tokens use 4 adapters (a mixed batch), as no-LoRA throughput
+    ours, base = modules["ours"], modules[PROVIDERS[0]]
+    names = with_adapters(ours, args.mixed_adapters)
+    for t in args.decode:
+        xt, it, wt, _ = inputs(t, args, device)
+        per_token = [names[i % len(names)] for i in range(t)]
+
+        def mixed(xt=xt, it=it, wt=wt, per_token=per_token):
+            with torch.no_grad():
+                ours(xt, it, wt, adapter_names=per_token)
+
+        row = {
+            "base": timed(forward_fn(base, xt, it, wt), min_run, device),
+            "ours mixed": timed(mixed, min_run, device),
+            "adapters": len(names),
+        }
+        row["throughput_vs_base"] = row["base"]["median_s"] / row["ours mixed"]["median_s"]
+        result["decode_mixed"][str(t)] = row
+        print(f"decode T={t}, {len(names)} adapters mixed: "
+              f"{row['throughput_vs_base']:.2f} of the no-LoRA throughput")  # fmt: skip
+    del modules, ours, base
     sub_argv = [a for a in argv if a not in ("--train", "--quick")]
     for name in PROVIDERS:  # a GPU counts its own allocations: no subprocess needed there
         peak = (
