@@ -111,6 +111,24 @@ def test_factored_norm_is_the_dense_norm(shape):
             torch.testing.assert_close(got.double(), ref, rtol=2e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("r", [7, 40, 100, 200, 256])
+def test_norm_at_odd_and_large_ranks_is_the_dense_norm(r):
+    """Ranks past one rank chunk of the kernel (its Gram term and its dense fallback run in
+    [chunk, chunk] blocks): the factored norm, and the dense fallback on rows the adapter
+    nearly cancels, against the spec."""
+    n, k, scale = 21, 37, 0.4
+    w, a, b = torch.randn(n, k), torch.randn(r, k) / r**0.5, torch.randn(n, r)
+    cancelled = w.clone()
+    cancelled[::4] = -scale * (b[::4] @ a) + 1e-3 * torch.randn(6, k)
+    for weight in (w, cancelled):
+        ref = R.dora_weight_norm(*_f64(weight, a, b), scale)
+        for backend in BACKENDS:
+            for w_sq in (None, lk.functional.dora.weight_sq_norm(weight)):
+                got = lk.dora_weight_norm(weight, a, b, scale, weight_sq_norm=w_sq,
+                                          backend=backend)  # fmt: skip
+                torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_norm_of_a_half_weight_is_fp32_accurate(dtype):
     w = (torch.randn(40, 300) / 300**0.5).to(dtype)
@@ -159,6 +177,12 @@ def test_torch_backend_dropout_and_fp32_adapters(dtype, m_shape):
 )
 def test_triton_backend_matches_reference(dtype, m_shape, knr, bias, lora_dtype, dropout):
     check_dora("triton", m_shape, *knr, dtype, bias, lora_dtype, dropout)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the Triton interpreter")
+@pytest.mark.parametrize("r", [40, 200])
+def test_triton_gradients_at_odd_ranks(r):
+    check_dora("triton", (5,), 19, 13, r, torch.float32, True, None, False)
 
 
 def test_only_the_needed_gradients_and_inference():

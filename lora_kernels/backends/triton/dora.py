@@ -12,10 +12,12 @@ Formula and shapes (``r`` up to 256, s = scale, m = magnitude [N])::
 [BLOCK_N, r] tile of ``W A^T`` in fp32 over K (a LoRA shrink over N rows) and, when the caller has
 no cached ``||W||^2`` yet, the rows' squared norms from the same W tiles; its epilogue combines
 them with the rows of B and the [r, r] Gram matrix ``A A^T`` (computed once outside: r*r*K
-flops). ``W + s B A`` ([N, K]) is never formed, which is what makes PEFT's DoRA slow and
-memory-hungry. A block holding a row that the adapter nearly cancels (the factored sum would lose
-bits to cancellation; ``ILL_CONDITIONED``) makes a second pass summing ``(W + s B A)^2`` for its
-rows, without a host synchronisation.
+flops), read in [64, 32] blocks so that no [r, r] or [BLOCK_N, r] x [r, 32] operand is ever
+held in registers (rank chunks: spill-free up to r = 256). ``W + s B A`` ([N, K]) is never
+formed, which is what makes PEFT's DoRA slow and memory-hungry. A block holding a row that the
+adapter nearly cancels (the factored sum would lose bits to cancellation; ``ILL_CONDITIONED``)
+makes a second pass summing ``(W + s B A)^2`` for its rows (``B A`` one rank chunk at a time),
+without a host synchronisation.
 
 The forward is the fused LoRA GEMM of ``lora_kernels/backends/triton/lora_linear.py`` for ``lin``
 followed by ``_dora_scale_kernel`` (``y = g * lin + bias``, one elementwise pass); ``lin`` is kept
@@ -87,14 +89,23 @@ def _dora_norm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    RANK_CHUNK: tl.constexpr,
     GRAM_COLS: tl.constexpr,
 ):
-    """``norm`` for BLOCK_N rows; without HAS_WSQ also stores their ``||W_n||^2`` in wsq. The
-    Gram matrix is read GRAM_COLS columns at a time (all of it at once spilled at rank 128)."""
+    """``norm`` for BLOCK_N rows; without HAS_WSQ also stores their ``||W_n||^2`` in wsq.
+
+    Only the ``[BLOCK_N, BLOCK_R]`` accumulator of ``W A^T`` spans the whole rank; everything
+    after it works on rank chunks: the quadratic term is ``sum_j (sum_i B_i G_ij) . B_j`` over
+    ``[RANK_CHUNK, GRAM_COLS]`` blocks of the Gram matrix (i: RANK_CHUNK ranks of B's rows, j:
+    GRAM_COLS), and the second pass forms ``B A`` one rank chunk at a time. Holding the whole
+    ``[BLOCK_R, BLOCK_R]`` Gram matrix (or B beside a ``[BLOCK_R, GRAM_COLS]`` slice of it)
+    spilled at rank 256."""
     pid = tl.program_id(0).to(tl.int64)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
+    offs_c = tl.arange(0, RANK_CHUNK)
+    offs_j = tl.arange(0, GRAM_COLS)
     mask_n = offs_n < N
     mask_r = offs_r < R
 
@@ -115,16 +126,27 @@ def _dora_norm_kernel(
     b_ptrs = b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
     cross = tl.sum(b * p, axis=1)
+    # The Gram matrix is zero-padded to [BLOCK_R, BLOCK_R]: its blocks load unmasked, and the
+    # chunks of B past R load as zeros.
     quad = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for c0 in range(0, BLOCK_R, GRAM_COLS):
-        cols = c0 + tl.arange(0, GRAM_COLS)
-        gram = tl.load(gram_ptr + offs_r[:, None] * BLOCK_R + cols[None, :])  # [BLOCK_R, C]
+    for j0 in range(0, BLOCK_R, GRAM_COLS):
+        cols = j0 + offs_j
+        bg = tl.zeros((BLOCK_N, GRAM_COLS), dtype=tl.float32)  # (B G)[:, cols]
+        for i0 in range(0, BLOCK_R, RANK_CHUNK):
+            rows = i0 + offs_c
+            b_rows = tl.load(
+                b_ptr + offs_n[:, None] * stride_bn + rows[None, :] * stride_br,
+                mask=mask_n[:, None] & (rows < R)[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            gram = tl.load(gram_ptr + rows[:, None] * BLOCK_R + cols[None, :])
+            bg = tl.dot(b_rows, gram, bg, input_precision=DOT_PRECISION)
         b_cols = tl.load(
             b_ptr + offs_n[:, None] * stride_bn + cols[None, :] * stride_br,
             mask=mask_n[:, None] & (cols < R)[None, :],
             other=0.0,
         ).to(tl.float32)
-        quad += tl.sum(tl.dot(b, gram, input_precision=DOT_PRECISION) * b_cols, axis=1)
+        quad += tl.sum(bg * b_cols, axis=1)
     if HAS_WSQ:
         wsq = tl.load(wsq_ptr + offs_n * stride_wsq, mask=mask_n, other=0.0)
     else:
@@ -141,9 +163,19 @@ def _dora_norm_kernel(
             mask_k = k < K
             w_ptrs = w_ptr + offs_n[:, None] * stride_wn + k[None, :] * stride_wk
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            a_ptrs = a_ptr + offs_r[:, None] * stride_ar + k[None, :] * stride_ak
-            a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            d = w + scale * tl.dot(b, a, input_precision=DOT_PRECISION)
+            ba = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            for i0 in range(0, BLOCK_R, RANK_CHUNK):
+                rows = i0 + offs_c
+                mask_c = rows < R
+                b_rows = tl.load(
+                    b_ptr + offs_n[:, None] * stride_bn + rows[None, :] * stride_br,
+                    mask=mask_n[:, None] & mask_c[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                a_ptrs = a_ptr + rows[:, None] * stride_ar + k[None, :] * stride_ak
+                a = tl.load(a_ptrs, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+                ba = tl.dot(b_rows, a.to(tl.float32), ba, input_precision=DOT_PRECISION)
+            d = w + scale * ba
             dsq += tl.sum(d * d, axis=1)
         sq = tl.where(bad, dsq, sq)
     tl.store(norm_ptr + offs_n, tl.sqrt(tl.maximum(sq, 0.0)), mask=mask_n)
@@ -260,12 +292,16 @@ def _rank_block(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-# Norm kernel tiles (BLOCK_N, BLOCK_K, num_warps) by rank above 64: its epilogue holds the
-# [BLOCK_R, BLOCK_R] Gram matrix and B's rows beside the [BLOCK_N, BLOCK_R] accumulator. The
-# compile gate measured, at rank 128 with 64-row tiles, 2-80 KB of spills; BLOCK_K 64 spilled
-# 264 B even at rank 16 (odd K, ||W||^2 in the same pass).
+# Norm kernel tiles (BLOCK_N, BLOCK_K, num_warps) by rank above 16: the [BLOCK_N, BLOCK_R]
+# accumulator of W A^T spans the whole rank; the Gram term and the dense fallback work in
+# [_RANK_CHUNK, _GRAM_COLS] blocks. The compile gate measured, at rank 128 with 64-row tiles,
+# 2-80 KB of spills; BLOCK_K 64 spilled 264 B even at rank 16 (odd K, ||W||^2 in the same
+# pass); 64-row tiles at BLOCK_R 64 spilled 268-520 B at rank 40 on sm_80 (odd R: no
+# divisibility hint), 16-row tiles on 8 warps do not. Before the rank chunks, BLOCK_R 256 (the
+# whole Gram matrix's rows beside B) spilled 104-552 B at ranks 200 and 256 on both targets.
 _NORM_TILES = {False: (64, 32, 4), True: (16, 32, 8)}
 _GRAM_COLS = 32
+_RANK_CHUNK = 64
 # dy-pass tiles (BLOCK_M, BLOCK_N, num_warps)
 _DY_TILES = (32, 64, 4)  # 32 x 128 spilled 48-112 B at M = 1 (odd N)
 
@@ -295,7 +331,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
     if n == 0:
         return norm
     interp = interpreting()
-    block_n, block_k, warps = (16, 32, 4) if interp else _NORM_TILES[block_r > 64]
+    block_n, block_k, warps = (16, 32, 4) if interp else _NORM_TILES[block_r > 16]
     _dora_norm_kernel[(triton.cdiv(n, block_n),)](
         weight, lora_a, lora_b, gram, wsq, norm,
         n, k, r,
@@ -304,6 +340,7 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
         float(scale), ILL_CONDITIONED,
         HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if interp else "tf32x3",
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
+        RANK_CHUNK=min(block_r, 32 if interp else _RANK_CHUNK),
         GRAM_COLS=min(block_r, 16 if interp else _GRAM_COLS),
         num_warps=warps,
     )  # fmt: skip
