@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         xt, it, wt, _ = inputs(t, args, device)
         per_token = [names[i % len(names)] for i in range(t)]
 
-        def mixed(xt=xt, it=it, wt=wt, per_token=per_token):
+        def mixed(xt=xt, it=it, wt=wt, per_token=per_token, ours=ours):
             with torch.no_grad():
                 ours(xt, it, wt, adapter_names=per_token)
 
