@@ -676,10 +676,12 @@ def _configs(kernel_name: str, decode: bool, rank_class: str) -> list[triton.Con
 # num_stages) the autotuner picks from. ``_decode_plan`` picks the width and the K splits from
 # the bytes they move (module docstring). The compile gate (sm_90, bf16, r = 16): 64 x 32
 # blocks on 8 warps 184 registers, no spill (on 4 warps 32 B of spills); 128 x 32 blocks 255
-# registers and 68 B of spills, 128 x 16 blocks 214 registers, no spill; 256 wide spilled
-# 344-2,048 B on 8 and 16 warps with 8 blocks, and would need twice the splits to fill the SMs,
-# which moves as many workspace bytes as it saves x bytes.
-_DECODE_TILES = {64: (32, [(8, 3)]), 128: (16, [(8, 3), (8, 2)])}
+# registers and 68 B of spills, 128 x 16 blocks spill-free on sm_90 but 12-24 B on sm_80 (r 16
+# and 64), 128 x 8 blocks 186 / 223 registers, no spill (its uint8 block maxima come in quarter
+# sectors: read 4 times over); 256 wide spilled 344-2,048 B on 8 and 16 warps with 8 blocks, and
+# would need twice the splits to fill the SMs, which moves as many workspace bytes as it saves
+# x bytes.
+_DECODE_TILES = {64: (32, [(8, 3)]), 128: (8, [(8, 3), (8, 2)])}
 _DECODE_BLOCK_M = 16
 _DECODE_SPLITS = (1, 2, 4, 8, 16)
 # The LoRA expand runs in the decode kernel's epilogue up to this rank block, above it in the
