@@ -38,30 +38,32 @@ per N tile, ``(n_tiles - 1) * M * K * 2`` bytes (the weight is half a byte per e
 * 4`` bytes of fp32 workspace. The plan takes the width (64 or 128) and split count that move
 the fewest bytes among those giving at least three quarters of a wave of programs. Both excess
 terms grow with M at fixed programs P = n_tiles * splits, and their product is fixed by P, so
-the excess cannot go below ``16 * M / sqrt(N * K / P)`` of the weight bytes (x: ``4 M / BLOCK_N``,
-workspace: ``16 M / (K / splits)``): at K = N = 4096, M = 16 and P = 128 that is 0.71, and <= 1.20
-at M = 16 would need 10-14 programs on 132 SMs. Bytes moved over the compulsory bytes (each operand read once, each output written
-once), counted by ``tools/traffic.py`` in 32-byte sectors with the CUDA tile configs (132 SMs),
-fp16, r = 16, double quantization, blocksize 64 (``python -m tools.traffic_cases qlora --m M --k K
---n N --r 16 --quant Q --sample 8``; 2-core CPU VM, shared)::
+the excess cannot go below ``16 * M / sqrt(N * K / P)`` of the weight bytes (x: ``4 M /
+BLOCK_N``, workspace: ``16 M / (K / splits)``): at K = N = 4096, M = 16 and P = 128 that is 0.71,
+and <= 1.20 at M = 16 would need 10-14 programs on 132 SMs. Bytes moved over the compulsory bytes
+(each operand read once, each output written once), counted by ``tools/traffic.py`` in 32-byte
+sectors with the CUDA tile configs (132 SMs), fp16, r = 16, double quantization, blocksize 64
+(``python -m tools.traffic_cases qlora --m M --k K --n N --r 16 --quant Q --sample 8``; 2-core
+CPU VM, shared)::
 
     M   K x N          quant   fused fwd     shrink + decode      wide + split-K (this)
                                16x32x32      16x32x64, no split   plan: tile, splits, programs
-    1   4096 x 4096    NF4     7.199         1.149                1.091   128, 4, 128
-    1   4096 x 4096    FP4     7.199         1.149                1.091   128, 4, 128
-    1   4096 x 14336   NF4     7.282         1.151                1.076   128, 1, 112
-    1   14336 x 4096   NF4     7.446         1.152                1.110   128, 4, 128
-    2   4096 x 4096    FP4                                        1.135   128, 4, 128
-    4   4096 x 4096    NF4                                        1.222   128, 4, 128
-    8   4096 x 4096    NF4                                        1.396   128, 4, 128
-    16  4096 x 4096    NF4     8.732         2.871                1.734   128, 4, 128
-    16  4096 x 4096    FP4                   2.871                1.734   128, 4, 128
-    16  4096 x 14336   NF4/FP4                                    1.515   128, 1, 112
-    16  14336 x 4096   NF4/FP4                                    1.610   128, 4, 128
+    1   4096 x 4096    NF4     7.199         1.149                1.083   64, 2, 128
+    1   4096 x 14336   NF4     7.282         1.151                1.076   64, 1, 224
+    1   14336 x 4096   NF4     7.446         1.152                1.099   64, 2, 128
+    16  4096 x 4096    NF4     8.732         2.871                1.807   128, 4, 128
+    16  4096 x 14336   NF4                                        1.590   128, 1, 112
+    16  14336 x 4096   NF4                                        1.664   128, 4, 128
 
-What remains: x per N tile (above), the workspace, the uint8 block maxima read twice (a
-16-block chunk is half a sector per row: the 128-wide tile spills 68 B with 32-block chunks) and
-the 1 KB code2 table gathered once per chunk. The 1.20 target holds to M = 2-3 at these shapes;
+FP4 moves the same bytes (the codes change, not the addresses: 1.091 / 1.734 for both at
+M = 1 / 16, K = N = 4096, with the 16-block chunks of commit 4c54c42, which also gave M = 2:
+1.135, M = 4: 1.222, M = 8: 1.396 there; the 8-block chunks that the sm_80 gate asked for add
+about 0.07 at M = 16).
+
+What remains: x per N tile (above), the workspace, the uint8 block maxima of the 128-wide tile
+read four times (an 8-block chunk is a quarter sector per row: 16 and 32 blocks spill; the plan
+counts these bytes too, so M = 1 takes the 64-wide tile) and the 1 KB code2 table gathered once
+per chunk. The 1.20 target holds to M = 2-3 at these shapes;
 from M = 4 it needs fewer programs than SMs (a wave with most SMs idle), which this plan does not
 trade for bytes. Odd K (a byte straddling two rows) and prefill take ``_qlora_fwd_kernel``.
 
@@ -676,10 +678,12 @@ def _configs(kernel_name: str, decode: bool, rank_class: str) -> list[triton.Con
 # num_stages) the autotuner picks from. ``_decode_plan`` picks the width and the K splits from
 # the bytes they move (module docstring). The compile gate (sm_90, bf16, r = 16): 64 x 32
 # blocks on 8 warps 184 registers, no spill (on 4 warps 32 B of spills); 128 x 32 blocks 255
-# registers and 68 B of spills, 128 x 16 blocks 214 registers, no spill; 256 wide spilled
-# 344-2,048 B on 8 and 16 warps with 8 blocks, and would need twice the splits to fill the SMs,
-# which moves as many workspace bytes as it saves x bytes.
-_DECODE_TILES = {64: (32, [(8, 3)]), 128: (16, [(8, 3), (8, 2)])}
+# registers and 68 B of spills, 128 x 16 blocks spill-free on sm_90 but 12-24 B on sm_80 (r 16
+# and 64), 128 x 8 blocks 186 / 223 registers, no spill (its uint8 block maxima come in quarter
+# sectors: read 4 times over); 256 wide spilled 344-2,048 B on 8 and 16 warps with 8 blocks, and
+# would need twice the splits to fill the SMs, which moves as many workspace bytes as it saves
+# x bytes.
+_DECODE_TILES = {64: (32, [(8, 3)]), 128: (8, [(8, 3), (8, 2)])}
 _DECODE_BLOCK_M = 16
 _DECODE_SPLITS = (1, 2, 4, 8, 16)
 # The LoRA expand runs in the decode kernel's epilogue up to this rank block, above it in the
@@ -751,7 +755,7 @@ def _sm_count(device_index: int | None) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode_plan(m, n, k, blocksize, block_r, x_bytes, sms, widths):
+def _decode_plan(m, n, k, blocksize, block_r, x_bytes, absmax_bytes, sms, widths):
     """``(block_n, splits, k_per_split, partial)`` for the decode kernel.
 
     Per call the decode moves, on top of each operand once, ``(n_tiles - 1) * M * K`` elements of
@@ -764,13 +768,17 @@ def _decode_plan(m, n, k, blocksize, block_r, x_bytes, sms, widths):
     m_tiles = triton.cdiv(m, _DECODE_BLOCK_M)
     target = max(1, (3 * sms) // 4)
     best = None
-    for block_n in widths:
+    for block_n, chunk in widths.items():
         n_tiles = triton.cdiv(n, block_n)
         for want in _DECODE_SPLITS:
             per_split = triton.cdiv(triton.cdiv(k, want), blocksize) * blocksize
             splits = triton.cdiv(k, per_split)
             partial = splits > 1 or block_r > _DECODE_EPILOGUE_MAX_R
             moved = (n_tiles - 1) * m * k * x_bytes + (2 * splits * m * n * 4 if partial else 0)
+            # block maxima: whole sectors per row and chunk (a short chunk re-reads its sector)
+            blocks = per_split // blocksize
+            sectors = triton.cdiv(min(chunk, blocks) * absmax_bytes, 32)
+            moved += n * splits * triton.cdiv(blocks, chunk) * sectors * 32
             programs = m_tiles * n_tiles * splits
             rank = (0, moved, programs) if programs >= target else (1, -programs, moved)
             if best is None or rank < best[0]:
@@ -856,14 +864,23 @@ def _decode_fwd(x, quant, bias, lora_b, s, y, scale, meta):
     meta["enable_fp_fusion"] = False
     meta["BLOCK_K"] = min(_DECODE_MAX_BLOCK_K, meta["BLOCKSIZE"])
     if interp:
-        sms, widths = _INTERPRET_SMS, _INTERPRET_DECODE_TILES
+        sms = _INTERPRET_SMS
+        widths = dict.fromkeys(_INTERPRET_DECODE_TILES, _INTERPRET_CHUNK_BLOCKS)
     else:
         index = None
         if x.device.type == "cuda":
             index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        sms, widths = _sm_count(index), tuple(_DECODE_TILES)
+        sms, widths = _sm_count(index), {bn: chunk for bn, (chunk, _) in _DECODE_TILES.items()}
     block_n, splits, per_split, partial = _decode_plan(
-        m, n, k, meta["BLOCKSIZE"], meta["BLOCK_R"], x.element_size(), sms, widths
+        m,
+        n,
+        k,
+        meta["BLOCKSIZE"],
+        meta["BLOCK_R"],
+        x.element_size(),
+        quant[1].element_size(),
+        sms,
+        widths,
     )
     meta["PARTIAL"] = partial
     chunk_blocks = _INTERPRET_CHUNK_BLOCKS if interp else _DECODE_TILES[block_n][0]
