@@ -57,8 +57,8 @@ a memset of M * N * 4 bytes the counter does not see, adds 0.008 at M = 16, N = 
     M=16 N=4096  r=64    1.255                     1.139                      64 -> 16 x 8
     M=1  N=14336 r=16    1.016                     1.005                      224 -> 56 x 2
     M=1  N=14336 r=64    1.016                     1.006                      224 -> 56 x 2
-    M=16 N=14336 r=16    1.250                     1.088                      224 -> 56 x 2
-    M=16 N=14336 r=64    1.254                     1.094                      224 -> 56 x 2
+    M=16 N=14336 r=16    1.250                     1.087                      224 -> 56 x 2
+    M=16 N=14336 r=64    1.254                     1.090                      224 -> 56 x 2
 
 A 128-wide tile would read x twice as often (M = 16: +12.5 % of the weight against +6.25 %);
 512-wide ones would need 16 splits to fill the GPU, whose partials cost more than the x they
