@@ -165,8 +165,9 @@ def _excess_text(report: dict, top: int = 3) -> str:
 def tile_implied(report: dict, shape: dict) -> int | None:
     """Compulsory bytes plus the re-reads a GEMM's tiling implies: x once per N-block column,
     the weight once per M-block row (``ceil(N / BLOCK_N)`` and ``ceil(M / BLOCK_M)`` reads).
-    Taken from the launch that reads the weight in BLOCK_M x BLOCK_N tiles; None for calls
-    that have none (embedding, merge, the DoRA norm)."""
+    Taken from the launch that reads the weight in BLOCK_M x BLOCK_N tiles (not a DoRA kernel,
+    not the pass that finishes a split-K decode GEMM); None for calls that have none
+    (embedding, merge, the DoRA norm)."""
     ops = report["operands"]
     weight = "weight" if "weight" in ops else "qweight" if "qweight" in ops else None
     if weight is None or "x" not in ops:
@@ -174,7 +175,9 @@ def tile_implied(report: dict, shape: dict) -> int | None:
     gemms = [
         launch
         for launch in report["launches"]
-        if {"BLOCK_M", "BLOCK_N"} <= set(launch["meta"]) and "dora" not in launch["kernel"]
+        if {"BLOCK_M", "BLOCK_N"} <= set(launch["meta"])
+        and "dora" not in launch["kernel"]
+        and "finish" not in launch["kernel"]
     ]
     if not gemms:
         return None

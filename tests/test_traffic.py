@@ -188,20 +188,30 @@ def test_count_restores_the_interpreter_and_the_launchers():
 
 
 def test_cuda_configs_pick_the_gpu_tiles():
-    cuda = traffic_cases.lora_linear(1, 64, 200, 8)
+    cuda = traffic_cases.lora_linear(1, 1024, 300, 8)
     with traffic.cuda_configs():
         from lora_kernels.backends.triton import lora_linear
 
         assert lora_linear.interpreting() is False
-    # decode computes S in a launch of its own first (the skinny shrink), then the GEMM
-    (launch,) = [la for la in cuda.launches if la["kernel"] != "_lora_skinny_kernel"]
-    # the first small-M candidate of the GEMM's autotuner, not the interpreter's 64 x 128 tile
-    assert (launch["meta"]["BLOCK_M"], launch["meta"]["BLOCK_N"]) == (16, 64)
-    assert launch["grid"] == [triton.cdiv(200, 64), 1, 1]
+    # decode: the skinny shrink for S, the split-K GEMM, then the pass that adds the splits, the
+    # LoRA expand and the bias
+    kernels = [la["kernel"] for la in cuda.launches]
+    assert kernels == ["_lora_skinny_kernel", "_lora_splitk_kernel", "_lora_splitk_finish_kernel"]
+    split = cuda.launches[1]
+    # the 16-bit decode tile on a 132-SM GPU, not the interpreter's 16 x 64 one: 2 N tiles, and
+    # K split into its 32 K tiles (the SMs would take 66 splits, the K tiles allow 32)
+    assert (split["meta"]["BLOCK_M"], split["meta"]["BLOCK_N"]) == (16, 256)
+    assert split["grid"] == [2, 32, 1]
     x = torch.randn(1, 64, dtype=torch.float16)
     w = torch.randn(200, 64, dtype=torch.float16)
     a = torch.randn(8, 64, dtype=torch.float16)
     b = torch.randn(200, 8, dtype=torch.float16)
+    with traffic.count(cuda_configs=False) as t:
+        lora_linear.lora_linear_fwd(x, w, None, a, b, 1.0)
+    (split,) = [la for la in t.launches if la.kernel == "_lora_splitk_kernel"]
+    assert split.meta["BLOCK_N"] == lora_linear._INTERP_DECODE_META["BLOCK_N"]
+    # above the decode rows, the tiled GEMM
+    x = torch.randn(17, 64, dtype=torch.float16)
     with traffic.count(cuda_configs=False) as t:
         lora_linear.lora_linear_fwd(x, w, None, a, b, 1.0)
     (gemm,) = [la for la in t.launches if la.kernel == "_lora_gemm_kernel"]

@@ -42,28 +42,36 @@ def _variants(family, capability, matrix):
 
 def test_launches_are_specialised_like_triton():
     """Divisibility-16 hints and ints equal to 1 as constants, from Triton's own binder."""
-    matrix = {
-        "lora_linear": {
-            "kn": [(4099, 4096)],
-            "m": [1],
-            "r": [16],
-            "dtypes": [("bf16", "bf16")],
-            "bias": [False],
-            "x_lora": [False],
-            "deterministic": [False],
-            "needs": [],
+
+    def matrix(m):
+        return {
+            "lora_linear": {
+                "kn": [(4099, 4096)],
+                "m": [m],
+                "r": [16],
+                "dtypes": [("bf16", "bf16")],
+                "bias": [False],
+                "x_lora": [False],
+                "deterministic": [False],
+                "needs": [],
+            }
         }
-    }
-    variants = gate.capture("lora_linear", 90, matrix)
-    gemm = [v for v in variants if v.kernel.__name__ == "_lora_gemm_kernel"]
-    assert gemm, "the forward launched no GEMM"
-    names = [p.name for p in gemm[0].kernel.params]
-    spec = dict(zip(names, gemm[0].specialization, strict=True))
+
+    # decode (M <= 16): the split-K GEMM
+    variants = gate.capture("lora_linear", 90, matrix(1))
+    split = [v for v in variants if v.kernel.__name__ == "_lora_splitk_kernel"]
+    assert split, "the decode forward launched no split-K GEMM"
+    names = [p.name for p in split[0].kernel.params]
+    spec = dict(zip(names, split[0].specialization, strict=True))
     assert spec["M"] == ("constexpr", 1)  # M == 1 is a constant, as on a GPU
     assert spec["N"][0] == "i32" and spec["N"][1] == "D"  # 4096: divisible by 16
     assert spec["K"][0] == "i32" and spec["K"][1] in (None, "")  # 4099: no hint
     assert spec["x_ptr"][0] == "*bf16"
-    # The autotuned launch is expanded into every config the launcher's pruning keeps.
+    # above the decode rows, the autotuned GEMM, expanded into every config the launcher's
+    # pruning keeps
+    variants = gate.capture("lora_linear", 90, matrix(32))
+    gemm = [v for v in variants if v.kernel.__name__ == "_lora_gemm_kernel"]
+    assert gemm, "the forward launched no GEMM"
     configs = {v.config for v in gemm}
     assert len(configs) >= 2 and all(c.startswith("tuned:") for c in configs)
 

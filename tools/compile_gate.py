@@ -500,24 +500,25 @@ def drive_lora_linear(twin, cap: _Capture, matrix: dict) -> None:
                             tag = (
                                 f"M{m} K{k} N{n} r{r} {dt}/{adt} bias{int(bias_on)} xl{int(xl_on)}"
                             )
-                            cap.case = "fwd " + tag
-                            twin.lora_linear_fwd(x, w, bias, a, b, 2.0, xl)
                             s = torch.empty((m, r), dtype=torch.float32)
                             dy = _t(m, n, dtype=xd)
                             for det in matrix["deterministic"]:
-                                for needs in matrix["needs"]:
-                                    cap.case = f"bwd det{int(det)} needs{needs} " + tag
-                                    prev = torch.are_deterministic_algorithms_enabled()
-                                    torch.use_deterministic_algorithms(det)
-                                    try:
+                                prev = torch.are_deterministic_algorithms_enabled()
+                                torch.use_deterministic_algorithms(det)
+                                try:
+                                    # deterministic decode: split partials summed in order
+                                    cap.case = f"fwd det{int(det)} " + tag
+                                    twin.lora_linear_fwd(x, w, bias, a, b, 2.0, xl)
+                                    for needs in matrix["needs"]:
+                                        cap.case = f"bwd det{int(det)} needs{needs} " + tag
                                         twin.lora_linear_bwd(
                                             dy, x, w, a, b, s, 2.0, xl,
                                             needs_dx="x" in needs,
                                             needs_da="a" in needs,
                                             needs_db="b" in needs,
                                         )  # fmt: skip
-                                    finally:
-                                        torch.use_deterministic_algorithms(prev)
+                                finally:
+                                    torch.use_deterministic_algorithms(prev)
 
 
 def drive_lora_multi(twin, cap: _Capture, matrix: dict) -> None:

@@ -11,13 +11,13 @@ Formula and shapes (``r`` is any rank 1..256)::
     dA = scale * T.T @ x_lora                                [r, K]  lora_a.dtype
     dB = scale * dy.T @ S                                    [N, r]  lora_b.dtype
 
-Two kernels do all of it.
+Four kernels do all of it.
 
 ``_lora_gemm_kernel`` is the big GEMM, ``out = x @ w.T (+ bias)``, with the LoRA term added to
 its fp32 accumulator before the single rounding store, so neither ``x @ w.T`` nor the LoRA product
-is ever written as its own tensor. The forward calls it with ``w = weight``; the backward calls it
-for dx with ``w = weight.T`` and ``lora_b = lora_a.T`` (only strides change). The LoRA term comes
-in one of two ways, chosen by shape:
+is ever written as its own tensor. The forward calls it with ``w = weight`` above the decode rows
+(M > 16); the backward calls it for dx with ``w = weight.T`` and ``lora_b = lora_a.T`` (only
+strides change). The LoRA term comes in one of two ways, chosen by shape:
 
 * fused shrink (M <= 64, r <= 32 and at most two N blocks): S accumulates in the same K-loop as
   the base product, from the x tile already in registers and a [BLOCK_K, r] slice of lora_a; one
@@ -25,18 +25,44 @@ in one of two ways, chosen by shape:
   r / BLOCK_N more bytes than the weight stream, which bounds a decode step. The traffic count
   (``tools/traffic_cases.py``, CUDA tiles, K = N = 4096, fp16, r = 16, 16x64x128 tile) measured
   1.259x the compulsory bytes at M = 1, lora_a read 64 times; so only narrow layers (N up to
-  two blocks, where one launch saved matters more than a second read of lora_a) keep it. The
-  programs of the first N-block column store S.
+  two blocks, where one launch saved matters more than a second read of lora_a) keep it, at any
+  M up to 64. The programs of the first N-block column store S.
 * precomputed S (every other shape): a skinny launch computes S first, reading x and lora_a
   once, then the GEMM epilogue reads its [BLOCK_M, r] rows (fp32, r * 4 bytes a row, per N
-  block). Same count at M = 1: 1.016x (the weight once; x re-read per N block is 1.5 %); at
-  M = 16, 1.484x with the fused shrink, 1.250x this way: there the rest of the excess is x
-  (16 rows, 128 KB) re-read by each of the 64 N blocks, which only wider N tiles cut (fewer
-  programs: 32 CTAs at N = 4096 for a 132-SM GPU), with a split over K to keep the grid full;
-  not done yet. Once the GEMM is compute bound the
-  recomputation would cost up to r / BLOCK_N of it, whereas S on its own is r / N of the GEMM's
-  work. Large ranks also do not fit an [BLOCK_M, r] accumulator next to the main one, so the
-  epilogue walks r in BLOCK_R chunks.
+  block). Once the GEMM is compute bound the recomputation would cost up to r / BLOCK_N of it,
+  whereas S on its own is r / N of the GEMM's work. Large ranks also do not fit an
+  [BLOCK_M, r] accumulator next to the main one, so the epilogue walks r in BLOCK_R chunks.
+
+Decode (M <= 16, not a narrow fused-shrink layer) is memory bound: its time is the bytes it
+moves. After the skinny S launch, ``_lora_splitk_kernel`` computes fp32 partials of x @ w.T on
+a grid of (N tiles) x (K splits), and ``_lora_splitk_finish_kernel`` adds them, the LoRA expand
+``scale * S @ lora_b.T`` (once) and the bias, and rounds once into y. x is read once per N tile
+column whatever the split (M / BLOCK_N of the weight's bytes); the partials cost splits * M * N *
+4 bytes of atomics (or stores) plus one read. With P programs over an N x K weight, the excess
+P * M * (2 * K_split + 4 * BLOCK_N) bytes is least at BLOCK_N ~ sqrt(N * K / (2P)): 252 at
+K = N = 4096 and P = 132, hence 256-wide N tiles and 8 splits (128 programs, one wave of an H100;
+the old 16x64 tile gave 64 programs and read x 64 times). The split count fills one wave of SMs
+(a second, partial wave would only wait), is at most the K tiles, and keeps the partials within
+1/16 of the weight's bytes. Atomics add the partials into a zeroed [M, N] fp32 buffer; under
+``torch.use_deterministic_algorithms(True)`` each split stores its own [M, N] slice and the finish
+pass adds them in split order (the same bits every call). Counted (``python -m
+tools.traffic_cases lora_linear --m M --k 4096 --n N --r R --sample 8``, CUDA tiles, fp16, moved
+/ compulsory in 32-byte sectors, the buffer's atomics and read included; the buffer's zero fill,
+a memset of M * N * 4 bytes the counter does not see, adds 0.008 at M = 16, N = 4096):
+
+    shape (K = 4096)     before (16x64x128 GEMM)   after (256-wide split-K)   programs
+    M=1  N=4096  r=16    1.016                     1.008                      64 -> 16 x 8
+    M=1  N=4096  r=64    1.016                     1.009                      64 -> 16 x 8
+    M=16 N=4096  r=16    1.250                     1.134 (x 17x, buffer 7 %)  64 -> 16 x 8
+    M=16 N=4096  r=64    1.255                     1.139                      64 -> 16 x 8
+    M=1  N=14336 r=16    1.016                     1.005                      224 -> 56 x 2
+    M=1  N=14336 r=64    1.016                     1.006                      224 -> 56 x 2
+    M=16 N=14336 r=16    1.250                     1.087                      224 -> 56 x 2
+    M=16 N=14336 r=64    1.254                     1.090                      224 -> 56 x 2
+
+A 128-wide tile would read x twice as often (M = 16: +12.5 % of the weight against +6.25 %);
+512-wide ones would need 16 splits to fill the GPU, whose partials cost more than the x they
+save. At M = 1, N = 1024 the grid went from 16 programs to 4 x 32.
 
 ``_lora_skinny_kernel`` computes the small products, ``out[P, R] = scale * L[P, Q] @ Z[Q, R]``
 with R <= 256 and a long reduction over Q: S (L = x_lora, Z = lora_a.T), dB (L = dy.T, Z = S) and
@@ -370,6 +396,134 @@ def _lora_skinny_kernel(
             tl.store(out_ptrs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_out)
 
 
+@triton.jit
+def _lora_splitk_kernel(
+    # pointers
+    x_ptr,
+    w_ptr,
+    ws_ptr,
+    # sizes
+    M,
+    N,
+    K,
+    k_per_split,  # a multiple of BLOCK_K, so no tile straddles two splits
+    # strides
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_wss,
+    stride_wsm,
+    stride_wsn,
+    # meta-parameters
+    ATOMIC: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One split's fp32 partial of ``x @ w.T`` for a [BLOCK_M >= M, BLOCK_N] tile (decode).
+
+    Program (n, s) reduces K over ``[s * k_per_split, (s + 1) * k_per_split)``; ATOMIC adds the
+    partial into ``ws[0]`` (zeroed), else stores it to ``ws[s]`` (a fixed-order sum follows).
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = pid_s * k_per_split
+    k_end = min(k_start + k_per_split, K)
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_start + offs_k)[None, :] * stride_xk
+    w_ptrs = w_ptr + (k_start + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(x_tile, w_tile, acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    ws_ptrs = ws_ptr + offs_m[:, None] * stride_wsm + offs_n[None, :] * stride_wsn
+    if ATOMIC:
+        tl.atomic_add(ws_ptrs, acc, mask=mask_out, sem="relaxed")
+    else:
+        tl.store(ws_ptrs + pid_s * stride_wss, acc, mask=mask_out)
+
+
+@triton.jit
+def _lora_splitk_finish_kernel(
+    # pointers
+    ws_ptr,
+    s_ptr,
+    b_ptr,
+    bias_ptr,
+    out_ptr,
+    # sizes
+    M,
+    N,
+    R,
+    splits,  # the partial sums in ws to add: 1 after atomics, the split count otherwise
+    # strides
+    stride_wss,
+    stride_wsm,
+    stride_wsn,
+    stride_sm,
+    stride_sr,
+    stride_bn,
+    stride_br,
+    stride_om,
+    stride_on,
+    stride_bias,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr,
+    UPCAST_DOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """``out = sum_s ws[s] + bias + scale * S @ b.T`` for a [BLOCK_M >= M, BLOCK_N] tile.
+
+    The LoRA expand and the bias are added here, once, in the order of the GEMM epilogue
+    (expand first, then the base product), and the sum is rounded once at the store; the splits
+    are added in index order, so without atomics the result is the same bits every call.
+    """
+    pid_n = tl.program_id(0).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_out = mask_m[:, None] & mask_n[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = (r0 + offs_r) < R
+        s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
+        s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
+        b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(s_tile, b_tile, acc, UPCAST_DOTS, out_ptr.dtype.element_ty)
+    acc = acc * scale
+    ws_ptrs = ws_ptr + offs_m[:, None] * stride_wsm + offs_n[None, :] * stride_wsn
+    for _ in range(0, splits):
+        acc += tl.load(ws_ptrs, mask=mask_out, other=0.0)
+        ws_ptrs += stride_wss
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
 # --------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------
@@ -461,9 +615,38 @@ _CUDA_SKINNY_META = {"num_warps": 4, "num_stages": 3}
 _INTERP_TARGET_PROGRAMS = 4
 
 
+# The split-K decode GEMM (M <= _DECODE_MAX_M; the module docstring has the counts behind the
+# tiles), keyed by fp32 layer. A 256-wide N tile halves x's re-reads against 128 (x is read once
+# per N tile column: M / BLOCK_N of the weight's bytes). BLOCK_K 32 with 8 warps: the 64-deep
+# tile with 4 warps spilled 1,304 B (M = 1) and 11,400 B (M = 16) on sm_90 at odd K / N (no
+# divisibility hints, no async copies: the W tiles sit in registers), 0 here on both targets;
+# the 32-deep rows are still whole sectors (64 bytes). An fp32 layer's 3xTF32 dots keep a
+# 128-wide tile.
+_DECODE_MAX_M = 16
+_DECODE_META = {
+    False: {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 32, "num_warps": 8, "num_stages": 4},
+    True: {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32, "num_warps": 4, "num_stages": 3},
+}
+# The finish pass: 128-wide tiles (32 programs at N = 4096, each reading S once: r * M * 4 bytes).
+# It has no K-loop accumulator beside its rank chunks, so 32-wide chunks stay spill-free at odd
+# ranks too (compile gate, r 7 to 200, both targets).
+_DECODE_FINISH_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 128}
+_DECODE_FINISH_LAUNCH = {"num_warps": 4, "num_stages": 2}
+# Under the interpreter: narrow tiles and a small "SM count", so that the odd test sizes get
+# several N tiles and several K splits.
+_INTERP_DECODE_META = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}
+_INTERP_DECODE_PROGRAMS = 16
+# The split reduction moves splits * M * N * 4 bytes (fp32 partials): at most 1/16 of the
+# weight's bytes, however few programs that leaves.
+_DECODE_REDUCTION_SHARE = 16
+
 # R-chunk of the precomputed-S epilogue on CUDA: its S and lora_b tiles (and the hi/lo halves)
 # sit next to the big accumulator, so keep them small.
 _CUDA_EPILOGUE_MAX_R = 32
+# ... and 16 for a rank that is not a multiple of 16 (no divisibility hint on S's and lora_b's
+# rank strides): the 32-wide chunk spilled 56 B in the 64x128x32 4-warp tile at rank 40 (bf16
+# layer, fp32 adapters, sm_90).
+_CUDA_EPILOGUE_ODD_MAX_R = 16
 _SKINNY_MAX_R = 64
 _SKINNY_ODD_MAX_R = 32
 
@@ -471,6 +654,11 @@ _SKINNY_ODD_MAX_R = 32
 def _rank_pad(r: int) -> int:
     """Rank padded to a power of two >= 16, the smallest tl.dot dimension."""
     return max(16, triton.next_power_of_2(r))
+
+
+def _epilogue_max_r(r: int) -> int:
+    """The R-chunk of a precomputed S's epilogue on CUDA (see _CUDA_EPILOGUE_ODD_MAX_R)."""
+    return _CUDA_EPILOGUE_MAX_R if r % 16 == 0 else _CUDA_EPILOGUE_ODD_MAX_R
 
 
 def _use_fused_shrink(m: int, r: int, n: int) -> bool:
@@ -493,9 +681,79 @@ def _target_programs(device: torch.device) -> int:
     return 2 * _sm_count(index)
 
 
+def _decode_programs(device: torch.device) -> int:
+    """Programs the split-K decode GEMM aims for: one wave of SMs (each streams its own slice
+    of the weight; a second partial wave would only wait for the first)."""
+    if interpreting():
+        return _INTERP_DECODE_PROGRAMS
+    index = 0
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+def _decode_splits(m: int, n: int, k: int, w_bytes: int, device, meta) -> tuple[int, int]:
+    """(splits, k_per_split) of the decode GEMM: enough K splits to fill the GPU, no more than
+    the K tiles, and no more than keep the fp32 partials within 1/_DECODE_REDUCTION_SHARE of the
+    weight's bytes (``w_bytes`` a weight element)."""
+    block_k = meta["BLOCK_K"]
+    k_blocks = triton.cdiv(k, block_k)
+    n_tiles = triton.cdiv(n, meta["BLOCK_N"])
+    splits = _decode_programs(device) // n_tiles
+    splits = min(splits, k_blocks, (k * w_bytes) // (4 * _DECODE_REDUCTION_SHARE * m))
+    splits = max(1, splits)
+    k_per_split = max(1, triton.cdiv(k_blocks, splits)) * block_k
+    return max(1, triton.cdiv(k, k_per_split)), k_per_split
+
+
 # --------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _launch_decode(x, w, bias, s, b, out, scale, *, deterministic: bool) -> None:
+    """``out = x @ w.T + bias + scale * s @ b.T`` for M <= _DECODE_MAX_M, split over K.
+
+    x [M, K], w [N, K], bias [N] or None, s [M, R] fp32, b [N, R], out [M, N], any strides.
+    Two launches: the split GEMM's fp32 partials (atomics into one zeroed [M, N] buffer, or,
+    ``deterministic``, each split into its own slice of [splits, M, N]), then one pass that adds
+    them with the LoRA expand and the bias and rounds into ``out``. The buffer's size depends
+    on the shapes only (capture-safe), and nothing is read back to the host.
+    """
+    m, k = x.shape
+    n = w.shape[0]
+    r = b.shape[1]
+    upcast = interpreting()
+    meta = _INTERP_DECODE_META if upcast else _DECODE_META[x.element_size() == 4]
+    splits, k_per_split = _decode_splits(m, n, k, w.element_size(), x.device, meta)
+    atomic = splits > 1 and not deterministic
+    if atomic:
+        ws = torch.zeros((1, m, n), dtype=torch.float32, device=x.device)
+    else:
+        ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), splits)
+    _lora_splitk_kernel[grid](
+        x, w, ws,
+        m, n, k, k_per_split,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        ws.stride(0), ws.stride(1), ws.stride(2),
+        ATOMIC=atomic,
+        UPCAST_DOTS=upcast,
+        **meta,
+    )  # fmt: skip
+    block_r = min(_rank_pad(r), _SKINNY_MAX_R if upcast else _CUDA_EPILOGUE_MAX_R)
+    _lora_splitk_finish_kernel[(triton.cdiv(n, _DECODE_FINISH_BLOCKS["BLOCK_N"]),)](
+        ws, s, b, bias if bias is not None else out, out,
+        m, n, r, 1 if atomic else splits,
+        ws.stride(0), ws.stride(1), ws.stride(2), s.stride(0), s.stride(1),
+        b.stride(0), b.stride(1), out.stride(0), out.stride(1), vector_stride(bias),
+        float(scale),
+        HAS_BIAS=bias is not None,
+        UPCAST_DOTS=upcast,
+        BLOCK_R=block_r,
+        **_DECODE_FINISH_BLOCKS,
+        **({} if upcast else _DECODE_FINISH_LAUNCH),
+    )  # fmt: skip
 
 
 def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> None:
@@ -511,7 +769,7 @@ def _launch_gemm(x, w, bias, xl, a, s, b, out, out_lora, scale, lora_mode) -> No
     if lora_mode == _LORA_FUSED_SHRINK.value:
         block_r = _rank_pad(r)
     else:
-        block_r = min(_rank_pad(r), _SKINNY_MAX_R if upcast else _CUDA_EPILOGUE_MAX_R)
+        block_r = min(_rank_pad(r), _SKINNY_MAX_R if upcast else _epilogue_max_r(r))
     # Tuned once per power of two of M (capped): token counts vary from call to call.
     m_bucket = min(triton.next_power_of_2(m), 4096)
     # Pointers a mode never dereferences still need a tensor to pass.
@@ -657,7 +915,10 @@ def lora_linear_fwd(
     _launch_skinny(
         xl, lora_a.t(), s, 1.0, deterministic=torch.are_deterministic_algorithms_enabled()
     )
-    if n > 0:
+    if n > 0 and m <= _DECODE_MAX_M:
+        _launch_decode(x, weight, bias, s, lora_b, y, scale,
+                       deterministic=torch.are_deterministic_algorithms_enabled())  # fmt: skip
+    elif n > 0:
         _launch_gemm(x, weight, bias, None, None, s, lora_b, y, None, scale, _LORA_FROM_S.value)
     return y, s
 
