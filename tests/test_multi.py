@@ -304,6 +304,22 @@ def test_strategy_choice():
     assert choose(4096, 128) == "grouped"
 
 
+@pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="counts under the interpreter")
+def test_gather_decode_reads_each_present_adapters_lora_b_once_in_wide_tiles():
+    """The gather forward's expand is one dot per adapter present in the tile (each present
+    adapter's lora_b slice read once, full 32-byte sectors at rank 16), in N tiles 128 wide:
+    with the former per-row CUDA-core epilogue (rank chunks of 8, half sectors) lora_b moved 2x,
+    and 64-wide tiles read x once per 64 columns."""
+    from tools import traffic_cases
+
+    rep = traffic_cases.multi(4, 64, 256, 16, distinct=2, pool=4, strategy="gather")
+    assert rep.operands["lora_b"].moved == rep.operands["lora_b"].compulsory
+    fused = [ln for ln in rep.launches if ln["kernel"] == "_lora_multi_fused_kernel"]
+    assert len(fused) == 1 and fused[0]["meta"]["BLOCK_N"] == 128
+    # x once in the shrink, then once per N tile: 256 columns in two tiles
+    assert rep.operands["x"].moved == 3 * rep.operands["x"].compulsory
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not (ON_GPU and HAS_TRITON), reason="needs CUDA and Triton")
 def test_decode_forward_in_cuda_graph():

@@ -94,7 +94,7 @@ def test_odd_shapes_take_the_narrow_multi_adapter_tiles():
             if v.kernel.__name__ == "_lora_multi_fused_kernel"
         }
 
-    assert fused_configs(4096, 4096, "gather") == {"fixed:M16-N64-K128-R32-w4s4"}
+    assert fused_configs(4096, 4096, "gather") == {"fixed:M16-N128-K128-R32-w4s3"}
     assert fused_configs(4099, 32001, "gather") == {"fixed:M16-N64-K32-R16-w4s3"}
     # the 128-row tile's expand runs before its K-loop: 16-wide rank chunks there (32 spilled)
     assert fused_configs(4096, 4096, "grouped") == {"fixed:M128-N128-K32-R16-w8s3"}

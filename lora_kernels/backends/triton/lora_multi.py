@@ -24,9 +24,10 @@ not one of 32k. Under ``torch.use_deterministic_algorithms(True)`` one program p
 Two strategies, chosen from the shape alone (``choose_strategy``; no look at the ids):
 
 * ``gather`` (BGMV-like, decode: few rows, many distinct adapters). Rows stay in their order; the
-  shrink runs one program per row, reading that row's adapter; the fused kernel's epilogue
-  gathers each row's ``lora_b`` slice and reduces ``s * B`` on CUDA cores (a [rows, N, r] block,
-  r in chunks of 8). No tensor-core tile of LoRA work is wasted on rows of other adapters.
+  shrink runs one program per row, reading that row's adapter; the fused kernel's LoRA term is
+  one tensor-core dot per adapter present in its row tile (the rows of other adapters masked),
+  as in ``grouped`` but over unsorted rows: each present adapter's ``lora_b`` slice is read once
+  per tile, in full 32-byte sectors from rank 16 on.
 * ``grouped`` (SGMV-like, prefill: many rows per adapter). The rows are sorted by adapter on the
   device (``torch.sort``, stable); tiles of consecutive sorted rows then hold one adapter, or a
   few at segment edges, and the LoRA products are tensor-core dots per adapter present in the
@@ -35,14 +36,26 @@ Two strategies, chosen from the shape alone (``choose_strategy``; no look at the
   trips and reads two adapters, not 1001. Tiles are never padded per adapter, so the base GEMM
   runs on full tiles whatever the popularity.
 
-Memory traffic of a gather decode step (``tools/traffic_cases.py multi``, CUDA tiles, K = N =
-4096, fp16, r = 16, M = 16, moved / compulsory bytes in 32-byte sectors): 1.310 / 1.294 / 1.278
-for 1 / 8 / 16 distinct adapters, 3.78 at M = 64 with 64 distinct. The excess is x re-read by
-each of the 64 N blocks of the 16x64 fused tile (65x x, 8.5 MB at M = 16: the same bound as the
-single-adapter GEMM's, see lora_linear.py), then lora_b read in rank chunks of 8 (16 of a
-sector's 32 bytes: 2x) and, when rows share an adapter, lora_a once per row in the shrink (16x
-for one adapter). Wider N tiles with a split over K, and a per-adapter shrink, are the known
-ways down to the 1.2 target; not done yet.
+Memory traffic of a gather decode step (``python -m tools.traffic_cases multi --m 16 --k 4096
+--n 4096 --r 16 --distinct D --strategy gather --sample 8``: CUDA tiles, fp16, moved / compulsory
+bytes in 32-byte sectors; 2-core CPU VM, the count does not depend on the machine):
+
+| M, distinct adapters | before | after |
+| --- | ---: | ---: |
+| 16, 1 | 1.310 | 1.182 |
+| 16, 8 | 1.294 | 1.147 |
+| 16, 16 | 1.278 | 1.111 |
+| 64, 64 | 3.781 | 3.289 |
+
+Before: a 16x64 fused tile whose epilogue gathered each row's ``lora_b`` on CUDA cores in rank
+chunks of 8 (16 of a sector's 32 bytes: ``lora_b`` moved 2x) and x re-read by each of the 64 N
+tiles (65x x, 8.5 MB at M = 16). After: the per-adapter dot above (``lora_b`` 1.0x) and 16x128
+tiles (x 33x, 4.3 MB). What is left: x once per N tile, and, when rows share an adapter,
+``lora_a`` once per row in the shrink (16x, 2 MB, for one adapter at M = 16); M = 64 still reads
+the weight once per 16-row tile (4x). The 128-wide tile halves the grid (32 CTAs at N = 4096,
+fewer than a GPU's SMs): a split over K (fp32 partials reduced in a fixed order, or atomics
+outside deterministic mode), a shrink that reads each present adapter's ``lora_a`` once, and one
+tile over all rows for M <= 64 are the known next steps; not done yet.
 
 ``gather`` is used when ``M <= 64``, or ``M <= 1024`` with fewer than 8 rows per adapter on
 average (``M < 8 L``): there a grouped tile would span many adapters and repeat its dots for each.
@@ -63,7 +76,8 @@ intermediates (``s``, ``dy @ lora_b``) and fp32 adapters (PEFT's default on a 16
 rounded right before their dot; this is what PEFT computes under autocast, and the tests compare
 against that (tests/test_multi.py). Each scale multiplies ``s @ B^T`` after its dot (PEFT scales
 after lora_B): ``s * scale`` rounded to fp16 could overflow where ``s`` does not. The gather
-kernels' CUDA-core products use the same rounded operands as grouped's dots, so the two
+shrink's CUDA-core products use the same rounded operands as grouped's dots (and both expands
+are the same per-adapter dot), so the two
 strategies differ only in the order of their fp32 sums and a row's result does not depend on the
 batch around it beyond that (tests/test_triton_numerics.py states and checks the bound).
 fp32 layers multiply in fp32 (``input_precision="ieee"``), or in TF32 when
@@ -133,7 +147,7 @@ def _divisible(*values: int) -> bool:
 # and for grouped by M >= 2048. The compile gate holds each to zero spills on sm_80 and sm_90
 # for 16-bit layers and fp32 adapters on them, aligned and odd shapes, rank 16 to 128.
 _FUSED_CONFIGS = {
-    "gather": (16, 64, 128, 4, 4),
+    "gather": (16, 128, 128, 4, 3),
     "grouped": (64, 128, 64, 8, 3),
     "grouped_tall": (128, 128, 32, 8, 3),
 }
@@ -411,44 +425,46 @@ def _lora_multi_fused_kernel(
     n_mask = n_offs < N
     k_range = tl.arange(0, BLOCK_K).to(tl.int64)
 
-    # The grouped LoRA term first, straight into the accumulator, then scaled per row (each row
-    # holds its own adapter's s @ b.T only: rows of other adapters are masked to zero); the base
-    # GEMM then adds to it. One [BLOCK_M, BLOCK_N] accumulator live at a time, no second one for
-    # the term to be scaled after its dot (scaling s first could overflow fp16).
+    # The LoRA term first, straight into the accumulator, then scaled per row (each row holds
+    # its own adapter's s @ b.T only: rows of other adapters are masked to zero); the base GEMM
+    # then adds to it. Both strategies run it: one tensor-core dot per adapter present in the
+    # tile, each present adapter's lora_b slice read once per tile (gather rows are unsorted,
+    # which the jump to the next larger id present does not need). One [BLOCK_M, BLOCK_N]
+    # accumulator live at a time, no second one for the term to be scaled after its dot
+    # (scaling s first could overflow fp16).
     a_safe = tl.where(valid, aid, 0)
     scale = tl.load(scales_ptr + a_safe, mask=valid, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if GROUPED:
-        # addresses = int64 row / column pointers and a scalar int64 rank step, plus int32
-        # offsets within the rank chunk: int64 chunk offsets spilled 24 B in dx, pointer tiles
-        # carried through the loops 120-168 B at ranks 7 and 100 (odd shapes, sm_80)
-        r_range = tl.arange(0, BLOCK_R)
-        s_rows = s_ptr + rows[:, None] * stride_sm
-        b_cols = b_ptr + n_offs[None, :] * stride_bn
-        # one trip per adapter present in the tile, as in the grouped shrink
-        a = tl.min(tl.where(valid, aid, L))
-        while a < L:
-            mine = valid & (aid == a)
-            r_lim = R
-            if HAS_RANKS:
-                r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
-            b_adapter = b_cols + a * stride_bl
-            for r0 in range(0, r_lim, BLOCK_R):
-                r_step = tl.cast(r0, tl.int64)
-                r_mask = (r0 + r_range) < r_lim
-                st = tl.load(
-                    s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
-                    mask=mine[:, None] & r_mask[None, :],
-                    other=0.0,
-                )
-                bt = tl.load(
-                    b_adapter + r_step * stride_br + r_range[:, None] * stride_br,
-                    mask=n_mask[None, :] & r_mask[:, None],
-                    other=0.0,
-                )
-                acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-            a = tl.min(tl.where(valid & (aid > a), aid, L))
-        acc = acc * scale[:, None]
+    # addresses = int64 row / column pointers and a scalar int64 rank step, plus int32
+    # offsets within the rank chunk: int64 chunk offsets spilled 24 B in dx, pointer tiles
+    # carried through the loops 120-168 B at ranks 7 and 100 (odd shapes, sm_80)
+    r_range = tl.arange(0, BLOCK_R)
+    s_rows = s_ptr + rows[:, None] * stride_sm
+    b_cols = b_ptr + n_offs[None, :] * stride_bn
+    # one trip per adapter present in the tile, as in the grouped shrink
+    a = tl.min(tl.where(valid, aid, L))
+    while a < L:
+        mine = valid & (aid == a)
+        r_lim = R
+        if HAS_RANKS:
+            r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
+        b_adapter = b_cols + a * stride_bl
+        for r0 in range(0, r_lim, BLOCK_R):
+            r_step = tl.cast(r0, tl.int64)
+            r_mask = (r0 + r_range) < r_lim
+            st = tl.load(
+                s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
+                mask=mine[:, None] & r_mask[None, :],
+                other=0.0,
+            )
+            bt = tl.load(
+                b_adapter + r_step * stride_br + r_range[:, None] * stride_br,
+                mask=n_mask[None, :] & r_mask[:, None],
+                other=0.0,
+            )
+            acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+        a = tl.min(tl.where(valid & (aid > a), aid, L))
+    acc = acc * scale[:, None]
 
     # base GEMM; the tile pointers advance by BLOCK_K * stride (in range while a stride is
     # below 2**26), their int64 offsets are formed once
@@ -464,34 +480,6 @@ def _lora_multi_fused_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + n_offs * stride_bias, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-
-    # the gather LoRA term (CUDA cores), added before the single rounding
-    if not GROUPED:
-        r_lim = tl.where(valid, R, 0)
-        if HAS_RANKS:
-            r_lim = tl.minimum(tl.load(ranks_ptr + a_safe, mask=valid, other=0), r_lim)
-        b_rows = b_ptr + a_safe[:, None, None] * stride_bl + n_offs[None, :, None] * stride_bn
-        # rank chunks of 8 keep the [BLOCK_M, BLOCK_N, 8] gather block in registers; int32
-        # offsets within the chunk, the chunk's start an int64 scalar (as in the shrinks)
-        r_range = tl.arange(0, 8)
-        s_rows = s_ptr + rows[:, None] * stride_sm
-        for r0 in range(0, tl.max(r_lim), 8):
-            r_step = tl.cast(r0, tl.int64)
-            r_ok = (r0 + r_range)[None, :] < r_lim[:, None]
-            st = tl.load(
-                s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
-                mask=r_ok,
-                other=0.0,
-            )
-            bt = tl.load(
-                b_rows + r_step * stride_br + r_range[None, None, :] * stride_br,
-                mask=r_ok[:, None, :] & n_mask[None, :, None],
-                other=0.0,
-            )
-            # operands rounded as the grouped dot rounds them; the scale comes after the sum
-            st = _rounded(st, DOT_DTYPE, UPCAST_DOTS)
-            bt = _rounded(bt, DOT_DTYPE, UPCAST_DOTS)
-            acc += scale[:, None] * tl.sum(st[:, None, :] * bt, axis=2)
 
     tl.store(
         y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn,
