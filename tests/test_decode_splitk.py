@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from lora_kernels.backends.triton import lora_linear as lk_triton  # noqa: E402
 from tests.test_triton_lora_linear import (  # noqa: E402
@@ -184,3 +185,43 @@ def test_decode_split_choice_on_a_132_sm_gpu(monkeypatch, m, k, n, dtype, want):
     assert triton.cdiv(n, meta["BLOCK_N"]) * splits <= 132
     if splits > 1:
         assert splits * m * n * 4 <= n * k * size / lk_triton._DECODE_REDUCTION_SHARE
+
+
+class _Ops(TorchDispatchMode):
+    """Records every aten op a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _forbidden(*_args, **_kwargs):
+    raise AssertionError("a decode step read a device value on the host or built a host tensor")
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_decode_launcher_is_sync_free(spy, monkeypatch, deterministic):
+    """The Triton decode launcher itself (tests/test_sync_free.py drives the torch backend): no
+    device value read on the host (``.item()``, ``.tolist()``, ``bool()``, which dispatch as
+    ``_local_scalar_dense``) and no tensor built from host data, in both reduction modes; the
+    split path did run."""
+    t = _make(4, 2049, 133, 16, torch.float16)
+    args = (t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALE)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        lk_triton.lora_linear_fwd(*args)  # warm the launcher's caches (SM count, jit)
+        with monkeypatch.context() as patch, _Ops() as ops:
+            for name in ("item", "tolist", "__bool__"):
+                patch.setattr(torch.Tensor, name, _forbidden)
+            patch.setattr(torch, "tensor", _forbidden)
+            lk_triton.lora_linear_fwd(*args)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert not [op for op in ops.ops if "local_scalar_dense" in op or "nonzero" in op], ops.ops
+    assert all(s > 1 for s in spy.splits)
+    assert [atomic for _, atomic in spy.launches] == [not deterministic] * 2
