@@ -19,11 +19,14 @@ from __future__ import annotations
 import torch
 
 from . import on_input_device
+from ._args import index_vector
 from .lora_multi import _fused, _shrink, _sort_rows, choose_strategy
 
 
 @on_input_device
 def lora_shrink_(out, x, lora_a, row_ids, scales, ranks=None):
+    # the kernels index ids and ranks by position (the one rule: backends/triton/_args.py)
+    row_ids, scales, ranks = index_vector(row_ids), index_vector(scales), index_vector(ranks)
     num_adapters, r_max, _ = lora_a.shape
     strategy = choose_strategy(x.shape[0], num_adapters)
     sorted_rows = _sort_rows(row_ids) if strategy == "grouped" else None
@@ -39,6 +42,7 @@ def lora_shrink_(out, x, lora_a, row_ids, scales, ranks=None):
 
 @on_input_device
 def lora_expand_(y, s, lora_b, row_ids, ranks=None, add_inputs=True):
+    row_ids, ranks = index_vector(row_ids), index_vector(ranks)
     m, n = y.shape
     num_adapters = lora_b.shape[0]
     strategy = choose_strategy(m, num_adapters)
