@@ -219,3 +219,45 @@ def test_expand_views(backend, m, arg, kind, add_inputs):
     untouched = torch.ones_like(buf, dtype=torch.bool)
     untouched.as_strided(y.shape, y.stride(), y.storage_offset()).fill_(False)
     assert torch.equal(buf[untouched], before[untouched])
+
+
+_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch64"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [7, 70])  # gather, grouped
+@pytest.mark.parametrize("add_inputs", [True, False])
+def test_expand_rounds_once(backend, dtype, m, add_inputs):
+    """The expand sums ``y + s @ lora_b.T`` in fp32 and rounds once: each element lies within
+    half a unit in the last place (of y's dtype) of the fp64 sum, plus the fp32 sum's own error,
+    and no further from it than the term rounded to y's dtype and then added (two roundings).
+
+    ``s`` (fp32) holds values of y's dtype: the Triton dots round their operands to it (the
+    activations' dtype, ``lora_multi``'s rule), which would otherwise be a second rounding that
+    this test does not measure."""
+    s = torch.randn(m, R).to(dtype).float()
+    lora_b = torch.randn(L, N, R, dtype=dtype)
+    ids = _ids(m, "")
+    ranks = torch.tensor([8, 2, 6], dtype=torch.int32)
+    buf = torch.randn(m, N + 9, dtype=dtype) * 4
+    y = buf[:, 3 : 3 + N]
+    before = buf.clone()
+    y_before = y.clone()
+    _expand(backend, y, s, lora_b, ids, ranks, add_inputs)
+
+    ref = _expand64(y_before, s, lora_b, ids, ranks, add_inputs)
+    mag = ref.abs().clamp_min(torch.finfo(dtype).tiny)
+    half_ulp = torch.exp2(torch.floor(torch.log2(mag)) - _MANTISSA_BITS[dtype]) / 2
+    slack = 1e-5 * ref.abs().max().item()  # the fp32 sum's own error
+    err = (y.double() - ref).abs()
+    assert (err <= half_ulp + slack).all(), f"max excess {(err - half_ulp).max().item():.3e}"
+    term = _expand64(torch.zeros_like(y_before), s, lora_b, ids, ranks, False).to(dtype)
+    twice = (y_before.double() + term.double()).to(dtype) if add_inputs else term
+    valid = (ids >= 0)[:, None]
+    twice_err = torch.where(valid, (twice.double() - ref).abs(), 0.0)
+    assert err.max() <= twice_err.max() + slack
+    none = ids < 0
+    assert torch.equal(y[none], y_before[none])
+    assert torch.equal(buf[:, :3], before[:, :3])
+    assert torch.equal(buf[:, 3 + N :], before[:, 3 + N :])
