@@ -10,9 +10,8 @@
   and stored back, only in rows that have an adapter (the others are neither read nor written,
   so they keep their bits). No ``[M, N]`` temporary, one rounding.
 
-Nothing here reads
-the ids on the host or sizes a tensor by their values: a decode step stays capturable in a CUDA
-graph.
+Nothing here reads the ids on the host or sizes a tensor by their values: a decode step stays
+capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -168,6 +167,7 @@ def lora_expand_(y, s, lora_b, row_ids, ranks=None, add_inputs=True):
     aligned = _divisible(n, s.stride(0), *b_strides, y.stride(0))
     block_m, block_n, _, warps, stages = (_FUSED_CONFIGS if aligned else _ODD_FUSED_CONFIGS)[key]
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    upcast = interpreting() and y.dtype == torch.bfloat16
     _lora_expand_inplace_kernel[grid](
         s, lora_b, ids, order, ranks if ranks is not None else row_ids, y,
         m, n, r_max, num_adapters,
@@ -176,8 +176,11 @@ def lora_expand_(y, s, lora_b, row_ids, ranks=None, add_inputs=True):
         HAS_RANKS=ranks is not None,
         GROUPED=grouped,
         DOT_DTYPE=_dot_dtype(y.dtype, lora_b.dtype),
-        **_dot_flags(y.dtype),
-        ROUND_ON_BITS=interpreting() and y.dtype == torch.bfloat16,
+        PRECISION=_dot_flags(y.dtype)["PRECISION"],
+        # this module's own interpreting(): lora_multi's answers for that module, which the
+        # compile gate's twin of this one does not switch off
+        UPCAST_DOTS=upcast,
+        ROUND_ON_BITS=upcast,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned and key != "grouped_tall" else 16),
