@@ -228,7 +228,8 @@ _MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [7, 70])  # gather, grouped
 @pytest.mark.parametrize("add_inputs", [True, False])
-def test_expand_rounds_once(backend, dtype, m, add_inputs):
+@pytest.mark.parametrize("fp32_adapters", [False, True])
+def test_expand_rounds_once(backend, dtype, m, add_inputs, fp32_adapters):
     """The expand sums ``y + s @ lora_b.T`` in fp32 and rounds once: each element lies within
     half a unit in the last place (of y's dtype) of the fp64 sum, plus the fp32 sum's own error,
     and no further from it than the term rounded to y's dtype and then added (two roundings).
@@ -238,6 +239,8 @@ def test_expand_rounds_once(backend, dtype, m, add_inputs):
     this test does not measure."""
     s = torch.randn(m, R).to(dtype).float()
     lora_b = torch.randn(L, N, R, dtype=dtype)
+    if fp32_adapters:  # fp32 storage of y-dtype values (a tile config of its own)
+        lora_b = lora_b.float()
     ids = _ids(m, "")
     ranks = torch.tensor([8, 2, 6], dtype=torch.int32)
     buf = torch.randn(m, N + 9, dtype=dtype) * 4

@@ -97,12 +97,7 @@ def _lora_expand_inplace_kernel(
     valid = in_range & (aid >= 0) & (aid < L)
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < N
-    y_ptrs = y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn
-    tile_mask = valid[:, None] & n_mask[None, :]
-    if ADD_INPUTS:
-        acc = tl.load(y_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     r_range = tl.arange(0, BLOCK_R)
     s_rows = s_ptr + rows[:, None] * stride_sm
@@ -129,6 +124,12 @@ def _lora_expand_inplace_kernel(
             )
             acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
         a = tl.min(tl.where(valid & (aid > a), aid, L))
+    # y's tile pointers formed only now: held through the rank loop they spilled 76-80 B on
+    # odd shapes (fp16, sm_80, the compile gate)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn
+    tile_mask = valid[:, None] & n_mask[None, :]
+    if ADD_INPUTS:
+        acc += tl.load(y_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
     if ROUND_ON_BITS:
         tl.store(y_ptrs, round_to_bf16(acc), mask=tile_mask)
     else:
@@ -166,6 +167,10 @@ def lora_expand_(y, s, lora_b, row_ids, ranks=None, add_inputs=True):
     b_strides = lora_b.stride()
     aligned = _divisible(n, s.stride(0), *b_strides, y.stride(0))
     block_m, block_n, _, warps, stages = (_FUSED_CONFIGS if aligned else _ODD_FUSED_CONFIGS)[key]
+    if not aligned and lora_b.element_size() > y.element_size():
+        # fp32 adapters on a 16-bit y, unvectorised loads: the fused kernel's odd tiles spilled
+        # 8-80 B here (compile gate, sm_80 and sm_90); half the columns per thread do not
+        block_n, warps = min(block_n, 64), 8
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     upcast = interpreting() and y.dtype == torch.bfloat16
     _lora_expand_inplace_kernel[grid](
