@@ -111,6 +111,9 @@ def count_loads(*tensors: torch.Tensor):
     ]
     counts = [0] * len(tensors)
     real = builder.create_masked_load
+    # the hook goes on the instance; restoring must remove it, not leave the bound method there,
+    # which would shadow every later patch of the class (tools/traffic.py counts through one)
+    had_own = "create_masked_load" in vars(builder)
 
     def counted(ptrs, mask, other, cache_policy, is_volatile):
         addresses = np.asarray(ptrs.data, dtype=np.uint64)[np.asarray(mask.data, dtype=bool)]
@@ -123,7 +126,10 @@ def count_loads(*tensors: torch.Tensor):
     try:
         yield counts
     finally:
-        builder.create_masked_load = real
+        if had_own:
+            builder.create_masked_load = real
+        else:
+            del builder.create_masked_load
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="counts the interpreter's loads")
