@@ -445,6 +445,10 @@ def _grouped(plan, inp, src, w, w_strides, bias, a, a_strides, b, b_strides, sca
         BLOCK_R=block_r,
         num_warps=warps,
         num_stages=stages,
+        # ptxas stopped the unfused path at 128 registers and spilled 12-48 B (16-row blocks,
+        # sm_80 and sm_90, 16-bit) under any block shape tried; it needs about 150-160, which
+        # an explicit ceiling lets it take (no spills; at 160, three 4-warp CTAs fit an SM)
+        maxnreg=255 if unfused else None,
     )  # fmt: skip
 
 
