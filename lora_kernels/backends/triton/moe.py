@@ -146,13 +146,7 @@ def _moe_grouped_lora_kernel(
     BLOCK_R: tl.constexpr,
 ):
     """out[i] = in[src[i]] @ w[e].T + bias[e] + scales[a] * (in[src[i]] @ a[a, e].T) @ b[a, e].T
-    for the rows i = pair[pos] of one expert's row block (pair -1: padding); ``a = aid[i]``.
-
-    Address arithmetic is hoisted out of the loops: the expert, adapter, column-block and rank
-    bases are int64 scalars, the per-row offsets one int64 [BLOCK_M] vector, and the in-tile
-    offsets (``tl.arange`` times a stride) small int32 tiles built once; each K loop advances
-    its pointer tiles by a scalar step. Recomputing 64-bit pointer tiles inside the nested
-    adapter / rank / K loops spilled at 16-row blocks on sm_80 and sm_90."""
+    for the rows i = pair[pos] of one expert's row block (pair -1: padding); ``a = aid[i]``."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
@@ -164,58 +158,47 @@ def _moe_grouped_lora_kernel(
     pair = tl.where(live, pair, 0)
     rows = tl.load(src_ptr + pair, mask=live, other=0).to(tl.int64) if SRC_GATHER else pair
     aid = tl.load(aid_ptr + pair, mask=live, other=-1).to(tl.int64)
-    n0 = pid_n * BLOCK_N
-    nn = tl.arange(0, BLOCK_N)
-    n_mask = nn < N - n0
-    kk = tl.arange(0, BLOCK_K)
+    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < N
     r_offs = tl.arange(0, BLOCK_R)
     k_end = tl.where(has_expert, K, 0)
-    step_i = BLOCK_K * stride_ik
-    step_w = BLOCK_K * stride_wk
-    step_a = BLOCK_K * stride_ak
-
-    # pointer tiles at k = 0 (built once; the K loops advance copies of them)
-    x_start = in_ptr + (rows * stride_im)[:, None] + (kk * stride_ik)[None, :]
-    w_start = (
-        w_ptr + e * stride_we + n0 * stride_wn
-        + (nn * stride_wn)[None, :] + (kk * stride_wk)[:, None]
-    )  # fmt: skip
-    a_tile = (r_offs * stride_ar)[None, :] + (kk * stride_ak)[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    x_ptrs = x_start
-    w_ptrs = w_start
-    a_ptrs = a_ptr + e * stride_ae + a_tile
     for k0 in range(0, k_end, BLOCK_K):
-        k_mask = kk < K - k0
-        xt = tl.load(x_ptrs, mask=live[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-        if FUSE_SHRINK:
-            at = tl.load(a_ptrs, mask=(r_offs < R)[None, :] & k_mask[:, None], other=0.0)
-            s_acc = _dot(xt, at, s_acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-            a_ptrs += step_a
-        x_ptrs += step_i
-        w_ptrs += step_w
-    if HAS_BIAS:
-        bias = tl.load(
-            bias_ptr + e * stride_biase + n0 * stride_biasn + nn * stride_biasn,
-            mask=n_mask,
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k_offs < K
+        xt = tl.load(
+            in_ptr + rows[:, None] * stride_im + k_offs[None, :] * stride_ik,
+            mask=live[:, None] & k_mask[None, :],
             other=0.0,
         )
+        wt = tl.load(
+            w_ptr + e * stride_we + n_offs[None, :] * stride_wn + k_offs[:, None] * stride_wk,
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        )
+        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+        if FUSE_SHRINK:
+            at = tl.load(
+                a_ptr + e * stride_ae + r_offs[None, :] * stride_ar + k_offs[:, None] * stride_ak,
+                mask=(r_offs < R)[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            s_acc = _dot(xt, at, s_acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + e * stride_biase + n_offs * stride_biasn, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
 
     if HAS_LORA:
-        s_start = s_ptr + (pair * stride_sm)[:, None] + (r_offs * stride_sr)[None, :]
-        b_tile = (nn * stride_bn)[None, :] + (r_offs * stride_br)[:, None]
         if FUSE_SHRINK:  # one adapter (id 0), the whole rank in one block
             mine = live & (aid == 0)
             s_acc = tl.where(mine[:, None], s_acc, 0.0)
+            s_rows = s_ptr + pair[:, None] * stride_sm + r_offs[None, :] * stride_sr
             if pid_n == 0:
-                tl.store(s_start, s_acc, mask=live[:, None] & (r_offs < R)[None, :])
+                tl.store(s_rows, s_acc, mask=live[:, None] & (r_offs < R)[None, :])
             bt = tl.load(
-                b_ptr + e * stride_be + n0 * stride_bn + b_tile,
+                b_ptr + e * stride_be + n_offs[None, :] * stride_bn + r_offs[:, None] * stride_br,
                 mask=n_mask[None, :] & (r_offs < R)[:, None],
                 other=0.0,
             )
@@ -227,40 +210,38 @@ def _moe_grouped_lora_kernel(
             for a in range(a_lo, a_hi + 1):
                 mine = with_adapter & (aid == a)
                 scale = tl.load(scales_ptr + a)
-                # rank-block bases, advanced by one block of rank slots per step
-                a_rank = a_ptr + a * stride_al + e * stride_ae
-                b_rank = b_ptr + a * stride_bl + e * stride_be + n0 * stride_bn
-                s_rank = s_start
                 for r0 in range(0, R, BLOCK_R):
-                    r_mask = r_offs < R - r0
+                    rr = r0 + r_offs
+                    r_mask = rr < R
                     s_tile = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    x_ptrs = x_start
-                    a_ptrs = a_rank + a_tile
                     for k0 in range(0, K, BLOCK_K):
-                        k_mask = kk < K - k0
-                        xt = tl.load(x_ptrs, mask=mine[:, None] & k_mask[None, :], other=0.0)
-                        at = tl.load(a_ptrs, mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-                        s_tile = _dot(xt, at, s_tile, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-                        x_ptrs += step_i
-                        a_ptrs += step_a
-                    if pid_n == 0:
-                        tl.store(
-                            s_rank,
-                            s_tile,
-                            mask=mine[:, None] & r_mask[None, :],
+                        k_offs = k0 + tl.arange(0, BLOCK_K)
+                        k_mask = k_offs < K
+                        xt = tl.load(
+                            in_ptr + rows[:, None] * stride_im + k_offs[None, :] * stride_ik,
+                            mask=mine[:, None] & k_mask[None, :],
+                            other=0.0,
                         )
+                        at = tl.load(
+                            a_ptr + a * stride_al + e * stride_ae + rr[None, :] * stride_ar
+                            + k_offs[:, None] * stride_ak,
+                            mask=r_mask[None, :] & k_mask[:, None],
+                            other=0.0,
+                        )  # fmt: skip
+                        s_tile = _dot(xt, at, s_tile, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+                    s_rows = s_ptr + pair[:, None] * stride_sm + rr[None, :] * stride_sr
+                    if pid_n == 0:
+                        tl.store(s_rows, s_tile, mask=mine[:, None] & r_mask[None, :])
                     bt = tl.load(
-                        b_rank + b_tile,
+                        b_ptr + a * stride_bl + e * stride_be + n_offs[None, :] * stride_bn
+                        + rr[:, None] * stride_br,
                         mask=n_mask[None, :] & r_mask[:, None],
                         other=0.0,
-                    )
+                    )  # fmt: skip
                     acc = _dot(s_tile * scale, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-                    a_rank += BLOCK_R * stride_ar
-                    b_rank += BLOCK_R * stride_br
-                    s_rank += BLOCK_R * stride_sr
 
     tl.store(
-        out_ptr + n0 * stride_on + (pair * stride_om)[:, None] + (nn * stride_on)[None, :],
+        out_ptr + pair[:, None] * stride_om + n_offs[None, :] * stride_on,
         acc.to(out_ptr.dtype.element_ty),
         mask=live[:, None] & n_mask[None, :],
     )
@@ -445,10 +426,11 @@ def _grouped(plan, inp, src, w, w_strides, bias, a, a_strides, b, b_strides, sca
         BLOCK_R=block_r,
         num_warps=warps,
         num_stages=stages,
-        # ptxas stopped the unfused path at 128 registers and spilled 12-48 B (16-row blocks,
-        # sm_80 and sm_90, 16-bit) under any block shape tried; it needs about 150-160, which
-        # an explicit ceiling lets it take (no spills; at 160, three 4-warp CTAs fit an SM)
-        maxnreg=255 if unfused else None,
+        # ptxas stopped 16-row blocks (and the unfused path) at 128 registers and spilled
+        # 8-48 B (sm_80 and sm_90, 16-bit) under every block shape tried; they need about
+        # 150-160, which an explicit ceiling lets them take (at 160, three 4-warp CTAs fit an
+        # SM). Other tiles keep ptxas's own choice (a ceiling there changes nothing spilled).
+        maxnreg=255 if unfused or plan.block_m == 16 else None,
     )  # fmt: skip
 
 
