@@ -427,9 +427,8 @@ def _grouped(plan, inp, src, w, w_strides, bias, a, a_strides, b, b_strides, sca
         num_warps=warps,
         num_stages=stages,
         # ptxas stopped 16-row blocks (and the unfused path) at 128 registers and spilled
-        # 8-48 B (sm_80 and sm_90, 16-bit) under every block shape tried; they need about
-        # 150-160, which an explicit ceiling lets them take (at 160, three 4-warp CTAs fit an
-        # SM). Other tiles keep ptxas's own choice (a ceiling there changes nothing spilled).
+        # 8-48 B (sm_80 and sm_90, 16-bit) under every block shape tried; with an explicit
+        # ceiling they take up to 232 and spill nothing. Other tiles keep ptxas's own choice.
         maxnreg=255 if unfused or plan.block_m == 16 else None,
     )  # fmt: skip
 
