@@ -426,6 +426,10 @@ def _grouped(plan, inp, src, w, w_strides, bias, a, a_strides, b, b_strides, sca
         BLOCK_R=block_r,
         num_warps=warps,
         num_stages=stages,
+        # ptxas stopped 16-row blocks (and the unfused path) at 128 registers and spilled
+        # 8-48 B (sm_80 and sm_90, 16-bit) under every block shape tried; with an explicit
+        # ceiling they take up to 232 and spill nothing. Other tiles keep ptxas's own choice.
+        maxnreg=255 if unfused or plan.block_m == 16 else None,
     )  # fmt: skip
 
 
