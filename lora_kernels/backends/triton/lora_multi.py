@@ -159,13 +159,14 @@ def _divisible(*values: int) -> bool:
 
 # Fused-kernel tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed by strategy,
 # for grouped by M >= 2048, and for gather by M <= 16 (the split-K decode: ``lora_linear``'s
-# decode tile, 256 wide, 32 deep, 8 warps, in 3 stages: 4 spilled 16 B on sm_90 in the
-# deterministic dx with fp32 adapters at rank 16; fp32 layers keep 128 columns). The compile
+# decode tile, 256 wide, 32 deep, 8 warps, 4 stages; fp32 layers keep 128 columns, and the
+# deterministic split takes 3 stages and 16-wide rank chunks: its per-split store spilled
+# 16-32 B there with 4 stages or 32-wide chunks, bf16 with fp32 adapters). The compile
 # gate holds each to zero spills on sm_80 and sm_90 for 16-bit layers and fp32 adapters on them,
 # aligned and odd shapes, rank 16 to 128.
 _FUSED_CONFIGS = {
     "gather": (16, 128, 128, 4, 3),
-    "gather_decode": (16, 256, 32, 8, 3),
+    "gather_decode": (16, 256, 32, 8, 4),
     "grouped": (64, 128, 64, 8, 3),
     "grouped_tall": (128, 128, 32, 8, 3),
 }
@@ -531,9 +532,7 @@ def _lora_multi_fused_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         bias = tl.load(
-            bias_ptr + n_offs * stride_bias,
-            mask=n_mask & (n_offs * 0 + tl.program_id(1) == 0),
-            other=0.0,
+            bias_ptr + n_offs * stride_bias, mask=n_mask & (n_offs * 0 + pid_s == 0), other=0.0
         )
         acc += bias.to(tl.float32)[None, :]
 
@@ -549,9 +548,7 @@ def _lora_multi_fused_kernel(
         if SPLIT == _SPLIT_ATOMIC:
             tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
         else:
-            # the split index read again here rather than kept live through the K-loop
-            split = tl.program_id(1).to(tl.int64)
-            tl.store(ws_ptrs + split * stride_wss, acc, mask=out_mask)
+            tl.store(ws_ptrs + pid_s * stride_wss, acc, mask=out_mask)
 
 
 @triton.jit
@@ -764,6 +761,9 @@ def _fused(
         splits, k_per_split = gather_splits(m, n, k, w.element_size(), tiles, block_k, x.device)
     deterministic = torch.are_deterministic_algorithms_enabled()
     split_mode = 0 if splits == 1 else (2 if deterministic else 1)
+    rank_chunk = _EXPAND_MAX_R if aligned and key != "grouped_tall" else 16
+    if split_mode == 2:
+        stages, rank_chunk = min(stages, 3), 16
     ws = out  # unused without a split
     if split_mode == 1:
         ws = torch.zeros((1, m, n), dtype=torch.float32, device=x.device)
@@ -785,7 +785,7 @@ def _fused(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned and key != "grouped_tall" else 16),
+        BLOCK_R=min(_rank_block(r_max), rank_chunk),
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,
