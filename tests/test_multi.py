@@ -307,17 +307,76 @@ def test_strategy_choice():
 @pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="counts under the interpreter")
 def test_gather_decode_reads_each_present_adapters_lora_b_once_in_wide_tiles():
     """The gather forward's expand is one dot per adapter present in the tile (each present
-    adapter's lora_b slice read once, full 32-byte sectors at rank 16), in N tiles 128 wide:
-    with the former per-row CUDA-core epilogue (rank chunks of 8, half sectors) lora_b moved 2x,
-    and 64-wide tiles read x once per 64 columns."""
+    adapter's lora_b slice read once, full 32-byte sectors at rank 16), in N tiles 256 wide for
+    decode (M <= 16): with the former per-row CUDA-core epilogue (rank chunks of 8, half
+    sectors) lora_b moved 2x, and 64-wide tiles read x once per 64 columns."""
     from tools import traffic_cases
 
     rep = traffic_cases.multi(4, 64, 256, 16, distinct=2, pool=4, strategy="gather")
     assert rep.operands["lora_b"].moved == rep.operands["lora_b"].compulsory
     fused = [ln for ln in rep.launches if ln["kernel"] == "_lora_multi_fused_kernel"]
-    assert len(fused) == 1 and fused[0]["meta"]["BLOCK_N"] == 128
-    # x once in the shrink, then once per N tile: 256 columns in two tiles
-    assert rep.operands["x"].moved == 3 * rep.operands["x"].compulsory
+    assert len(fused) == 1 and fused[0]["meta"]["BLOCK_N"] == 256
+    # x once in the shrink, then once per N tile: 256 columns in one tile (K = 64 is two K
+    # tiles, too few to split on a 132-SM plan once the partials' share is counted)
+    assert rep.operands["x"].moved == 2 * rep.operands["x"].compulsory
+
+
+def _spy_splits(monkeypatch):
+    """Record the split count of every gather decode call (the planner's first result)."""
+    plans = []
+    real = _triton_multi.gather_splits
+
+    def spy(*args):
+        out = real(*args)
+        plans.append(out[0])
+        return out
+
+    monkeypatch.setattr(_triton_multi, "gather_splits", spy)
+    return plans
+
+
+@pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="the interpreter's split plan")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gather_decode_splits_over_k(monkeypatch, deterministic):
+    """The gather decode (M <= 16) splits the base GEMM over K (the interpreter's planner assumes
+    few SMs, so these shapes split), with the LoRA term and the bias added once: forward and
+    dx and the adapter gradients against the reference, in both reduction modes (atomics,
+    per-split partials)."""
+    plans = _spy_splits(monkeypatch)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_multi("triton-gather", 7, 1000, 70, 3, 16, "uniform", torch.float16)
+        check_multi("triton-gather", 5, 611, 33, 2, 7, "skewed", torch.bfloat16,
+                    lora_dtype=torch.float32)  # fmt: skip
+        check_multi("triton-gather", 4, 512, 256, 4, 16, "distinct", torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    # each call plans its forward, then dx (whose K is the layer's N: the last one splits too)
+    assert len(plans) == 6 and min(plans[0::2]) >= 2 and plans[-1] >= 2, plans
+
+
+@pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="the interpreter's split plan")
+def test_gather_decode_split_is_bitwise_repeatable_and_base_rows_stay_base(monkeypatch):
+    """Deterministic mode: no atomics, the partials summed in split order, so two calls give the
+    same bits; rows with id -1 or an id >= L get the base layer (and s = 0)."""
+    plans = _spy_splits(monkeypatch)
+    fwd = _triton_multi.lora_linear_multi_fwd
+    x, w, b, a, bb, scales, ranks = make_stacks(9, 1000, 70, 3, 16, torch.float16)
+    ids = torch.tensor([0, -1, 2, 3, 1, 0, 7, 2, 1])
+    base = (ids < 0) | (ids >= 3)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        y1, s1 = fwd(x, w, b, a, bb, scales, ids, ranks, strategy="gather")
+        y2, s2 = fwd(x, w, b, a, bb, scales, ids, ranks, strategy="gather")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert min(plans) >= 2, plans
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    assert (s1[base] == 0).all()
+    y_base = torch.addmm(b.double(), x.double(), w.double().T)
+    assert_close_to_ref("y[base]", y1[base], y_base[base], (x @ w.T + b)[base])
 
 
 @pytest.mark.gpu

@@ -251,3 +251,50 @@ def test_embedding_multi_tensor_scales_are_never_read_on_the_host(cuda_like, dty
     tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(from_list, got, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_multi_gather_split_decode_is_sync_free(monkeypatch, deterministic):
+    """The Triton gather decode launcher split over K (the torch backend is what the tests above
+    drive): no device value read on the host, no tensor built from host data, in both reduction
+    modes (atomics into a zeroed buffer, per-split partials), and the split did run."""
+    triton_multi = pytest.importorskip("lora_kernels.backends.triton.lora_multi")
+    from lora_kernels.backends.triton import interpreting
+
+    if not interpreting():
+        pytest.skip("the interpreter's split plan")
+    plans = []
+    real = triton_multi.gather_splits
+    monkeypatch.setattr(
+        triton_multi, "gather_splits", lambda *a: plans.append(real(*a)) or plans[-1]
+    )
+    m, k, n, num_adapters, r = 5, 1000, 70, 3, 16
+    x = torch.randn(m, k, dtype=torch.float16)
+    w = (torch.randn(n, k) / k**0.5).half()
+    b = torch.randn(n, dtype=torch.float16)
+    lora_a = torch.randn(num_adapters, r, k, dtype=torch.float16) / k**0.5
+    lora_b = torch.randn(num_adapters, n, r, dtype=torch.float16) / r**0.5
+    scales = torch.rand(num_adapters) + 0.5
+    ids = torch.tensor([0, -1, 2, 5, 1])
+    args = (x, w, b, lora_a, lora_b, scales, ids)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        triton_multi.lora_linear_multi_fwd(*args, strategy="gather")  # warm the jit cache
+        with monkeypatch.context() as patch, _Ops() as ops:
+            for name in HOST_READS:
+                patch.setattr(torch.Tensor, name, _no_host(name))
+            for name in HOST_MAKERS:
+                patch.setattr(torch, name, _no_host(name))
+            triton_multi.lora_linear_multi_fwd(*args, strategy="gather")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert not [op for op in ops.ops if any(f in op for f in FORBIDDEN_OPS)], ops.ops
+    assert plans and all(splits >= 2 for splits, _ in plans), plans
+
+
+def _no_host(name):
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError(f"a decode step called {name} (a host read or a host-built tensor)")
+
+    return forbidden

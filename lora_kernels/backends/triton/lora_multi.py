@@ -40,22 +40,34 @@ Memory traffic of a gather decode step (``python -m tools.traffic_cases multi --
 --n 4096 --r 16 --distinct D --strategy gather --sample 8``: CUDA tiles, fp16, moved / compulsory
 bytes in 32-byte sectors; 2-core CPU VM, the count does not depend on the machine):
 
-| M, distinct adapters | before | after |
-| --- | ---: | ---: |
-| 16, 1 | 1.310 | 1.182 |
-| 16, 8 | 1.294 | 1.147 |
-| 16, 16 | 1.278 | 1.111 |
-| 64, 64 | 3.781 | 3.289 |
+| M, distinct adapters | per-row epilogue | per-adapter dot, 16x128 | split-K, 16x256 |
+| --- | ---: | ---: | ---: |
+| 16, 1 | 1.310 | 1.182 | 1.189 |
+| 16, 8 | 1.294 | 1.147 | 1.155 |
+| 16, 16 | 1.278 | 1.111 | 1.119 |
+| 64, 64 | 3.781 | 3.289 | 3.289 (no split above 16 rows) |
 
 Before: a 16x64 fused tile whose epilogue gathered each row's ``lora_b`` on CUDA cores in rank
 chunks of 8 (16 of a sector's 32 bytes: ``lora_b`` moved 2x) and x re-read by each of the 64 N
 tiles (65x x, 8.5 MB at M = 16). After: the per-adapter dot above (``lora_b`` 1.0x) and 16x128
-tiles (x 33x, 4.3 MB). What is left: x once per N tile, and, when rows share an adapter,
-``lora_a`` once per row in the shrink (16x, 2 MB, for one adapter at M = 16); M = 64 still reads
-the weight once per 16-row tile (4x). The 128-wide tile halves the grid (32 CTAs at N = 4096,
-fewer than a GPU's SMs): a split over K (fp32 partials reduced in a fixed order, or atomics
-outside deterministic mode), a shrink that reads each present adapter's ``lora_a`` once, and one
-tile over all rows for M <= 64 are the known next steps; not done yet.
+tiles (x 33x, 4.3 MB), but only 32 CTAs at N = 4096 on a GPU of 132 SMs.
+
+Split-K decode (M <= 16, as ``lora_linear``'s decode): the fused kernel runs on a grid of
+(N tiles) x (K splits), each program an fp32 partial of ``x W^T`` over its K slice; split 0 alone
+adds the per-adapter expand (``s`` from the shrink launch) and the bias, so each is in the sum
+once. Partials go by atomics into a zeroed [M, N] fp32 buffer, or, under
+``torch.use_deterministic_algorithms(True)``, each split into its own slice of [splits, M, N];
+``_lora_multi_splitk_finish_kernel`` adds them in split order and rounds once into ``y``. The
+split count (``gather_splits``) fills one wave of SMs, is at most the K tiles, and keeps the
+partials within 1/16 of the weight's bytes; the grid depends on the shapes only. 256-wide N
+tiles halve x's re-reads (17x, 2.2 MB), which pays for the partials (2.4 MB with their read
+back: 16 x 8 = 128 CTAs at K = N = 4096), so the counts above (all programs counted, ``--sample
+160``) stay within 0.01 of the unsplit 128-wide tile while the grid grows from 32 to 128 CTAs.
+The atomic buffer's zero fill (M * N * 4 bytes, a memset the counter does not see) adds 0.008.
+What is left: x once per N tile, and, when rows share an adapter, ``lora_a`` once per row in the
+shrink (16x, 2 MB, for one adapter at M = 16); M = 64 still reads the weight once per 16-row
+tile (4x). A shrink that reads each present adapter's ``lora_a`` once, and one tile over all
+rows for M <= 64, are the known next steps; not done yet.
 
 ``gather`` is used when ``M <= 64``, or ``M <= 1024`` with fewer than 8 rows per adapter on
 average (``M < 8 L``): there a grouped tile would span many adapters and repeat its dots for each.
@@ -90,6 +102,8 @@ launches exactly what the warm-up compiled.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -144,18 +158,37 @@ def _divisible(*values: int) -> bool:
 
 
 # Fused-kernel tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), keyed by strategy,
-# and for grouped by M >= 2048. The compile gate holds each to zero spills on sm_80 and sm_90
-# for 16-bit layers and fp32 adapters on them, aligned and odd shapes, rank 16 to 128.
+# for grouped by M >= 2048, and for gather by M <= 16 (the split-K decode: ``lora_linear``'s
+# decode tile, 256 wide, 32 deep, 8 warps, 4 stages; fp32 layers keep 128 columns, and the
+# deterministic split takes 3 stages and 16-wide rank chunks: its per-split store spilled
+# 16-32 B there with 4 stages or 32-wide chunks, bf16 with fp32 adapters). The compile
+# gate holds each to zero spills on sm_80 and sm_90 for 16-bit layers and fp32 adapters on them,
+# aligned and odd shapes, rank 16 to 128.
 _FUSED_CONFIGS = {
     "gather": (16, 128, 128, 4, 3),
+    "gather_decode": (16, 256, 32, 8, 4),
     "grouped": (64, 128, 64, 8, 3),
     "grouped_tall": (128, 128, 32, 8, 3),
 }
 _ODD_FUSED_CONFIGS = {
     "gather": (16, 64, 32, 4, 3),
+    "gather_decode": (16, 64, 32, 4, 3),
     "grouped": (64, 128, 32, 8, 3),
     "grouped_tall": (64, 128, 32, 8, 3),
 }
+
+# Gather decode split over K (M <= _SPLIT_MAX_M): fp32 partials of each [16, BLOCK_N] tile,
+# added by atomics (_SPLIT_ATOMIC) or stored per split and summed in order (_SPLIT_STORE, the
+# deterministic mode), then rounded once by the finish pass.
+_SPLIT_NONE: tl.constexpr = tl.constexpr(0)
+_SPLIT_ATOMIC: tl.constexpr = tl.constexpr(1)
+_SPLIT_STORE: tl.constexpr = tl.constexpr(2)
+_SPLIT_MAX_M = 16
+# The partials move splits * M * N * 4 bytes: at most 1/_SPLIT_REDUCTION_SHARE of the weight's.
+_SPLIT_REDUCTION_SHARE = 16
+# Under the interpreter a small "SM count", so that the tests' shapes really split.
+_INTERP_SPLIT_PROGRAMS = 16
+_FINISH_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 128}
 
 # dA/dB reduction: rows one program reduces before the adapter's rows are split among several
 # (their fp32 partial sums added with atomics), and the most programs one adapter gets.
@@ -362,12 +395,14 @@ def _lora_multi_fused_kernel(
     order_ptr,
     ranks_ptr,
     y_ptr,
+    ws_ptr,
     # sizes
     M,
     N,
     K,
     R,
     L,
+    k_per_split,  # a multiple of BLOCK_K (SPLIT only), so no tile straddles two splits
     # strides
     stride_xm,
     stride_xk,
@@ -381,10 +416,14 @@ def _lora_multi_fused_kernel(
     stride_ym,
     stride_yn,
     stride_bias,
+    stride_wss,
+    stride_wsm,
+    stride_wsn,
     # meta-parameters
     HAS_BIAS: tl.constexpr,
     HAS_RANKS: tl.constexpr,
     GROUPED: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     UPCAST_DOTS: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -405,6 +444,12 @@ def _lora_multi_fused_kernel(
     weight has 2**31 elements (N = 139264, K = 16384). ``scales[a]`` multiplies ``s @ b.T``
     after the dot, as PEFT scales after lora_B: ``s`` rounded to 16 bits before the dot is
     ``s``, never ``s * scale``, which can overflow fp16 where PEFT does not.
+
+    ``SPLIT`` (gather decode, split-K): program (tile, j) reduces K over ``[j * k_per_split,
+    (j + 1) * k_per_split)`` into an fp32 partial; split 0 alone adds the LoRA term and the bias,
+    so each is in the sum exactly once. ``_SPLIT_ATOMIC`` adds the partial into ``ws[0]``
+    (zeroed), ``_SPLIT_STORE`` stores it to ``ws[j]`` for the fixed-order sum of
+    ``_lora_multi_splitk_finish_kernel``; ``y`` is then written by that pass, not here.
     """
     # program id -> tile, in groups of GROUP_M row tiles so that neighbours share W in L2
     pid = tl.program_id(0)
@@ -415,6 +460,13 @@ def _lora_multi_fused_kernel(
     size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = (first_m + (pid % width) % size_m).to(tl.int64)
     pid_n = ((pid % width) // size_m).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    k_start = pid_s * 0
+    k_stop = K
+    if SPLIT != _SPLIT_NONE:
+        k_start = pid_s * k_per_split
+        k_stop = tl.minimum(k_start + k_per_split, K)
+    first_split = pid_s == 0
 
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     in_range = pos < M
@@ -441,8 +493,9 @@ def _lora_multi_fused_kernel(
     r_range = tl.arange(0, BLOCK_R)
     s_rows = s_ptr + rows[:, None] * stride_sm
     b_cols = b_ptr + n_offs[None, :] * stride_bn
-    # one trip per adapter present in the tile, as in the grouped shrink
+    # one trip per adapter present in the tile, as in the grouped shrink (split 0 only)
     a = tl.min(tl.where(valid, aid, L))
+    a = tl.where(first_split, a, L)
     while a < L:
         mine = valid & (aid == a)
         r_lim = R
@@ -468,9 +521,9 @@ def _lora_multi_fused_kernel(
 
     # base GEMM; the tile pointers advance by BLOCK_K * stride (in range while a stride is
     # below 2**26), their int64 offsets are formed once
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + k_range[None, :] * stride_xk
-    w_ptrs = w_ptr + n_offs[None, :] * stride_wn + k_range[:, None] * stride_wk
-    for k0 in range(0, K, BLOCK_K):
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (k_start + k_range)[None, :] * stride_xk
+    w_ptrs = w_ptr + n_offs[None, :] * stride_wn + (k_start + k_range)[:, None] * stride_wk
+    for k0 in range(k_start, k_stop, BLOCK_K):
         k_mask = (k0 + k_range) < K
         xt = tl.load(x_ptrs, mask=in_range[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
@@ -478,13 +531,59 @@ def _lora_multi_fused_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + n_offs * stride_bias, mask=n_mask, other=0.0)
+        bias = tl.load(
+            bias_ptr + n_offs * stride_bias, mask=n_mask & (n_offs * 0 + pid_s == 0), other=0.0
+        )
         acc += bias.to(tl.float32)[None, :]
 
+    out_mask = in_range[:, None] & n_mask[None, :]
+    if SPLIT == _SPLIT_NONE:
+        tl.store(
+            y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn,
+            acc.to(y_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
+    else:
+        ws_ptrs = ws_ptr + rows[:, None] * stride_wsm + n_offs[None, :] * stride_wsn
+        if SPLIT == _SPLIT_ATOMIC:
+            tl.atomic_add(ws_ptrs, acc, mask=out_mask, sem="relaxed")
+        else:
+            tl.store(ws_ptrs + pid_s * stride_wss, acc, mask=out_mask)
+
+
+@triton.jit
+def _lora_multi_splitk_finish_kernel(
+    # pointers
+    ws_ptr,
+    y_ptr,
+    # sizes
+    M,
+    N,
+    splits,  # the partials in ws to add: 1 after atomics, the split count otherwise
+    # strides
+    stride_wss,
+    stride_wsm,
+    stride_wsn,
+    stride_ym,
+    stride_yn,
+    # meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``y = sum_j ws[j]`` rounded once to y's dtype, the splits added in index order (without
+    atomics the same bits every call)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ws_ptrs = ws_ptr + offs_m[:, None] * stride_wsm + offs_n[None, :] * stride_wsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, splits):
+        acc += tl.load(ws_ptrs, mask=mask, other=0.0)
+        ws_ptrs += stride_wss
     tl.store(
-        y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn,
+        y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
         acc.to(y_ptr.dtype.element_ty),
-        mask=in_range[:, None] & n_mask[None, :],
+        mask=mask,
     )
 
 
@@ -645,33 +744,90 @@ def _fused(
         return out
     grouped = strategy == "grouped"
     ids, order = sorted_rows if grouped else (row_ids, row_ids)
+    split_k = not grouped and m <= _SPLIT_MAX_M
     key = ("grouped_tall" if m >= 2048 else "grouped") if grouped else "gather"
+    if split_k:
+        key = "gather_decode"
     aligned = _divisible(k, n, x.stride(0), *w_strides, s.stride(0), *b_strides, out.stride(0))
     table = _FUSED_CONFIGS if aligned else _ODD_FUSED_CONFIGS
     block_m, block_n, block_k, warps, stages = table[key]
     if x.dtype == torch.float32:
         block_k, stages = 32, 2  # fp32 tiles are twice the bytes: keep shared memory in budget
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _lora_multi_fused_kernel[grid](
+        if split_k:  # and an fp32 dot's operands twice the registers: the 128-wide tile
+            block_n, warps = min(block_n, 128), 4
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    splits, k_per_split = 1, k
+    if split_k:
+        splits, k_per_split = gather_splits(m, n, k, w.element_size(), tiles, block_k, x.device)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    split_mode = 0 if splits == 1 else (2 if deterministic else 1)
+    rank_chunk = _EXPAND_MAX_R if aligned and key != "grouped_tall" else 16
+    if split_mode == 2:
+        stages, rank_chunk = min(stages, 3), 16
+    ws = out  # unused without a split
+    if split_mode == 1:
+        ws = torch.zeros((1, m, n), dtype=torch.float32, device=x.device)
+    elif split_mode == 2:
+        ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    ws_strides = (ws.stride(0), ws.stride(1), ws.stride(2)) if split_mode else (0, 0, 0)
+    _lora_multi_fused_kernel[(tiles, splits)](
         x, w, bias if bias is not None else x, s, b, scales, ids, order,
-        ranks if ranks is not None else row_ids, out,
-        m, n, k, r_max, num_adapters,
+        ranks if ranks is not None else row_ids, out, ws,
+        m, n, k, r_max, num_adapters, k_per_split,
         x.stride(0), x.stride(1), *w_strides, s.stride(0), s.stride(1), *b_strides,
-        out.stride(0), out.stride(1), vector_stride(bias),
+        out.stride(0), out.stride(1), vector_stride(bias), *ws_strides,
         HAS_BIAS=bias is not None,
         HAS_RANKS=ranks is not None,
         GROUPED=grouped,
+        SPLIT=split_mode,
         DOT_DTYPE=_dot_dtype(x.dtype, b.dtype),
         **_dot_flags(x.dtype),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_R=min(_rank_block(r_max), _EXPAND_MAX_R if aligned and key != "grouped_tall" else 16),
+        BLOCK_R=min(_rank_block(r_max), rank_chunk),
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
+    if split_mode:
+        fm, fn = _FINISH_BLOCKS["BLOCK_M"], _FINISH_BLOCKS["BLOCK_N"]
+        _lora_multi_splitk_finish_kernel[(triton.cdiv(m, fm), triton.cdiv(n, fn))](
+            ws, out,
+            m, n, 1 if split_mode == 1 else splits,
+            *ws_strides, out.stride(0), out.stride(1),
+            **_FINISH_BLOCKS,
+            num_warps=4,
+        )  # fmt: skip
     return out
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_programs(device: torch.device) -> int:
+    """Programs the split gather decode aims for: one wave of SMs (each streams its own slice
+    of the weight; a second, partial wave would only wait for the first)."""
+    if interpreting():
+        return _INTERP_SPLIT_PROGRAMS
+    index = 0
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sm_count(index)
+
+
+def gather_splits(m: int, n: int, k: int, w_bytes: int, tiles: int, block_k: int, device):
+    """(splits, k_per_split) of the gather decode: enough K splits that ``tiles`` output tiles
+    fill one wave, at most the K tiles, and the fp32 partials within 1/_SPLIT_REDUCTION_SHARE of
+    the weight's bytes (``w_bytes`` a weight element). Fixed by the shapes (capture-safe)."""
+    k_blocks = triton.cdiv(k, block_k)
+    splits = _split_programs(device) // max(1, tiles)
+    splits = min(splits, k_blocks, (k * w_bytes) // (4 * _SPLIT_REDUCTION_SHARE * max(1, m)))
+    splits = max(1, splits)
+    k_per_split = triton.cdiv(k_blocks, splits) * block_k
+    return max(1, triton.cdiv(k, k_per_split)), k_per_split
 
 
 def segment_splits(m: int, deterministic: bool) -> int:
