@@ -12,7 +12,9 @@ evenly between, weighted to stand for the whole grid; see ``tools/traffic.py``).
 interior programs move the same bytes, which holds for every shape here (they divide by the
 tiles) except where data picks addresses (4-bit codes, adapter ids: estimates, within 0.1% of
 the full count on the shapes checked). Without it a 4096 x 14336 QLoRA decode would take about
-20 minutes on 2 cores, and a prefill GEMM hours; ``--sample 0`` counts every program.
+20 minutes on 2 cores, and a prefill GEMM hours; ``--sample 0`` counts every program. The
+multi-adapter gather decode rows always count every program: only the first K split of their
+split GEMM reads lora_b and the bias, so a sample would undercount them.
 
 Not counted: torch work inside a launcher (allocations, ``sort``, ``zero_``), and backward
 launches (this report is about the forward, i.e. decode and prefill).
@@ -82,8 +84,11 @@ def rows() -> list[dict]:
                 shape = {"M": m, "K": k, "N": n, "r": r, "distinct": distinct, "pool": 64}
                 add(
                     "multi_" + strategy, "lora_linear_multi_fwd", shape,
+                    # gather decode splits K and only split 0 reads lora_b and the bias: its
+                    # programs differ, so every one is counted (176 at K = N = 4096)
                     lambda s, m=m, k=k, n=n, r=r, d=distinct, st=strategy: traffic_cases.multi(
-                        m, k, n, r, distinct=d, pool=64, strategy=st, sample=s
+                        m, k, n, r, distinct=d, pool=64, strategy=st,
+                        sample=None if st == "gather" and m <= 16 else s,
                     ),
                     m <= 64,
                 )  # fmt: skip
