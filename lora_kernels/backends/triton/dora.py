@@ -343,6 +343,10 @@ def dora_weight_norm(weight, lora_a, lora_b, scale, w_sq):
         RANK_CHUNK=min(block_r, 32 if interp else _RANK_CHUNK),
         GRAM_COLS=min(block_r, 16 if interp else _GRAM_COLS),
         num_warps=warps,
+        # sm_80, BLOCK_R 16 (r7 bf16+fp32, wsq given) and 128 (r128 fp16, no wsq): ptxas stopped
+        # at 168 and 128 registers and spilled 16 and 32 B; with an explicit ceiling they take
+        # 192 and 149 and spill nothing. BLOCK_R 64 and 256 keep ptxas's own choice.
+        maxnreg=255 if not interp and block_r in (16, 128) else None,
     )  # fmt: skip
     return norm
 
