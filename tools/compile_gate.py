@@ -546,16 +546,26 @@ def drive_lora_multi(twin, cap: _Capture, matrix: dict) -> None:
                                     f"M{m} K{k} N{n} r{r} {dt}/{adt} {id_dtype} {strategy}"
                                     f" ranks{int(ranks_on)}"
                                 )
-                                cap.case = "fwd " + tag
-                                twin.lora_linear_multi_fwd(
-                                    x, w, None, a, b, scales, ids, ranks, strategy=strategy
-                                )
-                                s = torch.empty((m, r), dtype=torch.float32)
-                                cap.case = "bwd " + tag
-                                twin.lora_linear_multi_bwd(
-                                    _t(m, n, dtype=xd), x, w, a, b, scales, ids, s, ranks,
-                                    strategy=strategy,
-                                )  # fmt: skip
+                                # deterministic: the gather decode's split partials are
+                                # stored per split and summed in order (no atomics)
+                                for det in matrix.get("deterministic", [False]):
+                                    prev = torch.are_deterministic_algorithms_enabled()
+                                    torch.use_deterministic_algorithms(det)
+                                    dtag = tag + (" det1" if det else "")
+                                    try:
+                                        cap.case = "fwd " + dtag
+                                        twin.lora_linear_multi_fwd(
+                                            x, w, None, a, b, scales, ids, ranks,
+                                            strategy=strategy,
+                                        )  # fmt: skip
+                                        s = torch.empty((m, r), dtype=torch.float32)
+                                        cap.case = "bwd " + dtag
+                                        twin.lora_linear_multi_bwd(
+                                            _t(m, n, dtype=xd), x, w, a, b, scales, ids, s,
+                                            ranks, strategy=strategy,
+                                        )  # fmt: skip
+                                    finally:
+                                        torch.use_deterministic_algorithms(prev)
 
 
 def drive_merge(twin, cap: _Capture, matrix: dict) -> None:
@@ -756,6 +766,7 @@ FULL = {
         "id_dtypes": [torch.int64],
         "strategies": ["gather", "grouped"],
         "ranks": [True],
+        "deterministic": [False, True],
     },
     "merge": {
         "kn": [(4096, 4096), (4099, 32001)],
