@@ -110,29 +110,36 @@ def activation_bwd(
     return dg
 
 
-def _project(inp, w, bias, a, b, scales, segments, e, s_out, out):
-    """``out = inp W^T + bias + s_a (inp A_a^T) B_a^T`` for one expert's block, LoRA per adapter
-    segment (rows relative to the block's start ``segments[0][1]``); the shrinks go to
-    ``s_out``."""
+def _project(inp, w, bias, a, b, scales, segments, s_out, out):
+    """``out = inp W^T + bias + s_a (inp A_a^T) B_a^T`` for one expert's block (``w [n_out,
+    n_in]``, ``bias [n_out]`` or None, ``a[adapter]`` / ``b[adapter]`` that expert's factors),
+    LoRA per adapter segment (rows relative to the block's start ``segments[0][1]``); the
+    shrinks go to ``s_out`` (absolute rows)."""
     if bias is not None:
-        torch.addmm(bias[e], inp, w[e].T, out=out)
+        torch.addmm(bias, inp, w.T, out=out)
     else:
-        torch.mm(inp, w[e].T, out=out)
+        torch.mm(inp, w.T, out=out)
     if a is None:
         return
     acc = s_out.dtype
-    r = a.shape[2]
+    r = s_out.shape[1]
     base = segments[0][1]
     for adapter, lo, hi in segments:
         if adapter < 0:
             continue
-        seg = slice(lo - base, hi - base)
-        sa = torch.mm(inp[seg].to(acc), a[adapter, e].to(acc).T, out=s_out[lo:hi, :r])
+        seg_in = inp if hi - lo == inp.shape[0] else inp[lo - base : hi - base]
+        seg_out = out if hi - lo == out.shape[0] else out[lo - base : hi - base]
+        sa = torch.mm(seg_in.to(acc), a[adapter].to(acc).T, out=s_out[lo:hi, :r])
         if out.dtype == acc:  # the expand added in place, scale folded in: one op per segment
-            out[seg].addmm_(sa, b[adapter, e].to(acc).T, alpha=scales[adapter])
+            seg_out.addmm_(sa, b[adapter].to(acc).T, alpha=scales[adapter])
         else:
-            term = (sa @ b[adapter, e].to(acc).T).mul_(scales[adapter])
-            out[seg] += term.to(out.dtype)
+            term = (sa @ b[adapter].to(acc).T).mul_(scales[adapter])
+            seg_out += term.to(out.dtype)
+
+
+def _at(f, e, dim=0):
+    """Expert ``e``'s slice of ``f`` along ``dim`` (a view), None for None."""
+    return None if f is None else f.select(dim, e)
 
 
 def moe_lora_fwd(
@@ -160,53 +167,75 @@ def moe_lora_fwd(
     k = top_k_ids.shape[1]
     num_experts = w_gu.shape[0]
     num_adapters = scales.shape[0]
-    n_gu, n_i = w_gu.shape[1], w_d.shape[2]
+    n_gu = w_gu.shape[1]
     p = t * k
     acc = _acc(x)
     order, tokens, bounds = moe_plan(top_k_ids, token_ids, num_experts, num_adapters, k)
     n_valid = order.shape[0]
     g = x.new_empty((p, n_gu))
-    o = x.new_empty((p, hidden))
+    o = x.new_empty((p, hidden)) if keep_out else x.new_empty(0)
     s_gu = x.new_zeros((p, a_gu.shape[2]), dtype=acc) if a_gu is not None else x.new_empty(0)
     s_d = x.new_zeros((p, a_d.shape[2]), dtype=acc) if a_d is not None else x.new_empty(0)
     if n_valid < p:
         g[n_valid:].zero_()
-        o[n_valid:].zero_()
+        if keep_out:
+            o[n_valid:].zero_()
     sc = scales.to(device=x.device, dtype=acc).tolist()
-    xs = x.index_select(0, tokens)
-    h = x.new_empty((n_valid, n_i))
-    for e, lo, hi, segments in bounds:
-        _project(xs[lo:hi], w_gu, bias_gu, a_gu, b_gu, sc, segments, e, s_gu, g[lo:hi])
-        h[lo:hi] = activation_fwd(g[lo:hi], activation, swiglu_alpha, swiglu_limit)
-        _project(h[lo:hi], w_d, bias_d, a_d, b_d, sc, segments, e, s_d, o[lo:hi])
-    weights = top_k_weights.reshape(-1).index_select(0, order).to(acc)
+    weights = top_k_weights.reshape(-1).index_select(0, order).to(acc).unsqueeze(1)
     y = torch.zeros((t, hidden), dtype=acc, device=x.device)
-    y.index_add_(0, tokens, o[:n_valid].to(acc) * weights[:, None])
-    return y.to(x.dtype), g, s_gu, s_d, (o if keep_out else x.new_empty(0))
+    for e, lo, hi, segments in bounds:
+        tok = tokens[lo:hi]
+        ge = g[lo:hi]
+        _project(
+            x.index_select(0, tok), w_gu[e], _at(bias_gu, e), _at(a_gu, e, 1), _at(b_gu, e, 1), sc,
+            segments, s_gu, ge,
+        )  # fmt: skip
+        he = activation_fwd(ge, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
+        oe = o[lo:hi] if keep_out else x.new_empty((hi - lo, hidden))
+        _project(he, w_d[e], _at(bias_d, e), _at(a_d, e, 1), _at(b_d, e, 1), sc, segments, s_d, oe)
+        if keep_out or oe.dtype != acc:
+            oe = oe.to(acc) * weights[lo:hi]
+        else:
+            oe.mul_(weights[lo:hi])
+        y.index_add_(0, tok, oe)
+    return y.to(x.dtype), g, s_gu, s_d, o
 
 
-def _project_bwd(dout, inp, w, a, b, scales, segments, e, s, da, db, need_din):
+def _project_bwd(dout, inp, w, a, b, scales, segments, s, da, db, need_din):
     """The input gradient of one expert's block (or None) and its LoRA factors' gradients
-    (written into ``da``/``db`` per adapter segment)."""
-    din = dout @ w[e] if need_din else None
+    (written into ``da[adapter]`` / ``db[adapter]`` per adapter segment)."""
+    din = dout @ w if need_din else None
     if a is None or (din is None and da is None and db is None):
         return din
     acc = s.dtype
-    r = a.shape[2]
     base = segments[0][1]
     for adapter, lo, hi in segments:
         if adapter < 0:
             continue
+        whole = hi - lo == dout.shape[0]
         seg = slice(lo - base, hi - base)
         sc = scales[adapter]
-        dseg = dout[seg].to(acc)
-        tmp = (dseg @ b[adapter, e].to(acc)).mul_(sc)  # [n, r], scaled once here
+        dseg = (dout if whole else dout[seg]).to(acc)
+        tmp = torch.mm(dseg, b[adapter].to(acc)).mul_(sc)  # [n, r], scaled once here
         if din is not None:
-            din[seg] += (tmp @ a[adapter, e].to(acc)).to(din.dtype)
+            dseg_in = din if whole else din[seg]
+            if din.dtype == acc:
+                dseg_in.addmm_(tmp, a[adapter].to(acc))
+            else:
+                dseg_in += (tmp @ a[adapter].to(acc)).to(din.dtype)
         if da is not None:
-            da[adapter, e] = (tmp.T @ inp[seg].to(acc)).to(da.dtype)
+            inp_seg = (inp if whole else inp[seg]).to(acc)
+            dst = da[adapter]
+            if dst.dtype == acc and dst.is_contiguous():
+                torch.mm(tmp.T, inp_seg, out=dst)
+            else:
+                dst.copy_(tmp.T @ inp_seg)
         if db is not None:
-            db[adapter, e] = (dseg.T @ s[lo:hi, :r]).mul_(sc).to(db.dtype)
+            dst = db[adapter]
+            if dst.dtype == acc and dst.is_contiguous():
+                torch.mm(dseg.T, s[lo:hi], out=dst).mul_(sc)
+            else:
+                dst.copy_((dseg.T @ s[lo:hi]).mul_(sc))
     return din
 
 
@@ -254,34 +283,39 @@ def moe_lora_bwd(
     db_gu = torch.zeros_like(b_gu) if lora_gu else None
     da_d = torch.zeros_like(a_d) if lora_d else None
     db_d = torch.zeros_like(b_d) if lora_d else None
-    dys = dy.index_select(0, tokens)
-    dw = None
-    if needs_dw:
-        pair_dw = (dys.to(acc) * o[:n_valid].to(acc)).sum(1)
-        dw = torch.zeros(t * k, dtype=acc, device=x.device)
-        dw.index_copy_(0, order, pair_dw)
-        dw = dw.reshape(t, k).to(top_k_weights.dtype)
-    weights = top_k_weights.reshape(-1).index_select(0, order)
-    dyo = (dys.to(acc) * weights.to(acc)[:, None]).to(x.dtype)
+    weights = top_k_weights.reshape(-1).index_select(0, order).to(acc).unsqueeze(1)
+    pair_dw = torch.empty(n_valid, dtype=acc, device=x.device) if needs_dw else None
+    dx = torch.zeros((t, hidden), dtype=acc, device=x.device) if needs_dx else None
     need_dg = needs_dx or lora_gu
-    xs = x.index_select(0, tokens) if lora_gu else None
-    dxs = x.new_empty((n_valid, hidden)) if needs_dx else None
     for e, lo, hi, segments in bounds:
+        tok = tokens[lo:hi]
+        dye = dy.index_select(0, tok).to(acc)
+        if needs_dw:
+            pair_dw[lo:hi] = (dye * o[lo:hi].to(acc)).sum(1)
+        dyo = dye.mul_(weights[lo:hi]).to(x.dtype)
         ge = g[lo:hi]
         he = None
         if lora_d:
             he = activation_fwd(ge, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
-        dh = _project_bwd(dyo[lo:hi], he, w_d, a_d, b_d, sc, segments, e, s_d, da_d, db_d, need_dg)
+        dh = _project_bwd(
+            dyo, he, w_d[e], _at(a_d, e, 1), _at(b_d, e, 1), sc, segments, s_d, _at(da_d, e, 1),
+            _at(db_d, e, 1), need_dg,
+        )  # fmt: skip
         if not need_dg:
             continue
         dg = activation_bwd(ge, dh, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
-        xe = None if xs is None else xs[lo:hi]
-        dxe = _project_bwd(dg, xe, w_gu, a_gu, b_gu, sc, segments, e, s_gu, da_gu, db_gu, needs_dx)
+        xe = x.index_select(0, tok) if lora_gu else None
+        dxe = _project_bwd(
+            dg, xe, w_gu[e], _at(a_gu, e, 1), _at(b_gu, e, 1), sc, segments, s_gu, _at(da_gu, e, 1),
+            _at(db_gu, e, 1), needs_dx,
+        )  # fmt: skip
         if needs_dx:
-            dxs[lo:hi] = dxe
-    dx = None
+            dx.index_add_(0, tok, dxe.to(acc))
+    dw = None
+    if needs_dw:
+        dw = torch.zeros(t * k, dtype=acc, device=x.device)
+        dw.index_copy_(0, order, pair_dw)
+        dw = dw.reshape(t, k).to(top_k_weights.dtype)
     if needs_dx:
-        dx = torch.zeros((t, hidden), dtype=acc, device=x.device)
-        dx.index_add_(0, tokens, dxs.to(acc))
         dx = dx.to(x.dtype)
     return dx, dw, da_gu, db_gu, da_d, db_d
