@@ -110,6 +110,40 @@ def activation_bwd(
     return dg
 
 
+def _recompute(g, activation, alpha, limit, need_h):
+    """The backward's view of the activation at ``g [n, 2I]``: ``(h or None, state)``. For
+    SiLU-GLU ``state`` keeps ``(up, sigmoid(gate), silu(gate))`` so that :func:`_grad_act`
+    reuses them (one sigmoid per block, not two); None for the other activations."""
+    if activation != "silu":
+        return (activation_fwd(g, activation, alpha, limit) if need_h else None), None
+    g = g.to(_acc(g))
+    n_i = g.shape[1] // 2
+    gate, up = g[:, :n_i], g[:, n_i:]
+    sg = torch.sigmoid(gate)
+    silu = gate * sg
+    return (silu * up if need_h else None), (up, sg, silu)
+
+
+def _grad_act(g, dh, state, activation, alpha, limit):
+    """``dg [n, 2I]`` from ``dh [n, I]`` (:func:`activation_bwd`), with the state of
+    :func:`_recompute`: ``d silu(gate) = sigmoid(gate) + silu(gate) (1 - sigmoid(gate))``."""
+    if state is None:
+        return activation_bwd(g, dh, activation, alpha, limit)
+    up, sg, silu = state
+    dh = dh.to(sg.dtype)
+    n_i = up.shape[1]
+    dg = torch.empty((up.shape[0], 2 * n_i), dtype=sg.dtype, device=up.device)
+    torch.mul(dh, silu, out=dg[:, n_i:])
+    dsilu = silu.mul(sg).neg_().add_(silu).add_(sg)
+    torch.mul(dsilu.mul_(up), dh, out=dg[:, :n_i])
+    return dg
+
+
+def _as(t, dtype):
+    """``t`` in ``dtype`` (the common same-dtype case without a dispatch)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _project(inp, w, bias, a, b, scales, segments, s_out, out):
     """``out = inp W^T + bias + s_a (inp A_a^T) B_a^T`` for one expert's block (``w [n_out,
     n_in]``, ``bias [n_out]`` or None, ``a[adapter]`` / ``b[adapter]`` that expert's factors),
@@ -122,18 +156,20 @@ def _project(inp, w, bias, a, b, scales, segments, s_out, out):
     if a is None:
         return
     acc = s_out.dtype
-    r = s_out.shape[1]
+    n = out.shape[0]
     base = segments[0][1]
     for adapter, lo, hi in segments:
         if adapter < 0:
             continue
-        seg_in = inp if hi - lo == inp.shape[0] else inp[lo - base : hi - base]
-        seg_out = out if hi - lo == out.shape[0] else out[lo - base : hi - base]
-        sa = torch.mm(seg_in.to(acc), a[adapter].to(acc).T, out=s_out[lo:hi, :r])
-        if out.dtype == acc:  # the expand added in place, scale folded in: one op per segment
-            seg_out.addmm_(sa, b[adapter].to(acc).T, alpha=scales[adapter])
+        if hi - lo == n:
+            seg_in, seg_out = inp, out
         else:
-            term = (sa @ b[adapter].to(acc).T).mul_(scales[adapter])
+            seg_in, seg_out = inp[lo - base : hi - base], out[lo - base : hi - base]
+        sa = torch.mm(_as(seg_in, acc), _as(a[adapter], acc).T, out=s_out[lo:hi])
+        if out.dtype == acc:  # the expand added in place, scale folded in: one op per segment
+            seg_out.addmm_(sa, _as(b[adapter], acc).T, alpha=scales[adapter])
+        else:
+            term = (sa @ _as(b[adapter], acc).T).mul_(scales[adapter])
             seg_out += term.to(out.dtype)
 
 
@@ -203,28 +239,30 @@ def moe_lora_fwd(
 
 def _project_bwd(dout, inp, w, a, b, scales, segments, s, da, db, need_din):
     """The input gradient of one expert's block (or None) and its LoRA factors' gradients
-    (written into ``da[adapter]`` / ``db[adapter]`` per adapter segment)."""
+    (written into ``da[adapter]`` / ``db[adapter]`` per adapter segment, by the GEMM itself
+    where the gradient is contiguous in the accumulation dtype)."""
     din = dout @ w if need_din else None
     if a is None or (din is None and da is None and db is None):
         return din
     acc = s.dtype
+    n = dout.shape[0]
     base = segments[0][1]
     for adapter, lo, hi in segments:
         if adapter < 0:
             continue
-        whole = hi - lo == dout.shape[0]
+        whole = hi - lo == n
         seg = slice(lo - base, hi - base)
         sc = scales[adapter]
-        dseg = (dout if whole else dout[seg]).to(acc)
-        tmp = torch.mm(dseg, b[adapter].to(acc)).mul_(sc)  # [n, r], scaled once here
+        dseg = _as(dout if whole else dout[seg], acc)
+        tmp = torch.mm(dseg, _as(b[adapter], acc)).mul_(sc)  # [n, r], scaled once here
         if din is not None:
-            dseg_in = din if whole else din[seg]
+            din_seg = din if whole else din[seg]
             if din.dtype == acc:
-                dseg_in.addmm_(tmp, a[adapter].to(acc))
+                din_seg.addmm_(tmp, _as(a[adapter], acc))
             else:
-                dseg_in += (tmp @ a[adapter].to(acc)).to(din.dtype)
+                din_seg += (tmp @ _as(a[adapter], acc)).to(din.dtype)
         if da is not None:
-            inp_seg = (inp if whole else inp[seg]).to(acc)
+            inp_seg = _as(inp if whole else inp[seg], acc)
             dst = da[adapter]
             if dst.dtype == acc and dst.is_contiguous():
                 torch.mm(tmp.T, inp_seg, out=dst)
@@ -294,16 +332,16 @@ def moe_lora_bwd(
             pair_dw[lo:hi] = (dye * o[lo:hi].to(acc)).sum(1)
         dyo = dye.mul_(weights[lo:hi]).to(x.dtype)
         ge = g[lo:hi]
-        he = None
-        if lora_d:
-            he = activation_fwd(ge, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
+        he, state = _recompute(ge, activation, swiglu_alpha, swiglu_limit, lora_d)
+        if he is not None:
+            he = he.to(x.dtype)
         dh = _project_bwd(
             dyo, he, w_d[e], _at(a_d, e, 1), _at(b_d, e, 1), sc, segments, s_d, _at(da_d, e, 1),
             _at(db_d, e, 1), need_dg,
         )  # fmt: skip
         if not need_dg:
             continue
-        dg = activation_bwd(ge, dh, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
+        dg = _grad_act(ge, dh, state, activation, swiglu_alpha, swiglu_limit).to(x.dtype)
         xe = x.index_select(0, tok) if lora_gu else None
         dxe = _project_bwd(
             dg, xe, w_gu[e], _at(a_gu, e, 1), _at(b_gu, e, 1), sc, segments, s_gu, _at(da_gu, e, 1),
