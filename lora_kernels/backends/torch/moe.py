@@ -14,11 +14,29 @@ slots per token, ``P = T k`` pairs, ``E`` experts, ``L`` adapters)::
     o = h W_d[e]^T + b_d[e] + s_a (h A_d[a,e]^T) B_d[a,e]^T,       y[t] = sum_j w[t,j] o[t,j]
 
 Why it is shaped so: the pairs are sorted once by (expert, adapter) (a stable sort of ``P``
-keys), so each expert's tokens are one contiguous block: one gather of x, then per *hit* expert
-one GEMM per projection over its whole block (the Python loop runs over the experts some token
-chose, never over all ``E``), and per (expert, adapter) segment the two rank-``r`` GEMMs of LoRA
-(shrink into ``s``, expand added to the block): ``delta W`` never exists. The expert outputs are
-summed into ``y`` with one ``index_add_`` (fp32 for 16-bit inputs, rounded once).
+keys), so each expert's tokens are one contiguous block. The Python loop runs over the experts
+some token chose, never over all ``E``, and does everything for one expert's block while it is
+in cache: gather its rows of x (``index_select``), one GEMM per projection over the whole block,
+per (expert, adapter) segment the two rank-``r`` GEMMs of LoRA (shrink into ``s``, expand added
+in place, scale folded in), the activation, the router weight, and the ``index_add_`` into
+``y`` (fp32 for 16-bit inputs, rounded once); ``delta W`` never exists. The backward walks the
+same blocks: dy's rows gathered and weighted, ``dh`` and ``dx`` through the frozen experts plus
+the LoRA terms (``addmm_`` in place), each segment's ``dA``/``dB`` written by the GEMM into the
+gradient itself, SiLU-GLU recomputed once per block with its sigmoid shared with the gradient.
+
+Measured (fp32, 64 experts, H 1024, I 384, r 16, top-8, 512 tokens, ``OMP_NUM_THREADS=1``, a
+2-core CPU VM shared with other jobs; process CPU time, best of 5 per round, base and ours back
+to back, median of 7 rounds): forward + backward went from 1.22x the base experts' own
+(transformers' eager ``Qwen3MoeExperts``) to 1.00x; peak extra memory of a step from 113 MiB to
+38 MiB (the base's: 38). The earlier version gathered x and dy for all ``P`` pairs at once and
+weighted all outputs in one pass: each a fresh 16 MB buffer, page-faulted on every call and
+read back from memory, ~15% of the step; autograd also filled zero gradients for the saved
+outputs (``g`` alone is 12 MB; ``ops.moe`` now declines them).
+
+Host side: :func:`moe_plan` reads the ``E (L + 1) + 1`` counts of the sorted keys on the host
+(``tolist``) and the launchers read ``scales``, once per forward and once per backward (the
+backward sorts again rather than saving the plan). On CPU tensors these are plain reads; on a
+CUDA tensor each would synchronise, which is why the Triton backend plans on the device.
 
 Saved for the backward, in sorted pair order (rows past the valid pairs are never read):
 ``g [P, 2I]`` (the pre-activation, so ``h`` is recomputed rather than stored), the shrinks
@@ -44,6 +62,10 @@ def moe_plan(top_k_ids, token_ids, num_experts: int, num_adapters: int, k: int):
     tokens, and for each hit expert ``(e, lo, hi, segments)`` with ``segments`` the
     ``(adapter, lo, hi)`` row ranges of the adapters that use it (adapter -1: base only). Pairs
     whose expert is outside ``[0, E)`` are dropped.
+
+    The sort, the keys and ``order`` / ``tokens`` stay on ``top_k_ids``'s device; ``bounds`` is
+    host data, built from one host read of the key counts (``tolist``: a synchronisation on a
+    CUDA tensor, a plain read on CPU, where this backend runs).
     """
     experts = top_k_ids.reshape(-1).long()
     slots = num_adapters + 1  # slot 0: the base experts only
@@ -277,6 +299,20 @@ def _project_bwd(dout, inp, w, a, b, scales, segments, s, da, db, need_din):
     return din
 
 
+def _factor_grad(f, hit):
+    """The gradient buffer of a factor stack ``f [L, E, m, n]`` (``f``'s strides): the
+    (adapter, expert) pairs in ``hit`` are each written whole by their segment, the others
+    zeroed here (no zero fill of the whole stack first)."""
+    grad = torch.empty_like(f)
+    if len(hit) < f.shape[0] * f.shape[1]:
+        unhit = torch.ones(f.shape[:2], dtype=torch.bool)
+        if hit:
+            adapters, experts = zip(*hit, strict=True)
+            unhit[list(adapters), list(experts)] = False
+        grad[unhit.to(f.device)] = 0
+    return grad
+
+
 def moe_lora_bwd(
     dy,
     x,
@@ -317,10 +353,10 @@ def moe_lora_bwd(
     sc = scales.to(device=x.device, dtype=acc).tolist()
     lora_gu = needs_lora_gu and a_gu is not None
     lora_d = needs_lora_d and a_d is not None
-    da_gu = torch.zeros_like(a_gu) if lora_gu else None
-    db_gu = torch.zeros_like(b_gu) if lora_gu else None
-    da_d = torch.zeros_like(a_d) if lora_d else None
-    db_d = torch.zeros_like(b_d) if lora_d else None
+    hit = [(adapter, e) for e, _, _, segments in bounds for adapter, _, _ in segments]
+    hit = [pair for pair in hit if pair[0] >= 0]
+    da_gu, db_gu = (_factor_grad(f, hit) if lora_gu else None for f in (a_gu, b_gu))
+    da_d, db_d = (_factor_grad(f, hit) if lora_d else None for f in (a_d, b_d))
     weights = top_k_weights.reshape(-1).index_select(0, order).to(acc).unsqueeze(1)
     pair_dw = torch.empty(n_valid, dtype=acc, device=x.device) if needs_dw else None
     dx = torch.zeros((t, hidden), dtype=acc, device=x.device) if needs_dx else None
