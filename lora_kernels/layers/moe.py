@@ -13,7 +13,9 @@ with PEFT's ``scaling``; ``lora_kernels.functional.moe.peft_expert_factors`` rea
 With no active adapter (or one merged into the parameters) the layer calls the wrapped module
 itself: outputs bit for bit the model's. ``merge()`` folds ``scaling * B_e A_e`` into every
 expert's slice of the parameter (``exact=True``: ``unmerge()`` restores it bit for bit).
-Mixed batches (``adapter_names``, one per token or per sequence) run in one grouped call.
+Mixed batches (``adapter_names``, one per token or per sequence) run in one grouped call; the
+adapters' factor stacks it takes are kept between calls that record no graph through them
+(``_mixed_stacks``: a decode loop stacks once, not per step).
 
 Serving (``lora_kernels.serving``) treats the layer as it treats ``FusedLoraLinear``: it can
 follow a model-level ``SharedActive`` (an unmerged ``switch_adapter`` without a cache is one

@@ -25,13 +25,15 @@ the LoRA terms (``addmm_`` in place), each segment's ``dA``/``dB`` written by th
 gradient itself, SiLU-GLU recomputed once per block with its sigmoid shared with the gradient.
 
 Measured (fp32, 64 experts, H 1024, I 384, r 16, top-8, 512 tokens, ``OMP_NUM_THREADS=1``, a
-2-core CPU VM shared with other jobs; process CPU time, best of 5 per round, base and ours back
-to back, median of 7 rounds): forward + backward went from 1.22x the base experts' own
-(transformers' eager ``Qwen3MoeExperts``) to 1.00x; peak extra memory of a step from 113 MiB to
-38 MiB (the base's: 38). The earlier version gathered x and dy for all ``P`` pairs at once and
-weighted all outputs in one pass: each a fresh 16 MB buffer, page-faulted on every call and
-read back from memory, ~15% of the step; autograd also filled zero gradients for the saved
-outputs (``g`` alone is 12 MB; ``ops.moe`` now declines them).
+2-core CPU VM shared with other jobs; process CPU time, best of 5 calls per round, base and ours
+back to back, median of 7-9 rounds, five runs): forward + backward went from 1.17-1.24x the base
+experts' own (transformers' eager ``Qwen3MoeExperts``) to 0.98-1.06x, the forward from 1.23x to
+0.98-0.99x; the peak extra memory of a step from 113 MiB to 38 MiB (the base's: 38). The earlier
+version gathered x and dy for all ``P`` pairs at once and weighted all outputs in one pass: each
+a fresh 16 MB buffer, page-faulted on every call and read back from memory (~12% of the step by
+the profiler); autograd also filled zero gradients for the saved outputs (``g`` alone is 12 MB;
+``ops.moe`` now declines them), and the factor gradients were zero-filled whole before being
+overwritten.
 
 Host side: :func:`moe_plan` reads the ``E (L + 1) + 1`` counts of the sorted keys on the host
 (``tolist``) and the launchers read ``scales``, once per forward and once per backward (the
