@@ -217,8 +217,9 @@ def test_mixed_stack_cache_follows_every_change(kind):
     experts = FusedLoraExperts(copy.deepcopy(tiny_moe_model(kind).model.layers[0].mlp.experts))
     torch.manual_seed(3)
     for name, r in (("a", 2), ("b", 5)):
-        experts.add_adapter(name, {"gate_up_proj": r, "down_proj": r}, {"gate_up_proj": 4,
-                            "down_proj": 6}, init_lora_weights=False)  # fmt: skip
+        ranks = {"gate_up_proj": r, "down_proj": r}
+        alphas = {"gate_up_proj": 4, "down_proj": 6}  # two scalings: the down B carries a ratio
+        experts.add_adapter(name, ranks, alphas, init_lora_weights=False)
         with torch.no_grad():
             for p in experts.adapter_parameters(name):
                 p.normal_(0, 0.3)
