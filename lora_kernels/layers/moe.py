@@ -520,10 +520,12 @@ class FusedLoraExperts(nn.Module):
                 torch.is_inference_mode_enabled(),
                 device,
             )
-            hit = self.__dict__.get("_mixed_cache")
+            hit = self.__dict__.pop("_mixed_cache", None)  # a stale stack is not kept
             if hit is not None and hit[0] == key:
+                self.__dict__["_mixed_cache"] = hit
                 return hit[1], hit[2]
-        self.__dict__.pop("_mixed_cache", None)  # a stale stack is not kept beside a new one
+        elif not torch.compiler.is_compiling():
+            self.__dict__.pop("_mixed_cache", None)  # training: nothing kept beside the graph
         stacks = []
         scales = []
         for param in EXPERT_PARAMS:
