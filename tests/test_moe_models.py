@@ -198,3 +198,65 @@ def test_fuse_runs_peft_param_wrappers_on_the_kernels(kind, monkeypatch):
     assert len(calls) == 2
     lk_peft.unfuse(pm)
     assert type(wrapper).__name__ == "ParamWrapper"
+
+
+def _each_alone(experts, x, ids, w, names):
+    """Token t through adapter ``names[t]`` alone (the single-adapter path)."""
+    rows = []
+    for t, name in enumerate(names):
+        experts.set_adapter(None if name == "__base__" else name)
+        rows.append(experts(x[t : t + 1], ids[t : t + 1], w[t : t + 1]))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_mixed_stack_cache_follows_every_change(kind):
+    """A mixed batch without a graph through the factors reuses its factor stack; any change
+    (an in-place write, a new tensor, a scaling, a deleted and re-added adapter) rebuilds it, and
+    a call that trains stacks anew (gradients reach each adapter's tensors)."""
+    experts = FusedLoraExperts(copy.deepcopy(tiny_moe_model(kind).model.layers[0].mlp.experts))
+    torch.manual_seed(3)
+    for name, r in (("a", 2), ("b", 5)):
+        ranks = {"gate_up_proj": r, "down_proj": r}
+        alphas = {"gate_up_proj": 4, "down_proj": 6}  # two scalings: the down B carries a ratio
+        experts.add_adapter(name, ranks, alphas, init_lora_weights=False)
+        with torch.no_grad():
+            for p in experts.adapter_parameters(name):
+                p.normal_(0, 0.3)
+    t, e, k = 5, experts.num_experts, 2
+    x = torch.randn(t, 32)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    w = torch.rand(t, k) + 0.1
+    names = ["b", "a", "__base__", "a", "b"]
+
+    def check():
+        with torch.no_grad():
+            got = experts(x, ids, w, adapter_names=names)
+            want = _each_alone(experts, x, ids, w, names)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        return experts.__dict__["_mixed_cache"]
+
+    first = check()
+    assert check() is first  # reused
+    with torch.no_grad():
+        experts.lora_B["down_proj"]["a"].weight.mul_(-2.0)  # in place: the version moves
+    second = check()
+    assert second is not first
+    experts.lora_A["gate_up_proj"]["b"].weight.data = torch.randn_like(
+        experts.lora_A["gate_up_proj"]["b"].weight
+    )  # a new tensor under the same parameter: the storage moves
+    third = check()
+    assert third is not second
+    experts.scaling["down_proj"]["b"] *= 3.0
+    assert check() is not third
+    experts.delete_adapter("b")
+    assert "_mixed_cache" not in experts.__dict__
+    experts.add_adapter("b", {"down_proj": 3}, {"down_proj": 3}, init_lora_weights=False)
+    check()
+    # a graph through the factors: no cache, gradients reach the adapters' own tensors
+    loss = experts(x, ids, w, adapter_names=names).square().sum()
+    assert "_mixed_cache" not in experts.__dict__
+    loss.backward()
+    for name in ("a", "b"):
+        for p in experts.adapter_parameters(name):
+            assert p.grad is not None and p.grad.abs().sum() > 0

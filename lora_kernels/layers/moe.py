@@ -13,7 +13,9 @@ with PEFT's ``scaling``; ``lora_kernels.functional.moe.peft_expert_factors`` rea
 With no active adapter (or one merged into the parameters) the layer calls the wrapped module
 itself: outputs bit for bit the model's. ``merge()`` folds ``scaling * B_e A_e`` into every
 expert's slice of the parameter (``exact=True``: ``unmerge()`` restores it bit for bit).
-Mixed batches (``adapter_names``, one per token or per sequence) run in one grouped call.
+Mixed batches (``adapter_names``, one per token or per sequence) run in one grouped call; the
+adapters' factor stacks it takes are kept between calls that record no graph through them
+(``_mixed_stacks``: a decode loop stacks once, not per step).
 
 Serving (``lora_kernels.serving``) treats the layer as it treats ``FusedLoraLinear``: it can
 follow a model-level ``SharedActive`` (an unmerged ``switch_adapter`` without a cache is one
@@ -263,6 +265,7 @@ class FusedLoraExperts(nn.Module):
             self.lora_alpha[param][name] = alphas[param]
             self.scaling[param][name] = lora_scaling(alphas[param], r, use_rslora)
         self._unsync_shared()  # the model's set of adapter names changed
+        self.__dict__.pop("_mixed_cache", None)
         self.use_rslora[name] = bool(use_rslora)
         if self._active_adapter is None:
             self._active_adapter = name
@@ -300,6 +303,7 @@ class FusedLoraExperts(nn.Module):
             for d in (self.r, self.lora_alpha, self.scaling):
                 d[param].pop(name, None)
         del self.use_rslora[name]
+        self.__dict__.pop("_mixed_cache", None)
         if self._active_adapter == name:
             self._active_adapter = None
 
@@ -488,6 +492,40 @@ class FusedLoraExperts(nn.Module):
         index = {n: i for i, n in enumerate(used)}
         ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
         ids = ids.repeat_interleave(t // count)
+        stacks, scales = self._mixed_stacks(used, x.device)
+        return self._call(x, top_k_index, top_k_weights, stacks, scales, ids)
+
+    def _mixed_stacks(self, used: list[str], device: torch.device):
+        """The op's four ``[L, E, ...]`` factor stacks of the adapters ``used`` (ranks padded to
+        the largest with zeros) and their scales, kept while no autograd graph goes through
+        them: a decode loop then stacks once, not per step (the stack copies every expert's
+        factors of every used adapter, far more than a decode step reads). Reused while the
+        adapters, their factors (identity, storage, version counter: an optimizer step or any
+        in-place write bumps it) and scalings are unchanged; training (a graph through the
+        factors) stacks per call, so the gradients flow back to each adapter's tensors."""
+        flat = [
+            t[n].weight
+            for param in EXPERT_PARAMS
+            for n in used
+            if n in self.lora_A[param]
+            for t in (self.lora_A[param], self.lora_B[param])
+        ]
+        recording = torch.is_grad_enabled() and any(f.requires_grad for f in flat)
+        key = None
+        if not (recording or torch.compiler.is_compiling()):
+            key = (
+                tuple(used),
+                tuple((id(f), f.data_ptr(), f._version, f.shape, f.dtype, f.device) for f in flat),
+                tuple(tuple(self.scaling[param].get(n) for n in used) for param in EXPERT_PARAMS),
+                torch.is_inference_mode_enabled(),
+                device,
+            )
+            hit = self.__dict__.pop("_mixed_cache", None)  # a stale stack is not kept
+            if hit is not None and hit[0] == key:
+                self.__dict__["_mixed_cache"] = hit
+                return hit[1], hit[2]
+        elif not torch.compiler.is_compiling():
+            self.__dict__.pop("_mixed_cache", None)  # training: nothing kept beside the graph
         stacks = []
         scales = []
         for param in EXPERT_PARAMS:
@@ -501,8 +539,8 @@ class FusedLoraExperts(nn.Module):
                 if n in self.lora_A[param]:
                     a, b = self.expert_factors(param, n)
                     pad = r_max - a.shape[1]
-                    a_list.append(F.pad(a, (0, 0, 0, pad)))
-                    b_list.append(F.pad(b, (0, pad)))
+                    a_list.append(F.pad(a, (0, 0, 0, pad)) if pad else a)
+                    b_list.append(F.pad(b, (0, pad)) if pad else b)
                 else:  # this adapter leaves the parameter alone: zero factors
                     n_in, n_out = self.features(param)
                     like = self.lora_A[param][names[0]].weight
@@ -522,9 +560,11 @@ class FusedLoraExperts(nn.Module):
             if any(v != 1.0 for v in ratio):
                 stacks[3] = (
                     stacks[3]
-                    * torch.tensor(ratio, device=x.device).to(stacks[3].dtype)[:, None, None, None]
+                    * torch.tensor(ratio, device=device).to(stacks[3].dtype)[:, None, None, None]
                 )
-        return self._call(x, top_k_index, top_k_weights, stacks, scales, ids)
+        if key is not None:
+            self.__dict__["_mixed_cache"] = (key, stacks, scales)
+        return stacks, scales
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names}, active={self._active_adapter!r}, " + ", ".join(

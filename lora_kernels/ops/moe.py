@@ -152,6 +152,9 @@ def _setup_context(ctx, inputs, output):
      token_ids, activation, swiglu_alpha, swiglu_limit, _keep_out, backend) = inputs  # fmt: skip
     _, g, s_gu, s_d, o = output
     ctx.mark_non_differentiable(g, s_gu, s_d, o)
+    # Only ``y`` carries a gradient: without this autograd would fill a zero gradient as large
+    # as each saved output (``g`` is [T k, 2I]) for every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(
         x, top_k_ids, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, scales, token_ids, g,
         s_gu, s_d, o,
@@ -168,7 +171,7 @@ def _backward(ctx, dy, *_saved_grads):
     need_gu = need[5] or need[6]
     need_d = need[9] or need[10]
     grads = [None] * 18
-    if not (need_x or need_w or need_gu or need_d):
+    if dy is None or not (need_x or need_w or need_gu or need_d):
         return tuple(grads)
     dx, dw, da_gu, db_gu, da_d, db_d = ctx.run_bwd(
         dy.contiguous(), x, top_k_ids, top_k_weights, w_gu, a_gu, b_gu, w_d, a_d, b_d, scales,
