@@ -161,19 +161,24 @@ def _divisible(*values: int) -> bool:
 # for grouped by M >= 2048, and for gather by M <= 16 (the split-K decode: ``lora_linear``'s
 # decode tile, 256 wide, 32 deep, 8 warps, 4 stages; fp32 layers keep 128 columns, and the
 # deterministic split takes 3 stages and 16-wide rank chunks: its per-split store spilled
-# 16-32 B there with 4 stages or 32-wide chunks, bf16 with fp32 adapters). The compile
-# gate holds each to zero spills on sm_80 and sm_90 for 16-bit layers and fp32 adapters on them,
-# aligned and odd shapes, rank 16 to 128.
+# 16-32 B there with 4 stages or 32-wide chunks, bf16 with fp32 adapters); grouped batches of
+# at most 16 rows (a caller's forced strategy) take "grouped_decode": on odd shapes the 64-row
+# tile sat at 255 registers and spilled 56-232 B at M = 1 on sm_80, the gather tile does not
+# (its rows but one are masked either way). The compile gate holds each to zero spills on
+# sm_80 and sm_90 for 16-bit layers and fp32 adapters on them, aligned and odd shapes, ranks 7
+# to 200.
 _FUSED_CONFIGS = {
     "gather": (16, 128, 128, 4, 3),
     "gather_decode": (16, 256, 32, 8, 4),
     "grouped": (64, 128, 64, 8, 3),
+    "grouped_decode": (64, 128, 64, 8, 3),
     "grouped_tall": (128, 128, 32, 8, 3),
 }
 _ODD_FUSED_CONFIGS = {
     "gather": (16, 64, 32, 4, 3),
     "gather_decode": (16, 64, 32, 4, 3),
     "grouped": (64, 128, 32, 8, 3),
+    "grouped_decode": (16, 64, 32, 4, 3),
     "grouped_tall": (64, 128, 32, 8, 3),
 }
 
@@ -745,9 +750,9 @@ def _fused(
     grouped = strategy == "grouped"
     ids, order = sorted_rows if grouped else (row_ids, row_ids)
     split_k = not grouped and m <= _SPLIT_MAX_M
-    key = ("grouped_tall" if m >= 2048 else "grouped") if grouped else "gather"
-    if split_k:
-        key = "gather_decode"
+    key = "gather_decode" if split_k else "gather"
+    if grouped:
+        key = "grouped_tall" if m >= 2048 else "grouped_decode" if m <= 16 else "grouped"
     aligned = _divisible(k, n, x.stride(0), *w_strides, s.stride(0), *b_strides, out.stride(0))
     table = _FUSED_CONFIGS if aligned else _ODD_FUSED_CONFIGS
     block_m, block_n, block_k, warps, stages = table[key]
