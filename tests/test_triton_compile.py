@@ -80,8 +80,8 @@ def test_launches_are_specialised_like_triton():
 def test_odd_shapes_take_the_narrow_multi_adapter_tiles():
     """Without divisibility hints (K = 4099) the fused multi-adapter kernel takes BLOCK_K 32 and
     a 16-wide rank chunk: the aligned tiles spilled 600-1,400 B there (capture only). A grouped
-    batch of at most 16 rows takes the 16-row gather tile there: the 64-row one spilled 56-232 B
-    at M = 1 on sm_80."""
+    batch of at most 16 rows takes a 16-row tile there: the 64-row one spilled 56-232 B at M = 1
+    on sm_80."""
 
     def fused_configs(k, n, strategy, m=4096):
         matrix = {
@@ -102,8 +102,8 @@ def test_odd_shapes_take_the_narrow_multi_adapter_tiles():
     # the 128-row tile's expand runs before its K-loop: 16-wide rank chunks there (32 spilled)
     assert fused_configs(4096, 4096, "grouped") == {"fixed:M128-N128-K32-R16-w8s3"}
     assert fused_configs(4099, 32001, "grouped") == {"fixed:M64-N128-K32-R16-w8s3"}
-    assert fused_configs(4099, 32001, "grouped", m=1) == {"fixed:M16-N64-K32-R16-w4s3"}
-    assert fused_configs(4099, 32001, "grouped", m=16) == {"fixed:M16-N64-K32-R16-w4s3"}
+    assert fused_configs(4099, 32001, "grouped", m=1) == {"fixed:M16-N128-K32-R16-w8s3"}
+    assert fused_configs(4099, 32001, "grouped", m=16) == {"fixed:M16-N128-K32-R16-w8s3"}
     assert fused_configs(4099, 32001, "grouped", m=17) == {"fixed:M64-N128-K32-R16-w8s3"}
 
 

@@ -163,10 +163,10 @@ def _divisible(*values: int) -> bool:
 # deterministic split takes 3 stages and 16-wide rank chunks: its per-split store spilled
 # 16-32 B there with 4 stages or 32-wide chunks, bf16 with fp32 adapters); grouped batches of
 # at most 16 rows (a caller's forced strategy) take "grouped_decode": on odd shapes the 64-row
-# tile sat at 255 registers and spilled 56-232 B at M = 1 on sm_80, the gather tile does not
-# (its rows but one are masked either way). The compile gate holds each to zero spills on
-# sm_80 and sm_90 for 16-bit layers and fp32 adapters on them, aligned and odd shapes, ranks 7
-# to 200.
+# tile sat at 255 registers and spilled 56-232 B at M = 1 on sm_80, 16 rows do not (the other
+# rows are masked either way), and 128 columns read x as often as the 64-row tile did. The
+# compile gate holds each to zero spills on sm_80 and sm_90 for 16-bit layers and fp32 adapters
+# on them, aligned and odd shapes, ranks 7 to 200.
 _FUSED_CONFIGS = {
     "gather": (16, 128, 128, 4, 3),
     "gather_decode": (16, 256, 32, 8, 4),
@@ -178,7 +178,7 @@ _ODD_FUSED_CONFIGS = {
     "gather": (16, 64, 32, 4, 3),
     "gather_decode": (16, 64, 32, 4, 3),
     "grouped": (64, 128, 32, 8, 3),
-    "grouped_decode": (16, 64, 32, 4, 3),
+    "grouped_decode": (16, 128, 32, 8, 3),
     "grouped_tall": (64, 128, 32, 8, 3),
 }
 
