@@ -170,7 +170,7 @@ def lora_expand_(y, s, lora_b, row_ids, ranks=None, add_inputs=True):
     # An explicit register ceiling (what the warps allow) on every CUDA launch: without one
     # ptxas stopped the odd grouped tiles below at 128 registers on sm_80 (8 B of spills) and
     # the aligned 16 x 128 gather tile at 80 on sm_90 (M = 16, fp16, no add_inputs: 8 B); with
-    # it they take 109-184 and spill nothing (compile gate).
+    # it no variant of the compile gate's matrix spills (ranks 7-200: 82-255 registers).
     maxnreg = None if interpreting() else 255
     if not aligned and lora_b.element_size() > y.element_size():
         # fp32 adapters on a 16-bit y, unvectorised loads: the fused kernel's odd tiles spilled
