@@ -25,7 +25,9 @@ shapes compiles for sm_80 and sm_90, within shared memory, without spills on the
 with tensor-core dots. It does not run anything: numerics, speed, races and the launch itself
 (driver, grid limits, device selection) need a GPU (``tests/test_cuda.py``).
 
-Edit ``LAUNCHER_MODULES`` when a kernel family moves or is added.
+Edit ``LAUNCHER_MODULES`` when a kernel family moves or is added, and ``TWIN_DEPENDENCIES``
+when its launchers import another family's (lora_delta runs lora_multi's shrink and device
+functions: its twin imports lora_multi's twin, whose launches are captured with its own).
 """
 
 from __future__ import annotations
