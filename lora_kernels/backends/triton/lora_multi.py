@@ -775,6 +775,10 @@ def _fused(
     elif split_mode == 2:
         ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     ws_strides = (ws.stride(0), ws.stride(1), ws.stride(2)) if split_mode else (0, 0, 0)
+    # the per-split store at M = 1 (bf16, fp32 adapters): ptxas stopped at 128 registers and
+    # spilled 8-16 B on sm_90, the 16-row grouped tile's dx (K = N = 4096, rank 7, fp16) at 80
+    # and 12 B on sm_80; with an explicit ceiling (8 warps allow 255) they spill none
+    ceiling = (split_mode == 2 or key == "grouped_decode") and not interpreting()
     _lora_multi_fused_kernel[(tiles, splits)](
         x, w, bias if bias is not None else x, s, b, scales, ids, order,
         ranks if ranks is not None else row_ids, out, ws,
@@ -794,9 +798,7 @@ def _fused(
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,
-        # the per-split store at M = 1 (bf16, fp32 adapters): ptxas stopped at 128 registers and
-        # spilled 8-16 B on sm_90; with an explicit ceiling (8 warps allow 255) it spills none
-        maxnreg=255 if split_mode == 2 and not interpreting() else None,
+        maxnreg=255 if ceiling else None,
     )  # fmt: skip
     if split_mode:
         fm, fn = _FINISH_BLOCKS["BLOCK_M"], _FINISH_BLOCKS["BLOCK_N"]
