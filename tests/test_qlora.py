@@ -325,6 +325,40 @@ def test_autotune_switch_takes_the_first_config(m, monkeypatch):
     assert_close_to_ref("y", y, ref, _stock(t, w))
 
 
+@pytest.mark.skipif(not interpreting(), reason="runs the CUDA configs under the interpreter")
+@pytest.mark.parametrize(
+    ("kernel", "rank_class", "index"),
+    [("fwd", "wide", 0), ("fwd", "wide", 1), ("dx", "odd", 0), ("dx", "odd", 1)],
+)
+def test_every_prefill_tile_of_the_wide_and_odd_ranks(kernel, rank_class, index, monkeypatch):
+    """Each prefill tile the compile gate changed (16-deep fwd K tiles at ranks 48-128, 16-wide
+    dx tiles at the odd ranks), run as the CUDA launch path runs it (here under the
+    interpreter) on odd sizes: forward and dx against the reference."""
+    from lora_kernels.backends.triton import qlora as tq
+
+    tuner = tq._TUNED[(kernel, False, rank_class)]
+    monkeypatch.setattr(tuner, "configs", [tuner.configs[index]])
+    monkeypatch.setattr(tq, "interpreting", lambda: False)
+    monkeypatch.setenv("LORA_KERNELS_TRITON_AUTOTUNE", "0")
+    r = 64 if rank_class == "wide" else 40
+    t = _inputs(20, 70, 72, r, torch.float16, True, ("nf4", 64, True))
+    w = _ref_dequant(t["q"], t["st"], torch.float16)
+    x = t["x"].clone().requires_grad_()
+    y = lk.qlora_linear(x, t["q"], t["st"], t["bias"], t["a"], t["b"], SCALE, backend="triton")
+    d = lambda v: v.double()  # noqa: E731
+    ref = reference.qlora_linear(d(t["x"]), d(w), d(t["bias"]), d(t["a"]), d(t["b"]), SCALE)
+    sx = t["x"].clone().requires_grad_()
+    stock = _stock({**t, "x": sx}, w)
+    assert_close_to_ref("y", y, ref, stock)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    stock.backward(dy)
+    dx, _, _ = reference.qlora_linear_backward(
+        dy.double(), d(t["x"]), d(w), d(t["a"]), d(t["b"]), SCALE
+    )
+    assert_close_to_ref("dx", x.grad, dx, sx.grad)
+
+
 @pytest.mark.skipif(not interpreting(), reason="counts the interpreter's atomics")
 def test_decode_shrink_in_deterministic_mode_uses_no_atomics(monkeypatch):
     """The decode path's shrink splits K over programs that add partial S with atomics; under

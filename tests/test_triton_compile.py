@@ -4,7 +4,8 @@
 specialises them with Triton's binder and compiles every surviving config with Triton's bundled
 ptxas. This file runs the ``QUICK`` matrix (the common training path: bf16 base with fp32
 adapters, decode and prefill M, odd K/N; every family: LoRA, multi-adapter, merge, DoRA, QLoRA,
-embedding, MoE experts) in a Triton cache directory of its own; the whole
+embedding, MoE experts, the serving engines' shrink / expand) in a Triton cache directory of
+its own; the whole
 matrix is ``python benchmarks/triton_compile_report.py``.
 """
 
@@ -78,12 +79,14 @@ def test_launches_are_specialised_like_triton():
 
 def test_odd_shapes_take_the_narrow_multi_adapter_tiles():
     """Without divisibility hints (K = 4099) the fused multi-adapter kernel takes BLOCK_K 32 and
-    a 16-wide rank chunk: the aligned tiles spilled 600-1,400 B there (capture only)."""
+    a 16-wide rank chunk: the aligned tiles spilled 600-1,400 B there (capture only). A grouped
+    batch of at most 16 rows takes a 16-row tile there: the 64-row one spilled 56-232 B at M = 1
+    on sm_80."""
 
-    def fused_configs(k, n, strategy):
+    def fused_configs(k, n, strategy, m=4096):
         matrix = {
             "lora_multi": {
-                "kn": [(k, n)], "m": [4096], "r": [128], "adapters": 2,
+                "kn": [(k, n)], "m": [m], "r": [128], "adapters": 2,
                 "dtypes": [("bf16", "fp32")], "id_dtypes": [torch.int64],
                 "strategies": [strategy], "ranks": [True],
             }
@@ -99,6 +102,9 @@ def test_odd_shapes_take_the_narrow_multi_adapter_tiles():
     # the 128-row tile's expand runs before its K-loop: 16-wide rank chunks there (32 spilled)
     assert fused_configs(4096, 4096, "grouped") == {"fixed:M128-N128-K32-R16-w8s3"}
     assert fused_configs(4099, 32001, "grouped") == {"fixed:M64-N128-K32-R16-w8s3"}
+    assert fused_configs(4099, 32001, "grouped", m=1) == {"fixed:M16-N128-K32-R16-w8s3"}
+    assert fused_configs(4099, 32001, "grouped", m=16) == {"fixed:M16-N128-K32-R16-w8s3"}
+    assert fused_configs(4099, 32001, "grouped", m=17) == {"fixed:M64-N128-K32-R16-w8s3"}
 
 
 def test_compiling_leaves_the_interpreter_working(triton_cache):

@@ -25,7 +25,9 @@ shapes compiles for sm_80 and sm_90, within shared memory, without spills on the
 with tensor-core dots. It does not run anything: numerics, speed, races and the launch itself
 (driver, grid limits, device selection) need a GPU (``tests/test_cuda.py``).
 
-Edit ``LAUNCHER_MODULES`` when a kernel family moves or is added.
+Edit ``LAUNCHER_MODULES`` when a kernel family moves or is added, and ``TWIN_DEPENDENCIES``
+when its launchers import another family's (lora_delta runs lora_multi's shrink and device
+functions: its twin imports lora_multi's twin, whose launches are captured with its own).
 """
 
 from __future__ import annotations
@@ -54,7 +56,11 @@ LAUNCHER_MODULES = {
     "qlora": "lora_kernels.backends.triton.qlora",
     "lora_embedding": "lora_kernels.backends.triton.lora_embedding",
     "moe": "lora_kernels.backends.triton.moe",
+    "lora_delta": "lora_kernels.backends.triton.lora_delta",
 }
+# Families whose launcher module imports another family's launchers and device functions: the
+# twin imports that family's twin (compiled kernels, captured launches), not the package's own.
+TWIN_DEPENDENCIES = {"lora_delta": ("lora_multi",)}
 
 # Per-block shared memory a kernel may use (opt-in maximum) and the SM count of the reference
 # GPU of each target (A100, H100/H200).
@@ -91,12 +97,14 @@ def _load_twin(family: str, sms: int):
     import triton
 
     path = LAUNCHER_MODULES[family]
-    saved = {p: sys.modules.get(p) for p in SHARED_DEVICE_MODULES}
+    deps = {LAUNCHER_MODULES[d]: _load_twin(d, sms) for d in TWIN_DEPENDENCIES.get(family, ())}
+    saved = {p: sys.modules.get(p) for p in (*SHARED_DEVICE_MODULES, *deps)}
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = False
         try:
             for p in SHARED_DEVICE_MODULES:
                 sys.modules[p] = _exec_compiled(p, p)
+            sys.modules.update(deps)
             module = _exec_compiled(path, f"{path}__aot_twin_{sms}")
         finally:
             for p, m in saved.items():
@@ -113,6 +121,7 @@ def _load_twin(family: str, sms: int):
         module._sm_count = lambda device_index: sms
     if hasattr(module, "_autotune_enabled"):
         module._autotune_enabled = lambda: True
+    module._aot_dependencies = list(deps.values())
     return module
 
 
@@ -245,7 +254,8 @@ class _Capture:
         self.launches = 0
         self.case = ""
         self.guard_depth = 0
-        values = list(vars(module).values())
+        # the module's own kernels and those of the twins it imports
+        values = [v for m in (module, *module._aot_dependencies) for v in vars(m).values()]
         values += [v for d in values if isinstance(d, dict) for v in d.values()]  # tables
         for value in values:
             if isinstance(value, Autotuner):
@@ -718,6 +728,34 @@ def drive_moe(twin, cap: _Capture, matrix: dict) -> None:
                         )  # fmt: skip
 
 
+def drive_lora_delta(twin, cap: _Capture, matrix: dict) -> None:
+    # The serving engines' two halves: lora_shrink_ (lora_multi's shrink kernels, from the
+    # lora_multi twin this twin imports) and lora_expand_ (its own in-place expand, into y).
+    num_adapters = matrix["adapters"]
+    for k, n in matrix["kn"]:
+        for m in matrix["m"]:
+            for r in matrix["r"]:
+                for dt, adt in matrix["dtypes"]:
+                    xd, ad = _DT[dt], _DT[adt]
+                    ids = torch.randint(-1, num_adapters, (m,))
+                    for ranks_on in matrix["ranks"]:
+                        ranks = torch.full((num_adapters,), r, dtype=torch.int32)
+                        ranks = ranks if ranks_on else None
+                        tag = f"M{m} K{k} N{n} r{r} {dt}/{adt} ranks{int(ranks_on)}"
+                        s = torch.empty((m, r), dtype=torch.float32)
+                        cap.case = "shrink " + tag
+                        twin.lora_shrink_(
+                            s, _t(m, k, dtype=xd), _t(num_adapters, r, k, dtype=ad), ids,
+                            torch.ones(num_adapters), ranks,
+                        )  # fmt: skip
+                        for add in matrix["add_inputs"]:
+                            cap.case = f"expand add{int(add)} " + tag
+                            twin.lora_expand_(
+                                _t(m, n, dtype=xd), s, _t(num_adapters, n, r, dtype=ad), ids,
+                                ranks, add_inputs=add,
+                            )  # fmt: skip
+
+
 DRIVERS = {
     "lora_linear": drive_lora_linear,
     "lora_multi": drive_lora_multi,
@@ -726,6 +764,7 @@ DRIVERS = {
     "qlora": drive_qlora,
     "lora_embedding": drive_lora_embedding,
     "moe": drive_moe,
+    "lora_delta": drive_lora_delta,
 }
 
 _DTYPES_ALL = [
@@ -806,6 +845,16 @@ FULL = {
         "adapters": [1, 4],
         "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
     },
+    # the serving engines' shrink / expand: gather (M 1, 16), grouped (300) and grouped_tall
+    "lora_delta": {
+        "kn": [(4096, 4096), (4099, 32001)],
+        "m": [1, 16, 300, 4096],
+        "r": [16, 128, *ODD_RANKS],
+        "adapters": 4,
+        "dtypes": [("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")],
+        "ranks": [True],
+        "add_inputs": [True, False],
+    },
 }
 
 # The CI subset (tests/test_triton_compile.py, about 60 compiles): the common training path
@@ -870,6 +919,16 @@ QUICK = {
         "r": [16],
         "adapters": [1, 4],
         "dtypes": [("bf16", "fp32")],
+    },
+    # the grouped expand on odd N, fp32 adapters on bf16 y: the tile that needed maxnreg
+    "lora_delta": {
+        "kn": [(4099, 32001)],
+        "m": [300],
+        "r": [16],
+        "adapters": 4,
+        "dtypes": [("bf16", "fp32")],
+        "ranks": [True],
+        "add_inputs": [False],
     },
 }
 

@@ -458,8 +458,11 @@ def dora_linear_bwd(
 
 # Merge tiles: those of the LoRA merge, taken from ``merge.py`` (spill-free there at every rank):
 # a [64, 64] weight tile and rank chunks of 32; fp32 or mixed adapters keep 3xTF32 with a 32-deep
-# K tile on 8 warps. The interpreter's tile is smaller than the tests' odd sizes.
-_MERGE_META = merge_tiles.CUDA_META
+# K tile on 8 warps. 16-bit adapters take 8 warps too: the magnitude's extra terms (the divide by
+# g of the unmerge) put the 4-warp tile at 255 registers and 40 B of spills at rank 40 on sm_80
+# (8 B on sm_90, fp16, odd K/N); on 8 warps it takes at most 165, no spill (compile gate). The
+# interpreter's tile is smaller than the tests' odd sizes.
+_MERGE_META = {**merge_tiles.CUDA_META, "num_warps": 8}
 _MERGE_META_FP32 = merge_tiles.CUDA_META_FP32
 _MERGE_MAX_R = merge_tiles.CUDA_MAX_BLOCK_R
 _INTERP_MERGE_META = {"BLOCK_N": 16, "BLOCK_K": 32}

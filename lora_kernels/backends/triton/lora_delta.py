@@ -167,13 +167,15 @@ def lora_expand_(y, s, lora_b, row_ids, ranks=None, add_inputs=True):
     b_strides = lora_b.stride()
     aligned = _divisible(n, s.stride(0), *b_strides, y.stride(0))
     block_m, block_n, _, warps, stages = (_FUSED_CONFIGS if aligned else _ODD_FUSED_CONFIGS)[key]
-    maxnreg = None
+    # An explicit register ceiling (what the warps allow) on every CUDA launch: without one
+    # ptxas stopped the odd grouped tiles below at 128 registers on sm_80 (8 B of spills) and
+    # the aligned 16 x 128 gather tile at 80 on sm_90 (M = 16, fp16, no add_inputs: 8 B); with
+    # it no variant of the compile gate's matrix spills (ranks 7-200: 82-255 registers).
+    maxnreg = None if interpreting() else 255
     if not aligned and lora_b.element_size() > y.element_size():
         # fp32 adapters on a 16-bit y, unvectorised loads: the fused kernel's odd tiles spilled
-        # 8-80 B here (compile gate, sm_80 and sm_90); half the columns per thread do not. On
-        # sm_80 ptxas then stopped grouped tiles without add_inputs at 128 registers (8 B of
-        # spills); with an explicit ceiling they take 137 and spill nothing.
-        block_n, warps, maxnreg = min(block_n, 64), 8, 255
+        # 8-80 B here (compile gate, sm_80 and sm_90); half the columns per thread do not.
+        block_n, warps = min(block_n, 64), 8
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     upcast = interpreting() and y.dtype == torch.bfloat16
     _lora_expand_inplace_kernel[grid](

@@ -161,19 +161,24 @@ def _divisible(*values: int) -> bool:
 # for grouped by M >= 2048, and for gather by M <= 16 (the split-K decode: ``lora_linear``'s
 # decode tile, 256 wide, 32 deep, 8 warps, 4 stages; fp32 layers keep 128 columns, and the
 # deterministic split takes 3 stages and 16-wide rank chunks: its per-split store spilled
-# 16-32 B there with 4 stages or 32-wide chunks, bf16 with fp32 adapters). The compile
-# gate holds each to zero spills on sm_80 and sm_90 for 16-bit layers and fp32 adapters on them,
-# aligned and odd shapes, rank 16 to 128.
+# 16-32 B there with 4 stages or 32-wide chunks, bf16 with fp32 adapters); grouped batches of
+# at most 16 rows (a caller's forced strategy) take "grouped_decode": on odd shapes the 64-row
+# tile sat at 255 registers and spilled 56-232 B at M = 1 on sm_80, 16 rows do not (the other
+# rows are masked either way), and 128 columns read x as often as the 64-row tile did. The
+# compile gate holds each to zero spills on sm_80 and sm_90 for 16-bit layers and fp32 adapters
+# on them, aligned and odd shapes, ranks 7 to 200.
 _FUSED_CONFIGS = {
     "gather": (16, 128, 128, 4, 3),
     "gather_decode": (16, 256, 32, 8, 4),
     "grouped": (64, 128, 64, 8, 3),
+    "grouped_decode": (64, 128, 64, 8, 3),
     "grouped_tall": (128, 128, 32, 8, 3),
 }
 _ODD_FUSED_CONFIGS = {
     "gather": (16, 64, 32, 4, 3),
     "gather_decode": (16, 64, 32, 4, 3),
     "grouped": (64, 128, 32, 8, 3),
+    "grouped_decode": (16, 128, 32, 8, 3),
     "grouped_tall": (64, 128, 32, 8, 3),
 }
 
@@ -708,6 +713,9 @@ def _shrink(x, w, w_strides, row_ids, sorted_rows, ranks, num_adapters, r_max, s
             UPCAST_DOTS=_dot_flags(x.dtype)["UPCAST_DOTS"],
             BLOCK_R=block_r,
             BLOCK_K=block_k,
+            # ptxas stopped the dx shrink (dy [1, 4096] @ lora_b, rank 40, fp16) at 64 registers
+            # and spilled 8 B on sm_90; with an explicit ceiling it spills at no rank (27-128)
+            maxnreg=None if interpreting() else 255,
         )  # fmt: skip
         return out
     sorted_ids, order = sorted_rows
@@ -745,9 +753,9 @@ def _fused(
     grouped = strategy == "grouped"
     ids, order = sorted_rows if grouped else (row_ids, row_ids)
     split_k = not grouped and m <= _SPLIT_MAX_M
-    key = ("grouped_tall" if m >= 2048 else "grouped") if grouped else "gather"
-    if split_k:
-        key = "gather_decode"
+    key = "gather_decode" if split_k else "gather"
+    if grouped:
+        key = "grouped_tall" if m >= 2048 else "grouped_decode" if m <= 16 else "grouped"
     aligned = _divisible(k, n, x.stride(0), *w_strides, s.stride(0), *b_strides, out.stride(0))
     table = _FUSED_CONFIGS if aligned else _ODD_FUSED_CONFIGS
     block_m, block_n, block_k, warps, stages = table[key]
@@ -770,6 +778,10 @@ def _fused(
     elif split_mode == 2:
         ws = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     ws_strides = (ws.stride(0), ws.stride(1), ws.stride(2)) if split_mode else (0, 0, 0)
+    # the per-split store at M = 1 (bf16, fp32 adapters): ptxas stopped at 128 registers and
+    # spilled 8-16 B on sm_90, the 16-row grouped tile's dx (K = N = 4096, rank 7, fp16) at 80
+    # and 12 B on sm_80; with an explicit ceiling (8 warps allow 255) they spill none
+    ceiling = (split_mode == 2 or key == "grouped_decode") and not interpreting()
     _lora_multi_fused_kernel[(tiles, splits)](
         x, w, bias if bias is not None else x, s, b, scales, ids, order,
         ranks if ranks is not None else row_ids, out, ws,
@@ -789,9 +801,7 @@ def _fused(
         GROUP_M=8,
         num_warps=warps,
         num_stages=stages,
-        # the per-split store at M = 1 (bf16, fp32 adapters): ptxas stopped at 128 registers and
-        # spilled 8-16 B on sm_90; with an explicit ceiling (8 warps allow 255) it spills none
-        maxnreg=255 if split_mode == 2 and not interpreting() else None,
+        maxnreg=255 if ceiling else None,
     )  # fmt: skip
     if split_mode:
         fm, fn = _FINISH_BLOCKS["BLOCK_M"], _FINISH_BLOCKS["BLOCK_N"]

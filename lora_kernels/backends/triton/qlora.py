@@ -643,7 +643,9 @@ _CONFIGS = {
     ("fwd", True, "wide"): [(16, 32, 32, 4, 3), (16, 32, 32, 4, 4)],
     ("fwd", True, "odd"): [(16, 32, 32, 8, 2)],
     ("fwd", False, "narrow"): [(64, 32, 32, 4, 3), (128, 64, 32, 8, 2)],
-    ("fwd", False, "wide"): [(64, 64, 32, 8, 2), (64, 32, 32, 8, 2)],
+    # 64 x 64 x 32 sat at 255 registers and spilled 8 B at rank 64 (fp16, odd K/N, sm_80): a
+    # 16-deep K tile halves the dequantized W tile, the output tile (the reuse) is the same
+    ("fwd", False, "wide"): [(64, 64, 16, 8, 2), (64, 32, 32, 8, 2)],
     ("fwd", False, "odd"): [(64, 32, 32, 8, 2)],
     # no 16 x 64 x 32: it spilled 56 B at rank 7 (odd K/N, sm_90; a rank that is not a multiple
     # of 16 gives no divisibility hint on R or on the rank strides)
@@ -653,7 +655,9 @@ _CONFIGS = {
     ("dx", True, "odd"): [(16, 32, 32, 8, 2)],
     ("dx", False, "narrow"): [(64, 32, 32, 4, 3), (64, 64, 32, 8, 2)],
     ("dx", False, "wide"): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
-    ("dx", False, "odd"): [(64, 32, 32, 8, 2), (32, 64, 32, 8, 2)],
+    # 64 x 32 x 32 spilled 8 B at rank 200 (bf16 with fp32 adapters, sm_80; 3 stages 56 B at
+    # 256): a 16-wide dx tile
+    ("dx", False, "odd"): [(64, 32, 16, 8, 2), (32, 64, 32, 8, 2)],
 }
 _WIDE_RANK = 32
 
