@@ -110,10 +110,8 @@ class FusedLoraLinear4bit(FusedLoraLinear):
             device="meta",
             backend=backend,
         )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
+        layer._adopt_base(linear, backend)
         layer.compute_dtype = getattr(linear, "compute_dtype", None)
-        layer._init_lora_state(backend)
         if r:
             layer.add_adapter(
                 adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
