@@ -1,6 +1,7 @@
-"""Model builders and comparisons shared by the model, checkpoint, integration and ecosystem
-tests. transformers and PEFT are imported where they are used, by ``pytest.importorskip``: a test
-that builds a PEFT model skips without PEFT, and the rest of its module still runs."""
+"""Model builders and comparisons shared by the model, checkpoint, switching, integration and
+ecosystem tests. transformers and PEFT are imported where they are used, by
+``pytest.importorskip``: a test that builds a PEFT model skips without PEFT, and the rest of its
+module still runs."""
 
 from __future__ import annotations
 

@@ -29,11 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from lora_kernels.backends.triton import lora_linear as lk_triton  # noqa: E402
 from tests.test_triton_lora_linear import (  # noqa: E402
     DTYPES,
-    NAMES,
     SCALE,
     _check_all,
+    _deterministic_twice,
     _make,
-    _run_kernels,
     _torch_same_precision,
     _truth,
 )
@@ -116,17 +115,7 @@ def test_decode_deterministic_mode(spy):
     """Deterministic algorithms: no atomics, the splits added in a fixed order, the same bits on
     every call, and right; the default mode adds the splits with atomics."""
     t = _make(16, 2049, 133, 16, torch.bfloat16)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first = _run_kernels(t)
-        second = _run_kernels(t)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-    for name, a, b in zip(NAMES, first, second, strict=True):
-        if a is not None:
-            assert torch.equal(a, b), name
-    _check_all(t, first)
+    _check_all(t, _deterministic_twice(t))
     assert [atomic for _, atomic in spy.launches] == [False, False]
     assert all(s > 1 for s in spy.splits)
     lk_triton.lora_linear_fwd(t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALE)

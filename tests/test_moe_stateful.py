@@ -9,7 +9,8 @@ After every step: the block's output equals the plain model's (fp32 tolerance; m
 are rounded once), the base parameters are the original ones bit for bit whenever nothing is
 merged and every merge so far was exact, and a refused call leaves the parameters, the adapters
 and the active adapter exactly as they were. Kept apart from ``tests/test_stateful.py`` (the
-dense machine) so that each stays within its time budget. Fixed budget, derandomized.
+dense machine) so that each stays within its time budget; the rules, helpers and invariants the
+two share are ``tests/stateful_rules.py``'s. Fixed budget, derandomized.
 """
 
 from __future__ import annotations
@@ -23,25 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import (  # noqa: E402
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import initialize, precondition, rule  # noqa: E402
 
 import lora_kernels as lk  # noqa: E402
 from lora_kernels.layers.moe import FusedLoraExperts  # noqa: E402
-from lora_kernels.models.checkpoint import read_peft_adapter  # noqa: E402
-from lora_kernels.serving.cache import AdapterCache  # noqa: E402
 from lora_kernels.serving.state import serving_state  # noqa: E402
+from tests.stateful_rules import lifecycle_rules, machine_settings  # noqa: E402
 
 OWN = ("a", "b")
 CACHED = ("k", "m")
-REFUSED = (ValueError, KeyError, RuntimeError, TypeError)
 GU, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
 # (r, lora_alpha, dense q_proj targeted, expert parameters) of the adapters the rules use; the
 # last has rank 5, more than the slots' max_rank
@@ -123,7 +115,12 @@ def _checkpoint_weights(spec: int) -> dict:
     return _weights(model, "x")
 
 
-class MoeAdapterStateMachine(RuleBasedStateMachine):
+class MoeAdapterStateMachine(lifecycle_rules(OWN, CACHED, len(SPECS))):
+    """The MoE machine: a dense ``q_proj`` and the experts, adapters on both or on the experts
+    only, one spec of a rank above the slots' (refused when installed into them)."""
+
+    LAYER_TYPES = (lk.FusedLoraLinear, FusedLoraExperts)
+
     def __init__(self):
         super().__init__()
         self.model = Block()
@@ -134,23 +131,37 @@ class MoeAdapterStateMachine(RuleBasedStateMachine):
             "gate_up_proj": ex.gate_up_proj.detach().double(),
             "down_proj": ex.down_proj.detach().double(),
         }
-        self.own: dict[str, dict] = {}
-        self.cached: dict[str, int] = {}
-        self.installed: dict[str, dict] = {}
-        self.puts: dict[str, int] = {}  # cache name -> puts so far (a put replaces the adapter)
-        self.installed_put: dict[str, int] = {}  # installed name -> the put it came from
-        self.active: str | None = None
-        self.merged = False
-        self.all_exact = True
-        self.attached = False
-        self.cache = AdapterCache(1 << 24)
         hidden = ex.gate_up_proj.shape[2]
         self.x = torch.randn(TOKENS, hidden, generator=torch.Generator().manual_seed(9))
 
-    # -- the plain model --------------------------------------------------------------------
+    # -- hooks of the shared rules ----------------------------------------------------------
 
-    def adapters(self) -> dict:
-        return {**self.own, **self.installed}
+    def config(self, spec):
+        return _config(spec)
+
+    def layer_weights(self, name):
+        return _weights(self.model, name)
+
+    def checkpoint(self, spec):
+        return _checkpoints()[spec]
+
+    def checkpoint_weights(self, spec):
+        return _checkpoint_weights(spec)
+
+    def switch_ok(self, name, use_cache, merged, exact):
+        if name is not None and use_cache:
+            spec = self.cached.get(name)
+            # a rank above the slots' is refused when the adapter is (re)installed into them
+            fresh = name not in self.installed or self.installed_put[name] != self.puts[name]
+            return name in self.cached and not (
+                self.attached and SPECS[spec][0] > MAX_RANK and fresh
+            )
+        if name is not None:
+            return name in self.own
+        return True
+
+    def base_params(self):
+        return _base_params(self.model)
 
     def reference(self, names: list[str | None]) -> torch.Tensor:
         """Token t through the dense layer and the experts with adapter ``names[t]``, fp64."""
@@ -181,35 +192,7 @@ class MoeAdapterStateMachine(RuleBasedStateMachine):
             rows.append(y)
         return torch.stack(rows)
 
-    def snapshot(self):
-        layers = [
-            (p, m.active_adapter, tuple(m.adapter_names), tuple(m.merged_adapters))
-            for p, m in self.model.named_modules()
-            if isinstance(m, (lk.FusedLoraLinear, FusedLoraExperts))
-        ]
-        return {k: v.clone() for k, v in self.model.state_dict().items()}, layers
-
-    def refused(self, call, *args, **kwargs) -> None:
-        """``call`` must raise one of REFUSED and change nothing."""
-        before = self.snapshot()
-        with pytest.raises(REFUSED):
-            call(*args, **kwargs)
-        self.assert_unchanged(before)
-
-    def assert_unchanged(self, before) -> None:
-        sd, layers = self.snapshot()
-        assert layers == before[1]
-        assert sd.keys() == before[0].keys()
-        assert all(torch.equal(sd[k], before[0][k]) for k in sd)
-
-    def observe_installed(self) -> None:
-        """Installs the cache gave back (slot reuse, the copy limit) are no longer there."""
-        have = set(self.model.mlp.experts.adapter_names)
-        if isinstance(self.model.q_proj, lk.FusedLoraLinear):
-            have |= set(self.model.q_proj.adapter_names)
-        self.installed = {n: w for n, w in self.installed.items() if n in have}
-
-    # -- rules ------------------------------------------------------------------------------
+    # -- rules of this machine --------------------------------------------------------------
 
     @initialize(cached=st.integers(0, len(SPECS) - 1), attach=st.booleans())
     def start(self, cached, attach):
@@ -221,50 +204,12 @@ class MoeAdapterStateMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: not self.merged)
     @rule(name=st.sampled_from(OWN), spec=st.integers(0, len(SPECS) - 1))
-    def add_adapter(self, name, spec):
-        if name in self.own:
-            self.refused(lk.get_lora_model, self.model, _config(spec), name)
-            return
-        lk.get_lora_model(self.model, _config(spec), name)
-        self.own[name] = _weights(self.model, name)
-        self.active = name
-
-    @precondition(lambda self: not self.merged)
-    @rule(name=st.sampled_from(OWN), spec=st.integers(0, len(SPECS) - 1))
     def load_adapter(self, name, spec):
         if name in self.own:  # into an existing name: only with the same targets and ranks
             return
         lk.load_adapter(self.model, _checkpoints()[spec], name)
         self.own[name] = _checkpoint_weights(spec)
         self.active = name
-
-    @precondition(lambda self: not self.merged)
-    @rule(name=st.sampled_from(OWN))
-    def delete_adapter(self, name):
-        if name not in self.own:
-            self.refused(lk.delete_adapter, self.model, name)
-            return
-        lk.delete_adapter(self.model, name)
-        del self.own[name]
-        if self.active == name:
-            self.active = self.model.active_lora_adapter  # the first remaining one, or None
-            assert self.active is None or self.active in self.adapters()
-
-    @rule(name=st.sampled_from(CACHED), spec=st.integers(0, len(SPECS) - 1))
-    def cache_put(self, name, spec):
-        config, tensors = read_peft_adapter(_checkpoints()[spec])
-        self.cache.put(name, tensors, config)
-        self.cached[name] = spec
-        self.puts[name] = self.puts.get(name, 0) + 1
-
-    @rule(name=st.sampled_from(CACHED))
-    def cache_evict(self, name):
-        if name not in self.cached:
-            with pytest.raises(KeyError):
-                self.cache.evict(name)
-            return
-        self.cache.evict(name)
-        del self.cached[name]
 
     @precondition(lambda self: not self.attached and not self.installed)
     @rule(num_slots=st.integers(1, 3))
@@ -274,49 +219,7 @@ class MoeAdapterStateMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), merged=st.booleans(), exact=st.booleans())
     def switch(self, data, merged, exact):
-        known = [(n, False) for n in sorted(self.own)] + [(n, True) for n in sorted(self.cached)]
-        anything = st.tuples(st.sampled_from((None, *OWN, *CACHED)), st.booleans())
-        pick = st.sampled_from(known) if known else anything
-        name, use_cache = data.draw(st.one_of(pick, pick, pick, anything))
-        self.switch_to(name, use_cache, merged, exact and merged)
-
-    def switch_to(self, name, use_cache, merged, exact):
-        cache = self.cache if use_cache else None
-        call = functools.partial(lk.switch_adapter, self.model, name, cache=cache,
-                                 merged=merged, exact=exact)  # fmt: skip
-        ok = True
-        if name is not None and use_cache:
-            ok = name in self.cached
-            spec = self.cached.get(name)
-            # a rank above the slots' is refused when the adapter is (re)installed into them
-            fresh = name not in self.installed or self.installed_put[name] != self.puts[name]
-            if ok and self.attached and SPECS[spec][0] > MAX_RANK and fresh:
-                ok = False
-        elif name is not None:
-            ok = name in self.own
-        if not ok:
-            self.refused(call)
-            return
-        call()
-        if name is not None and use_cache:
-            self.installed[name] = _checkpoint_weights(self.cached[name])
-            self.installed_put[name] = self.puts[name]
-        self.observe_installed()
-        self.active = name
-        self.merged = merged and name is not None
-        if self.merged and not exact:
-            self.all_exact = False
-
-    @precondition(lambda self: self.own or self.cached)
-    @rule(data=st.data(), then_merged=st.booleans())
-    def switch_exact_and_away(self, data, then_merged):
-        known = [(n, False) for n in sorted(self.own)] + [(n, True) for n in sorted(self.cached)]
-        name, use_cache = data.draw(st.sampled_from(known))
-        self.switch_to(name, use_cache, merged=True, exact=True)
-        self.output_matches_the_plain_model()
-        other, other_cache = data.draw(st.sampled_from([*known, (None, False)]))
-        self.switch_to(other, other_cache, merged=then_merged, exact=then_merged)
-        self.unmerged_base_is_the_original()
+        self.switch_to(*self.draw_target(data), merged, exact and merged)
 
     @precondition(lambda self: self.attached and any(SPECS[s][0] <= MAX_RANK
                                                      for s in self.cached.values()))  # fmt: skip
@@ -338,10 +241,7 @@ class MoeAdapterStateMachine(RuleBasedStateMachine):
                                    max_size=TOKENS))  # fmt: skip
         for graph_safe in (True, False):
             state.graph_safe = graph_safe
-            with torch.no_grad(), lk.mixed_batch(self.model, names):
-                y = self.model(self.x)
-            ref = self.reference([None if n == "__base__" else n for n in names])
-            torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+            self.mixed_matches(names)
 
     @precondition(lambda self: not self.merged and self.adapters())
     @rule(data=st.data(), slots_only=st.booleans())
@@ -351,41 +251,10 @@ class MoeAdapterStateMachine(RuleBasedStateMachine):
         pool = sorted(self.installed) if slots_only and self.installed else sorted(self.adapters())
         choices = ["__base__", *pool]
         names = data.draw(st.lists(st.sampled_from(choices), min_size=TOKENS, max_size=TOKENS))
-        with torch.no_grad(), lk.mixed_batch(self.model, names):
-            y = self.model(self.x)
-        ref = self.reference([None if n == "__base__" else n for n in names])
-        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
-
-    # -- invariants -------------------------------------------------------------------------
-
-    @invariant()
-    def output_matches_the_plain_model(self):
-        with torch.no_grad():
-            y = self.model(self.x)
-        torch.testing.assert_close(y.double(), self.reference([self.active] * TOKENS),
-                                   rtol=1e-4, atol=1e-4)  # fmt: skip
-
-    @invariant()
-    def unmerged_base_is_the_original(self):
-        if self.merged:
-            return
-        now = _base_params(self.model)
-        for name, w in self.base.items():
-            got = now[name]
-            if self.all_exact:
-                assert torch.equal(got, w), name
-            else:
-                torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+        self.mixed_matches(names)
 
 
-MoeAdapterStateMachine.TestCase.settings = settings(
-    max_examples=30,
-    stateful_step_count=15,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+MoeAdapterStateMachine.TestCase.settings = machine_settings(max_examples=30, steps=15)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,8 @@ After every step: the model's output equals the plain model's (fp32 tolerance; t
 weights are rounded once), a model with nothing merged has its original base weights bit for bit
 while every merge so far was exact, and a call that is refused leaves the weights, the
 adapters and the active adapter exactly as they were. Fixed budget, derandomized: the same
-examples on every machine and run.
+examples on every machine and run. The rules, helpers and invariants it shares with the MoE
+machine (``tests/test_moe_stateful.py``) are ``tests/stateful_rules.py``'s.
 """
 
 from __future__ import annotations
@@ -22,25 +23,17 @@ import torch
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import (  # noqa: E402
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
-)
+from hypothesis.stateful import initialize, precondition, rule  # noqa: E402
 
 import lora_kernels as lk  # noqa: E402
 from lora_kernels.models.checkpoint import read_peft_adapter  # noqa: E402
-from lora_kernels.serving.cache import AdapterCache  # noqa: E402
+from tests.stateful_rules import lifecycle_rules, machine_settings  # noqa: E402
 
 PATHS = ("0", "2")
 DIMS = {"0": (6, 7), "2": (7, 5)}  # in, out
 OWN = ("a", "b", "c")
 CACHED = ("k", "m", "n")
-REFUSED = (ValueError, KeyError, RuntimeError, TypeError)
 # (r, lora_alpha, targets) of the adapters the rules add, load and cache
 SPECS = ((2, 3.0, PATHS), (5, 4.0, ("2",)), (3, 6.0, ("0",)))
 
@@ -97,28 +90,51 @@ def _checkpoint_weights(i: int) -> dict:
     }
 
 
-class AdapterStateMachine(RuleBasedStateMachine):
+class AdapterStateMachine(lifecycle_rules(OWN, CACHED, len(SPECS))):
+    """The dense machine: two ``nn.Linear`` layers that the specs target in part, so that a
+    cached adapter fits only once every layer it targets is a LoRA layer (``converted``)."""
+
+    EVICT_MAY_BE_IN_USE = True
+
     def __init__(self):
         super().__init__()
         self.model = _base()
-        self.base = {p: (self.model[int(p)].weight.detach().clone(),
-                         self.model[int(p)].bias.detach().clone()) for p in PATHS}  # fmt: skip
-        self.own: dict[str, dict] = {}  # adapters added / loaded into the layers
-        self.cached: dict[str, int] = {}  # cache name -> spec
-        self.installed: dict[str, dict] = {}  # installed from the cache: weights at install
-        self.active: str | None = None
-        self.merged = False
-        self.all_exact = True  # every merge so far was exact: unmerged weights are bit-exact
-        self.attached = False
-        self.lora = False  # the model has been converted (get_lora_model / load_adapter)
+        self.base = {f"{p}.{kind}": getattr(self.model[int(p)], kind).detach().clone()
+                     for p in PATHS for kind in ("weight", "bias")}  # fmt: skip
         self.converted: set[str] = set()  # paths that are FusedLoraLinear layers
-        self.cache = AdapterCache(1 << 24)
         self.x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
 
-    # -- the plain model --------------------------------------------------------------------
+    # -- hooks of the shared rules ----------------------------------------------------------
 
-    def adapters(self) -> dict:
-        return {**self.own, **self.installed}
+    def config(self, spec):
+        r, alpha, targets = SPECS[spec]
+        return lk.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                             init_lora_weights=False)  # fmt: skip
+
+    def note_converted(self, spec):
+        self.converted |= set(SPECS[spec][2])
+
+    def layer_weights(self, name):
+        return _layer_weights(self.model, name)
+
+    def checkpoint(self, spec):
+        return _checkpoints()[spec]
+
+    def checkpoint_weights(self, spec):
+        return _checkpoint_weights(spec)
+
+    def switch_ok(self, name, use_cache, merged, exact):
+        ok = not (exact and not merged)
+        if name is not None and use_cache:
+            # a cached adapter fits when every layer it targets is one of ours
+            return ok and name in self.cached and set(SPECS[self.cached[name]][2]) <= self.converted
+        if name is not None:
+            return ok and name in self.own
+        return ok
+
+    def base_params(self):
+        return {f"{p}.{kind}": getattr(self.model[int(p)], kind) for p in PATHS
+                for kind in ("weight", "bias")}  # fmt: skip
 
     def reference(self, names: list[str | None]) -> torch.Tensor:
         """Row i through the base layers plus adapter ``names[i]`` (None: the base), fp64."""
@@ -127,7 +143,7 @@ class AdapterStateMachine(RuleBasedStateMachine):
             h = self.x[i : i + 1].double()
             weights = self.adapters().get(name, {}) if name is not None else {}
             for j, p in enumerate(PATHS):
-                w, b = self.base[p]
+                w, b = self.base[f"{p}.weight"], self.base[f"{p}.bias"]
                 y = h @ w.double().T + b.double()
                 if p in weights:
                     a, bb, s = weights[p]
@@ -136,52 +152,13 @@ class AdapterStateMachine(RuleBasedStateMachine):
             rows.append(h)
         return torch.cat(rows)
 
-    def snapshot(self):
-        layers = [
-            (p, m.active_adapter, tuple(m.adapter_names), tuple(m.merged_adapters))
-            for p, m in self.model.named_modules()
-            if isinstance(m, lk.FusedLoraLinear)
-        ]
-        return {k: v.clone() for k, v in self.model.state_dict().items()}, layers
-
-    def refused(self, call, *args, **kwargs) -> None:
-        """``call`` must raise one of REFUSED and change nothing."""
-        before = self.snapshot()
-        with pytest.raises(REFUSED):
-            call(*args, **kwargs)
-        sd, layers = self.snapshot()
-        assert layers == before[1]
-        assert sd.keys() == before[0].keys()
-        assert all(torch.equal(sd[k], before[0][k]) for k in sd)
-
-    def observe_installed(self) -> None:
-        """Installs the cache gave back (slot reuse, the copy limit) are no longer there."""
-        have = {n for m in self.model.modules() if isinstance(m, lk.FusedLoraLinear)
-                for n in m.adapter_names}  # fmt: skip
-        self.installed = {n: w for n, w in self.installed.items() if n in have}
-
-    # -- rules ------------------------------------------------------------------------------
+    # -- rules of this machine --------------------------------------------------------------
 
     @initialize(spec=st.integers(0, len(SPECS) - 1), cached=st.integers(0, len(SPECS) - 1))
     def start(self, spec, cached):
         """Every run starts from a converted model with one adapter, and one in the cache."""
         self.add_adapter("a", spec)
         self.cache_put("k", cached)
-
-    @precondition(lambda self: not self.merged)
-    @rule(name=st.sampled_from(OWN), spec=st.integers(0, len(SPECS) - 1))
-    def add_adapter(self, name, spec):
-        r, alpha, targets = SPECS[spec]
-        cfg = lk.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                            init_lora_weights=False)  # fmt: skip
-        if name in self.own:
-            self.refused(lk.get_lora_model, self.model, cfg, name)
-            return
-        lk.get_lora_model(self.model, cfg, name)
-        self.lora = True
-        self.converted |= set(targets)
-        self.own[name] = _layer_weights(self.model, name)
-        self.active = name
 
     @precondition(lambda self: not self.merged)
     @rule(name=st.sampled_from(OWN), spec=st.integers(0, len(SPECS) - 1))
@@ -204,36 +181,6 @@ class AdapterStateMachine(RuleBasedStateMachine):
         self.own[name] = {p: (a, b, keep_scale.get(p, s)) for p, (a, b, s) in weights.items()}
         self.active = name
 
-    @precondition(lambda self: not self.merged and self.lora)
-    @rule(name=st.sampled_from(OWN))
-    def delete_adapter(self, name):
-        if name not in self.own:
-            self.refused(lk.delete_adapter, self.model, name)
-            return
-        lk.delete_adapter(self.model, name)
-        del self.own[name]
-        if self.active == name:
-            self.active = self.model.active_lora_adapter  # the first remaining one, or None
-            assert self.active is None or self.active in self.adapters()
-
-    @rule(name=st.sampled_from(CACHED), spec=st.integers(0, len(SPECS) - 1))
-    def cache_put(self, name, spec):
-        config, tensors = read_peft_adapter(_checkpoints()[spec])
-        self.cache.put(name, tensors, config)
-        self.cached[name] = spec
-
-    @rule(name=st.sampled_from(CACHED))
-    def cache_evict(self, name):
-        if name not in self.cached:
-            with pytest.raises(KeyError):
-                self.cache.evict(name)
-            return
-        try:
-            self.cache.evict(name)
-        except RuntimeError:  # in use (a held slot): stays cached
-            return
-        del self.cached[name]
-
     @precondition(lambda self: self.lora and not self.attached and not self.installed)
     @rule()
     def attach(self):
@@ -243,47 +190,7 @@ class AdapterStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.lora)
     @rule(data=st.data(), merged=st.booleans(), exact=st.booleans())
     def switch(self, data, merged, exact):
-        # mostly an adapter that exists (so that switches succeed often), sometimes any name
-        known = [(n, False) for n in sorted(self.own)] + [(n, True) for n in sorted(self.cached)]
-        anything = st.tuples(st.sampled_from((None, *OWN, *CACHED)), st.booleans())
-        pick = st.sampled_from(known) if known else anything
-        name, use_cache = data.draw(st.one_of(pick, pick, pick, anything))
-        self.switch_to(name, use_cache, merged, exact)
-
-    def switch_to(self, name, use_cache, merged, exact):
-        cache = self.cache if use_cache else None
-        call = functools.partial(lk.switch_adapter, self.model, name, cache=cache,
-                                 merged=merged, exact=exact)  # fmt: skip
-        ok = not (exact and not merged)
-        if name is not None and use_cache:
-            # a cached adapter fits when every layer it targets is one of ours
-            ok = ok and name in self.cached and set(SPECS[self.cached[name]][2]) <= self.converted
-        elif name is not None:
-            ok = ok and name in self.own
-        if not ok:
-            self.refused(call)
-            return
-        call()
-        if name is not None and use_cache:
-            self.installed[name] = _checkpoint_weights(self.cached[name])
-        self.observe_installed()
-        self.active = name
-        self.merged = merged and name is not None
-        if self.merged and not exact:
-            self.all_exact = False
-
-    @precondition(lambda self: self.own or self.cached)
-    @rule(data=st.data(), then_merged=st.booleans())
-    def switch_exact_and_away(self, data, then_merged):
-        """An exact merged switch to an adapter that exists, then a switch to another (merged
-        or not): what the exact merge promises is checked by the invariants after each."""
-        known = [(n, False) for n in sorted(self.own)] + [(n, True) for n in sorted(self.cached)]
-        name, use_cache = data.draw(st.sampled_from(known))
-        self.switch_to(name, use_cache, merged=True, exact=True)
-        self.output_matches_the_plain_model()
-        other, other_cache = data.draw(st.sampled_from([*known, (None, False)]))
-        self.switch_to(other, other_cache, merged=then_merged, exact=then_merged)
-        self.unmerged_base_is_the_original()
+        self.switch_to(*self.draw_target(data), merged, exact)
 
     @precondition(lambda self: self.lora and not self.merged)
     @rule(data=st.data())
@@ -293,10 +200,7 @@ class AdapterStateMachine(RuleBasedStateMachine):
         if not self.adapters():  # every adapter deleted: refused
             self.refused(lk.mixed_batch(self.model, names).__enter__)
             return
-        with torch.no_grad(), lk.mixed_batch(self.model, names):
-            y = self.model(self.x)
-        ref = self.reference([None if n == "__base__" else n for n in names])
-        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+        self.mixed_matches(names)
 
     @precondition(lambda self: self.lora)
     @rule()
@@ -311,34 +215,6 @@ class AdapterStateMachine(RuleBasedStateMachine):
         torch.testing.assert_close(y.double(), self.reference([self.active] * 4), rtol=1e-4,
                                    atol=1e-4)  # fmt: skip
 
-    # -- invariants -------------------------------------------------------------------------
 
-    @invariant()
-    def output_matches_the_plain_model(self):
-        with torch.no_grad():
-            y = self.model(self.x)
-        ref = self.reference([self.active] * 4)
-        torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
-
-    @invariant()
-    def unmerged_base_is_the_original(self):
-        if self.merged or not self.lora:
-            return
-        for p in PATHS:
-            w = self.model[int(p)].weight
-            if self.all_exact:
-                assert torch.equal(w, self.base[p][0])
-            else:
-                torch.testing.assert_close(w, self.base[p][0], rtol=1e-5, atol=1e-5)
-            assert torch.equal(self.model[int(p)].bias, self.base[p][1])
-
-
-AdapterStateMachine.TestCase.settings = settings(
-    max_examples=40,
-    stateful_step_count=20,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+AdapterStateMachine.TestCase.settings = machine_settings(max_examples=40, steps=20)
 test_adapter_state_machine = AdapterStateMachine.TestCase

@@ -17,6 +17,7 @@ from lora_kernels.models.model import LoraConfig, get_lora_model
 from lora_kernels.serving.cache import AdapterCache
 from lora_kernels.serving.exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
 from lora_kernels.serving.switch import release_adapters, switch_adapter
+from tests.helpers import TinyBlocks
 from tests.tolerances import assert_close_to_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -254,35 +255,11 @@ def test_drift_after_1000_switches(dtype):
 # ---------------------------------------------------------------------------------------------
 
 
-class Tiny(nn.Module):
-    """Two residual blocks of three linears and a head: enough module paths to target."""
-
-    def __init__(self, dim=24, hidden=40):
-        super().__init__()
-        self.blocks = nn.ModuleList(
-            nn.ModuleDict(
-                {
-                    "q": nn.Linear(dim, dim),
-                    "up": nn.Linear(dim, hidden),
-                    "down": nn.Linear(hidden, dim),
-                }
-            )
-            for _ in range(2)
-        )
-        self.head = nn.Linear(dim, 10)
-
-    def forward(self, x):
-        for block in self.blocks:
-            h = block["q"](x)
-            x = x + block["down"](torch.relu(block["up"](h)))
-        return self.head(x)
-
-
 TARGETS = ["q", "up", "down"]
 
 
 def tiny_model(dtype=torch.bfloat16):
-    model = Tiny().to(DEVICE, dtype)
+    model = TinyBlocks().to(DEVICE, dtype)
     return get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
 
 

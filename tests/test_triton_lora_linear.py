@@ -273,9 +273,9 @@ def test_gemm_config_candidates():
     assert all(c in tuned for group in lk_triton._GEMM_CONFIGS.values() for c in group)
 
 
-def test_deterministic_mode():
-    """With deterministic algorithms on, no atomics: the same bits twice, and right."""
-    t = _make(133, 129, 33, 8, torch.bfloat16)
+def _deterministic_twice(t):
+    """The kernels' outputs on ``t`` with deterministic algorithms on, run twice: both runs give
+    the same bits (checked here); returns the first."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -286,7 +286,13 @@ def test_deterministic_mode():
     for name, a, b in zip(NAMES, first, second, strict=True):
         if a is not None:
             assert torch.equal(a, b), name
-    _check_all(t, first)
+    return first
+
+
+def test_deterministic_mode():
+    """With deterministic algorithms on, no atomics: the same bits twice, and right."""
+    t = _make(133, 129, 33, 8, torch.bfloat16)
+    _check_all(t, _deterministic_twice(t))
 
 
 def _bad(m=5, k=8, n=6, r=4, dtype=torch.float32):

@@ -1,5 +1,5 @@
 """LoRA layers: drop-in subclasses of the torch modules they wrap, sharing one adapter
-bookkeeping (``base.LoraLayer``).
+bookkeeping (``base.AdapterState``; ``base.LoraLayer`` for the one-tensor layers).
 
 ``FusedLoraLinear`` (``nn.Linear`` and transformers' ``Conv1D``, DoRA through ``dora.DoraMixin``),
 ``FusedLoraLinear4bit`` (bitsandbytes ``Linear4bit``), ``FusedLoraEmbedding`` (``nn.Embedding``),

@@ -1,11 +1,16 @@
 """Adapter bookkeeping shared by every LoRA layer (PEFT's ``LoraLayer``, once).
 
-A layer class is ``LoraLayer`` plus a torch base module (``nn.Linear``, ``nn.Embedding``): it
-names the dicts that hold each adapter's tensors (``adapter_tables``), says how a merge reads its
-operands (``_merge_operands``) and adds its forward. Everything else lives here: the per-adapter
-``scaling`` / ``r`` / ``lora_alpha`` / ``use_rslora`` dicts, the active adapter, add / set /
-delete with their checks, the merge loop (arithmetic or exact), and the checks and cached id
-tensors of mixed batches (``adapter_names``, PEFT's semantics, ``"__base__"`` for none).
+``AdapterState`` is what every layer kind keeps beside its adapters' tensors, experts included
+(``layers/moe.py``, whose ranks and scales are per parameter): the ``use_rslora`` register of
+its adapters, the active adapter (its own, a model's ``SharedActive`` or a serving state's),
+add / set / delete with their checks, the merge loop (arithmetic or exact) around the layer's
+own merge of one adapter, and the checks and cached id tensors of mixed batches
+(``adapter_names``, PEFT's semantics, ``"__base__"`` for none).
+
+A dense layer class is ``LoraLayer`` (one ``B @ A`` per adapter on one base tensor, with flat
+``scaling`` / ``r`` / ``lora_alpha`` dicts) plus a torch base module (``nn.Linear``,
+``nn.Embedding``): it names the dicts that hold each adapter's tensors (``adapter_tables``),
+says how a merge reads its operands (``_merge_operands``) and adds its forward.
 """
 
 from __future__ import annotations
@@ -14,17 +19,20 @@ import functools
 import math
 
 import torch
+from torch import nn
 
 from .._constants import BASE_ADAPTER
 from ..functional.lora import merge_lora_
-from ..serving.exact_merge import ExactMergeRecord, exact_merge_, exact_unmerge_
+from ..serving.exact_merge import exact_merge_, exact_unmerge_
 
 __all__ = [
     "BASE_ADAPTER",
     "INIT_MODES",
+    "AdapterState",
     "LoraLayer",
     "SharedActive",
     "conv1d_class",
+    "init_lora_factors",
     "lora_scaling",
     "weight_state",
 ]
@@ -62,6 +70,20 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     """The factor on an adapter's ``B @ A``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)``
     with rank-stabilised LoRA (rsLoRA), as PEFT computes it."""
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def init_lora_factors(lora_a: nn.Linear, lora_b: nn.Linear, r: int, init_lora_weights) -> None:
+    """PEFT's init of a new adapter's factors, in place: ``True``, A kaiming-uniform (a=sqrt(5))
+    and B zeros (the layer starts equal to its base); ``"gaussian"``, A normal with std ``1/r``
+    and B zeros; ``False``, both keep ``nn.Linear``'s default init (the adapter starts
+    non-zero)."""
+    with torch.no_grad():
+        if init_lora_weights is True:
+            nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_b.weight)
+        elif init_lora_weights == "gaussian":
+            nn.init.normal_(lora_a.weight, std=1.0 / r)
+            nn.init.zeros_(lora_b.weight)
 
 
 @functools.cache
@@ -102,27 +124,31 @@ class SharedActive:
         self.synced = False
 
 
-class LoraLayer:
-    """The adapter bookkeeping of a LoRA layer; mixed in before the torch base module.
+class AdapterState:
+    """What every LoRA layer kind (dense, embedding, experts) keeps about its adapters beyond
+    their tensors, and what the model-level code (``lora_kernels.serving``) reads and writes on
+    each: the active adapter (the layer's own, a model's ``SharedActive`` it follows, or a
+    serving state's), the merged adapters, add / set / delete checks and the merge loop.
 
-    Subclasses set ``adapter_tables`` (the attribute names of the dicts holding each adapter's
-    tensors; the first orders ``adapter_names``), ``layer_name`` (for messages) and
-    ``base_noun`` (what a merge changes: "weight", "table"), and implement
-    ``_merge_operands(name) -> (weight, a, b)`` with the merge ``weight += scaling * b @ a``.
+    ``use_rslora`` (a dict keyed by adapter name, whatever the layer kind keys its ranks and
+    scales by) is the register of the adapters a layer has. A subclass sets ``layer_name`` (for
+    messages) and ``base_noun`` (what a merge changes), keeps ``adapter_names`` in its tables'
+    order, and implements ``_remove_adapter(name)``, ``_merge_adapter(name, exact)`` and
+    ``_unmerge_adapter(name)``.
     """
 
-    adapter_tables: tuple[str, ...] = ()
     layer_name = "LoraLayer"
     base_noun = "weight"
+    # Serving from an AdapterCache's device slots (lora_kernels.serving.state): while set, the
+    # model-level state, not _active_adapter, says which adapter (or slot per row) runs. Layers
+    # that are never served keep this class default.
+    _serving = None
 
-    def _init_adapter_state(self, backend: str) -> None:
-        self.scaling: dict[str, float] = {}
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
+    def _init_switch_state(self, backend: str) -> None:
         self.use_rslora: dict[str, bool] = {}
         self.merged_adapters: list[str] = []
         # merge(exact=True) keeps, per merged adapter, what unmerge() needs to restore the weight.
-        self._exact_records: dict[str, ExactMergeRecord] = {}
+        self._exact_records: dict[str, object] = {}
         self._active_adapter: str | None = None
         self.backend = backend
 
@@ -133,6 +159,8 @@ class LoraLayer:
     @property
     def active_adapter(self) -> str | None:
         """The adapter the forward applies (None: base layer only)."""
+        if self._serving is not None:
+            return self._serving.active_adapter(self)
         return self._active_adapter
 
     @property
@@ -144,7 +172,7 @@ class LoraLayer:
         if shared is None:
             return d.get("_own_active")
         name = shared.name
-        return name if name in self.r else None
+        return name if name in d["use_rslora"] else None
 
     @_active_adapter.setter
     def _active_adapter(self, name: str | None) -> None:
@@ -165,20 +193,21 @@ class LoraLayer:
         if shared is not None:
             shared.synced = False
 
-    @property
-    def adapter_names(self) -> list[str]:
-        return list(getattr(self, self.adapter_tables[0]).keys())
+    def _leave_serving(self) -> None:
+        """Stop reading the model's serving state, keeping the adapter it selected as this
+        layer's own; called before anything that changes the layer's adapter by itself."""
+        serving = self._serving
+        if serving is not None:
+            self._active_adapter = serving.active_adapter(self)
+            self._serving = None
+            serving.leave()
 
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def _leave_serving(self) -> None:
-        """Hook: stop reading a model-level serving state before the layer changes by itself
-        (a no-op for layers that are never served from slots)."""
-
     def _check_known(self, fn: str, name: str) -> None:
-        if name not in getattr(self, self.adapter_tables[0]):
+        if name not in self.use_rslora:
             raise ValueError(
                 f"{self.layer_name}.{fn}: unknown adapter {name!r}; this layer has "
                 f"{self.adapter_names}"
@@ -188,32 +217,33 @@ class LoraLayer:
     # add / set / delete
     # ------------------------------------------------------------------------------------
 
-    def _check_new_adapter(self, name: str, r: int, init_lora_weights) -> None:
-        """The checks every ``add_adapter`` runs before it creates anything."""
+    def _check_new_name(self, name: str, init_lora_weights) -> None:
+        """The checks of a new adapter's name and init mode, before anything is created."""
         fn = f"{self.layer_name}.add_adapter"
         if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
             raise ValueError(
                 f"{fn}: expected name to be a non-empty str without '.', other than "
                 f"{BASE_ADAPTER!r}, got {name!r}"
             )
-        if name in getattr(self, self.adapter_tables[0]):
+        if name in self.use_rslora:
             raise ValueError(f"{fn}: adapter {name!r} already exists; delete_adapter it first")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{fn}: expected r to be a positive int, got {r!r}")
         if init_lora_weights not in INIT_MODES:
             raise ValueError(
                 f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "
                 f"got {init_lora_weights!r}"
             )
 
-    def _register_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
-        """Record adapter ``name``'s rank and scaling (its tensors are already in the tables);
+    def _check_rank(self, r: int, what: str = "r") -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(
+                f"{self.layer_name}.add_adapter: expected {what} to be a positive int, got {r!r}"
+            )
+
+    def _register_name(self, name: str, use_rslora: bool) -> None:
+        """Enter adapter ``name`` in the register (its tensors, ranks and scales are in place);
         the first adapter becomes the active one."""
         self._unsync_shared()  # the model's set of adapter names changed
-        self.r[name] = r
-        self.lora_alpha[name] = lora_alpha
         self.use_rslora[name] = bool(use_rslora)
-        self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
         if self._active_adapter is None:
             self._active_adapter = name
 
@@ -230,7 +260,7 @@ class LoraLayer:
         self._active_adapter = name
 
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name``; if it was active, the first remaining one becomes active."""
+        """Remove adapter ``name``; if it was active, ``_active_after_delete()`` becomes active."""
         self._check_known("delete_adapter", name)
         self._leave_serving()
         self._unsync_shared()
@@ -239,21 +269,22 @@ class LoraLayer:
                 f"{self.layer_name}.delete_adapter: adapter {name!r} is merged into the "
                 f"{self.base_noun}; unmerge() first"
             )
-        for attr in self.adapter_tables:
-            table = getattr(self, attr)
-            if name in table:
-                del table[name]
-        for table in (self.scaling, self.r, self.lora_alpha, self.use_rslora):
-            del table[name]
+        self._remove_adapter(name)
+        del self.use_rslora[name]
         if self._active_adapter == name:
-            self._active_adapter = next(iter(self.adapter_names), None)
+            self._active_adapter = self._active_after_delete()
+
+    def _remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``'s tensors, ranks and scales (the register entry goes after)."""
+        raise NotImplementedError
+
+    def _active_after_delete(self) -> str | None:
+        """The adapter that becomes active when the active one is deleted: the first left."""
+        return next(iter(self.adapter_names), None)
 
     # ------------------------------------------------------------------------------------
     # merge
     # ------------------------------------------------------------------------------------
-
-    def _merge_operands(self, name: str):
-        raise NotImplementedError
 
     def merge(self, adapter_name: str | None = None, exact: bool = False) -> None:
         """Fold ``adapter_name`` (default: the active adapter) into the base weight in place.
@@ -280,13 +311,7 @@ class LoraLayer:
 
     def _merge_adapter(self, name: str, exact: bool) -> None:
         """Fold one adapter into the weight (``merge``'s checks done)."""
-        w, a, b = self._merge_operands(name)
-        if exact:
-            self._exact_records[name] = exact_merge_(
-                w, a, b, self.scaling[name], backend=self.backend
-            )
-        else:
-            merge_lora_(w, a, b, self.scaling[name], backend=self.backend)
+        raise NotImplementedError
 
     def _check_unmerge(self) -> None:
         """Hook: raise, weight untouched, when a merged adapter cannot be taken out again."""
@@ -300,20 +325,17 @@ class LoraLayer:
             self.merged_adapters.pop()
 
     def _unmerge_adapter(self, name: str) -> None:
-        w, a, b = self._merge_operands(name)
-        record = self._exact_records.pop(name, None)
-        if record is not None:
-            exact_unmerge_(w, a, b, self.scaling[name], record)
-        else:
-            merge_lora_(w, a, b, -self.scaling[name], backend=self.backend)
+        """Take one merged adapter out of the weight again (its exact record, if any, used)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------
     # mixed batches
     # ------------------------------------------------------------------------------------
 
     def _check_adapter_names(self, adapter_names, rows: int, what: str) -> list[str]:
-        """Check a mixed batch's ``adapter_names`` (``rows`` of them, one per ``what``); returns
-        the adapters it uses, in first-use order (``"__base__"`` left out)."""
+        """Check a mixed batch's ``adapter_names`` (``rows`` of them, one per ``what``; ``rows``
+        < 0: no count fits); returns the adapters it uses, in first-use order (``"__base__"``
+        left out)."""
         fn = f"{self.layer_name}.forward"
         if self.merged:
             raise RuntimeError(
@@ -330,7 +352,7 @@ class LoraLayer:
             raise ValueError(
                 f"{fn}: expected one adapter name per {what}, got {len(adapter_names)}"
             )
-        known = getattr(self, self.adapter_tables[0])
+        known = self.use_rslora
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in known})
         if unknown:
             raise ValueError(
@@ -343,6 +365,83 @@ class LoraLayer:
         """The int32 id tensor of a batch, built once per distinct id list and device (see
         :func:`cached_host_tensor`)."""
         return cached_host_tensor(self, ids, torch.int32, device)
+
+
+class LoraLayer(AdapterState):
+    """The adapter bookkeeping of a LoRA layer with one ``B @ A`` per adapter on one base
+    tensor; mixed in before the torch base module.
+
+    Subclasses set ``adapter_tables`` (the attribute names of the dicts holding each adapter's
+    tensors; the first orders ``adapter_names``), ``layer_name`` (for messages) and
+    ``base_noun`` (what a merge changes: "weight", "table"), and implement
+    ``_merge_operands(name) -> (weight, a, b)`` with the merge ``weight += scaling * b @ a``.
+    """
+
+    adapter_tables: tuple[str, ...] = ()
+
+    def _init_adapter_state(self, backend: str) -> None:
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self._init_switch_state(backend)
+
+    def _adopt_base(self, base, backend: str) -> None:
+        """Take ``base``'s weight (and bias, where the layer has one) in place of the meta
+        tensors the layer was built with, shared, then start an empty adapter state: the body
+        of every ``from_<module>`` constructor."""
+        self.weight = base.weight
+        if hasattr(self, "bias"):  # nn.Embedding has none
+            self.bias = base.bias
+        self._init_lora_state(backend)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(getattr(self, self.adapter_tables[0]).keys())
+
+    def _check_new_adapter(self, name: str, r: int, init_lora_weights) -> None:
+        """The checks every ``add_adapter`` runs before it creates anything."""
+        self._check_new_name(name, init_lora_weights)
+        self._check_rank(r)
+
+    def _register_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        """Record adapter ``name``'s rank and scaling (its tensors are already in the tables);
+        the first adapter becomes the active one."""
+        self.r[name] = r
+        self.lora_alpha[name] = lora_alpha
+        self.scaling[name] = lora_scaling(lora_alpha, r, use_rslora)
+        self._register_name(name, use_rslora)
+
+    def _remove_adapter(self, name: str) -> None:
+        for attr in self.adapter_tables:
+            table = getattr(self, attr)
+            if name in table:
+                del table[name]
+        for table in (self.scaling, self.r, self.lora_alpha):
+            del table[name]
+
+    # ------------------------------------------------------------------------------------
+    # merge
+    # ------------------------------------------------------------------------------------
+
+    def _merge_operands(self, name: str):
+        raise NotImplementedError
+
+    def _merge_adapter(self, name: str, exact: bool) -> None:
+        w, a, b = self._merge_operands(name)
+        if exact:
+            self._exact_records[name] = exact_merge_(
+                w, a, b, self.scaling[name], backend=self.backend
+            )
+        else:
+            merge_lora_(w, a, b, self.scaling[name], backend=self.backend)
+
+    def _unmerge_adapter(self, name: str) -> None:
+        w, a, b = self._merge_operands(name)
+        record = self._exact_records.pop(name, None)
+        if record is not None:
+            exact_unmerge_(w, a, b, self.scaling[name], record)
+        else:
+            merge_lora_(w, a, b, -self.scaling[name], backend=self.backend)
 
     def _adapters_repr(self, extra=lambda name: "") -> str:
         return ", ".join(

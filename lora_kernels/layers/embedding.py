@@ -116,8 +116,7 @@ class FusedLoraEmbedding(LoraLayer, nn.Embedding):
             dtype=embedding.weight.dtype,
             backend=backend,
         )
-        layer.weight = embedding.weight
-        layer._init_lora_state(backend)
+        layer._adopt_base(embedding, backend)
         if r:
             layer.add_adapter(
                 adapter_name, r, lora_alpha, use_rslora=use_rslora,

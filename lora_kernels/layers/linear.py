@@ -20,15 +20,20 @@ copy; merges go into the ``[in, out]`` storage as ``scaling * A^T B^T``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..functional.lora import lora_linear, merge_lora_
 from ..functional.multi import lora_linear_multi
-from .base import BASE_ADAPTER, LoraLayer, cached_host_tensor, conv1d_class, weight_state
+from .base import (
+    BASE_ADAPTER,
+    LoraLayer,
+    cached_host_tensor,
+    conv1d_class,
+    init_lora_factors,
+    weight_state,
+)
 from .dora import DoraMixin
 
 __all__ = ["FusedLoraLinear"]
@@ -93,9 +98,6 @@ class FusedLoraLinear(DoraMixin, LoraLayer, nn.Linear):
         self.fan_in_fan_out = False
         # mixed batches: every adapter stacked, and what it was stacked from (_cached_stacks)
         self._multi_stack: dict | None = None
-        # Serving from an AdapterCache's device slots (lora_kernels.serving): while set, the
-        # model-level state, not _active_adapter, says which adapter (or slot per row) runs.
-        self._serving = None
 
     @classmethod
     def from_linear(
@@ -150,9 +152,7 @@ class FusedLoraLinear(DoraMixin, LoraLayer, nn.Linear):
             dtype=linear.weight.dtype,
             backend=backend,
         )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer._init_lora_state(backend)
+        layer._adopt_base(linear, backend)
         layer.fan_in_fan_out = is_conv1d
         if r:
             layer.add_adapter(
@@ -169,22 +169,6 @@ class FusedLoraLinear(DoraMixin, LoraLayer, nn.Linear):
     # ------------------------------------------------------------------------------------
     # adapters
     # ------------------------------------------------------------------------------------
-
-    @property
-    def active_adapter(self) -> str | None:
-        """The adapter the forward applies (None: base layer only)."""
-        if self._serving is not None:
-            return self._serving.active_adapter(self)
-        return self._active_adapter
-
-    def _leave_serving(self) -> None:
-        """Stop reading the model's serving state, keeping the adapter it selected as this
-        layer's own; called before anything that changes the layer's adapter by itself."""
-        serving = self._serving
-        if serving is not None:
-            self._active_adapter = serving.active_adapter(self)
-            self._serving = None
-            serving.leave()
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -232,13 +216,7 @@ class FusedLoraLinear(DoraMixin, LoraLayer, nn.Linear):
         kw = self._adapter_factory_kwargs()
         lora_a = nn.Linear(self.in_features, r, bias=False, **kw)
         lora_b = nn.Linear(r, self.out_features, bias=False, **kw)
-        with torch.no_grad():
-            if init_lora_weights is True:
-                nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-                nn.init.zeros_(lora_b.weight)
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(lora_a.weight, std=1.0 / r)
-                nn.init.zeros_(lora_b.weight)
+        init_lora_factors(lora_a, lora_b, r, init_lora_weights)
         self.lora_A[name] = lora_a
         self.lora_B[name] = lora_b
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()

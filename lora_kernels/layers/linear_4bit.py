@@ -110,10 +110,8 @@ class FusedLoraLinear4bit(FusedLoraLinear):
             device="meta",
             backend=backend,
         )
-        layer.weight = linear.weight
-        layer.bias = linear.bias
+        layer._adopt_base(linear, backend)
         layer.compute_dtype = getattr(linear, "compute_dtype", None)
-        layer._init_lora_state(backend)
         if r:
             layer.add_adapter(
                 adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
@@ -236,21 +234,14 @@ class FusedLoraLinear4bit(FusedLoraLinear):
                 "merged weight is quantized again); use exact=False, PEFT's lossy merge, or keep "
                 "the adapter unmerged (the fused kernel costs little at any batch size)"
             )
-        name = self._active_adapter if adapter_name is None else adapter_name
-        if name is None:
-            raise ValueError("FusedLoraLinear4bit.merge: no adapter to merge (no active adapter)")
-        self._check_known("merge", name)
-        if name in self.merged_adapters:
-            raise RuntimeError(f"FusedLoraLinear4bit.merge: adapter {name!r} is already merged")
-        self._requantize_(1.0, name)
-        self.merged_adapters.append(name)
-        self._active_adapter = name
+        super().merge(adapter_name)
 
-    def unmerge(self) -> None:
-        """Subtract every merged adapter again (dequantize, subtract, quantize: lossy)."""
-        while self.merged_adapters:
-            self._requantize_(-1.0, self.merged_adapters[-1])
-            self.merged_adapters.pop()
+    def _merge_adapter(self, name: str, exact: bool) -> None:
+        self._requantize_(1.0, name)
+
+    def _unmerge_adapter(self, name: str) -> None:
+        """Subtract the adapter again (dequantize, subtract, quantize: lossy)."""
+        self._requantize_(-1.0, name)
 
     def swap_merged(self, adapter_name: str) -> None:
         """``unmerge()`` then ``merge(adapter_name)``: two requantizations."""

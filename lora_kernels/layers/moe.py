@@ -31,21 +31,14 @@ DoRA, LoRA biases.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..functional.lora import merge_lora_, unmerge_lora_
 from ..functional.moe import moe_lora, peft_expert_factors
-from ..serving.exact_merge import (
-    ExactMergeRecord,
-    check_exact_unmerge,
-    exact_merge_,
-    exact_unmerge_,
-)
-from .base import BASE_ADAPTER, SharedActive, lora_scaling
+from ..serving.exact_merge import check_exact_unmerge, exact_merge_, exact_unmerge_
+from .base import AdapterState, init_lora_factors, lora_scaling
 
 __all__ = ["EXPERT_PARAMS", "FusedLoraExperts", "experts_format"]
 
@@ -102,13 +95,18 @@ def experts_format(module: nn.Module) -> dict | None:
     return fmt
 
 
-class FusedLoraExperts(nn.Module):
+class FusedLoraExperts(AdapterState, nn.Module):
     """A fused-experts module plus named LoRA adapters on its 3-D parameters (PEFT's
     ``ParamWrapper`` layout and scaling), computed by ``lk.moe_lora``.
 
     Build it with ``FusedLoraExperts(experts)`` and add adapters with :meth:`add_adapter`; the
-    wrapped module stays ``base_layer`` (frozen).
+    wrapped module stays ``base_layer`` (frozen). The active adapter, set / delete / merge and
+    what serving reads are ``AdapterState``'s (``layers/base.py``), as for the dense layers;
+    ranks and scales are kept per parameter (``r[param][name]``, ``scaling[param][name]``).
     """
+
+    layer_name = "FusedLoraExperts"
+    base_noun = "parameters"
 
     def __init__(self, experts: nn.Module, *, backend: str = "auto") -> None:
         super().__init__()
@@ -128,51 +126,8 @@ class FusedLoraExperts(nn.Module):
         self.r: dict[str, dict[str, int]] = {p: {} for p in EXPERT_PARAMS}
         self.lora_alpha: dict[str, dict[str, float]] = {p: {} for p in EXPERT_PARAMS}
         self.scaling: dict[str, dict[str, float]] = {p: {} for p in EXPERT_PARAMS}
-        self.use_rslora: dict[str, bool] = {}
-        self.merged_adapters: list[str] = []
-        self._exact_records: dict[str, dict[str, list[ExactMergeRecord]]] = {}
-        self._active_adapter: str | None = None
-        self.backend = backend
-        # Serving from an AdapterCache's device slots (lora_kernels.serving.state): while set,
-        # the model-level state, not _active_adapter, says which adapter (or slot per row) runs.
-        self._serving = None
-
-    # The active adapter: the layer's own, or while it follows its model's SharedActive the
-    # model's (if this layer has it), as LoraLayer does for the dense layers.
-    @property
-    def _active_adapter(self) -> str | None:
-        d = self.__dict__
-        shared = d.get("_shared_active")
-        if shared is None:
-            return d.get("_own_active")
-        name = shared.name
-        return name if name in self.use_rslora else None
-
-    @_active_adapter.setter
-    def _active_adapter(self, name: str | None) -> None:
-        d = self.__dict__
-        shared = d.pop("_shared_active", None)
-        if shared is not None:
-            shared.synced = False
-        d["_own_active"] = name
-
-    def _follow(self, shared: SharedActive) -> None:
-        """Read the active adapter from ``shared`` from now on (``switch_adapter`` calls it)."""
-        self.__dict__["_shared_active"] = shared
-
-    def _unsync_shared(self) -> None:
-        shared = self.__dict__.get("_shared_active")
-        if shared is not None:
-            shared.synced = False
-
-    def _leave_serving(self) -> None:
-        """Stop reading the model's serving state, keeping the adapter it selected as this
-        layer's own; called before anything that changes the layer's adapter by itself."""
-        serving = self._serving
-        if serving is not None:
-            self._active_adapter = serving.active_adapter(self)
-            self._serving = None
-            serving.leave()
+        # _exact_records[name][param][e]: one ExactMergeRecord per expert slice
+        self._init_switch_state(backend)
 
     # ------------------------------------------------------------------------------------
     # adapters
@@ -187,16 +142,6 @@ class FusedLoraExperts(nn.Module):
     @property
     def adapter_names(self) -> list[str]:
         return list(self.use_rslora)
-
-    @property
-    def active_adapter(self) -> str | None:
-        if self._serving is not None:
-            return self._serving.active_adapter(self)
-        return self._active_adapter
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """Adapter ``name``'s trainable tensors (its A and B on every adapted parameter)."""
@@ -224,88 +169,45 @@ class FusedLoraExperts(nn.Module):
         parameter's dtype and device (as PEFT's ParamWrapper); ``init_lora_weights`` True or
         "gaussian": B = 0 (the layer starts equal to the base), False: both random."""
         fn = "FusedLoraExperts.add_adapter"
-        if not isinstance(name, str) or not name or name == BASE_ADAPTER or "." in name:
-            raise ValueError(
-                f"{fn}: expected name to be a non-empty str without '.', other than "
-                f"{BASE_ADAPTER!r}, got {name!r}"
-            )
-        if name in self.use_rslora:
-            raise ValueError(f"{fn}: adapter {name!r} already exists; delete_adapter it first")
+        self._check_new_name(name, init_lora_weights)
         unknown = sorted(set(ranks) - set(EXPERT_PARAMS))
         if unknown or not ranks:
             raise ValueError(
                 f"{fn}: expected ranks for some of {list(EXPERT_PARAMS)}, got {sorted(ranks)}"
             )
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"{fn}: expected init_lora_weights in (True, False, 'gaussian'), "
-                f"got {init_lora_weights!r}"
-            )
+        for param in ranks:  # every rank checked before any factor is added
+            self._check_rank(ranks[param], f"r of {param}")
         for param in EXPERT_PARAMS:
             if param not in ranks:
                 continue
             r = ranks[param]
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                raise ValueError(f"{fn}: expected r of {param} to be a positive int, got {r!r}")
             w = getattr(self.base_layer, param)
             n_in, n_out = self.features(param)
             kw = {"device": w.device, "dtype": w.dtype}
             lora_a = nn.Linear(n_in, r * self.num_experts, bias=False, **kw)
             lora_b = nn.Linear(r * self.num_experts, n_out, bias=False, **kw)
-            with torch.no_grad():
-                if init_lora_weights is True:
-                    nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
-                    nn.init.zeros_(lora_b.weight)
-                elif init_lora_weights == "gaussian":
-                    nn.init.normal_(lora_a.weight, std=1.0 / r)
-                    nn.init.zeros_(lora_b.weight)
+            init_lora_factors(lora_a, lora_b, r, init_lora_weights)
             self.lora_A[param][name] = lora_a
             self.lora_B[param][name] = lora_b
             self.r[param][name] = r
             self.lora_alpha[param][name] = alphas[param]
             self.scaling[param][name] = lora_scaling(alphas[param], r, use_rslora)
-        self._unsync_shared()  # the model's set of adapter names changed
         self.__dict__.pop("_mixed_cache", None)
-        self.use_rslora[name] = bool(use_rslora)
-        if self._active_adapter is None:
-            self._active_adapter = name
+        self._register_name(name, use_rslora)
 
-    def _check_known(self, fn: str, name: str) -> None:
-        if name not in self.use_rslora:
-            raise ValueError(
-                f"FusedLoraExperts.{fn}: unknown adapter {name!r}; this layer has "
-                f"{self.adapter_names}"
-            )
-
-    def set_adapter(self, name: str | None) -> None:
-        """Make ``name`` the active adapter (None: base only); the layer must not be merged."""
-        if name is not None:
-            self._check_known("set_adapter", name)
-        self._leave_serving()
-        if self.merged and name != self._active_adapter:
-            raise RuntimeError(
-                f"FusedLoraExperts.set_adapter: {self.merged_adapters} is merged; unmerge() first"
-            )
-        self._active_adapter = name
-
-    def delete_adapter(self, name: str) -> None:
-        self._check_known("delete_adapter", name)
-        self._leave_serving()
-        self._unsync_shared()
-        if name in self.merged_adapters:
-            raise RuntimeError(
-                f"FusedLoraExperts.delete_adapter: {name!r} is merged; unmerge() first"
-            )
+    def _remove_adapter(self, name: str) -> None:
         for param in EXPERT_PARAMS:
             for table in (self.lora_A[param], self.lora_B[param]):
                 if name in table:
                     del table[name]
             for d in (self.r, self.lora_alpha, self.scaling):
                 d[param].pop(name, None)
-        del self.use_rslora[name]
         self.__dict__.pop("_mixed_cache", None)
-        if self._active_adapter == name:
-            self._active_adapter = None
+
+    def _active_after_delete(self) -> str | None:
+        # Deleting the active adapter leaves the experts on their base (the model-level
+        # delete_adapter then sets the adapter its layers should run).
+        return None
 
     def expert_factors(self, param: str, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a [E, r, in], b [E, out, r])`` views of adapter ``name``'s factors on ``param``."""
@@ -314,7 +216,8 @@ class FusedLoraExperts(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------
-    # merge
+    # merge: W[e] += scaling * B_e A_e per expert, fp32 sums rounded once (merge_lora_);
+    # exact=True keeps, per expert, what unmerge() needs to restore every bit
     # ------------------------------------------------------------------------------------
 
     def _expert_slices(self, param: str):
@@ -323,34 +226,25 @@ class FusedLoraExperts(nn.Module):
         for e in range(self.num_experts):
             yield w[e].T if self.format["transposed"] else w[e]
 
-    def merge(self, adapter_name: str | None = None, exact: bool = False) -> None:
-        """Fold ``adapter_name`` (default: the active adapter) into the experts' parameters in
-        place: ``W[e] += scaling * B_e A_e`` per expert, fp32 sums rounded once
-        (``merge_lora_``); ``exact=True`` keeps what ``unmerge()`` needs to restore every bit."""
-        name = self._active_adapter if adapter_name is None else adapter_name
-        if name is None:
-            raise ValueError("FusedLoraExperts.merge: no adapter to merge (no active adapter)")
-        self._check_known("merge", name)
-        if name in self.merged_adapters:
-            raise RuntimeError(f"FusedLoraExperts.merge: adapter {name!r} is already merged")
-        self._leave_serving()
-        records = {}
+    def _expert_operands(self, name: str):
+        """``(param, e, w, a_e, b_e, scale)`` of every expert slice adapter ``name`` adapts, the
+        factors in the slice's dtype."""
+        for param in self.adapter_params(name):
+            a, b = self.expert_factors(param, name)
+            scale = self.scaling[param][name]
+            for e, w in enumerate(self._expert_slices(param)):
+                yield param, e, w, a[e].to(w.dtype), b[e].to(w.dtype), scale
+
+    def _merge_adapter(self, name: str, exact: bool) -> None:
+        records = {p: [] for p in self.adapter_params(name)}
         with torch.no_grad():
-            for param in self.adapter_params(name):
-                a, b = self.expert_factors(param, name)
-                scale = self.scaling[param][name]
-                rec = []
-                for e, w in enumerate(self._expert_slices(param)):
-                    ae, be = a[e].to(w.dtype), b[e].to(w.dtype)
-                    if exact:
-                        rec.append(exact_merge_(w, ae, be, scale, backend=self.backend))
-                    else:
-                        merge_lora_(w, ae, be, scale, backend=self.backend)
-                records[param] = rec
+            for param, _, w, ae, be, scale in self._expert_operands(name):
+                if exact:
+                    records[param].append(exact_merge_(w, ae, be, scale, backend=self.backend))
+                else:
+                    merge_lora_(w, ae, be, scale, backend=self.backend)
         if exact:
             self._exact_records[name] = records
-        self.merged_adapters.append(name)
-        self._active_adapter = name
 
     def _check_unmerge(self, fn: str = "FusedLoraExperts.unmerge") -> None:
         """Raise, parameters untouched, when an adapter merged with ``exact=True`` cannot be
@@ -360,35 +254,20 @@ class FusedLoraExperts(nn.Module):
             records = self._exact_records.get(name)
             if records is None:
                 continue
-            for param in self.adapter_params(name):
-                a, b = self.expert_factors(param, name)
-                scale = self.scaling[param][name]
-                for e, w in enumerate(self._expert_slices(param)):
-                    ae, be = a[e].to(w.dtype), b[e].to(w.dtype)
-                    try:
-                        check_exact_unmerge(w, ae, be, scale, records[param][e], fn=fn)
-                    except (TypeError, ValueError) as err:
-                        raise ValueError(f"{param} expert {e}: {err}") from None
+            for param, e, w, ae, be, scale in self._expert_operands(name):
+                try:
+                    check_exact_unmerge(w, ae, be, scale, records[param][e], fn=fn)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"{param} expert {e}: {err}") from None
 
-    def unmerge(self) -> None:
-        """Take every merged adapter out of the parameters again (in reverse order); one merged
-        with ``exact=True`` gives back the parameters bit for bit (checked for every expert
-        first: a refused unmerge changes nothing)."""
-        self._check_unmerge()
+    def _unmerge_adapter(self, name: str) -> None:
+        records = self._exact_records.pop(name, None)
         with torch.no_grad():
-            while self.merged_adapters:
-                name = self.merged_adapters[-1]
-                records = self._exact_records.pop(name, None)
-                for param in self.adapter_params(name):
-                    a, b = self.expert_factors(param, name)
-                    scale = self.scaling[param][name]
-                    for e, w in enumerate(self._expert_slices(param)):
-                        ae, be = a[e].to(w.dtype), b[e].to(w.dtype)
-                        if records is not None:
-                            exact_unmerge_(w, ae, be, scale, records[param][e])
-                        else:
-                            unmerge_lora_(w, ae, be, scale, backend=self.backend)
-                self.merged_adapters.pop()
+            for param, e, w, ae, be, scale in self._expert_operands(name):
+                if records is not None:
+                    exact_unmerge_(w, ae, be, scale, records[param][e])
+                else:
+                    unmerge_lora_(w, ae, be, scale, backend=self.backend)
 
     def to_base_module(self) -> nn.Module:
         """The wrapped experts module (with whatever is merged into it)."""
@@ -462,31 +341,13 @@ class FusedLoraExperts(nn.Module):
         return tuple(out), scale
 
     def _mixed_forward(self, x, top_k_index, top_k_weights, adapter_names):
-        fn = "FusedLoraExperts.forward"
-        if self.merged:
-            raise RuntimeError(
-                f"{fn}: adapter_names cannot be used while {self.merged_adapters} is merged; "
-                "unmerge() first"
-            )
-        if not isinstance(adapter_names, (list, tuple)) or not all(
-            isinstance(n, str) for n in adapter_names
-        ):
-            raise TypeError(f"{fn}: expected adapter_names to be a list of str")
-        t, count = x.shape[0], len(adapter_names)
-        if count == 0 or t % count:
-            raise ValueError(
-                f"{fn}: expected one adapter name per token or per sequence ({t} tokens), got "
-                f"{count} names"
-            )
-        unknown = sorted(
-            {n for n in adapter_names if n != BASE_ADAPTER and n not in self.use_rslora}
+        t = x.shape[0]
+        count = len(adapter_names) if isinstance(adapter_names, (list, tuple)) else -1
+        used = self._check_adapter_names(
+            adapter_names,
+            count if count > 0 and t % count == 0 else -1,
+            f"token or per sequence of equal length ({t} tokens)",
         )
-        if unknown:
-            raise ValueError(
-                f"{fn}: unknown adapter names {unknown}; this layer has {self.adapter_names} "
-                f"(and {BASE_ADAPTER!r} for none)"
-            )
-        used = list(dict.fromkeys(n for n in adapter_names if n != BASE_ADAPTER))
         if not used:
             return self.base_layer(x, top_k_index, top_k_weights)
         index = {n: i for i, n in enumerate(used)}
