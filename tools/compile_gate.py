@@ -77,6 +77,7 @@ SMEM_HEADROOM = 8 * 1024
 SHARED_DEVICE_MODULES = (
     "lora_kernels.backends.triton._rounding",
     "lora_kernels.backends.triton._segment",
+    "lora_kernels.backends.triton._lora_product",
 )
 
 
