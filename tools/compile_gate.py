@@ -79,7 +79,10 @@ SMEM_HEADROOM = 8 * 1024
 
 # Modules of device functions that launcher modules import (``from ._rounding import ...``):
 # a twin must see compiled-mode copies of them, not the interpreted ones this process made.
-SHARED_DEVICE_MODULES = ("lora_kernels.backends.triton._rounding",)
+SHARED_DEVICE_MODULES = (
+    "lora_kernels.backends.triton._rounding",
+    "lora_kernels.backends.triton._lora_product",
+)
 
 
 def _exec_compiled(path: str, name: str):

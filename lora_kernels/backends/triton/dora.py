@@ -46,6 +46,7 @@ from ...reference import ILL_CONDITIONED
 from . import interpreting, on_input_device
 from . import merge as merge_tiles
 from ._args import vector_stride
+from ._lora_product import lora_product_tile
 from ._rounding import round_to_bf16
 from .lora_linear import lora_linear_bwd, lora_linear_fwd
 
@@ -456,15 +457,13 @@ def dora_linear_bwd(
     return dx, dx_lora, da, db, dm
 
 
-# Merge tiles: those of the LoRA merge, taken from ``merge.py`` (spill-free there at every rank):
+# Merge tiles: those of the LoRA merge (``merge.tile_launch``, spill-free there at every rank):
 # a [64, 64] weight tile and rank chunks of 32; fp32 or mixed adapters keep 3xTF32 with a 32-deep
 # K tile on 8 warps. 16-bit adapters take 8 warps too: the magnitude's extra terms (the divide by
 # g of the unmerge) put the 4-warp tile at 255 registers and 40 B of spills at rank 40 on sm_80
 # (8 B on sm_90, fp16, odd K/N); on 8 warps it takes at most 165, no spill (compile gate). The
 # interpreter's tile is smaller than the tests' odd sizes.
 _MERGE_META = {**merge_tiles.CUDA_META, "num_warps": 8}
-_MERGE_META_FP32 = merge_tiles.CUDA_META_FP32
-_MERGE_MAX_R = merge_tiles.CUDA_MAX_BLOCK_R
 _INTERP_MERGE_META = {"BLOCK_N": 16, "BLOCK_K": 32}
 _INTERP_MERGE_MAX_R = 16
 
@@ -505,7 +504,6 @@ def _dora_merge_kernel(
     pid_k = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
     mask_k = offs_k < K
     mask_w = mask_n[:, None] & mask_k[None, :]
@@ -513,19 +511,11 @@ def _dora_merge_kernel(
     w = tl.load(w_ptrs, mask=mask_w, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs_n * stride_g, mask=mask_n, other=1.0).to(tl.float32)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        mask_r = (r0 + offs_r) < R
-        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + (r0 + offs_r)[None, :] * stride_br
-        a_ptrs = a_ptr + (r0 + offs_r)[:, None] * stride_ar + offs_k[None, :] * stride_ak
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST_DOTS:
-            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
-        elif FP32_OPERANDS:
-            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), acc, input_precision="tf32x3")
-        else:
-            acc = tl.dot(b, a, acc)
+    acc = lora_product_tile(
+        a_ptr, b_ptr, offs_n, offs_k, mask_n, mask_k, R,
+        stride_ar, stride_ak, stride_bn, stride_br,
+        FP32_OPERANDS, UPCAST_DOTS, BLOCK_N, BLOCK_K, BLOCK_R,
+    )  # fmt: skip
     out = w / g[:, None] - scale * acc if UNMERGE else (w + scale * acc) * g[:, None]
     if ROUND_BF16_BY_BITS:
         tl.store(w_ptrs, round_to_bf16(out), mask=mask_w)
@@ -538,15 +528,15 @@ def _dora_merge(weight, lora_a, lora_b, scale, g, unmerge: bool):
     r = lora_a.shape[0]
     if n == 0 or k == 0:
         return weight
-    upcast = interpreting()
-    fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
-    meta = dict(
-        _INTERP_MERGE_META if upcast else _MERGE_META_FP32 if fp32_operands else _MERGE_META
+    grid, meta = merge_tiles.tile_launch(
+        weight,
+        lora_a,
+        lora_b,
+        interpreting(),
+        _INTERP_MERGE_META,
+        _INTERP_MERGE_MAX_R,
+        cuda_meta=_MERGE_META,
     )
-    block_r = min(
-        max(16, triton.next_power_of_2(r)), _INTERP_MERGE_MAX_R if upcast else _MERGE_MAX_R
-    )
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
     _dora_merge_kernel[grid](
         weight, lora_a, lora_b, g,
         n, k, r,
@@ -554,10 +544,6 @@ def _dora_merge(weight, lora_a, lora_b, scale, g, unmerge: bool):
         lora_b.stride(0), lora_b.stride(1), vector_stride(g),
         float(scale),
         UNMERGE=unmerge,
-        FP32_OPERANDS=fp32_operands,
-        UPCAST_DOTS=upcast,
-        ROUND_BF16_BY_BITS=upcast and weight.dtype == torch.bfloat16,
-        BLOCK_R=block_r,
         **meta,
     )  # fmt: skip
     return weight

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting, on_input_device
+from ._lora_product import lora_product_tile
 from ._rounding import round_to_bf16
 
 __all__ = ["merge_"]
@@ -93,7 +94,6 @@ def _merge_kernel(
     pid_k = tl.program_id(1).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_n = offs_n < N
     mask_k = offs_k < K
     mask_w = mask_n[:, None] & mask_k[None, :]
@@ -101,28 +101,41 @@ def _merge_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
     w_tile = tl.load(w_ptrs, mask=mask_w, other=0.0)
 
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        # Masked rank columns load as zeros, so a rank below the tile's adds nothing.
-        mask_r = (r0 + offs_r) < R
-        b_ptrs = b_ptr + offs_n[:, None] * stride_bn + (r0 + offs_r)[None, :] * stride_br
-        a_ptrs = a_ptr + (r0 + offs_r)[:, None] * stride_ar + offs_k[None, :] * stride_ak
-        b_tile = tl.load(b_ptrs, mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        a_tile = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        if UPCAST_DOTS:
-            acc = tl.dot(b_tile.to(tl.float32), a_tile.to(tl.float32), acc)
-        elif FP32_OPERANDS:
-            acc = tl.dot(
-                b_tile.to(tl.float32), a_tile.to(tl.float32), acc, input_precision="tf32x3"
-            )
-        else:
-            acc = tl.dot(b_tile, a_tile, acc)
-
+    acc = lora_product_tile(
+        a_ptr, b_ptr, offs_n, offs_k, mask_n, mask_k, R,
+        stride_ar, stride_ak, stride_bn, stride_br,
+        FP32_OPERANDS, UPCAST_DOTS, BLOCK_N, BLOCK_K, BLOCK_R,
+    )  # fmt: skip
     merged = w_tile.to(tl.float32) + acc * scale
     if ROUND_BF16_BY_BITS:
         tl.store(w_ptrs, round_to_bf16(merged), mask=mask_w)
     else:
         tl.store(w_ptrs, merged.to(w_ptr.dtype.element_ty), mask=mask_w)
+
+
+def tile_launch(
+    weight, lora_a, lora_b, upcast: bool, interp_meta: dict, interp_max_r: int, cuda_meta=None
+):
+    """``(grid, meta)`` of a merge-shaped launch over ``weight [N, K]``'s tiles: the tile (the
+    CUDA one by the adapters' dtypes, ``interp_meta`` when ``upcast``, i.e. interpreting), the
+    rank chunk, and the constexprs ``FP32_OPERANDS``, ``UPCAST_DOTS``, ``ROUND_BF16_BY_BITS``
+    that ``lora_product_tile`` and the store take. ``upcast`` comes from the calling module's
+    own ``interpreting()`` (the one the compile gate's twin of that module switches off).
+    Shared by ``merge_`` and DoRA's merge, which have their own interpreter tiles; ``cuda_meta``
+    replaces the CUDA tile of 16-bit adapters (DoRA's takes more warps)."""
+    n, k = weight.shape
+    r = lora_a.shape[0]
+    fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
+    cuda = cuda_meta if cuda_meta is not None else CUDA_META
+    meta = dict(interp_meta if upcast else CUDA_META_FP32 if fp32_operands else cuda)
+    max_block_r = interp_max_r if upcast else CUDA_MAX_BLOCK_R
+    # tl.dot needs every dimension >= 16: smaller ranks are padded (masked) up to 16.
+    meta["BLOCK_R"] = min(max(16, triton.next_power_of_2(r)), max_block_r)
+    meta["FP32_OPERANDS"] = fp32_operands
+    meta["UPCAST_DOTS"] = upcast
+    meta["ROUND_BF16_BY_BITS"] = upcast and weight.dtype == torch.bfloat16
+    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+    return grid, meta
 
 
 @on_input_device
@@ -139,23 +152,15 @@ def merge_(
     r = lora_a.shape[0]
     if n == 0 or k == 0:
         return weight
-    upcast = interpreting()
-    fp32_operands = not (lora_a.dtype == lora_b.dtype and lora_a.dtype != torch.float32)
-    meta = dict(_INTERP_META if upcast else CUDA_META_FP32 if fp32_operands else CUDA_META)
-    max_block_r = _INTERP_MAX_BLOCK_R if upcast else CUDA_MAX_BLOCK_R
-    # tl.dot needs every dimension >= 16: smaller ranks are padded (masked) up to 16.
-    block_r = min(max(16, triton.next_power_of_2(r)), max_block_r)
-    grid = (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))
+    grid, meta = tile_launch(
+        weight, lora_a, lora_b, interpreting(), _INTERP_META, _INTERP_MAX_BLOCK_R
+    )
     _merge_kernel[grid](
         weight, lora_a, lora_b,
         n, k, r,
         weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
         lora_b.stride(0), lora_b.stride(1),
         float(scale),
-        FP32_OPERANDS=fp32_operands,
-        UPCAST_DOTS=upcast,
-        ROUND_BF16_BY_BITS=upcast and weight.dtype == torch.bfloat16,
-        BLOCK_R=block_r,
         **meta,
     )  # fmt: skip
     return weight

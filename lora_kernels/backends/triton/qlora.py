@@ -374,6 +374,21 @@ def _lookup16(nibble, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13
 
 
 @triton.jit
+def _dequant_nibble(
+    nibble, ok, amax, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15
+):
+    """``code[nibble] * amax`` where ``ok``, else 0: one 4-bit weight of a packed byte decoded
+    (``_lookup16``) and scaled by its block maximum; the decode kernel applies it to the byte's
+    high nibble (the even column) and its low nibble (the odd one)."""
+    return tl.where(
+        ok,
+        _lookup16(nibble, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
+        * amax,
+        0.0,
+    )
+
+
+@triton.jit
 def _column(table, cols, c):
     """``table[i, c[i]]`` for a register table [BN, C] and per-row columns c [BN] (exact: one
     term of the sum is non-zero)."""
@@ -470,54 +485,10 @@ def _qlora_decode_kernel(
             flat = row0[:, None] + col[None, :]
             packed = tl.load(qw_ptr + (flat >> 1), mask=w_ok, other=0).to(tl.int32)
             amax_e = tl.where((flat // BLOCKSIZE) == first[:, None], amax0[:, None], amax1[:, None])
-            w_even = tl.where(
-                w_ok,
-                _lookup16(
-                    packed >> 4,
-                    c0,
-                    c1,
-                    c2,
-                    c3,
-                    c4,
-                    c5,
-                    c6,
-                    c7,
-                    c8,
-                    c9,
-                    c10,
-                    c11,
-                    c12,
-                    c13,
-                    c14,
-                    c15,
-                )
-                * amax_e,
-                0.0,
-            )
-            w_odd = tl.where(
-                w_ok,
-                _lookup16(
-                    packed & 0xF,
-                    c0,
-                    c1,
-                    c2,
-                    c3,
-                    c4,
-                    c5,
-                    c6,
-                    c7,
-                    c8,
-                    c9,
-                    c10,
-                    c11,
-                    c12,
-                    c13,
-                    c14,
-                    c15,
-                )
-                * amax_e,
-                0.0,
-            )
+            w_even = _dequant_nibble(packed >> 4, w_ok, amax_e, c0, c1, c2, c3, c4, c5, c6, c7,
+                                     c8, c9, c10, c11, c12, c13, c14, c15)  # fmt: skip
+            w_odd = _dequant_nibble(packed & 0xF, w_ok, amax_e, c0, c1, c2, c3, c4, c5, c6, c7,
+                                    c8, c9, c10, c11, c12, c13, c14, c15)  # fmt: skip
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x_tile = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
