@@ -170,6 +170,24 @@ def test_refused_up_front():
         assert torch.equal(v, before[k])
 
 
+def test_add_adapter_refuses_a_bad_rank_before_adding_anything():
+    """A bad rank on the second parameter is refused before the first one's factors exist."""
+    experts = FusedLoraExperts(
+        copy.deepcopy(tiny_moe_model("qwen3_moe").model.layers[0].mlp.experts)
+    )
+    params = {n: p.clone() for n, p in experts.state_dict().items()}
+    for bad in (0, -1, 2.0, True):
+        ranks = {"gate_up_proj": 2, "down_proj": bad}
+        with pytest.raises(ValueError, match="r of down_proj"):
+            experts.add_adapter("a", ranks, {"gate_up_proj": 2, "down_proj": 2})
+        assert not experts.adapter_params("a") and "a" not in experts.use_rslora
+        assert experts.state_dict().keys() == params.keys()
+    experts.add_adapter(
+        "a", {"gate_up_proj": 2, "down_proj": 3}, {"gate_up_proj": 2, "down_proj": 3}
+    )
+    assert experts.adapter_params("a") == ["gate_up_proj", "down_proj"]
+
+
 def test_fuse_runs_peft_param_wrappers_on_the_kernels(kind, monkeypatch):
     from lora_kernels.integrations import peft as lk_peft
 
