@@ -576,9 +576,14 @@ def test_merge_is_peft_lossy_requantization_and_exact_is_refused():
         lk.dequantize_4bit(layer.weight, layer.quant_state), bnbF.dequantize_4bit(*requant)
     )
     torch.testing.assert_close(layer(x), F.linear(x, bnbF.dequantize_4bit(*requant), base.bias))
+    # the refusals name the 4-bit class, not the 16-bit one whose loop they share
+    with pytest.raises(RuntimeError, match=r"^FusedLoraLinear4bit\.merge: adapter 'default' is"):
+        layer.merge()
     layer.unmerge()
     assert not layer.merged
     assert (layer(x) - y).abs().max() < 0.5 * y.abs().max()  # lossy, but the same layer
+    with pytest.raises(ValueError, match=r"^FusedLoraLinear4bit\.set_adapter: unknown adapter"):
+        layer.set_adapter("missing")
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])

@@ -93,7 +93,7 @@ class DoraMixin:
             return
         if self.merged_adapters:
             raise RuntimeError(
-                f"FusedLoraLinear.merge: DoRA adapter {name!r} merges into an unmerged "
+                f"{self.layer_name}.merge: DoRA adapter {name!r} merges into an unmerged "
                 f"weight only; {self.merged_adapters} is merged, unmerge() first"
             )
         self._dora_merges[name] = self._dora_merge_record(name, exact)
@@ -235,8 +235,8 @@ class DoraMixin:
         a, b, m, _ = self._dora_adapter(name)
         if (_checksum(a), _checksum(b), _checksum(m)) != record.checksum:
             raise ValueError(
-                f"FusedLoraLinear.unmerge: DoRA adapter {name!r} changed since it was merged with "
-                "exact=True, so the weight cannot be restored exactly; it is left merged"
+                f"{self.layer_name}.unmerge: DoRA adapter {name!r} changed since it was merged "
+                "with exact=True, so the weight cannot be restored exactly; it is left merged"
             )
 
     def _dora_unmerge_record(self, name: str, record: DoraMerge) -> None:

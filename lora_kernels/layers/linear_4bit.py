@@ -55,6 +55,7 @@ class FusedLoraLinear4bit(FusedLoraLinear):
     ``get_lora_model``, which come here for a 4-bit base).
     """
 
+    layer_name = "FusedLoraLinear4bit"
     compute_dtype: torch.dtype | None = None
 
     def __init__(self, *args, **kwargs) -> None:
