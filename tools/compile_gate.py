@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import importlib.util
 import io
+import itertools
 import os
 import re
 import subprocess
@@ -496,89 +497,82 @@ def _t(*shape, dtype):
     return torch.empty(shape, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    """torch's deterministic mode set to ``on`` for the launches inside (the launchers read it
+    to pick their ordered, atomic-free variants), restored after."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def _gemm_grid(matrix: dict):
+    """``(k, n, m, r, dt, adt)`` over the kn, m, r and dtypes axes of a GEMM family's matrix,
+    in that nesting order (the report lists the variants in it)."""
+    axes = (matrix["kn"], matrix["m"], matrix["r"], matrix["dtypes"])
+    for (k, n), m, r, (dt, adt) in itertools.product(*axes):
+        yield k, n, m, r, dt, adt
+
+
 def drive_lora_linear(twin, cap: _Capture, matrix: dict) -> None:
-    for k, n in matrix["kn"]:
-        for m in matrix["m"]:
-            for r in matrix["r"]:
-                for dt, adt in matrix["dtypes"]:
-                    xd, ad = _DT[dt], _DT[adt]
-                    for bias_on in matrix["bias"]:
-                        for xl_on in matrix["x_lora"]:
-                            x = _t(m, k, dtype=xd)
-                            w = _t(n, k, dtype=xd)
-                            bias = _t(n, dtype=xd) if bias_on else None
-                            a = _t(r, k, dtype=ad)
-                            b = _t(n, r, dtype=ad)
-                            xl = _t(m, k, dtype=xd) if xl_on else None
-                            tag = (
-                                f"M{m} K{k} N{n} r{r} {dt}/{adt} bias{int(bias_on)} xl{int(xl_on)}"
-                            )
-                            s = torch.empty((m, r), dtype=torch.float32)
-                            dy = _t(m, n, dtype=xd)
-                            for det in matrix["deterministic"]:
-                                prev = torch.are_deterministic_algorithms_enabled()
-                                torch.use_deterministic_algorithms(det)
-                                try:
-                                    # deterministic decode: split partials summed in order
-                                    cap.case = f"fwd det{int(det)} " + tag
-                                    twin.lora_linear_fwd(x, w, bias, a, b, 2.0, xl)
-                                    for needs in matrix["needs"]:
-                                        cap.case = f"bwd det{int(det)} needs{needs} " + tag
-                                        twin.lora_linear_bwd(
-                                            dy, x, w, a, b, s, 2.0, xl,
-                                            needs_dx="x" in needs,
-                                            needs_da="a" in needs,
-                                            needs_db="b" in needs,
-                                        )  # fmt: skip
-                                finally:
-                                    torch.use_deterministic_algorithms(prev)
+    for k, n, m, r, dt, adt in _gemm_grid(matrix):
+        xd, ad = _DT[dt], _DT[adt]
+        for bias_on, xl_on in itertools.product(matrix["bias"], matrix["x_lora"]):
+            x = _t(m, k, dtype=xd)
+            w = _t(n, k, dtype=xd)
+            bias = _t(n, dtype=xd) if bias_on else None
+            a = _t(r, k, dtype=ad)
+            b = _t(n, r, dtype=ad)
+            xl = _t(m, k, dtype=xd) if xl_on else None
+            tag = f"M{m} K{k} N{n} r{r} {dt}/{adt} bias{int(bias_on)} xl{int(xl_on)}"
+            s = torch.empty((m, r), dtype=torch.float32)
+            dy = _t(m, n, dtype=xd)
+            for det in matrix["deterministic"]:
+                # deterministic decode: split partials summed in order
+                with _deterministic(det):
+                    cap.case = f"fwd det{int(det)} " + tag
+                    twin.lora_linear_fwd(x, w, bias, a, b, 2.0, xl)
+                    for needs in matrix["needs"]:
+                        cap.case = f"bwd det{int(det)} needs{needs} " + tag
+                        twin.lora_linear_bwd(
+                            dy, x, w, a, b, s, 2.0, xl,
+                            needs_dx="x" in needs, needs_da="a" in needs, needs_db="b" in needs,
+                        )  # fmt: skip
 
 
 def drive_lora_multi(twin, cap: _Capture, matrix: dict) -> None:
     num_adapters = matrix["adapters"]
-    for k, n in matrix["kn"]:
-        for m in matrix["m"]:
-            for r in matrix["r"]:
-                for dt, adt in matrix["dtypes"]:
-                    xd, ad = _DT[dt], _DT[adt]
-                    for id_dtype in matrix["id_dtypes"]:
-                        for strategy in matrix["strategies"]:
-                            for ranks_on in matrix["ranks"]:
-                                x = _t(m, k, dtype=xd)
-                                w = _t(n, k, dtype=xd)
-                                a = _t(num_adapters, r, k, dtype=ad)
-                                b = _t(num_adapters, n, r, dtype=ad)
-                                scales = torch.ones(num_adapters)
-                                ids = torch.randint(-1, num_adapters, (m,), dtype=id_dtype)
-                                ranks = (
-                                    torch.full((num_adapters,), r, dtype=torch.int32)
-                                    if ranks_on
-                                    else None
-                                )
-                                tag = (
-                                    f"M{m} K{k} N{n} r{r} {dt}/{adt} {id_dtype} {strategy}"
-                                    f" ranks{int(ranks_on)}"
-                                )
-                                # deterministic: the gather decode's split partials are
-                                # stored per split and summed in order (no atomics)
-                                for det in matrix.get("deterministic", [False]):
-                                    prev = torch.are_deterministic_algorithms_enabled()
-                                    torch.use_deterministic_algorithms(det)
-                                    dtag = tag + (" det1" if det else "")
-                                    try:
-                                        cap.case = "fwd " + dtag
-                                        twin.lora_linear_multi_fwd(
-                                            x, w, None, a, b, scales, ids, ranks,
-                                            strategy=strategy,
-                                        )  # fmt: skip
-                                        s = torch.empty((m, r), dtype=torch.float32)
-                                        cap.case = "bwd " + dtag
-                                        twin.lora_linear_multi_bwd(
-                                            _t(m, n, dtype=xd), x, w, a, b, scales, ids, s,
-                                            ranks, strategy=strategy,
-                                        )  # fmt: skip
-                                    finally:
-                                        torch.use_deterministic_algorithms(prev)
+    for k, n, m, r, dt, adt in _gemm_grid(matrix):
+        xd, ad = _DT[dt], _DT[adt]
+        for id_dtype, strategy, ranks_on in itertools.product(
+            matrix["id_dtypes"], matrix["strategies"], matrix["ranks"]
+        ):
+            x = _t(m, k, dtype=xd)
+            w = _t(n, k, dtype=xd)
+            a = _t(num_adapters, r, k, dtype=ad)
+            b = _t(num_adapters, n, r, dtype=ad)
+            scales = torch.ones(num_adapters)
+            ids = torch.randint(-1, num_adapters, (m,), dtype=id_dtype)
+            ranks = torch.full((num_adapters,), r, dtype=torch.int32) if ranks_on else None
+            tag = f"M{m} K{k} N{n} r{r} {dt}/{adt} {id_dtype} {strategy} ranks{int(ranks_on)}"
+            # deterministic: the gather decode's split partials are stored per split and
+            # summed in order (no atomics)
+            for det in matrix.get("deterministic", [False]):
+                dtag = tag + (" det1" if det else "")
+                with _deterministic(det):
+                    cap.case = "fwd " + dtag
+                    twin.lora_linear_multi_fwd(
+                        x, w, None, a, b, scales, ids, ranks, strategy=strategy
+                    )
+                    s = torch.empty((m, r), dtype=torch.float32)
+                    cap.case = "bwd " + dtag
+                    twin.lora_linear_multi_bwd(
+                        _t(m, n, dtype=xd), x, w, a, b, scales, ids, s, ranks,
+                        strategy=strategy,
+                    )  # fmt: skip
 
 
 def drive_merge(twin, cap: _Capture, matrix: dict) -> None:
@@ -623,17 +617,13 @@ def drive_dora(twin, cap: _Capture, matrix: dict) -> None:
                         twin.dora_linear_fwd(x, w, _t(n, dtype=xd), a, b, 2.0, xl, g)
                         for det in matrix["deterministic"]:
                             cap.case = f"bwd det{int(det)} " + tag
-                            prev = torch.are_deterministic_algorithms_enabled()
-                            torch.use_deterministic_algorithms(det)
-                            try:
+                            with _deterministic(det):
                                 twin.dora_linear_bwd(
                                     _t(m, n, dtype=xd), x, w, a, b,
                                     torch.empty((m, r)), _t(m, n, dtype=xd), g, torch.ones(n),
                                     2.0, xl, needs_dx=not xl_on, needs_da=not xl_on,
                                     needs_db=not xl_on,
                                 )  # fmt: skip
-                            finally:
-                                torch.use_deterministic_algorithms(prev)
 
 
 def drive_qlora(twin, cap: _Capture, matrix: dict) -> None:
@@ -686,15 +676,11 @@ def drive_lora_embedding(twin, cap: _Capture, matrix: dict) -> None:
                         twin.lora_embedding_fwd(ids, w, a, b, scales, row_ids, 0)
                         for det in matrix.get("deterministic", [False]):
                             cap.case = f"bwd det{int(det)} " + tag
-                            prev = torch.are_deterministic_algorithms_enabled()
-                            torch.use_deterministic_algorithms(det)
-                            try:
+                            with _deterministic(det):
                                 twin.lora_embedding_bwd(
                                     _t(m, d, dtype=_DT[dt]), ids, w, a, b, scales, row_ids,
                                     torch.empty((m, r)), 0,
                                 )  # fmt: skip
-                            finally:
-                                torch.use_deterministic_algorithms(prev)
 
 
 def drive_moe(twin, cap: _Capture, matrix: dict) -> None:
@@ -735,28 +721,24 @@ def drive_lora_delta(twin, cap: _Capture, matrix: dict) -> None:
     # The serving engines' two halves: lora_shrink_ (lora_multi's shrink kernels, from the
     # lora_multi twin this twin imports) and lora_expand_ (its own in-place expand, into y).
     num_adapters = matrix["adapters"]
-    for k, n in matrix["kn"]:
-        for m in matrix["m"]:
-            for r in matrix["r"]:
-                for dt, adt in matrix["dtypes"]:
-                    xd, ad = _DT[dt], _DT[adt]
-                    ids = torch.randint(-1, num_adapters, (m,))
-                    for ranks_on in matrix["ranks"]:
-                        ranks = torch.full((num_adapters,), r, dtype=torch.int32)
-                        ranks = ranks if ranks_on else None
-                        tag = f"M{m} K{k} N{n} r{r} {dt}/{adt} ranks{int(ranks_on)}"
-                        s = torch.empty((m, r), dtype=torch.float32)
-                        cap.case = "shrink " + tag
-                        twin.lora_shrink_(
-                            s, _t(m, k, dtype=xd), _t(num_adapters, r, k, dtype=ad), ids,
-                            torch.ones(num_adapters), ranks,
-                        )  # fmt: skip
-                        for add in matrix["add_inputs"]:
-                            cap.case = f"expand add{int(add)} " + tag
-                            twin.lora_expand_(
-                                _t(m, n, dtype=xd), s, _t(num_adapters, n, r, dtype=ad), ids,
-                                ranks, add_inputs=add,
-                            )  # fmt: skip
+    for k, n, m, r, dt, adt in _gemm_grid(matrix):
+        xd, ad = _DT[dt], _DT[adt]
+        ids = torch.randint(-1, num_adapters, (m,))
+        for ranks_on in matrix["ranks"]:
+            ranks = torch.full((num_adapters,), r, dtype=torch.int32) if ranks_on else None
+            tag = f"M{m} K{k} N{n} r{r} {dt}/{adt} ranks{int(ranks_on)}"
+            s = torch.empty((m, r), dtype=torch.float32)
+            cap.case = "shrink " + tag
+            twin.lora_shrink_(
+                s, _t(m, k, dtype=xd), _t(num_adapters, r, k, dtype=ad), ids,
+                torch.ones(num_adapters), ranks,
+            )  # fmt: skip
+            for add in matrix["add_inputs"]:
+                cap.case = f"expand add{int(add)} " + tag
+                twin.lora_expand_(
+                    _t(m, n, dtype=xd), s, _t(num_adapters, n, r, dtype=ad), ids, ranks,
+                    add_inputs=add,
+                )  # fmt: skip
 
 
 DRIVERS = {
