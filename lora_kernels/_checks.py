@@ -802,7 +802,7 @@ def check_moe_lora_inputs(
         vals = [check_scale(fn, f"scale[{i}]", v) for i, v in enumerate(scale)]
         scales = _scales_tensor(vals, scale_dtype, x.device)
     else:
-        scales = torch.tensor([check_scale(fn, "scale", scale)], dtype=scale_dtype, device=x.device)
+        scales = _scales_tensor([check_scale(fn, "scale", scale)], scale_dtype, x.device)
     if scales.shape[0] != num_adapters:
         raise ValueError(
             f"{fn}: expected scale with {num_adapters} value(s) (one per adapter), got "

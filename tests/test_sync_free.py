@@ -192,6 +192,39 @@ def test_torch_multi_id_blind_path_equals_the_planned_one(monkeypatch):
     assert again.ops == mode.ops
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_moe_decode_steps(cuda_like, monkeypatch, backend):
+    """A decode step of the fused-experts layer, one adapter and a mixed batch: above the
+    backend, the checks, the adapter ids and the scales are built once (on CUDA each would be a
+    blocking copy per step). The torch backend plans its expert blocks from one host read of
+    the counts (what it is built for: the CPU), so for it the op is stubbed and only the layer,
+    the functional front door and the checks are traced; the Triton launchers run as well."""
+    pytest.importorskip("transformers")
+    from lora_kernels import ops
+    from lora_kernels.backends.triton import interpreting
+    from lora_kernels.layers.moe import FusedLoraExperts
+    from tests.moe_models import tiny_moe_model
+
+    if backend == "triton" and not interpreting():
+        pytest.skip("runs the Triton launchers under the interpreter")
+    experts = tiny_moe_model("qwen3_moe").model.layers[0].mlp.experts
+    layer = FusedLoraExperts(experts, backend=backend)
+    both = ("gate_up_proj", "down_proj")
+    layer.add_adapter("default", dict.fromkeys(both, 4), dict.fromkeys(both, 8),
+                      init_lora_weights=False)  # fmt: skip
+    layer.add_adapter("two", {"gate_up_proj": 3}, {"gate_up_proj": 5}, init_lora_weights=False)
+    if backend == "torch":
+        monkeypatch.setattr(ops, "moe_lora_2d", lambda x, *args: torch.zeros_like(x))
+    t = 4
+    x = torch.randn(t, experts.gate_up_proj.shape[-1])
+    top_k = torch.randint(0, experts.num_experts, (t, 2))
+    weights = torch.rand(t, 2)
+    with torch.no_grad():
+        assert cuda_like(lambda: layer(x, top_k, weights)) == []
+        assert cuda_like(lambda: layer(x, top_k, weights, adapter_names=NAMES)) == []
+        assert cuda_like(lambda: layer(x, top_k, weights, adapter_names=NAMES[:2])) == []
+
+
 def test_list_scales_are_copied_to_the_device_once(cuda_like):
     """``lora_linear_multi`` with scales as a list (what the layers pass): the list becomes a
     device tensor once, not on every call."""

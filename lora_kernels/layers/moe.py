@@ -351,8 +351,9 @@ class FusedLoraExperts(AdapterState, nn.Module):
         if not used:
             return self.base_layer(x, top_k_index, top_k_weights)
         index = {n: i for i, n in enumerate(used)}
-        ids = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
-        ids = ids.repeat_interleave(t // count)
+        ids = self._row_ids([index.get(n, -1) for n in adapter_names], x.device)
+        if t != count:  # one name per sequence of t // count tokens
+            ids = ids.repeat_interleave(t // count)
         stacks, scales = self._mixed_stacks(used, x.device)
         return self._call(x, top_k_index, top_k_weights, stacks, scales, ids)
 
