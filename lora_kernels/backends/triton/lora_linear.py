@@ -156,6 +156,25 @@ def _mma(a, b, acc, UPCAST_DOTS: tl.constexpr, ACT: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _expand_from_s(
+    acc, s_ptr, b_ptr, offs_m, offs_n, offs_r, mask_m, mask_n, R,
+    stride_sm, stride_sr, stride_bn, stride_br,
+    UPCAST_DOTS: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``acc + S[offs_m] @ b[offs_n].T`` with S read from ``s_ptr`` in ``BLOCK_R`` rank chunks
+    (``offs_r = arange(BLOCK_R)``), each a ``_mma`` under the precision policy of ``ACT``; the
+    caller applies the scale once the sum is complete (PEFT scales after lora_B)."""
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = (r0 + offs_r) < R
+        s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
+        s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
+        b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _mma(s_tile, b_tile, acc, UPCAST_DOTS, ACT)
+    return acc
+
+
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
@@ -247,13 +266,11 @@ def _lora_gemm_kernel(
     # after the K-loop instead: expanded first, stored and reset, it spilled 8-40 B in the 16x64
     # decode tile at rank 40 on sm_90.
     if LORA_MODE == _LORA_FROM_S and not SPLIT_LORA_OUT:
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = (r0 + offs_r) < R
-            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
-            s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
-            b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            acc = _mma(s_tile, b_tile, acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
+        acc = _expand_from_s(
+            acc, s_ptr, b_ptr, offs_m, offs_n, offs_r, mask_m, mask_n, R,
+            stride_sm, stride_sr, stride_bn, stride_br,
+            UPCAST_DOTS, x_ptr.dtype.element_ty, BLOCK_R,
+        )  # fmt: skip
         acc = acc * scale
     if LORA_MODE == _LORA_FUSED_SHRINK:
         a_ptrs = a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar
@@ -300,13 +317,11 @@ def _lora_gemm_kernel(
             acc += lora_acc
     if LORA_MODE == _LORA_FROM_S and SPLIT_LORA_OUT:
         lora_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = (r0 + offs_r) < R
-            s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
-            s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
-            b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora_acc = _mma(s_tile, b_tile, lora_acc, UPCAST_DOTS, x_ptr.dtype.element_ty)
+        lora_acc = _expand_from_s(
+            lora_acc, s_ptr, b_ptr, offs_m, offs_n, offs_r, mask_m, mask_n, R,
+            stride_sm, stride_sr, stride_bn, stride_br,
+            UPCAST_DOTS, x_ptr.dtype.element_ty, BLOCK_R,
+        )  # fmt: skip
         ol_ptrs = out_lora_ptr + offs_m[:, None] * stride_olm + offs_n[None, :] * stride_oln
         tl.store(ol_ptrs, (lora_acc * scale).to(out_lora_ptr.dtype.element_ty), mask=mask_out)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -505,13 +520,11 @@ def _lora_splitk_finish_kernel(
     mask_out = mask_m[:, None] & mask_n[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        mask_r = (r0 + offs_r) < R
-        s_ptrs = s_ptr + offs_m[:, None] * stride_sm + (r0 + offs_r)[None, :] * stride_sr
-        s_tile = tl.load(s_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        b_ptrs = b_ptr + (r0 + offs_r)[:, None] * stride_br + offs_n[None, :] * stride_bn
-        b_tile = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        acc = _mma(s_tile, b_tile, acc, UPCAST_DOTS, out_ptr.dtype.element_ty)
+    acc = _expand_from_s(
+        acc, s_ptr, b_ptr, offs_m, offs_n, offs_r, mask_m, mask_n, R,
+        stride_sm, stride_sr, stride_bn, stride_br,
+        UPCAST_DOTS, out_ptr.dtype.element_ty, BLOCK_R,
+    )  # fmt: skip
     acc = acc * scale
     ws_ptrs = ws_ptr + offs_m[:, None] * stride_wsm + offs_n[None, :] * stride_wsn
     for _ in range(0, splits):
