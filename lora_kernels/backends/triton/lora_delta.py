@@ -28,9 +28,9 @@ from .lora_multi import (
     _FUSED_CONFIGS,
     _ODD_FUSED_CONFIGS,
     _divisible,
-    _dot,
     _dot_dtype,
     _dot_flags,
+    _expand_present_adapters,
     _rank_block,
     _shrink,
     _sort_rows,
@@ -77,9 +77,9 @@ def _lora_expand_inplace_kernel(
     adapter (a = ids[m] in [0, L)), summed in fp32 and rounded once; other rows untouched.
 
     ``GROUPED``: tile rows are ``order[pos]`` and ``ids`` are sorted, as in ``lora_multi``'s
-    fused kernel, whose LoRA loop (and int64 offsets) this is. ``ROUND_ON_BITS`` (interpreter,
-    bf16 y): the store rounds to nearest even as a GPU does (``_rounding.py``), not by the
-    interpreter's truncation.
+    fused kernel, whose int64 offsets this takes and whose LoRA loop it runs
+    (``_expand_present_adapters``). ``ROUND_ON_BITS`` (interpreter, bf16 y): the store rounds to
+    nearest even as a GPU does (``_rounding.py``), not by the interpreter's truncation.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -103,27 +103,11 @@ def _lora_expand_inplace_kernel(
     s_rows = s_ptr + rows[:, None] * stride_sm
     b_cols = b_ptr + n_offs[None, :] * stride_bn
     a = tl.min(tl.where(valid, aid, L))
-    while a < L:
-        mine = valid & (aid == a)
-        r_lim = R
-        if HAS_RANKS:
-            r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
-        b_adapter = b_cols + a * stride_bl
-        for r0 in range(0, r_lim, BLOCK_R):
-            r_step = tl.cast(r0, tl.int64)
-            r_mask = (r0 + r_range) < r_lim
-            st = tl.load(
-                s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
-                mask=mine[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            bt = tl.load(
-                b_adapter + r_step * stride_br + r_range[:, None] * stride_br,
-                mask=n_mask[None, :] & r_mask[:, None],
-                other=0.0,
-            )
-            acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-        a = tl.min(tl.where(valid & (aid > a), aid, L))
+    acc = _expand_present_adapters(
+        acc, a, aid, valid, n_mask, s_rows, b_cols, r_range, ranks_ptr, R, L,
+        stride_sr, stride_bl, stride_br,
+        HAS_RANKS, DOT_DTYPE, UPCAST_DOTS, PRECISION, BLOCK_R,
+    )  # fmt: skip
     # y's tile pointers formed only now: held through the rank loop they spilled 76-80 B on
     # odd shapes (fp16, sm_80, the compile gate)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + n_offs[None, :] * stride_yn

@@ -242,6 +242,47 @@ def _rounded(a, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
 
 
 @triton.jit
+def _expand_present_adapters(
+    acc, a, aid, valid, n_mask, s_rows, b_cols, r_range, ranks_ptr, R, L,
+    stride_sr, stride_bl, stride_br,
+    HAS_RANKS: tl.constexpr, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``acc + s[m, :r_a] @ b[a, n, :r_a].T`` summed over the adapters present in a row tile,
+    each row taking only its own adapter's term (``aid [BLOCK_M]`` the rows' ids, ``valid`` the
+    rows with an adapter in ``[0, L)``): one tensor-core dot per adapter and rank chunk, each
+    present adapter's ``lora_b`` slice read once per tile. ``a`` is the first adapter to visit
+    (the smallest id present, or ``L`` for none); each trip jumps to the next larger id present,
+    so the rows need not be sorted. ``s_rows [BLOCK_M, 1]`` and ``b_cols [1, BLOCK_N]`` are the
+    int64 row and column pointers, ``r_range`` the rank chunk's int32 offsets (see the caller
+    for why the addresses are split so). The expand of ``_lora_multi_fused_kernel`` and of
+    ``lora_delta``'s in-place kernel.
+    """
+    while a < L:
+        mine = valid & (aid == a)
+        r_lim = R
+        if HAS_RANKS:
+            r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
+        b_adapter = b_cols + a * stride_bl
+        for r0 in range(0, r_lim, BLOCK_R):
+            r_step = tl.cast(r0, tl.int64)
+            r_mask = (r0 + r_range) < r_lim
+            st = tl.load(
+                s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
+                mask=mine[:, None] & r_mask[None, :],
+                other=0.0,
+            )
+            bt = tl.load(
+                b_adapter + r_step * stride_br + r_range[:, None] * stride_br,
+                mask=n_mask[None, :] & r_mask[:, None],
+                other=0.0,
+            )
+            acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+        a = tl.min(tl.where(valid & (aid > a), aid, L))
+    return acc
+
+
+@triton.jit
 def _lora_shrink_gather_kernel(
     # pointers
     x_ptr,
@@ -501,27 +542,11 @@ def _lora_multi_fused_kernel(
     # one trip per adapter present in the tile, as in the grouped shrink (split 0 only)
     a = tl.min(tl.where(valid, aid, L))
     a = tl.where(first_split, a, L)
-    while a < L:
-        mine = valid & (aid == a)
-        r_lim = R
-        if HAS_RANKS:
-            r_lim = tl.minimum(tl.load(ranks_ptr + a), R)
-        b_adapter = b_cols + a * stride_bl
-        for r0 in range(0, r_lim, BLOCK_R):
-            r_step = tl.cast(r0, tl.int64)
-            r_mask = (r0 + r_range) < r_lim
-            st = tl.load(
-                s_rows + r_step * stride_sr + r_range[None, :] * stride_sr,
-                mask=mine[:, None] & r_mask[None, :],
-                other=0.0,
-            )
-            bt = tl.load(
-                b_adapter + r_step * stride_br + r_range[:, None] * stride_br,
-                mask=n_mask[None, :] & r_mask[:, None],
-                other=0.0,
-            )
-            acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
-        a = tl.min(tl.where(valid & (aid > a), aid, L))
+    acc = _expand_present_adapters(
+        acc, a, aid, valid, n_mask, s_rows, b_cols, r_range, ranks_ptr, R, L,
+        stride_sr, stride_bl, stride_br,
+        HAS_RANKS, DOT_DTYPE, UPCAST_DOTS, PRECISION, BLOCK_R,
+    )  # fmt: skip
     acc = acc * scale[:, None]
 
     # base GEMM; the tile pointers advance by BLOCK_K * stride (in range while a stride is
