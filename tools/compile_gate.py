@@ -80,9 +80,11 @@ SMEM_HEADROOM = 8 * 1024
 
 # Modules of device functions that launcher modules import (``from ._rounding import ...``):
 # a twin must see compiled-mode copies of them, not the interpreted ones this process made.
+# In import order: ``_segment`` imports ``_rounding``.
 SHARED_DEVICE_MODULES = (
     "lora_kernels.backends.triton._rounding",
     "lora_kernels.backends.triton._lora_product",
+    "lora_kernels.backends.triton._segment",
 )
 
 

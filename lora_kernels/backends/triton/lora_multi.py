@@ -112,6 +112,7 @@ import triton.language as tl
 from . import interpreting, on_input_device
 from ._args import index_vector, vector_stride
 from ._rounding import interpreted_round
+from ._segment import rounded_dot, segment_outer
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -139,7 +140,7 @@ def _dot_dtype(act_dtype: torch.dtype, lora_dtype: torch.dtype):
 
 
 def _dot_flags(act_dtype: torch.dtype) -> dict:
-    """Constexprs of ``_dot``: the interpreter's bf16 upcast, and TF32 for fp32 layers only
+    """Constexprs of ``rounded_dot``: the interpreter's bf16 upcast, and TF32 for fp32 layers only
     where ``torch.backends.cuda.matmul.allow_tf32`` allows it (PyTorch's own rule)."""
     tf32 = act_dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return {
@@ -220,18 +221,6 @@ def _rank_block(r_max: int) -> int:
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` with both operands rounded to DOT_DTYPE (a tensor-core dot for 16 bits);
-    UPCAST_DOTS (interpreter, bf16) then widens the rounded operands to fp32."""
-    if UPCAST_DOTS:  # rounded as a GPU rounds, then widened (``_rounding.py``)
-        return tl.dot(
-            interpreted_round(a, DOT_DTYPE), interpreted_round(b, DOT_DTYPE), acc,
-            input_precision=PRECISION,
-        )  # fmt: skip
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _rounded(a, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
     """``a`` rounded to DOT_DTYPE and widened to fp32: the operand a tensor-core dot would see,
     for the products the gather kernels form on CUDA cores (each then exact in fp32, so gather
@@ -277,7 +266,7 @@ def _expand_present_adapters(
                 mask=n_mask[None, :] & r_mask[:, None],
                 other=0.0,
             )
-            acc = _dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+            acc = rounded_dot(st, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
         a = tl.min(tl.where(valid & (aid > a), aid, L))
     return acc
 
@@ -423,7 +412,7 @@ def _lora_shrink_grouped_kernel(
                 mask=(r_offs < r_lim)[None, :] & k_mask[:, None],
                 other=0.0,
             )
-            acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+            acc = rounded_dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
         tl.store(out_rows, acc, mask=mine[:, None] & r_in)
         a = tl.min(tl.where(valid & (aid > a), aid, L))
 
@@ -557,7 +546,7 @@ def _lora_multi_fused_kernel(
         k_mask = (k0 + k_range) < K
         xt = tl.load(x_ptrs, mask=in_range[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+        acc = rounded_dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
@@ -678,22 +667,11 @@ def _lora_segment_outer_kernel(
     # a block wholly past the rank reduces nothing
     skip = (tl.program_id(1) * BLOCK_P >= p_lim) | (tl.program_id(2) * BLOCK_Q >= q_lim)
     end = tl.where(skip, start, end)
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        pos = m0 + tl.arange(0, BLOCK_M)
-        pos_mask = pos < end
-        rows = tl.load(order_ptr + pos, mask=pos_mask, other=0).to(tl.int64)
-        pt = tl.load(
-            p_ptr + rows[:, None] * stride_pm + p_offs[None, :] * stride_pp,
-            mask=pos_mask[:, None] & (p_offs < p_lim)[None, :],
-            other=0.0,
-        )
-        qt = tl.load(
-            q_ptr + rows[:, None] * stride_qm + q_offs[None, :] * stride_qq,
-            mask=pos_mask[:, None] & (q_offs < q_lim)[None, :],
-            other=0.0,
-        )
-        acc = _dot(tl.trans(pt), qt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+    acc = segment_outer(
+        p_ptr, q_ptr, order_ptr, start, end, p_offs, q_offs, p_lim, q_lim,
+        stride_pm, stride_pp, stride_qm, stride_qq,
+        DOT_DTYPE, UPCAST_DOTS, PRECISION, BLOCK_M, BLOCK_P, BLOCK_Q,
+    )  # fmt: skip
     acc = acc * tl.load(scales_ptr + a)
     out_ptrs = out_ptr + a * stride_ol + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq
     out_mask = (p_offs < P)[:, None] & (q_offs < Q)[None, :]

@@ -42,7 +42,7 @@ import triton.language as tl
 from ..torch.moe import activation_bwd, activation_fwd
 from . import interpreting, on_input_device
 from ._args import index_vector
-from ._rounding import interpreted_round
+from ._segment import rounded_dot, segment_outer
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -78,17 +78,6 @@ def _block_m(pairs: int, experts: int, dtype: torch.dtype) -> int:
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc + a @ b`` with both operands rounded to DOT_DTYPE (tensor cores for 16 bits)."""
-    if UPCAST_DOTS:
-        return tl.dot(
-            interpreted_round(a, DOT_DTYPE), interpreted_round(b, DOT_DTYPE), acc,
-            input_precision=PRECISION,
-        )  # fmt: skip
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -178,14 +167,14 @@ def _moe_grouped_lora_kernel(
             mask=n_mask[None, :] & k_mask[:, None],
             other=0.0,
         )
-        acc = _dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+        acc = rounded_dot(xt, wt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
         if FUSE_SHRINK:
             at = tl.load(
                 a_ptr + e * stride_ae + r_offs[None, :] * stride_ar + k_offs[:, None] * stride_ak,
                 mask=(r_offs < R)[None, :] & k_mask[:, None],
                 other=0.0,
             )
-            s_acc = _dot(xt, at, s_acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+            s_acc = rounded_dot(xt, at, s_acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + e * stride_biase + n_offs * stride_biasn, mask=n_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -202,7 +191,9 @@ def _moe_grouped_lora_kernel(
                 mask=n_mask[None, :] & (r_offs < R)[:, None],
                 other=0.0,
             )
-            acc = _dot(s_acc * tl.load(scales_ptr), bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+            acc = rounded_dot(
+                s_acc * tl.load(scales_ptr), bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION
+            )
         else:
             with_adapter = live & (aid >= 0) & (aid < L)
             a_lo = tl.min(tl.where(with_adapter, aid, L))
@@ -228,7 +219,7 @@ def _moe_grouped_lora_kernel(
                             mask=r_mask[None, :] & k_mask[:, None],
                             other=0.0,
                         )  # fmt: skip
-                        s_tile = _dot(xt, at, s_tile, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+                        s_tile = rounded_dot(xt, at, s_tile, DOT_DTYPE, UPCAST_DOTS, PRECISION)
                     s_rows = s_ptr + pair[:, None] * stride_sm + rr[None, :] * stride_sr
                     if pid_n == 0:
                         tl.store(s_rows, s_tile, mask=mine[:, None] & r_mask[None, :])
@@ -238,7 +229,7 @@ def _moe_grouped_lora_kernel(
                         mask=n_mask[None, :] & r_mask[:, None],
                         other=0.0,
                     )  # fmt: skip
-                    acc = _dot(s_tile * scale, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+                    acc = rounded_dot(s_tile * scale, bt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
 
     tl.store(
         out_ptr + pair[:, None] * stride_om + n_offs[None, :] * stride_on,
@@ -282,22 +273,11 @@ def _moe_segment_outer_kernel(
     q_offs = tl.program_id(2).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     start = tl.load(bounds_ptr + g)
     end = tl.load(bounds_ptr + g + 1)
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for m0 in range(start, end, BLOCK_M):
-        pos = m0 + tl.arange(0, BLOCK_M)
-        pos_mask = pos < end
-        rows = tl.load(order_ptr + pos, mask=pos_mask, other=0).to(tl.int64)
-        pt = tl.load(
-            p_ptr + rows[:, None] * stride_pm + p_offs[None, :] * stride_pp,
-            mask=pos_mask[:, None] & (p_offs < P)[None, :],
-            other=0.0,
-        )
-        qt = tl.load(
-            q_ptr + rows[:, None] * stride_qm + q_offs[None, :] * stride_qq,
-            mask=pos_mask[:, None] & (q_offs < Q)[None, :],
-            other=0.0,
-        )
-        acc = _dot(tl.trans(pt), qt, acc, DOT_DTYPE, UPCAST_DOTS, PRECISION)
+    acc = segment_outer(
+        p_ptr, q_ptr, order_ptr, start, end, p_offs, q_offs, P, Q,
+        stride_pm, stride_pp, stride_qm, stride_qq,
+        DOT_DTYPE, UPCAST_DOTS, PRECISION, BLOCK_M, BLOCK_P, BLOCK_Q,
+    )  # fmt: skip
     acc = acc * tl.load(scales_ptr + g)
     tl.store(
         out_ptr + g * stride_og + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq,
